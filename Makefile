@@ -1,0 +1,30 @@
+# Two commands a fresh machine needs: `make demo` and `make test` (each creates .venv if missing).
+SHELL := /bin/bash
+# jax >= 0.11 (which uses this CPU's bf16 matrix units) needs Python >= 3.12: prefer it when present.
+PYTHON ?= $(shell (PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) || command -v python3.12 || command -v python3)
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: venv test demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(FAKE_DEVICES) $(VPY) -m pytest -q tests
+
+demo: $(STAMP)
+	bash launch/demo.sh
+
+bench: $(STAMP)
+	$(VPY) -m bench.run_all
+
+clean:
+	rm -rf runs/demo

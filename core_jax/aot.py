@@ -1,0 +1,201 @@
+"""Will it fit? Compiles the real train step for a TPU slice on this (CPU) machine.
+
+    python -m core_jax.aot --config configs/dalle_paper.py --topology v4-256
+
+Uses the same task, mesh rules and jitted step as training, for devices described by libtpu
+(the `tpu` extra) rather than present. Prints per-device memory against the chip's HBM and the
+FLOPs of one step; exit code 3 when it does not fit.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import sys
+import time
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a stale lockfile must not block a compile
+
+from absl import flags  # noqa: E402
+
+from core_jax import app  # noqa: E402
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    generation: str
+    topology_prefix: str  # as libtpu names it
+    chip_config: str
+    hbm_bytes: int
+    cores_per_chip_in_name: int  # v4-256 counts TensorCores (2 per chip); v5e/v6e count chips
+    dims: int
+
+
+CHIPS = {
+    "v4": Chip("v4", "v4", "megacore", 32 * GIB, 2, 3),
+    "v5p": Chip("v5p", "v5p", "megacore", 95 * GIB, 2, 3),
+    "v5e": Chip("v5e", "v5e", "default", 16 * GIB, 1, 2),
+    "v6e": Chip("v6e", "v6e", "default", 32 * GIB, 1, 2),
+}
+ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6litepod": "v6e"}
+
+
+def _shape_for(chips: int, dims: int) -> tuple[int, ...]:
+    """The usual slice shape for a chip count: as square/cubic as powers of two allow."""
+    if chips & (chips - 1):
+        raise ValueError(f"topology: {chips} chips is not a power of two")
+    shape = [1] * dims
+    i = 0
+    # Fill from the last axis so 2D gives 2x4 for 8 chips and 3D gives 2x2x4 for 16.
+    while math.prod(shape) < chips:
+        shape[dims - 1 - (i % dims)] *= 2
+        i += 1
+    shape.sort()
+    if dims == 3 and chips == 4:
+        shape = [2, 2, 1]
+    return tuple(shape)
+
+
+def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
+    """'v4-256' | 'v5litepod-16' | 'v5p-128' | 'v6e-8' | 'v5e:4x4' | 'v4:4x4x8' -> (chip, shape)."""
+    m = re.fullmatch(r"([a-z0-9]+?)(?:pod)?[-:](.+)", name.strip().lower())
+    if not m:
+        raise ValueError(f"topology: cannot parse {name!r}; use e.g. v4-256, v5litepod-16, v5e:4x4")
+    gen, rest = m.group(1), m.group(2)
+    gen = ALIASES.get(gen, gen)
+    if gen not in CHIPS:
+        raise ValueError(f"topology: unknown TPU generation {m.group(1)!r} (known: {sorted(CHIPS)})")
+    chip = CHIPS[gen]
+    if "x" in rest:
+        shape = tuple(int(x) for x in rest.split("x"))
+        if len(shape) == 2 and chip.dims == 3:
+            shape = shape + (1,)
+        if len(shape) != chip.dims:
+            raise ValueError(f"topology: {gen} slices have {chip.dims} dimensions, got {rest}")
+    else:
+        count = int(rest)
+        chips = count // chip.cores_per_chip_in_name
+        if chips < 1 or count % chip.cores_per_chip_in_name:
+            raise ValueError(f"topology: {name} does not name a whole number of {gen} chips")
+        shape = _shape_for(chips, chip.dims)
+    return chip, shape
+
+
+def tpu_devices(chip: Chip, shape: tuple[int, ...], num_slices: int = 1):
+    from jax.experimental import topologies
+
+    topo = "x".join(str(s) for s in shape)
+    bounds = (min(shape[0], 2), min(shape[1], 2), 1)
+    desc = topologies.get_topology_desc(
+        platform="tpu", topology_name=f"{chip.topology_prefix}:{topo}", chip_config_name=chip.chip_config,
+        chips_per_host_bounds=bounds, num_slices=num_slices)
+    return desc.devices
+
+
+def load_task_module(config):
+    if not config.get("task"):
+        raise ValueError("config.task is empty: it must name the module with make_task "
+                         "(e.g. dalle_jax.dalle_task)")
+    return importlib.import_module(config.task)
+
+
+def analyse(config, devices, hbm_bytes: int) -> dict:
+    """Lowers and compiles the train step for `devices`; returns memory and FLOP figures."""
+    import jax
+
+    from core_jax import sharding, trainer
+    from core_jax.optim import make_optimizer
+
+    task = load_task_module(config).make_task(config, None)
+    if task.batch_spec is None:
+        raise ValueError(f"{config.task}.make_task gives no batch_spec; cannot compile without data")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    batch = {}
+    for key, spec in task.batch_spec(int(config.batch_size)).items():
+        sh = sharding.batch_sharding(mesh, len(spec.shape), spec.shape[0])
+        batch[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sh)
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+    _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, batch)
+    step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
+                                  jax.tree.map(lambda x: x.sharding, batch))
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(abstract, batch).compile()
+    compile_s = time.perf_counter() - t
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    args = int(mem.argument_size_in_bytes)
+    out = int(mem.output_size_in_bytes)
+    alias = int(getattr(mem, "alias_size_in_bytes", 0))
+    temp = int(mem.temp_size_in_bytes)
+    code = int(getattr(mem, "generated_code_size_in_bytes", 0))
+    peak = args + out - alias + temp + code
+    n_params = trainer.count_params(abstract.params)
+    return {
+        "devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
+        "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
+        "peak_bytes": peak, "hbm_bytes": hbm_bytes, "fits": peak <= hbm_bytes,
+        "flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
+        "compile_seconds": compile_s,
+    }
+
+
+def format_report(name: str, r: dict) -> str:
+    g = lambda b: f"{b / GIB:.2f} GiB"
+    return "\n".join([
+        f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params",
+        f"  per device: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])} "
+        f"(aliased {g(r['alias_bytes'])}), temporaries {g(r['temp_bytes'])}",
+        f"  peak {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM "
+        f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%) -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+        f"  {r['flops_per_step_per_device'] / 1e12:.2f} TFLOPs per step per device; "
+        f"compiled in {r['compile_seconds']:.1f}s",
+    ])
+
+
+def main(argv):
+    FLAGS = flags.FLAGS
+    if len(argv) > 1:
+        app.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        chip, shape = parse_topology(FLAGS.topology)
+    except ValueError as e:
+        app.fail(str(e))
+    try:
+        devices = tpu_devices(chip, shape, FLAGS.num_slices)
+    except Exception as e:  # libtpu missing or too old
+        app.fail(f"cannot describe TPU {FLAGS.topology} (install the 'tpu' extra: "
+                 f"pip install -e '.[tpu]'): {e}")
+    from core_jax.config import ConfigError, validate
+    config = FLAGS.config
+    try:
+        validate(config, len(devices), 1)
+        result = analyse(config, devices, chip.hbm_bytes)
+    except (ConfigError, ValueError) as e:
+        app.fail(str(e))
+    result["topology"] = FLAGS.topology
+    print(format_report(FLAGS.topology, result), flush=True)
+    if FLAGS.json_out:
+        with open(FLAGS.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+    if not result["fits"]:
+        print(f"error: the train step needs {result['peak_bytes'] / GIB:.2f} GiB per device but a "
+              f"{chip.generation} chip has {chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower "
+              f"batch_size, or enable remat", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("topology", None, "e.g. v4-256, v5litepod-16, v5p-128, v5e:4x4, v4:4x4x8",
+                        required=True)
+    flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
+    flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
+    app.define_config_flags(None, workdir_required=False)
+    from absl import app as absl_app
+    absl_app.run(main, flags_parser=app._flags_parser)

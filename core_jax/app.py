@@ -1,0 +1,77 @@
+"""Entry-point plumbing: `--config FILE --config.KEY=VALUE --workdir DIR`, clean errors, exit codes.
+
+Every command that takes a config goes through `parse_config_flags`, so a bad config reads the same
+everywhere: one line on stderr and exit code 2, before anything compiles.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from absl import app, flags
+from ml_collections import config_flags
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLAGS = flags.FLAGS
+
+
+def config_path(name: str) -> str:
+    """configs/NAME resolved against the working directory first, then the repository."""
+    return name if os.path.exists(name) else os.path.join(REPO_ROOT, name)
+
+
+def fail(message: str, code: int = 2):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _flags_parser(argv):
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        # absl would print the whole usage text and exit 1; one line and code 2 is easier to act on.
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+
+def define_config_flags(default_config: str | None, workdir_required: bool = True):
+    if "config" not in FLAGS:
+        config_flags.DEFINE_config_file(
+            "config", config_path(default_config) if default_config else None,
+            "Config file (configs/*.py[:arg]); override keys with --config.KEY=VALUE.",
+            lock_config=True)
+    if "workdir" not in FLAGS:
+        flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, images.",
+                            required=workdir_required)
+    from core_jax import distributed
+    distributed.define_flags()
+
+
+def run(main: Callable, default_config: str | None = None, workdir_required: bool = True):
+    define_config_flags(default_config, workdir_required)
+    app.run(main, flags_parser=_flags_parser)
+
+
+def run_trainer(make_task: Callable, default_config: str):
+    """The main of every `python -m <pkg>.train*` entry point."""
+    define_config_flags(default_config)
+
+    def main(argv):
+        if len(argv) > 1:
+            fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        from core_jax import distributed
+        distributed.maybe_initialize()
+        import jax
+        from core_jax import trainer
+        from core_jax.config import ConfigError, validate
+
+        config = FLAGS.config
+        workdir = FLAGS.workdir
+        try:
+            validate(config, jax.device_count(), jax.process_count())
+            task = make_task(config, workdir)
+        except (ConfigError, FileNotFoundError) as e:
+            fail(str(e))
+        trainer.train(config, workdir, task)
+
+    app.run(main, flags_parser=_flags_parser)

@@ -1,0 +1,119 @@
+"""The keys every trainer understands, and the checks run before anything compiles."""
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+
+from core_jax.sharding import MESH_AXES
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; entry points print it as one line and exit with code 2."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys shared by the dVAE, DALL-E and CLIP trainers. Model configs add `model` (and more)."""
+    from core_jax.data import default_data_config
+
+    c = ml_collections.ConfigDict()
+    # Module whose make_task(config, workdir) builds the Task (used by core_jax.aot).
+    c.task = ""
+    c.total_steps = 1000
+    c.batch_size = 32  # global, across all processes
+    c.seed = 0
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.log_every = 50
+    c.eval_every = 500
+    c.compute_dtype = "float32"  # or bfloat16; params stay float32
+    c.grad_accum_steps = 1
+    c.remat = "none"  # none | full | dots | dots_no_batch
+    c.scan_layers = True
+    c.nan_policy = "skip"  # skip: drop the update and count it; abort: stop the run
+    c.optim = ml_collections.ConfigDict(dict(
+        name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=100,
+        end_learning_rate_fraction=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        grad_clip_norm=1.0))
+    c.data = default_data_config()
+    c.model = ml_collections.ConfigDict()
+    return c
+
+
+def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Locked configs turn a typo'd override into an error instead of a silently new key."""
+    config.lock()
+    return config
+
+
+def validate(config, num_devices: int, process_count: int = 1) -> None:
+    """Raises ConfigError with one clear sentence for the first problem found."""
+    from core_jax.sharding import mesh_shape
+
+    for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "eval_every",
+                "keep_checkpoints", "grad_accum_steps"):
+        if key in config and int(config[key]) <= 0:
+            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    try:
+        shape = mesh_shape(config.mesh, num_devices)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dp = dict(zip(MESH_AXES, shape))
+    data_parallel = dp["data"] * dp["fsdp"]
+    if config.batch_size % data_parallel:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+            f"mesh.data*mesh.fsdp={data_parallel}")
+    if config.batch_size % process_count:
+        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
+                          f"number of processes {process_count}")
+    micro = config.batch_size // config.grad_accum_steps
+    if config.batch_size % config.grad_accum_steps or micro % data_parallel:
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} "
+            f"must give a micro-batch divisible by mesh.data*mesh.fsdp={data_parallel}")
+    if config.nan_policy not in ("skip", "abort"):
+        raise ConfigError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
+    if config.compute_dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+    from core_jax.modeling import REMAT_POLICIES
+    if config.remat not in REMAT_POLICIES:
+        raise ConfigError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
+    check_paths(config)
+
+
+# Keys (dotted) that name a file or directory which must exist when set.
+PATH_KEYS = ("data.index_file", "data.data_dir", "dvae_workdir", "clip_workdir", "text.merges_file",
+             "init_from")
+
+
+def _get(config, dotted):
+    node = config
+    for part in dotted.split("."):
+        if part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def check_paths(config) -> None:
+    for key in PATH_KEYS:
+        value = _get(config, key)
+        if not value or not isinstance(value, str) or value == "open_clip":
+            continue
+        if "://" in value:  # bucket paths are checked by the filesystem library when opened
+            continue
+        if not os.path.exists(value):
+            raise ConfigError(f"config.{key}: path does not exist: {value}")
+
+
+def to_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def from_json_file(path: str) -> ml_collections.ConfigDict:
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+

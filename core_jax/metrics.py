@@ -1,0 +1,137 @@
+"""Where metrics go: metrics.jsonl, TensorBoard, PNG images, and a console progress line."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from typing import Mapping
+
+import numpy as np
+
+# Dense bf16 peak per chip, for MFU on accelerators. CPUs are measured instead (see peak_flops).
+PEAK_FLOPS_PER_CHIP = {
+    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+}
+
+
+def measure_matmul_flops(dtype="float32", n: int = 2048, repeats: int = 3) -> float:
+    """FLOP/s of a large matrix product through JAX on the default device (the machine's peak here)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def peak_flops(devices, compute_dtype: str = "float32") -> float:
+    """Peak FLOP/s of all `devices` together: a table for accelerators, a measurement on CPU."""
+    kind = devices[0].device_kind
+    if devices[0].platform == "cpu":
+        # Fake CPU devices share the same cores, so the whole machine's peak is one measurement.
+        return measure_matmul_flops(compute_dtype)
+    for name, flops in PEAK_FLOPS_PER_CHIP.items():
+        if name.lower() in kind.lower():
+            return flops * len(devices)
+    return 0.0
+
+
+def _scalar(v):
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else v.tolist()
+
+
+class MetricsWriter:
+    """Writes one JSON object per logged step; only the main process writes (others are no-ops)."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+        self.workdir = workdir
+        self.enabled = enabled
+        self._tb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+            except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
+                self._tb = None
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        row.update({k: _scalar(v) for k, v in scalars.items()})
+        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+
+    def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        """uint8 [H, W, 3] images -> WORKDIR/images/<name>_<step>.png and TensorBoard."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        d = os.path.join(self.workdir, "images")
+        os.makedirs(d, exist_ok=True)
+        for name, img in images.items():
+            img = np.asarray(img)
+            Image.fromarray(img).save(os.path.join(d, f"{name.replace('/', '_')}_{step:07d}.png"))
+            if self._tb is not None:
+                self._tb.add_image(name, img, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def image_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.ndarray:
+    """[N, H, W, 3] uint8 -> one [rows*(H+pad), cols*(W+pad), 3] uint8 grid."""
+    images = np.asarray(images)
+    n, h, w, c = images.shape
+    cols = int(math.ceil(math.sqrt(n))) if rows is None else int(math.ceil(n / rows))
+    rows = int(math.ceil(n / cols))
+    grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
+    for i in range(n):
+        r, k = divmod(i, cols)
+        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
+    return grid
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_seconds: float) -> str:
+    parts = [f"step {step}/{total}"]
+    for key, fmt in (("loss", "{:.4f}"), ("learning_rate", "lr {:.2e}"),
+                     ("examples_per_sec", "{:.1f} ex/s"), ("mfu", "mfu {:.1%}")):
+        if key in scalars and scalars[key] is not None:
+            text = fmt.format(scalars[key])
+            parts.append(f"loss {text}" if key == "loss" else text)
+    parts.append(f"eta {format_duration(eta_seconds)}")
+    return " | ".join(parts)
+
+
+def print_progress(line: str) -> None:
+    print(line, file=sys.stdout, flush=True)

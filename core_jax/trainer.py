@@ -1,0 +1,311 @@
+"""The one training loop shared by the dVAE, DALL-E and CLIP.
+
+A model package hands over a `Task` (init, loss, per-example preprocessing, evaluators); this module
+owns the mesh, the sharded train state, the jitted update step, checkpoints and metrics.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from core_jax import checkpoint, data as data_lib, metrics as metrics_lib, sharding
+from core_jax.optim import make_optimizer
+
+
+@dataclasses.dataclass
+class Evaluator:
+    name: str
+    fn: Callable[[Any, int], Mapping[str, float]]  # (params, step) -> scalars
+
+
+@dataclasses.dataclass
+class Task:
+    init_fn: Callable[[jax.Array, dict], Any]
+    loss_fn: Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
+    example_fn: Callable[[dict, np.random.Generator], dict]
+    eval_example_fn: Callable | None = None
+    flops_per_example: float | None = None
+    evaluators: Sequence[Evaluator] = ()
+    image_fn: Callable | None = None  # (params, batch) -> {name: uint8 [H, W, 3]}
+    # (global batch size) -> {key: jax.ShapeDtypeStruct}: the batch's shapes without any data, for
+    # ahead-of-time compiles (core_jax.aot).
+    batch_spec: Callable[[int], Mapping[str, jax.ShapeDtypeStruct]] | None = None
+    extra_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    nonfinite_skipped: jax.Array
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def _boxed_shardings(mesh, abstract_boxed):
+    return sharding.tree_shardings(mesh, abstract_boxed)
+
+
+def make_global_batch(mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
+    """Process-local rows -> global arrays sharded over (data, fsdp) on the leading axis."""
+    out = {}
+    for k, v in local_batch.items():
+        v = np.asarray(v)
+        global_rows = v.shape[0] * jax.process_count()
+        spec = sharding.spec_for(("act_batch",) + (None,) * (v.ndim - 1), (global_rows,) + v.shape[1:], mesh)
+        out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
+    return out
+
+
+def _split_micro(batch, k: int):
+    # Micro-batch j takes rows j, j+k, ... so every micro-batch stays spread over all devices.
+    def split(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
+        return jnp.moveaxis(x, 1, 0)
+    return jax.tree.map(split, batch)
+
+
+def build_train_step(task: Task, tx, schedule, config):
+    accum = int(config.grad_accum_steps)
+    base_rng = jax.random.key(config.seed)
+
+    def grads_of(params, batch, rng, step):
+        (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
+        return loss, aux, grads
+
+    def step_fn(state: TrainState, batch):
+        rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
+        if accum == 1:
+            loss, aux, grads = grads_of(state.params, batch, rng, state.step)
+        else:
+            micro = _split_micro(batch, accum)
+
+            def body(carry, xs):
+                i, mb = xs
+                loss, aux, grads = grads_of(state.params, mb, jax.random.fold_in(rng, i), state.step)
+                acc_grads, acc_loss, acc_aux = carry
+                return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
+                        jax.tree.map(jnp.add, acc_aux, aux)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, state.params)
+            aux0 = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro),
+                                                   rng, state.step)[1])
+            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+            (grads, loss, aux), _ = jax.lax.scan(
+                body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
+            grads = jax.tree.map(lambda g: g / accum, grads)
+            loss = loss / accum
+            aux = jax.tree.map(lambda a: a / accum, aux)
+
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt = tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        # A non-finite step leaves params and optimizer moments untouched, so one bad batch never
+        # poisons the run; the step counter still advances with the data.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(new_params, state.params),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
+        out = dict(aux)
+        out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
+                   nonfinite=(~finite).astype(jnp.int32),
+                   nonfinite_skipped=new_state.nonfinite_skipped,
+                   param_norm=optax.tree.norm(new_state.params))
+        return new_state, out
+
+    return step_fn
+
+
+def state_shardings(task: Task, tx, mesh, config, batch):
+    """(init function, abstract state carrying its shardings, the shardings) for `batch`'s shapes.
+
+    Works from shapes alone, so the same code serves training and ahead-of-time compiles.
+    """
+    init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
+
+    def init_boxed(rng, batch):
+        return task.init_fn(rng, batch)["params"]
+
+    abstract_boxed = jax.eval_shape(init_boxed, init_rng, batch)
+    param_shardings = _boxed_shardings(mesh, abstract_boxed)
+    abstract_params = nn.meta.unbox(abstract_boxed)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, P())
+    opt_shardings = optax.tree_utils.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated)
+    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
+                           nonfinite_skipped=replicated)
+
+    def init_state(rng, batch):
+        params = nn.meta.unbox(init_boxed(rng, batch))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                          nonfinite_skipped=jnp.zeros((), jnp.int32))
+
+    abstract = _abstract_like(jax.eval_shape(init_state, init_rng, batch), shardings)
+    return (lambda batch: init_state(init_rng, batch)), abstract, shardings
+
+
+def create_state(task: Task, tx, mesh, config, batch):
+    """Builds the train state directly into its shardings (never whole on one device)."""
+    init_state, _, shardings = state_shardings(task, tx, mesh, config, batch)
+    with jax.set_mesh(mesh):
+        state = jax.jit(init_state, out_shardings=shardings)(batch)
+    return state, shardings
+
+
+def jit_train_step(task: Task, tx, schedule, config, mesh, shardings, batch_shardings):
+    """The jitted update step with explicit shardings and the state donated."""
+    step_fn = build_train_step(task, tx, schedule, config)
+    with jax.set_mesh(mesh):
+        return jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
+                       out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def count_params(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def _abstract_like(state, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | None = None,
+          stop_at_step: int | None = None, log_fn=metrics_lib.print_progress) -> dict:
+    """Trains `task` per `config` into `workdir`, resuming from its newest checkpoint if any.
+
+    `stop_at_step` ends the run early (as a crash would) after saving nothing extra; tests use it
+    to check that resuming reproduces an uninterrupted run. Returns the last logged scalars.
+    """
+    main_process = jax.process_index() == 0
+    mesh = sharding.make_mesh(config.mesh, devices)
+    n_devices = mesh.devices.size
+    if main_process:
+        checkpoint.write_config(workdir, config)
+        for name, src in task.extra_files.items():
+            _copy_into(workdir, name, src)
+    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    tx, schedule = make_optimizer(config.optim, config.total_steps)
+
+    it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
+                                seed=config.seed, example_fn=task.example_fn, train=True)
+    manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
+    first_local = next(it)
+    batch = make_global_batch(mesh, first_local)
+    state, state_shardings = create_state(task, tx, mesh, config, batch)
+    start_step = 0
+    latest = manager.latest_step()
+    if latest is not None:
+        state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
+        it.set_state(data_state)
+        start_step = int(state.step)
+        batch = make_global_batch(mesh, next(it))
+        log_fn(f"resumed from {workdir} at step {start_step}")
+    else:
+        log_fn(f"{count_params(state.params):,} parameters on mesh "
+               f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)")
+
+    train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
+                                jax.tree.map(lambda x: x.sharding, batch))
+    peak = (metrics_lib.peak_flops(list(mesh.devices.flat), config.compute_dtype)
+            if task.flops_per_example else 0.0)
+
+    last_scalars: dict = {}
+    pending = None  # the previous step's metrics, read one step late so the host never waits
+    t_log, steps_since_log, data_wait = time.perf_counter(), 0, 0.0
+    t_start = time.perf_counter()
+    total = int(config.total_steps)
+    step = start_step
+    while step < total:
+        with jax.set_mesh(mesh):
+            state, step_metrics = train_step(state, batch)
+        step += 1
+        steps_since_log += 1
+        if pending is not None:
+            last_scalars = _handle_metrics(pending, config, writer, log_fn)
+        pending = None
+        if step % config.log_every == 0 or step == total:
+            now = time.perf_counter()
+            elapsed = now - t_log
+            scalars = jax.device_get(step_metrics)
+            eps = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+            extra = {"examples_per_sec": eps, "steps_per_sec": steps_since_log / max(elapsed, 1e-9),
+                     "data_wait_fraction": data_wait / max(elapsed, 1e-9)}
+            if task.flops_per_example and peak:
+                extra["mfu"] = task.flops_per_example * eps / peak
+            for reason, count in it.skipped.items():
+                extra[f"data/skipped/{reason}"] = count
+            rate = (now - t_start) / max(step - start_step, 1)
+            pending = (step, total, scalars, extra, rate * (total - step))
+            t_log, steps_since_log, data_wait = now, 0, 0.0
+        elif config.nan_policy == "abort":
+            pending = (step, total, jax.device_get({"nonfinite": step_metrics["nonfinite"]}), None, 0)
+        if step % config.checkpoint_every == 0 or step == total:
+            checkpoint.save(manager, step, state, it.get_state(), force=True)
+        if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
+            _run_evals(task, state, batch, step, writer, log_fn, mesh)
+        if stop_at_step is not None and step >= stop_at_step:
+            break
+        if step < total:
+            t0 = time.perf_counter()
+            batch = make_global_batch(mesh, next(it))
+            data_wait += time.perf_counter() - t0
+    if pending is not None:
+        last_scalars = _handle_metrics(pending, config, writer, log_fn)
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+    return last_scalars
+
+
+def _handle_metrics(pending, config, writer, log_fn) -> dict:
+    step, total, scalars, extra, eta = pending
+    if extra is None:  # abort-mode check only
+        if int(scalars["nonfinite"]):
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=abort)")
+        return {}
+    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    if config.nan_policy == "abort" and scalars.get("nonfinite"):
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=abort)")
+    scalars.update(extra)
+    writer.write_scalars(step, scalars)
+    log_fn(metrics_lib.progress_line(step, total, scalars, eta))
+    return scalars
+
+
+def _run_evals(task, state, batch, step, writer, log_fn, mesh):
+    with jax.set_mesh(mesh):
+        for ev in task.evaluators:
+            t = time.perf_counter()
+            result = {f"eval/{ev.name}/{k}": float(v) for k, v in ev.fn(state.params, step).items()}
+            writer.write_scalars(step, result)
+            log_fn(f"eval {ev.name} @ {step}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}"
+                                                             for k, v in result.items())
+                   + f" ({time.perf_counter() - t:.1f}s)")
+        if task.image_fn is not None:
+            images = task.image_fn(state.params, batch)
+            writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
+
+
+def _copy_into(workdir, name, src):
+    dst = os.path.join(workdir, name)
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.abspath(src) != os.path.abspath(dst):
+        shutil.copyfile(src, dst)

@@ -1,0 +1,10 @@
+"""Eight fake CPU devices for every test, so sharding is exercised for real."""
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "").replace(
+    "--xla_force_host_platform_device_count=8", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after XLA_FLAGS)
+
+assert jax.device_count() == 8, "tests need 8 fake CPU devices; was jax imported before conftest?"
