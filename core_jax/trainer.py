@@ -6,6 +6,7 @@ owns the mesh, the sharded train state, the jitted update step, checkpoints and 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -195,6 +196,8 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     to check that resuming reproduces an uninterrupted run. Returns the last logged scalars.
     """
     main_process = jax.process_index() == 0
+    if not main_process:
+        log_fn = lambda line: None  # noqa: E731  (only process 0 talks)
     mesh = sharding.make_mesh(config.mesh, devices)
     n_devices = mesh.devices.size
     if main_process:
@@ -214,7 +217,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     latest = manager.latest_step()
     if latest is not None:
         state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
-        it.set_state(data_state)
+        it.set_state(_own_data_state(data_state))
         start_step = int(state.step)
         batch = make_global_batch(mesh, next(it))
         log_fn(f"resumed from {workdir} at step {start_step}")
@@ -258,7 +261,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         elif config.nan_policy == "abort":
             pending = (step, total, jax.device_get({"nonfinite": step_metrics["nonfinite"]}), None, 0)
         if step % config.checkpoint_every == 0 or step == total:
-            checkpoint.save(manager, step, state, it.get_state(), force=True)
+            checkpoint.save(manager, step, state, _all_data_states(it), force=True)
         if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
             _run_evals(task, state, batch, step, writer, log_fn, mesh)
         if stop_at_step is not None and step >= stop_at_step:
@@ -273,6 +276,29 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     manager.close()
     writer.close()
     return last_scalars
+
+
+def _all_data_states(it) -> dict:
+    """Every process's iterator position, keyed by process index (orbax writes JSON from process 0)."""
+    own = json.dumps(it.get_state())
+    if jax.process_count() == 1:
+        return {"0": json.loads(own)}
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(own.encode(), np.uint8)
+    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[:raw.size] = raw
+    everyone = multihost_utils.process_allgather(padded)
+    return {str(i): json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
+            for i in range(jax.process_count())}
+
+
+def _own_data_state(saved: dict) -> dict:
+    key = str(jax.process_index())
+    if key not in saved:
+        raise ValueError(f"checkpoint holds data positions for processes {sorted(saved)} but this is "
+                         f"process {key}: resume with the same number of processes")
+    return saved[key]
 
 
 def _handle_metrics(pending, config, writer, log_fn) -> dict:

@@ -19,6 +19,12 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted 6-step run on mesh (8,1,1), shared by the tests that compare against it."""
+    return run(tmp_path_factory.mktemp("full"), "full", (8, 1, 1))
+
+
 def run(tmp_path, name, mesh, devices=None, **kw):
     config = toy_config(**{"mesh.data": mesh[0], "mesh.fsdp": mesh[1], "mesh.tensor": mesh[2]})
     wd = str(tmp_path / name)
@@ -26,17 +32,17 @@ def run(tmp_path, name, mesh, devices=None, **kw):
     return wd
 
 
-def test_sharded_training_matches_one_device(tmp_path):
+def test_sharded_training_matches_one_device(tmp_path, full_run):
     ref = losses(run(tmp_path, "one", (1, 1, 1), devices=jax.devices()[:1]))
     assert len(ref) == 6 and len(set(ref.values())) == 6, ref  # params really move
     for mesh in [(8, 1, 1), (2, 2, 2), (1, 8, 1)]:
-        got = losses(run(tmp_path, "m%d%d%d" % mesh, mesh))
+        got = losses(full_run if mesh == (8, 1, 1) else run(tmp_path, "m%d%d%d" % mesh, mesh))
         np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
                                    rtol=RTOL, err_msg=f"mesh {mesh}")
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
-    full = losses(run(tmp_path, "full", (8, 1, 1)))
+def test_resume_reproduces_uninterrupted_run(tmp_path, full_run):
+    full = losses(full_run)
     wd = run(tmp_path, "crash", (8, 1, 1), stop_at_step=3)
     assert sorted(losses(wd)) == [1, 2, 3]
     config = toy_config()
@@ -46,8 +52,8 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], rtol=1e-6)
 
 
-def test_restore_onto_another_mesh(tmp_path):
-    full = losses(run(tmp_path, "full", (8, 1, 1)))
+def test_restore_onto_another_mesh(tmp_path, full_run):
+    full = losses(full_run)
     wd = run(tmp_path, "a", (8, 1, 1), stop_at_step=3)
     config = toy_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
     trainer.train(config, wd, make_toy_task(config), log_fn=lambda s: None)
@@ -74,8 +80,8 @@ def test_nonfinite_abort_policy_stops(tmp_path):
                       log_fn=lambda s: None)
 
 
-def test_grad_accumulation_matches_full_batch(tmp_path):
-    a = losses(run(tmp_path, "plain", (8, 1, 1)))
+def test_grad_accumulation_matches_full_batch(tmp_path, full_run):
+    a = losses(full_run)
     config = toy_config(grad_accum_steps=2)
     wd = str(tmp_path / "accum")
     trainer.train(config, wd, make_toy_task(config), log_fn=lambda s: None)
@@ -83,8 +89,8 @@ def test_grad_accumulation_matches_full_batch(tmp_path):
     np.testing.assert_allclose([b[s] for s in range(1, 7)], [a[s] for s in range(1, 7)], rtol=1e-5)
 
 
-def test_metrics_and_workdir_layout(tmp_path):
-    wd = run(tmp_path, "layout", (8, 1, 1))
+def test_metrics_and_workdir_layout(full_run):
+    wd = full_run
     row = json.loads(open(os.path.join(wd, "metrics.jsonl")).readline())
     for key in ("step", "loss", "learning_rate", "examples_per_sec", "mfu"):
         assert key in row, key
