@@ -45,6 +45,7 @@ def toy_config(**overrides):
     c.optim.warmup_steps = 2
     c.data.shapes_train_size = 512
     c.mesh.data = -1
+    c.task = "tests.toy_task"
     for k, v in overrides.items():
         node = c
         *parents, last = k.split(".")
@@ -52,6 +53,9 @@ def toy_config(**overrides):
             node = node[p]
         node[last] = v
     return lock(c)
+
+
+make_task = lambda config, workdir: make_toy_task(config, workdir)  # noqa: E731  (core_jax.aot entry)
 
 
 def make_toy_task(config, workdir=None, poison_step=None):
@@ -77,5 +81,10 @@ def make_toy_task(config, workdir=None, poison_step=None):
         acc = jnp.sum((logits.argmax(-1) == labels) * valid) / jnp.maximum(valid.sum(), 1)
         return loss, {"accuracy": acc}
 
+    def batch_spec(batch_size):
+        return {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), jnp.float32),
+                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
     flops = 2 * 3 * (768 * 32 + 32 * 64 + 64 * 32 + 32 * 6)
-    return trainer.Task(init_fn=init_fn, loss_fn=loss_fn, example_fn=example_fn, flops_per_example=flops)
+    return trainer.Task(init_fn=init_fn, loss_fn=loss_fn, example_fn=example_fn, flops_per_example=flops,
+                        batch_spec=batch_spec)
