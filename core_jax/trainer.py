@@ -6,7 +6,6 @@ owns the mesh, the sharded train state, the jitted update step, checkpoints and 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -217,8 +216,18 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     latest = manager.latest_step()
     if latest is not None:
         state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
-        it.set_state(_own_data_state(data_state))
         start_step = int(state.step)
+        try:
+            it.set_state(data_state)
+        except ValueError as e:
+            # Positions are per process: after a change in process count they cannot be mapped
+            # exactly, so the stream restarts on a seed derived from the step instead of replaying.
+            log_fn(f"warning: {e}; the data stream restarts with seed {config.seed}+{start_step}")
+            it.close()
+            it = data_lib.make_iterator(config.data, config.data.split,
+                                        global_batch_size=config.batch_size,
+                                        seed=config.seed + start_step, example_fn=task.example_fn,
+                                        train=True)
         batch = make_global_batch(mesh, next(it))
         log_fn(f"resumed from {workdir} at step {start_step}")
     else:
@@ -261,7 +270,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         elif config.nan_policy == "abort":
             pending = (step, total, jax.device_get({"nonfinite": step_metrics["nonfinite"]}), None, 0)
         if step % config.checkpoint_every == 0 or step == total:
-            checkpoint.save(manager, step, state, _all_data_states(it), force=True)
+            checkpoint.save(manager, step, state, it.get_state(), force=True)
         if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
             _run_evals(task, state, batch, step, writer, log_fn, mesh)
         if stop_at_step is not None and step >= stop_at_step:
@@ -276,29 +285,6 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     manager.close()
     writer.close()
     return last_scalars
-
-
-def _all_data_states(it) -> dict:
-    """Every process's iterator position, keyed by process index (orbax writes JSON from process 0)."""
-    own = json.dumps(it.get_state())
-    if jax.process_count() == 1:
-        return {"0": json.loads(own)}
-    from jax.experimental import multihost_utils
-    raw = np.frombuffer(own.encode(), np.uint8)
-    lengths = multihost_utils.process_allgather(np.array([raw.size], np.int32))
-    padded = np.zeros(int(lengths.max()), np.uint8)
-    padded[:raw.size] = raw
-    everyone = multihost_utils.process_allgather(padded)
-    return {str(i): json.loads(bytes(everyone[i][:int(lengths[i][0])]).decode())
-            for i in range(jax.process_count())}
-
-
-def _own_data_state(saved: dict) -> dict:
-    key = str(jax.process_index())
-    if key not in saved:
-        raise ValueError(f"checkpoint holds data positions for processes {sorted(saved)} but this is "
-                         f"process {key}: resume with the same number of processes")
-    return saved[key]
 
 
 def _handle_metrics(pending, config, writer, log_fn) -> dict:

@@ -1,0 +1,40 @@
+"""Every `config.data` key with its default (documented in docs/data.md)."""
+from __future__ import annotations
+
+import ml_collections
+
+from core_jax.data import decode
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        source="shapes",          # shapes | tfds | webdataset | folder
+        name="",                  # TFDS builder name (tfds)
+        split="train",
+        eval_split="test_seen",
+        data_dir="",              # TFDS data_dir (local or bucket); folder: dir holding index.*
+        urls="",                  # webdataset shards: brace pattern / glob / comma list
+        eval_urls="",             # shards for eval_split (else `urls`)
+        index_file="",            # folder: CSV/TSV/JSONL/Parquet of path,caption
+        eval_index_file="",       # index for eval_split (else `index_file`)
+        image_key="image",
+        caption_key="caption",    # '' = captions not required; tfds coco: 'captions/text'
+        label_key="label",
+        image_size=64,
+        random_crop=False,
+        random_flip=False,
+        num_workers=0,            # decode/augment threads; 0 = in the calling thread
+        prefetch=2,               # batches decoded ahead of the step (with num_workers > 0)
+        shapes_train_size=100000,
+        shuffle_buffer=1000,      # webdataset: samples permuted together in training
+        min_image_side=decode.DEFAULT_MIN_SIDE,
+        max_image_pixels=decode.DEFAULT_MAX_PIXELS,  # 0 = no limit
+    ))
+
+
+def with_defaults(data_config) -> ml_collections.ConfigDict:
+    """Fills keys a (possibly older or hand-written) config lacks, keeping any extra keys."""
+    merged = default_data_config().to_dict()
+    given = data_config.to_dict() if hasattr(data_config, "to_dict") else dict(data_config or {})
+    merged.update(given)
+    return ml_collections.ConfigDict(merged)
