@@ -283,7 +283,7 @@ def make_example(split: str, index: int, seed: int = 0, one_object_fraction: flo
   if not 0.0 <= one_object_fraction <= 1.0:
     raise ValueError(f'one_object_fraction must be in [0, 1], got {one_object_fraction}')
   # The split name is part of the seed, so each split is its own stream.
-  rng = np.random.default_rng([int(seed), 0, int(index)])
+  rng = np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(index)])
   if rng.random() < one_object_fraction:
     params, position = _sample_one(rng, split)
     relation = None
