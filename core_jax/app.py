@@ -34,17 +34,39 @@ def _flags_parser(argv):
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
 
 
+def _override_keys(argv) -> list[str]:
+    return [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+
+
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
     if "config" not in FLAGS:
-        config_flags.DEFINE_config_file(
-            "config", config_path(default_config) if default_config else None,
-            "Config file (configs/*.py[:arg]); override keys with --config.KEY=VALUE.",
-            lock_config=True)
+        try:
+            # ml_collections loads the file and applies --config.KEY overrides right here.
+            config_flags.DEFINE_config_file(
+                "config", config_path(default_config) if default_config else None,
+                "Config file (configs/*.py[:arg]); override keys with --config.KEY=VALUE.",
+                lock_config=True)
+        except (AttributeError, KeyError) as e:
+            keys = ", ".join(_override_keys(sys.argv)) or "?"
+            fail(f"unknown config key in overrides ({keys}): {str(e).strip(chr(34) + chr(39))}")
+        except (flags.Error, ValueError, TypeError, OSError) as e:
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if "workdir" not in FLAGS:
         flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, images.",
                             required=workdir_required)
     from core_jax import distributed
     distributed.define_flags()
+
+
+def loaded_config():
+    """FLAGS.config, or exit 2 naming the file when it could not be loaded."""
+    try:
+        config = FLAGS.config
+        config.get("batch_size")  # ml_collections reports a failed load on first access
+        return config
+    except OSError as e:
+        detail = " ".join(l.strip() for l in str(e).splitlines()[1:] if l.strip())
+        fail(f"cannot load --config: {detail or e}")
 
 
 def run(main: Callable, default_config: str | None = None, workdir_required: bool = True):
@@ -65,7 +87,7 @@ def run_trainer(make_task: Callable, default_config: str):
         from core_jax import trainer
         from core_jax.config import ConfigError, validate
 
-        config = FLAGS.config
+        config = loaded_config()
         workdir = FLAGS.workdir
         try:
             validate(config, jax.device_count(), jax.process_count())
