@@ -102,7 +102,7 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None):
             raise FileNotFoundError(f"{workdir} holds no checkpoint under {d}")
         params_meta = manager.metadata(step).item_metadata["state"]["params"]
         if shardings is None:
-            device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
                 lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), params_meta)
         else:
