@@ -1,0 +1,38 @@
+"""A small DALL-E on the shapes suite: 16 text tokens + 8x8 dVAE tokens (512 codes), CPU-sized.
+
+Train the dVAE first (configs/dvae_shapes.py), then
+  python -m dalle_jax.train --config configs/dalle_shapes.py --workdir /tmp/dalle_shapes \
+      --config.dvae_workdir /tmp/dvae_shapes
+`--config configs/dalle_shapes.py:paper_masks` uses the paper's row/column/conv layer pattern.
+"""
+from core_jax.config import lock
+from dalle_jax.dalle_task import dalle_config
+
+
+def get_config(arg=None):
+    c = dalle_config()
+    m = c.model
+    m.text_len = c.text.context_length = 16  # shapes captions are <= 11 BPE tokens with the end token
+    m.image_grid, m.image_vocab_size = 8, 512
+    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 256, 4, 64, 4, 1024
+    m.attention_pattern = "full"
+    m.conv_kernel = 5
+    m.caption_dropout = 0.15
+    if arg == "paper_masks":
+        m.num_layers = 6
+        m.attention_pattern = "paper"
+    elif arg:
+        raise ValueError(f"configs/dalle_shapes.py: unknown preset {arg!r} (use 'paper_masks')")
+    c.data.source = "shapes"
+    c.data.image_size = 64
+    c.data.eval_split = "test_unseen"
+    c.total_steps = 3000
+    c.batch_size = 32
+    c.log_every = 50
+    c.eval_every = 1000
+    c.checkpoint_every = 1000
+    c.optim.learning_rate = 1e-3
+    c.optim.warmup_steps = 200
+    c.optim.weight_decay = 0.01
+    c.optim.end_learning_rate_fraction = 0.05
+    return lock(c)

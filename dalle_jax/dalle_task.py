@@ -1,0 +1,280 @@
+"""The DALL-E transformer as a `core_jax.trainer.Task`.
+
+Batches hold `text` int32 [B, text_len] (per-position pads) and `image_tokens` int32 [B, grid*grid]
+(row-major dVAE codes). Image tokens come from one of two places:
+- pre-encoded data: a raw example that carries `image_tokens` ([grid*grid] or [grid, grid]) is
+  passed through untouched;
+- on-the-fly encoding: with `config.dvae_workdir` set, example_fn keeps the cropped uint8 image and
+  the Task's `batch_fn` encodes the whole process-local batch with the dVAE's jitted encoder on the
+  host (one dispatch per batch, not per image).
+Caption dropout (`model.caption_dropout`) happens in the loss, on device: a dropped caption becomes
+the all-pad text, the unconditional stream that classifier-free guidance samples with.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+import jax
+import jax.numpy as jnp
+
+from core_jax.config import ConfigError
+from dalle_jax import transformer as model_lib
+
+
+def dalle_config():
+    """base_config() + DALL-E's sections with defaults (unlocked; config files lock it)."""
+    import ml_collections
+    from core_jax.config import base_config
+
+    c = base_config()
+    c.task = "dalle_jax.dalle_task"
+    c.model = ml_collections.ConfigDict(dict(
+        text_len=16,
+        text_vocab_size=0,         # 0 = the tokenizer's vocabulary (pads are vocab + position)
+        image_grid=8,              # dVAE grid side; the stream holds image_grid**2 image tokens
+        image_vocab_size=512,      # dVAE codebook size
+        d_model=256, num_heads=4, head_dim=64, num_layers=4, mlp_dim=1024,
+        attention_pattern="full",  # 'full' | 'paper' | one kind | comma list of full,row,column,conv
+        conv_kernel=5,             # odd; the k x k window of 'conv' layers (paper: 11)
+        text_loss_weight=1.0 / 8,
+        image_loss_weight=7.0 / 8,
+        caption_dropout=0.1,       # dropped captions become all-pad text (guidance's uncond stream)
+        eval_max_batches=8,        # eval-split batches per evaluation; -1 = all, 0 = no evaluator
+    ))
+    c.text = ml_collections.ConfigDict(dict(
+        merges_file="",            # '' trains a BPE on text.train_source into WORKDIR/tokenizer
+        vocab_size=512,            # requested BPE size (the shapes captions give fewer tokens)
+        context_length=16,         # must equal model.text_len
+        pad_mode="per_position",
+        train_source="shapes",
+    ))
+    c.dvae_workdir = ""            # the dVAE that turns images into tokens (on-the-fly encoding)
+    return c
+
+
+def image_tokens_fn(dvae):
+    """uint8 images [B, H, W, 3] -> int32 [B, grid*grid] with `dvae.encode` (jitted inside the
+    dVAE API), run on the host once per batch."""
+    def encode(images: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(dvae.encode(np.asarray(images)))
+        return tokens.reshape(tokens.shape[0], -1).astype(np.int32)
+    return encode
+
+
+def resolve_text_vocab(config, tokenizer) -> None:
+    """`model.text_vocab_size` 0 = the tokenizer's vocabulary (written back, so config.json holds
+    it); otherwise it must match, since the pad ids `vocab + i` depend on it."""
+    if str(config.text.get("pad_mode", "")) != "per_position":
+        raise ConfigError(f"config.text.pad_mode must be 'per_position' for DALL-E, got "
+                          f"{config.text.get('pad_mode')!r}")
+    if int(config.text.context_length) != int(config.model.text_len):
+        raise ConfigError(f"config.text.context_length={config.text.context_length} must equal "
+                          f"config.model.text_len={config.model.text_len}")
+    if int(config.model.text_vocab_size) == 0:
+        config.model.text_vocab_size = int(tokenizer.vocab_size)
+    elif int(config.model.text_vocab_size) != tokenizer.vocab_size:
+        raise ConfigError(f"config.model.text_vocab_size={config.model.text_vocab_size} but the "
+                          f"tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens; set it to "
+                          f"{tokenizer.vocab_size} or 0 (= take the tokenizer's)")
+
+
+def load_dvae(config, cfg: model_lib.DalleConfig):
+    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid."""
+    workdir = str(config.get("dvae_workdir", "") or "")
+    if not workdir:
+        return None
+    from dalle_jax.dvae_api import DVAE  # INTEGRATION: written by the dVAE engineer
+    dvae = DVAE.load(workdir)
+    if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
+        raise ConfigError(f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "
+                          f"{dvae.vocab_size} codes but config.model says image_grid={cfg.image_grid}, "
+                          f"image_vocab_size={cfg.image_vocab_size}")
+    return dvae
+
+
+def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, train: bool):
+    from core_jax.data import SkipExample, image_ops
+    size = int(config.data.image_size)
+    random_crop = train and bool(config.data.random_crop)
+    # No random flips: captions name left and right ("a circle to the left of ...").
+
+    def example_fn(raw, rng):
+        captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
+        if train and len(captions) > 1:
+            caption = captions[int(rng.integers(len(captions)))]
+        else:
+            caption = raw.get("caption") or (captions[0] if captions else "")
+        if not caption.strip():
+            raise SkipExample("empty_caption")
+        text = tokenizer.encode([caption])[0].astype(np.int32)
+        if "image_tokens" in raw:
+            tokens = np.asarray(raw["image_tokens"]).reshape(-1).astype(np.int32)
+            _check_tokens(tokens[None], cfg)
+            return {"text": text, "image_tokens": tokens}
+        if encode is None:
+            raise ValueError("example has no 'image_tokens' and config.dvae_workdir is empty: set "
+                             "dvae_workdir to encode images on the fly, or use pre-encoded data")
+        # Encoded per batch by batch_fn (make_batch_fn).
+        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
+        return {"text": text, "image": img}
+
+    return example_fn
+
+
+def _check_tokens(tokens: np.ndarray, cfg: model_lib.DalleConfig) -> None:
+    if tokens.shape[1:] != (cfg.num_image_tokens,):
+        raise ValueError(f"image_tokens has {tokens.shape[1:]} tokens per image; the model expects "
+                         f"{cfg.num_image_tokens} ({cfg.image_grid}x{cfg.image_grid})")
+    if tokens.min() < 0 or tokens.max() >= cfg.image_vocab_size:
+        raise ValueError(f"image_tokens outside [0, {cfg.image_vocab_size})")
+
+
+def make_batch_fn(cfg: model_lib.DalleConfig, encode):
+    """Host-side, per process-local batch: uint8 images -> dVAE tokens in one encoder call."""
+    def batch_fn(batch: dict) -> dict:
+        if "image" not in batch:
+            return batch
+        batch = dict(batch)
+        tokens = encode(batch.pop("image"))
+        _check_tokens(tokens, cfg)
+        batch["image_tokens"] = tokens
+        return batch
+    return batch_fn
+
+
+def make_loss_fn(cfg: model_lib.DalleConfig, m):
+    dropout = float(m.caption_dropout)
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"config.model.caption_dropout must be in [0, 1), got {dropout}")
+    weights = dict(text_loss_weight=float(m.text_loss_weight), image_loss_weight=float(m.image_loss_weight))
+
+    def loss_fn(params, batch, rng, step):
+        text, image = batch["text"], batch["image_tokens"]
+        keep = None
+        if dropout > 0:
+            keep = jax.random.bernoulli(rng, 1.0 - dropout, (text.shape[0],))
+            text = jnp.where(keep[:, None], text, model_lib.unconditional_text(cfg, text.shape[0]))
+        loss, metrics = model_lib.loss_and_metrics(
+            params, cfg, text, image, text_row_weight=keep, row_weight=batch.get("_mask"), **weights)
+        if keep is not None:
+            metrics["captions_dropped"] = 1.0 - keep.astype(jnp.float32).mean()
+        return loss, metrics
+
+    return loss_fn
+
+
+def _host_rows(x, n):
+    """The first n rows of a (possibly multi-host) global array, as numpy on every process."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(jax.device_get(x))[:n]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
+
+
+def _global_batch(params, local: dict) -> dict:
+    """Process-local numpy rows -> arrays on the params' mesh (plain arrays off a mesh)."""
+    sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.devices.size > 1:
+        from core_jax.trainer import make_global_batch
+        return make_global_batch(sh.mesh, local)
+    return {k: jnp.asarray(v) for k, v in local.items()}
+
+
+def make_image_fn(cfg, dvae, num_images: int = 8):
+    """Samples one image per caption of the first rows of the batch, decoded with the dVAE."""
+    from core_jax.metrics import image_grid
+    from dalle_jax import sampling
+
+    def image_fn(params, batch):
+        text = _host_rows(batch["text"], num_images)
+        tokens = sampling.sample(params, cfg, text, rng=jax.random.key(0))
+        tokens = np.asarray(jax.device_get(tokens)).reshape(-1, cfg.image_grid, cfg.image_grid)
+        return {"samples": image_grid(np.asarray(dvae.decode(tokens)))}
+
+    return image_fn
+
+
+def make_evaluator(config, cfg, example_fn, batch_fn):
+    """Text/image loss and image bits per token over `config.model.eval_max_batches` batches of the
+    eval split (no caption dropout)."""
+    from core_jax import data as data_lib
+    from core_jax.trainer import Evaluator
+
+    m = config.model
+    weights = dict(text_loss_weight=float(m.text_loss_weight), image_loss_weight=float(m.image_loss_weight))
+    max_batches = int(m.eval_max_batches)
+
+    @jax.jit
+    def eval_step(params, text, image, mask):
+        loss, metrics = model_lib.loss_and_metrics(params, cfg, text, image, row_weight=mask, **weights)
+        rows = mask.astype(jnp.float32).sum()
+        return jax.tree.map(lambda v: v * rows, dict(metrics, loss=loss)), rows
+
+    def fn(params, step):
+        it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
+                                    seed=config.seed, example_fn=example_fn, train=False)
+        totals, count = None, 0.0
+        for i, local in enumerate(it):
+            if 0 <= max_batches <= i:
+                break
+            local = batch_fn(local)
+            local["_mask"] = local.get("_mask", np.ones(local["text"].shape[0], bool))
+            b = _global_batch(params, local)
+            sums, rows = jax.device_get(eval_step(params, b["text"], b["image_tokens"], b["_mask"]))
+            totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+            count += float(rows)
+        if not count:
+            raise RuntimeError(f"DALL-E evaluator: split {config.data.eval_split!r} gave no examples")
+        return {k: float(v) / count for k, v in totals.items()}
+
+    return Evaluator(name=config.data.eval_split, fn=fn)
+
+
+def make_task(config, workdir: str | None = None):
+    """Builds the tokenizer (training one into the workdir if text.merges_file is empty), resolves
+    model.text_vocab_size, loads the dVAE (if config.dvae_workdir) and returns the Task."""
+    from core_jax.text import tokenizer_from_config
+    from core_jax.trainer import Task
+
+    abstract_only = workdir is None and int(config.model.text_vocab_size) > 0
+    tokenizer = None
+    if not abstract_only:  # core_jax.aot needs shapes only: no tokenizer, no dVAE
+        tokenizer = tokenizer_from_config(config.text, workdir)
+        resolve_text_vocab(config, tokenizer)
+    try:
+        cfg = model_lib.DalleConfig.from_config(config)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    dvae = None if abstract_only else load_dvae(config, cfg)
+    if dvae is None and config.data.source == "shapes" and not abstract_only:
+        raise ConfigError("config.dvae_workdir is empty but the shapes source has no image tokens: "
+                          "train a dVAE (configs/dvae_shapes.py) and pass --config.dvae_workdir=DIR")
+    encode = image_tokens_fn(dvae) if dvae is not None else None
+    example_fn = make_example_fn(config, cfg, tokenizer, encode, train=True)
+    eval_example_fn = make_example_fn(config, cfg, tokenizer, encode, train=False)
+
+    def init_fn(rng, batch):
+        return {"params": model_lib.init_params(cfg, rng)}
+
+    batch_fn = make_batch_fn(cfg, encode)
+    evaluators = ()
+    if int(config.model.eval_max_batches) != 0 and not abstract_only:
+        evaluators = (make_evaluator(config, cfg, eval_example_fn, batch_fn),)
+
+    def batch_spec(batch_size):
+        return {"text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
+                "image_tokens": jax.ShapeDtypeStruct((batch_size, cfg.num_image_tokens), jnp.int32)}
+
+    return Task(
+        init_fn=init_fn,
+        loss_fn=make_loss_fn(cfg, config.model),
+        example_fn=example_fn,
+        eval_example_fn=eval_example_fn,
+        flops_per_example=model_lib.flops_per_example(cfg),
+        evaluators=evaluators,
+        image_fn=make_image_fn(cfg, dvae) if dvae is not None else None,
+        batch_fn=batch_fn,
+        batch_spec=batch_spec,
+        # generate/sampling rebuild the tokenizer from the workdir (tokenizer_from_config's default)
+        extra_files={"tokenizer/merges.txt": tokenizer.path} if tokenizer is not None else {},
+    )

@@ -1,0 +1,15 @@
+"""Trains the DALL-E transformer: python -m dalle_jax.train --config configs/dalle_shapes.py --workdir DIR"""
+from core_jax.app import run_trainer
+
+
+def make_task(config, workdir):
+    from dalle_jax.dalle_task import make_task as make
+    return make(config, workdir)
+
+
+def main():
+    run_trainer(make_task, "configs/dalle_shapes.py")
+
+
+if __name__ == "__main__":
+    main()
