@@ -1,0 +1,264 @@
+"""A trained DALL-E workdir, its dVAE and its tokenizer as one object for inference.
+
+    pipe = Pipeline.load("runs/demo/dalle")                     # dVAE from config.dvae_workdir
+    tokens = pipe.generate(["a red circle in the top left"], num_samples=16, seed=0, cond_scale=3)
+    images = pipe.decode(tokens.reshape(-1, pipe.num_image_tokens))   # uint8 [16, 64, 64, 3]
+
+Every sampling call flattens its (prompt, sample) rows and runs them through the jitted KV-cache
+sampler `batch_size` rows at a time; the last chunk is padded to the same size so one compile
+serves the whole call. Chunk c uses `fold_in(key(seed), c)`, so results are a function of
+(seed, batch_size) and of nothing else (not of how many prompts came before in the same run).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from dalle_jax import sampling
+from dalle_jax.transformer import DalleConfig, unconditional_text
+
+
+def load_tokenizer(config, workdir: str):
+    """The tokenizer a DALL-E workdir was trained with: WORKDIR/tokenizer/merges.txt (the trainer
+    copies it there whatever text.merges_file said), else text.merges_file. Never trains one."""
+    from core_jax.text import BPETokenizer
+
+    path = os.path.join(workdir, "tokenizer", "merges.txt")
+    if not os.path.isfile(path):
+        path = str(config.text.get("merges_file", "") or "")
+        if not path or not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"{workdir} holds no tokenizer/merges.txt (written by the DALL-E trainer) and "
+                f"config.text.merges_file={path!r} is not a file")
+    tokenizer = BPETokenizer.from_merges(
+        path, context_length=int(config.text.context_length), pad_mode="per_position",
+        max_merges=config.text.get("max_merges", None))
+    from dalle_jax.dalle_task import resolve_text_vocab
+    resolve_text_vocab(config, tokenizer)  # same checks as training; fills text_vocab_size 0
+    return tokenizer
+
+
+MAX_UNROLLED_LAYERS = 24
+
+
+def unscan_params(params, num_layers: int):
+    """Scanned params (`layers/scan/block/...` with a leading layer axis) -> the unrolled layout
+    (`layers/layer_i/...`) of the same model with scan_layers=False."""
+    stacked = params["layers"]["scan"]["block"]
+    layers = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    return dict(params, layers=layers)
+
+
+def _param_shardings(cfg: DalleConfig, mesh):
+    import flax.linen as nn
+    from core_jax import sharding
+    from dalle_jax.transformer import init_params
+    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return nn.meta.unbox(sharding.tree_shardings(mesh, boxed))
+
+
+@dataclasses.dataclass
+class Pipeline:
+    workdir: str
+    config: Any              # the DALL-E run config (config.json)
+    cfg: DalleConfig
+    params: Any              # unboxed transformer params
+    tokenizer: Any           # BPETokenizer, per-position pads
+    dvae: Any                # dalle_jax.dvae_api.DVAE
+    mesh: Any = None         # jax Mesh: rows are split over (data, fsdp); None = one device
+
+    @classmethod
+    def load(cls, workdir: str, *, step: int | None = None, dvae_workdir: str | None = None,
+             mesh=None, unroll_layers: bool | None = None) -> "Pipeline":
+        """Loads the newest (or `step`) params; the dVAE from `dvae_workdir` or the run config's.
+
+        unroll_layers (default: when num_layers <= MAX_UNROLLED_LAYERS) turns scanned params into
+        one subtree per layer for sampling: decoding through nn.scan carries the stacked KV cache
+        through the scan and was ~3x slower per step (shapes model on CPU); unrolled costs compile
+        time, hence the limit."""
+        from core_jax.checkpoint import read_config, load_params
+        from dalle_jax.dalle_task import load_dvae
+
+        if not os.path.isdir(workdir):
+            raise FileNotFoundError(f"DALL-E workdir not found: {workdir}")
+        config = read_config(workdir)
+        if "model" not in config or "text_len" not in config.model:
+            raise ValueError(f"{workdir}/config.json is not a DALL-E config (no model.text_len)")
+        tokenizer = load_tokenizer(config, workdir)
+        cfg = DalleConfig.from_config(config)
+        dvae_dir = dvae_workdir or str(config.get("dvae_workdir", "") or "")
+        if not dvae_dir:
+            raise ValueError(f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
+                             f"explicitly (--dvae_workdir)")
+        if not os.path.isdir(dvae_dir) and "://" not in dvae_dir:
+            raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {workdir}/config.json; "
+                                    f"override with --dvae_workdir)")
+        config.dvae_workdir = dvae_dir
+        dvae = load_dvae(config, cfg)  # checks the grid and codebook against the model
+        shardings = _param_shardings(cfg, mesh) if mesh is not None else None
+        _, params = load_params(workdir, step, shardings=shardings)
+        if unroll_layers is None:
+            unroll_layers = cfg.num_layers <= MAX_UNROLLED_LAYERS
+        if unroll_layers and cfg.scan_layers:
+            params, cfg = unscan_params(params, cfg.num_layers), cfg.replace(scan_layers=False)
+        return cls(workdir, config, cfg, params, tokenizer, dvae, mesh)
+
+    # ------------------------------------------------------------------ shapes
+
+    @property
+    def grid(self) -> int:
+        return self.cfg.image_grid
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.cfg.num_image_tokens
+
+    @property
+    def image_size(self) -> int:
+        return int(self.dvae.image_size)
+
+    # ------------------------------------------------------------------ text and images
+
+    def encode_text(self, prompts: Sequence[str | None]) -> np.ndarray:
+        """int32 [N, text_len]; None (or an empty prompt) is the all-pad unconditional caption."""
+        prompts = list(prompts)
+        out = np.asarray(unconditional_text(self.cfg, len(prompts)), np.int32).copy()
+        given = [i for i, p in enumerate(prompts) if p and p.strip()]
+        if given:
+            out[given] = self.tokenizer.encode([prompts[i] for i in given])
+        return out
+
+    def encode_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [B, H, W, 3] of any size -> int32 [B, n_image] (centre crop to the dVAE's size)."""
+        from core_jax.data.image_ops import resize_and_crop
+        images = np.stack([resize_and_crop(np.asarray(im), self.image_size) for im in images])
+        tokens = np.asarray(self.dvae.encode(images))
+        return tokens.reshape(len(images), -1).astype(np.int32)
+
+    def decode(self, tokens: np.ndarray, batch_size: int = 256) -> np.ndarray:
+        """int [B, n_image] (or [B, g, g]) -> uint8 [B, size, size, 3], `batch_size` at a time."""
+        tokens = np.asarray(tokens).reshape(-1, self.grid, self.grid).astype(np.int32)
+        chunk = min(batch_size, len(tokens))
+        out = []
+        for start in range(0, len(tokens), chunk):
+            part = tokens[start:start + chunk]
+            padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])
+            out.append(np.asarray(self.dvae.decode(padded))[:len(part)])
+        return np.concatenate(out).astype(np.uint8)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample_rows(self, text: np.ndarray, *, seed: int = 0, batch_size: int = 64,
+                    prefix_tokens: np.ndarray | None = None, known_mask: np.ndarray | None = None,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    cond_scale: float | None = None) -> np.ndarray:
+        """int32 [R, n_image]: one sample per text row (int [R, text_len]).
+
+        prefix_tokens [R, n] with known_mask [n] (True = keep) turns on completion / inpainting.
+        cond_scale None = conditional sampling; s = classifier-free guidance (2 streams per row in
+        one forward per step)."""
+        text = np.asarray(text, np.int32)
+        rows = len(text)
+        if rows == 0:
+            raise ValueError("nothing to sample: no text rows")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        chunk = min(batch_size, rows)
+        if self.mesh is not None:
+            from core_jax.sharding import data_parallel_size
+            dp = data_parallel_size(self.mesh)
+            chunk = -(-chunk // dp) * dp  # padded rows are dropped; the split needs a multiple
+        known = None if known_mask is None else np.asarray(known_mask, bool).reshape(-1)
+        key = jax.random.key(int(seed))
+        out = []
+        for c, start in enumerate(range(0, rows, chunk)):
+            part = _pad_to(text[start:start + chunk], chunk)
+            prefix = None if prefix_tokens is None else _pad_to(
+                np.asarray(prefix_tokens[start:start + chunk], np.int32), chunk)
+            tokens = self._sample_chunk(
+                part, jax.random.fold_in(key, c), prefix=prefix, known=known,
+                temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+            out.append(tokens[:min(chunk, rows - start)])
+        return np.concatenate(out)
+
+    def _sample_chunk(self, text, rng, *, prefix, known, **kwargs) -> np.ndarray:
+        if prefix is not None:
+            kwargs.update(prefix_image_tokens=prefix, known_mask=known)
+        if self.mesh is None:
+            return np.asarray(sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs))
+        from core_jax.sharding import batch_sharding
+        text = jax.device_put(text, batch_sharding(self.mesh, 2))
+        with jax.set_mesh(self.mesh):
+            tokens = sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs)
+        return np.asarray(jax.device_get(tokens))
+
+    def generate(self, prompts: Sequence[str | None], num_samples: int, *, image_tokens=None,
+                 known_mask=None, **kwargs) -> np.ndarray:
+        """int32 [P, num_samples, n_image]: `num_samples` samples of every prompt, all prompts in
+        the same batches. `image_tokens` ([n] for all prompts, or [P, n]) with `known_mask` [n]
+        keeps the known tokens (see `completion_mask` / `rectangle_mask`). kwargs: sample_rows'."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        text = np.repeat(self.encode_text(prompts), num_samples, axis=0)
+        prefix = None
+        if image_tokens is not None:
+            given = np.asarray(image_tokens, np.int32).reshape(-1, self.num_image_tokens)
+            if len(given) == 1:
+                given = np.repeat(given, len(prompts), 0)
+            if len(given) != len(prompts):
+                raise ValueError(f"{len(given)} images for {len(prompts)} prompts")
+            prefix = np.repeat(given, num_samples, axis=0)
+        tokens = self.sample_rows(text, prefix_tokens=prefix, known_mask=known_mask, **kwargs)
+        return tokens.reshape(len(prompts), num_samples, self.num_image_tokens)
+
+    def complete(self, prompts, image_tokens, rows_kept: int, num_samples: int, **kwargs):
+        """Keeps the first `rows_kept` token rows of the image, regenerates the rest: [P, S, n]."""
+        mask = sampling.completion_mask(self.grid, rows_kept)
+        return self.generate(prompts, num_samples, image_tokens=image_tokens, known_mask=mask, **kwargs)
+
+    def inpaint(self, prompts, image_tokens, box, num_samples: int, **kwargs):
+        """Regenerates the tokens inside box = (top, left, height, width) in token-grid units."""
+        mask = sampling.rectangle_mask(self.grid, *box)
+        return self.generate(prompts, num_samples, image_tokens=image_tokens, known_mask=mask, **kwargs)
+
+    def variations(self, prompts, image_tokens, num_samples: int, rows_kept: int | None = None,
+                   **kwargs):
+        """Variations of an image: its first `rows_kept` rows (default `default_variation_rows`)
+        kept, the rest resampled with the prompt (None = the unconditional caption)."""
+        rows = default_variation_rows(self.grid) if rows_kept is None else rows_kept
+        return self.complete(prompts, image_tokens, rows, num_samples, **kwargs)
+
+
+def default_variation_rows(grid: int) -> int:
+    """A quarter of the rows (at least one): enough to pin the layout's start, little enough that
+    the rest of the image is free to change."""
+    return max(1, grid // 4)
+
+
+def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
+    """Repeats the last row so every chunk has the same shape (one compile per call)."""
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
+
+
+def data_parallel_mesh():
+    """A mesh over every device with all of them on the data axis (inference: params replicated
+    where they fit, rows split)."""
+    from core_jax.sharding import make_mesh
+    return make_mesh(dict(data=-1, fsdp=1, tensor=1))
+
+
+def default_mesh(choice: str = "auto"):
+    """'none' = one device; 'data' = `data_parallel_mesh()`; 'auto' = 'data' on accelerators
+    with more than one device (fake CPU devices share the same cores: no gain there)."""
+    if choice not in ("auto", "none", "data"):
+        raise ValueError(f"mesh must be auto, none or data, got {choice!r}")
+    if choice == "none" or (choice == "auto" and (jax.device_count() == 1
+                                                  or jax.devices()[0].platform == "cpu")):
+        return None
+    return data_parallel_mesh()
