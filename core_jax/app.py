@@ -39,6 +39,10 @@ def _override_keys(argv) -> list[str]:
 
 
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
+    # Orbax and XLA log every save and compile at INFO; the progress line is what people read.
+    # `--verbosity=0` brings INFO logs back.
+    if "verbosity" in FLAGS:
+        FLAGS.set_default("verbosity", -1)
     if "config" not in FLAGS:
         try:
             # ml_collections loads the file and applies --config.KEY overrides right here.
