@@ -237,7 +237,7 @@ def test_rendered_slurm_script_wiring(tmp_path):
     first_command = next(i for i, line in enumerate(script.splitlines())
                          if line.strip() and not line.startswith("#"))
     assert first_command > max(script.splitlines().index(h) for h in header)
-    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in script
+    assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | awk '"'"'NR == 1'"'"'' in script
     assert "--ntasks-per-node=1" in script.split("srun", 1)[1]
     assert ("--coordinator_address=$COORDINATOR_ADDRESS --num_processes=$SLURM_NNODES "
             "--process_id=$SLURM_PROCID") in script
