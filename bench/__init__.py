@@ -1,0 +1,1 @@
+"""Benchmark suite: `python -m bench.run_all` (see bench/README.md)."""

@@ -1,0 +1,90 @@
+"""Load a CLIP workdir (trained or converted) for inference on one host.
+
+    clip = CLIPModel.load("/tmp/clip_shapes")
+    image_emb = clip.embed_images(images_uint8)        # [N, E], L2-normalised
+    text_emb = clip.embed_texts(["a red circle in the center"])
+    logits = clip.logit_scale() * image_emb @ text_emb.T
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    if len(x) == rows:
+        return x
+    return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
+
+
+class CLIPModel:
+    """Params + tokenizer of one workdir, with jitted encoders (one compile per batch size)."""
+
+    def __init__(self, config, params, tokenizer):
+        import jax
+        from clip_jax import model as clip_model
+
+        self.config = config
+        self.params = params
+        self.tokenizer = tokenizer
+        self.module = clip_model.clip_from_config(config)
+        self.image_size = int(config.model.image_size)
+        self.embed_dim = int(config.model.embed_dim)
+        self._image_fn = jax.jit(lambda p, x: clip_model.encode_image(self.module, p, x))
+        self._text_fn = jax.jit(lambda p, t: clip_model.encode_text(self.module, p, t))
+
+    @classmethod
+    def load(cls, workdir: str, step: int | None = None) -> "CLIPModel":
+        """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with."""
+        from core_jax.checkpoint import load_params
+        from clip_jax.task import make_tokenizer
+
+        config, params = load_params(workdir, step)
+        return cls(config, params, make_tokenizer(config, workdir))
+
+    def preprocess_images(self, images_uint8: np.ndarray) -> np.ndarray:
+        """uint8 [N, H, W, 3] (or a list of [H, W, 3]) -> CLIP-normalised float32 [N, S, S, 3].
+
+        Images already S x S are only normalised; others get a shorter-side bicubic resize and a
+        centre crop, as OpenAI's preprocessing.
+        """
+        from core_jax.data.image_ops import clip_normalize, resize_and_crop
+
+        if isinstance(images_uint8, np.ndarray) and images_uint8.ndim == 3:
+            raise ValueError(f"preprocess_images: expected a batch [N, H, W, 3], got {images_uint8.shape}")
+        out = np.empty((len(images_uint8), self.image_size, self.image_size, 3), np.float32)
+        for i, image in enumerate(images_uint8):
+            image = np.asarray(image)
+            if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+                raise ValueError(f"preprocess_images: image {i} must be uint8 [H, W, 3], got "
+                                 f"{image.dtype} {image.shape}")
+            out[i] = clip_normalize(resize_and_crop(image, self.image_size))
+        return out
+
+    def embed_images(self, images_uint8, batch_size: int = 64) -> np.ndarray:
+        """L2-normalised image embeddings [N, E] (float32)."""
+        n = len(images_uint8)
+        out = np.zeros((n, self.embed_dim), np.float32)
+        for start in range(0, n, batch_size):
+            chunk = self.preprocess_images(images_uint8[start:start + batch_size])
+            # Padding the last chunk keeps one compiled shape per batch size.
+            emb = self._image_fn(self.params, _pad_rows(chunk, min(batch_size, n)))
+            out[start:start + len(chunk)] = np.asarray(emb)[:len(chunk)]
+        return out
+
+    def embed_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        """L2-normalised text embeddings [N, E] (float32)."""
+        if isinstance(texts, str):
+            raise ValueError("embed_texts: expected a list of strings, got one str")
+        texts = list(texts)
+        n = len(texts)
+        out = np.zeros((n, self.embed_dim), np.float32)
+        for start in range(0, n, batch_size):
+            tokens = np.asarray(self.tokenizer.encode(texts[start:start + batch_size]), np.int32)
+            emb = self._text_fn(self.params, _pad_rows(tokens, min(batch_size, n)))
+            out[start:start + len(tokens)] = np.asarray(emb)[:len(tokens)]
+        return out
+
+    def logit_scale(self) -> float:
+        """The learned temperature exp(logit_scale), clamped at 100 as in training."""
+        from clip_jax import model as clip_model
+        return float(clip_model.logit_scale(self.module, self.params))

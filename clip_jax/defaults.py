@@ -1,0 +1,79 @@
+"""CLIP config building blocks shared by configs/clip_*.py and the weight converter."""
+from __future__ import annotations
+
+import math
+
+import ml_collections
+
+from core_jax.config import base_config
+
+from clip_jax.evaluate import eval_config
+
+# OpenAI's released ViT sizes (reference-facts.md); heads are width / 64 in both towers.
+VIT_SIZES = {
+    "ViT-B-32": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12,
+                     embed_dim=512, text_width=512, text_layers=12),
+    "ViT-B-16": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12,
+                     embed_dim=512, text_width=512, text_layers=12),
+    "ViT-L-14": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
+                     embed_dim=768, text_width=768, text_layers=12),
+}
+CLIP_VOCAB_SIZE = 49408
+CLIP_CONTEXT_LENGTH = 77
+
+
+def model_config(**sizes) -> ml_collections.ConfigDict:
+    """`config.model` with OpenAI's defaults for everything not given."""
+    m = dict(
+        name="custom",
+        image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=None,
+        text_width=512, text_layers=12, text_heads=None, embed_dim=512,
+        mlp_ratio=4.0,
+        activation="quick_gelu",  # quick_gelu (OpenAI) | gelu (exact erf GELU, open_clip)
+        ln_eps=1e-5,
+        loss="softmax",  # softmax | sigmoid | sigmoid_chunked
+        logit_scale_init=math.log(1 / 0.07),
+        sigmoid_scale_init=math.log(10.0),  # SigLIP's t' = log 10 and b = -10
+        sigmoid_bias_init=-10.0,
+    )
+    m.update(sizes)
+    m["vision_heads"] = m["vision_heads"] or m["vision_width"] // 64
+    m["text_heads"] = m["text_heads"] or m["text_width"] // 64
+    return ml_collections.ConfigDict(m)
+
+
+def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZE,
+                context_length: int = CLIP_CONTEXT_LENGTH) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        merges_file=merges_file,  # '' trains a BPE into the workdir; 'open_clip' = OpenAI's file
+        vocab_size=vocab_size,  # embedding rows; must be >= the tokenizer's vocabulary
+        context_length=context_length,
+        pad_mode="zeros",
+        train_source="shapes",  # captions for a trained BPE: 'shapes' or a one-caption-per-line file
+        word_dropout=0.0,  # training captions: probability of dropping each word
+    ))
+
+
+def clip_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDict,
+                evaluators: str = "") -> ml_collections.ConfigDict:
+    """base_config() + CLIP's sections (unlocked; config files lock it)."""
+    c = base_config()
+    c.model = model
+    c.text = text
+    c.eval = eval_config(evaluators)
+    c.data.image_size = model.image_size
+    c.optim.weight_decay = 0.1
+    c.optim.b2 = 0.98
+    c.optim.eps = 1e-6
+    return c
+
+
+def vit_config(name: str, **overrides) -> ml_collections.ConfigDict:
+    """Config for one of OpenAI's ViT sizes (`ViT-B-32`, `ViT-B-16`, `ViT-L-14`)."""
+    if name not in VIT_SIZES:
+        raise ValueError(f"unknown CLIP model {name!r}; known: {sorted(VIT_SIZES)}")
+    model = model_config(name=name, **VIT_SIZES[name], **overrides)
+    c = clip_config(model, text_config())
+    c.eval.zeroshot_source = "tfds"  # ImageNet by default (zeroshot_name), shipped class names
+    c.eval.zeroshot_split = "validation"
+    return c

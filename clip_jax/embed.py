@@ -1,0 +1,82 @@
+"""L2-normalised CLIP embeddings of a directory of images and/or a file of texts, as one .npz.
+
+    python -m clip_jax.embed --workdir W [--input_dir D] [--texts_file F] --out E.npz
+
+Writes `image_embeddings` [N, E] float32 with `image_files` (names, same order) and/or
+`text_embeddings` [M, E] with `texts` (the non-blank lines of F). For retrieval indexes and for
+checking converted weights against a reference: images already at the model's resolution are
+only normalised, never resampled. Unreadable images are skipped with a message and counted.
+Exit code 2: neither --input_dir nor --texts_file, an empty directory or texts file.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from clip_jax import evaluate as ev
+from clip_jax.classify import chunks, list_image_files, read_image_files
+
+
+def embed_image_files(model, input_dir: str, names: list[str], batch_size: int = 64, log=print):
+    """(embeddings [N, E], names kept, skip counts by reason)."""
+    skipped, kept, out = {}, [], []
+    for chunk in chunks(read_image_files(input_dir, names, skipped, log=log), batch_size):
+        kept.extend(name for name, _ in chunk)
+        out.append(model.embed_images([image for _, image in chunk], batch_size=batch_size))
+    emb = np.concatenate(out) if out else np.zeros((0, model.embed_dim), np.float32)
+    return emb.astype(np.float32), kept, skipped
+
+
+def _fail(message: str):
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m clip_jax.embed",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
+    parser.add_argument("--input_dir", default="", help="directory of images (not recursive)")
+    parser.add_argument("--texts_file", default="", help="one text per line")
+    parser.add_argument("--out", required=True, help="output .npz")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    args = parser.parse_args(argv)
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    if not args.input_dir and not args.texts_file:
+        _fail("give --input_dir (images), --texts_file (one text per line), or both")
+    try:
+        if args.batch_size <= 0:
+            raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
+        names = list_image_files(args.input_dir) if args.input_dir else []
+        texts = ev.read_lines(args.texts_file, "texts") if args.texts_file else []
+    except ValueError as e:
+        _fail(str(e))
+
+    from clip_jax.api import CLIPModel
+    try:
+        model = CLIPModel.load(args.workdir, args.step)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    arrays, summary = {}, []
+    if names:
+        emb, kept, skipped = embed_image_files(model, args.input_dir, names, args.batch_size, log)
+        if not kept:
+            _fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
+        arrays["image_embeddings"], arrays["image_files"] = emb, np.asarray(kept)
+        summary.append(f"{len(kept)} images (skipped {sum(skipped.values())} unreadable)")
+    if texts:
+        arrays["text_embeddings"] = model.embed_texts(texts).astype(np.float32)
+        arrays["texts"] = np.asarray(texts)
+        summary.append(f"{len(texts)} texts")
+    with open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
+        np.savez(f, **arrays)
+    log(f"embedded {' and '.join(summary)} (dim {model.embed_dim}) -> {args.out}")
+    return arrays
+
+
+if __name__ == "__main__":
+    main()

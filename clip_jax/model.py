@@ -1,0 +1,349 @@
+"""CLIP: a ViT image tower and a causal text transformer mapped into one embedding space.
+
+Layouts follow OpenAI CLIP so that released weights convert without surgery (clip_jax/convert.py):
+pre-LN residual blocks, a bias-free patch projection, features at the class token (images) and at
+the end-of-text token (texts, the argmax of the token ids), bias-free output projections, and a
+learnable temperature stored as a log.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core_jax.modeling import constrain, dtype_of, layer_stack
+
+# Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
+MAX_LOGIT_SCALE = math.log(100.0)
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+def quick_gelu(x):
+    """OpenAI's sigmoid approximation of GELU; its weights were trained with it."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+def exact_gelu(x):
+    """open_clip's nn.GELU: erf-based (flax's nn.gelu defaults to the tanh approximation)."""
+    return nn.gelu(x, approximate=False)
+
+
+def activation_fn(name: str):
+    if name == "quick_gelu":
+        return quick_gelu
+    if name == "gelu":
+        return exact_gelu
+    raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {ACTIVATIONS}")
+
+
+def _param(module: nn.Module, name: str, init, shape, axes):
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
+
+
+def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with explicit [embed, heads, kv] kernels (shardable by name)."""
+    num_heads: int
+    causal: bool
+    out_std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        if width % self.num_heads:
+            raise ValueError(f"attention: width {width} is not divisible by {self.num_heads} heads")
+        head_dim = width // self.num_heads
+        in_init = nn.initializers.normal(width ** -0.5)
+
+        def project(name):
+            kernel = _param(self, f"{name}_kernel", in_init, (width, self.num_heads, head_dim),
+                            ("embed", "heads", "kv"))
+            bias = _param(self, f"{name}_bias", nn.initializers.zeros, (self.num_heads, head_dim),
+                          ("heads", "kv"))
+            y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+            return constrain(y, ("act_batch", "act_length", "act_heads", "act_kv"))
+
+        q, k, v = project("q"), project("k"), project("v")
+        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) * head_dim ** -0.5
+        if self.causal:
+            length = x.shape[1]
+            mask = jnp.tril(jnp.ones((length, length), bool))
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
+        out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
+        out_kernel = _param(self, "out_kernel", nn.initializers.normal(self.out_std),
+                            (self.num_heads, head_dim, width), ("heads", "kv", "embed"))
+        out_bias = _param(self, "out_bias", nn.initializers.zeros, (width,), ("norm",))
+        y = jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype))
+        return y + out_bias.astype(self.dtype)
+
+
+class MLP(nn.Module):
+    mlp_dim: int
+    activation: str
+    out_std: float
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        fc_kernel = _param(self, "fc_kernel", nn.initializers.normal((2 * width) ** -0.5),
+                           (width, self.mlp_dim), ("embed", "mlp"))
+        fc_bias = _param(self, "fc_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
+        h = jnp.einsum("bld,dm->blm", x, fc_kernel.astype(self.dtype)) + fc_bias.astype(self.dtype)
+        h = constrain(activation_fn(self.activation)(h), ("act_batch", "act_length", "act_mlp"))
+        proj_kernel = _param(self, "proj_kernel", nn.initializers.normal(self.out_std),
+                             (self.mlp_dim, width), ("mlp", "embed"))
+        proj_bias = _param(self, "proj_bias", nn.initializers.zeros, (width,), ("norm",))
+        return jnp.einsum("blm,md->bld", h, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
+
+
+class ResidualBlock(nn.Module):
+    """Pre-LN transformer block (OpenAI's ResidualAttentionBlock)."""
+    num_heads: int
+    mlp_dim: int
+    activation: str
+    causal: bool
+    ln_eps: float
+    depth: int  # layers in the whole stack: residual-branch outputs start smaller in deep stacks
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = constrain(x, ("act_batch", "act_length", "act_embed"))
+        width = x.shape[-1]
+        out_std = width ** -0.5 * (2 * self.depth) ** -0.5
+        h = _layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
+        x = x + Attention(self.num_heads, self.causal, out_std, self.dtype, name="attn")(h)
+        h = _layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
+        x = x + MLP(self.mlp_dim, self.activation, out_std, self.dtype, name="mlp")(h)
+        return constrain(x, ("act_batch", "act_length", "act_embed"))
+
+
+def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool, dtype):
+    return layer_stack(
+        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, name="transformer",
+        num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
+        causal=causal, ln_eps=cfg.ln_eps, depth=num_layers, dtype=dtype)
+
+
+class VisionTower(nn.Module):
+    """ViT: patches -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class) -> proj."""
+    cfg: Any  # CLIPSpec
+
+    @nn.compact
+    def __call__(self, images):
+        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
+        b, h, w, c = images.shape
+        p, width = cfg.patch_size, cfg.vision_width
+        if (h, w, c) != (cfg.image_size, cfg.image_size, 3):
+            raise ValueError(f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
+                             f"got {images.shape}")
+        g = cfg.image_size // p
+        # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
+        patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
+        patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
+        patch_kernel = _param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
+                              (p * p * 3, width), ("patch", "embed"))
+        x = jnp.einsum("bnp,pd->bnd", patches, patch_kernel.astype(dtype))
+        class_embedding = _param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
+                                 (width,), ("norm",))
+        cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
+        x = jnp.concatenate([cls, x], axis=1)
+        positions = _param(self, "positional_embedding", nn.initializers.normal(width ** -0.5),
+                           (g * g + 1, width), ("length", "embed"))
+        x = x + positions.astype(dtype)[None]
+        x = _layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
+        x = _transformer(cfg, cfg.vision_layers, cfg.vision_heads, width, False, dtype)(x)
+        pooled = _layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
+        proj = _param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
+                      ("embed", None))
+        return (pooled @ proj.astype(dtype)).astype(jnp.float32)
+
+
+class TextTower(nn.Module):
+    """Causal transformer over BPE ids; the feature is read at the end-of-text token (max id)."""
+    cfg: Any
+
+    @nn.compact
+    def __call__(self, tokens):
+        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
+        if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
+            raise ValueError(f"encode_text: expected int tokens [B, L<={cfg.context_length}], got "
+                             f"{tokens.shape}")
+        width = cfg.text_width
+        embedding = _param(self, "token_embedding", nn.initializers.normal(0.02),
+                           (cfg.vocab_size, width), ("vocab", "embed"))
+        x = jnp.take(embedding.astype(dtype), tokens, axis=0)
+        positions = _param(self, "positional_embedding", nn.initializers.normal(0.01),
+                           (cfg.context_length, width), ("length", "embed"))
+        x = x + positions.astype(dtype)[None, :tokens.shape[1]]
+        x = _transformer(cfg, cfg.text_layers, cfg.text_heads, width, True, dtype)(x)
+        x = _layer_norm(cfg.ln_eps, dtype, "ln_final")(x)
+        eot = jnp.argmax(tokens, axis=-1)
+        pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
+        proj = _param(self, "text_projection", nn.initializers.normal(width ** -0.5),
+                      (width, cfg.embed_dim), ("embed", None))
+        return (pooled @ proj.astype(dtype)).astype(jnp.float32)
+
+
+def l2_normalize(x, eps: float = 1e-12):
+    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), axis=-1, keepdims=True), eps))
+
+
+class CLIP(nn.Module):
+    cfg: Any  # CLIPSpec (hashable; build with spec_from_config)
+
+    def setup(self):
+        self.visual = VisionTower(self.cfg)
+        self.text = TextTower(self.cfg)
+        sigmoid = self.cfg.loss.startswith("sigmoid")
+        scale_init = self.cfg.sigmoid_scale_init if sigmoid else self.cfg.logit_scale_init
+        self.logit_scale = self.param(
+            "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(scale_init), ()),
+            (), jnp.float32)
+        if sigmoid:
+            self.logit_bias = self.param(
+                "logit_bias",
+                nn.with_logical_partitioning(nn.initializers.constant(self.cfg.sigmoid_bias_init), ()),
+                (), jnp.float32)
+
+    def encode_image(self, images, normalize: bool = True):
+        features = self.visual(images)
+        return l2_normalize(features) if normalize else features
+
+    def encode_text(self, tokens, normalize: bool = True):
+        features = self.text(tokens)
+        return l2_normalize(features) if normalize else features
+
+    def temperature(self):
+        """exp(logit_scale) clamped at 100: the multiplier of cosine similarities."""
+        return jnp.exp(jnp.minimum(self.logit_scale, MAX_LOGIT_SCALE))
+
+    def bias(self):
+        return self.logit_bias if self.cfg.loss.startswith("sigmoid") else jnp.zeros((), jnp.float32)
+
+    def __call__(self, images, tokens):
+        """L2-normalised image and text features, the clamped scale and (sigmoid losses) the bias."""
+        return {"image": self.encode_image(images), "text": self.encode_text(tokens),
+                "scale": self.temperature(), "bias": self.bias()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Building from a config and pure functions over params.
+
+_SPEC_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
+              "text_width", "text_layers", "text_heads", "embed_dim", "mlp_ratio", "activation",
+              "ln_eps", "loss", "logit_scale_init", "sigmoid_scale_init", "sigmoid_bias_init")
+LOSSES = ("softmax", "sigmoid", "sigmoid_chunked")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPSpec:
+    """The config fields the module needs, frozen (linen module fields must be hashable)."""
+    image_size: int
+    patch_size: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    text_width: int
+    text_layers: int
+    text_heads: int
+    embed_dim: int
+    mlp_ratio: float
+    activation: str
+    ln_eps: float
+    loss: str
+    logit_scale_init: float
+    sigmoid_scale_init: float
+    sigmoid_bias_init: float
+    vocab_size: int
+    context_length: int
+    dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+
+
+def spec_from_config(config) -> CLIPSpec:
+    """Checks `config.model` / `config.text` and returns the module's spec."""
+    m = config.model
+    for key in _SPEC_KEYS:
+        if key not in m:
+            raise ValueError(f"config.model.{key} is missing")
+    if m.activation not in ACTIVATIONS:
+        raise ValueError(f"config.model.activation must be one of {ACTIVATIONS}, got {m.activation!r}")
+    if m.loss not in LOSSES:
+        raise ValueError(f"config.model.loss must be one of {LOSSES}, got {m.loss!r}")
+    if m.image_size % m.patch_size:
+        raise ValueError(f"config.model.image_size={m.image_size} is not a multiple of "
+                         f"patch_size={m.patch_size}")
+    for width, heads, tower in ((m.vision_width, m.vision_heads, "vision"),
+                                (m.text_width, m.text_heads, "text")):
+        if width % heads:
+            raise ValueError(f"config.model.{tower}_width={width} is not divisible by "
+                             f"{tower}_heads={heads}")
+    values = {k: m[k] for k in _SPEC_KEYS}
+    values["mlp_ratio"] = float(values["mlp_ratio"])
+    values["ln_eps"] = float(values["ln_eps"])
+    return CLIPSpec(**values, vocab_size=int(config.text.vocab_size),
+                    context_length=int(config.text.context_length),
+                    dtype=str(config.compute_dtype), scan_layers=bool(config.scan_layers),
+                    remat=str(config.remat))
+
+
+def clip_from_config(config) -> CLIP:
+    return CLIP(spec_from_config(config))
+
+
+def init_params(model: CLIP, rng, batch_size: int = 1):
+    """Boxed params (nn.Partitioned leaves carrying logical names)."""
+    spec = model.cfg
+    images = jnp.zeros((batch_size, spec.image_size, spec.image_size, 3), jnp.float32)
+    tokens = jnp.zeros((batch_size, spec.context_length), jnp.int32)
+    return model.init({"params": rng}, images, tokens)["params"]
+
+
+def abstract_params(model: CLIP):
+    """Shapes/dtypes of boxed params without allocating them."""
+    return jax.eval_shape(lambda r: init_params(model, r), jax.random.key(0))
+
+
+def encode_image(model: CLIP, params, images, normalize: bool = True):
+    """Image features [B, E] (L2-normalised unless normalize=False); pure, jit-able."""
+    return model.apply({"params": params}, images, normalize, method=CLIP.encode_image)
+
+
+def encode_text(model: CLIP, params, tokens, normalize: bool = True):
+    """Text features [B, E] at the end-of-text token (L2-normalised unless normalize=False)."""
+    return model.apply({"params": params}, tokens, normalize, method=CLIP.encode_text)
+
+
+def logit_scale(model: CLIP, params):
+    """The clamped temperature exp(min(logit_scale, ln 100))."""
+    return model.apply({"params": params}, method=CLIP.temperature)
+
+
+def train_flops_per_example(spec: CLIPSpec) -> float:
+    """Forward+backward matmul FLOPs for one image-text pair (3x forward; attention included)."""
+    def tower(tokens, width, layers, mlp_ratio):
+        dense = 2 * tokens * (4 * width * width + 2 * width * int(width * mlp_ratio))
+        attention = 2 * 2 * tokens * tokens * width
+        return layers * (dense + attention)
+    g = spec.image_size // spec.patch_size
+    vision = tower(g * g + 1, spec.vision_width, spec.vision_layers, spec.mlp_ratio)
+    vision += 2 * g * g * spec.patch_size ** 2 * 3 * spec.vision_width + 2 * spec.vision_width * spec.embed_dim
+    text = tower(spec.context_length, spec.text_width, spec.text_layers, spec.mlp_ratio)
+    text += 2 * spec.text_width * spec.embed_dim
+    return 3.0 * (vision + text)

@@ -1,0 +1,255 @@
+"""Zero-shot classification: class names + prompt templates -> a linear classifier on images.
+
+OpenAI's protocol: each class's weight is the mean of its L2-normalised template embeddings,
+renormalised; logits = 100 * image . W; top-1 and top-5 (ties broken towards the lower class index,
+as torch.topk / lax.top_k do). Runs on the shapes suite (one-object scenes, 18 colour-shape classes)
+or on any TFDS classification dataset (ImageNet: `zeroshot_name=imagenet2012`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Iterable, Sequence
+
+import jax
+import numpy as np
+
+from clip_jax import evaluate as ev
+from clip_jax.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SUBSET7_TEMPLATES
+
+ZEROSHOT_LOGIT_SCALE = 100.0
+TOPK = (1, 5)
+
+
+def _shapes_templates() -> tuple[str, ...]:
+    # The shapes captions name a position ("a red circle in the top left"); averaging over the five
+    # positions matches the training captions' form while leaving the position out of the class.
+    from core_jax.data.shapes import POSITIONS
+    return tuple(f"a {{}} in the {p}" for p in POSITIONS)
+
+
+TEMPLATE_SETS = {
+    "openai80": lambda: OPENAI_TEMPLATES,
+    "subset7": lambda: SUBSET7_TEMPLATES,
+    "shapes": _shapes_templates,
+    "photo": lambda: ("a photo of a {}.",),
+}
+
+_WORDNET_ID = re.compile(r"^n\d{8}$")
+
+
+def resolve_templates(spec: str) -> list[str]:
+    """A template set name or a file with one template per line; each holds exactly one '{}'."""
+    if spec in TEMPLATE_SETS:
+        templates = list(TEMPLATE_SETS[spec]())
+    elif os.path.sep in spec or os.path.isfile(spec):
+        templates = ev.read_lines(spec, "templates")
+    else:
+        raise ValueError(f"templates={spec!r} is neither one of {sorted(TEMPLATE_SETS)} nor a file")
+    for t in templates:
+        if t.count("{}") != 1:
+            raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the class "
+                             f"name goes)")
+    return templates
+
+
+def resolve_classnames(spec: str, dataset_names: Sequence[str] | None = None) -> list[str]:
+    """'' = the dataset's names, 'imagenet' = the shipped cleaned list, else a file (one per line).
+
+    ImageNet in TFDS names its labels by WordNet id (n01440764, ...); '' then takes the cleaned
+    list, since "a photo of a n01440764." would be meaningless to the text tower.
+    """
+    if spec == "imagenet":
+        return list(IMAGENET_CLASSNAMES)
+    if spec:
+        return ev.read_lines(spec, "classnames")
+    if not dataset_names:
+        raise ValueError("classnames='' takes the names from the dataset, but it has none; "
+                         "set config.eval.classnames to 'imagenet' or a file with one name per "
+                         "line")
+    names = [str(n) for n in dataset_names]
+    if len(names) == len(IMAGENET_CLASSNAMES) and all(_WORDNET_ID.match(n) for n in names):
+        return list(IMAGENET_CLASSNAMES)
+    return [n.replace("_", " ") for n in names]
+
+
+def class_embeddings(encoder, classnames: Sequence[str], templates: Sequence[str]) -> np.ndarray:
+    """[C, E] float32: per class, the renormalised mean of its normalised template embeddings."""
+    if not classnames:
+        raise ValueError("no class names")
+    texts = [t.format(c) for c in classnames for t in templates]
+    emb = np.asarray(encoder.embed_texts(texts), np.float32)
+    emb = emb.reshape(len(classnames), len(templates), -1)
+    emb /= np.linalg.norm(emb, axis=-1, keepdims=True)  # idempotent for normalised encoders
+    mean = emb.mean(axis=1)
+    return (mean / np.linalg.norm(mean, axis=-1, keepdims=True)).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("ks",))
+def topk_hits(image_emb, class_weights, labels, mask, ks: tuple[int, ...] = TOPK):
+    """Counts over the masked rows of a batch: {'top{k}': #(label among the top k), 'count'}.
+
+    k larger than the number of classes is clamped (top-5 of 3 classes is always a hit).
+    """
+    import jax.numpy as jnp
+
+    logits = ZEROSHOT_LOGIT_SCALE * jnp.einsum("be,ce->bc", image_emb.astype(jnp.float32),
+                                               class_weights.astype(jnp.float32))
+    kmax = min(max(ks), logits.shape[-1])
+    _, top = jax.lax.top_k(logits, kmax)
+    hit = top == labels[:, None].astype(top.dtype)
+    out = {"count": jnp.sum(mask.astype(jnp.int32))}
+    for k in ks:
+        out[f"top{k}"] = jnp.sum(jnp.any(hit[:, :min(k, kmax)], axis=-1) & mask)
+    return out
+
+
+def evaluate_batches(encoder, batches: Iterable[dict], class_weights: np.ndarray, *,
+                     max_examples: int = 0, ks: tuple[int, ...] = TOPK) -> dict:
+    """Top-k accuracies (fractions) over the real (`_mask`) rows of `batches` ({'image', 'label'}).
+
+    `max_examples` caps the examples counted: each process counts at most
+    ceil(max_examples / process_count) of its rows, and all stop together once the global count
+    reaches the cap (a decision every process takes from the same global number).
+    """
+    totals = {f"top{k}": 0 for k in ks}
+    count = 0
+    local_cap = -(-max_examples // jax.process_count()) if max_examples else 0
+    local_seen = 0
+    for batch in batches:
+        labels = np.asarray(batch["label"], np.int32)
+        mask = np.asarray(batch.get("_mask", np.ones(len(labels), bool)), bool)
+        if local_cap:
+            mask = mask & (local_seen + np.cumsum(mask) <= local_cap)
+        if mask.any() and labels[mask].min() < 0:
+            raise ValueError("zero-shot needs labelled images, but the dataset yields label -1")
+        local_seen += int(mask.sum())
+        emb = encoder.embed_images(batch["image"])
+        hits = topk_hits(emb, class_weights, ev.put_rows(encoder, labels),
+                         ev.put_rows(encoder, mask), ks=tuple(ks))
+        hits = jax.device_get(hits)
+        count += int(hits["count"])
+        for key in totals:
+            totals[key] += int(hits[key])
+        if max_examples and count >= max_examples:
+            break
+    if count == 0:
+        raise ValueError("zero-shot evaluation saw no examples")
+    out = {key: hits / count for key, hits in totals.items()}
+    out["num_examples"] = count
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Data.
+
+
+def check_eval_config(config) -> None:
+    """The eval settings that can be checked without a model or data (clear errors up front)."""
+    e = config.eval
+    if e.zeroshot_source not in ("", "shapes", "tfds"):
+        raise ValueError(f"config.eval.zeroshot_source must be 'shapes', 'tfds' or '', got "
+                         f"{e.zeroshot_source!r}")
+    if e.zeroshot_source:
+        resolve_templates(default_templates(e))
+        if e.classnames and e.classnames != "imagenet":
+            ev.read_lines(e.classnames, "classnames")
+    if int(e.batch_size) <= 0 or int(e.max_examples) < 0:
+        raise ValueError("config.eval.batch_size must be > 0 and config.eval.max_examples >= 0")
+
+
+def default_templates(eval_cfg) -> str:
+    if eval_cfg.templates:
+        return eval_cfg.templates
+    return "shapes" if eval_cfg.zeroshot_source == "shapes" else "subset7"
+
+
+def _image_label_example_fn(image_size: int):
+    def example_fn(raw, rng=None):
+        return {"image": ev.sized_image(raw["image"], image_size),
+                "label": np.int32(raw["label"])}
+    return example_fn
+
+
+def zeroshot_data(config, image_size: int, batch_size: int):
+    """(batches, dataset class names) for `config.eval`'s zero-shot source, one pass, masked.
+
+    Shapes batches already stop at `max_examples`; TFDS batches are capped by the caller.
+    """
+    e = config.eval
+    example_fn = _image_label_example_fn(image_size)
+    if e.zeroshot_source == "shapes":
+        from core_jax.data.shapes import CLASS_NAMES, ShapesSource
+        source = ShapesSource(e.zeroshot_split, one_object_only=True)
+        n = min(len(source), int(e.max_examples)) if e.max_examples else len(source)
+        batches = ev.padded_batches(n, lambda i: example_fn(source[i]), batch_size,
+                                    process_index=jax.process_index(),
+                                    process_count=jax.process_count())
+        return batches, list(CLASS_NAMES)
+    if e.zeroshot_source == "tfds":
+        from core_jax import data as data_lib
+        from core_jax.data.config import with_defaults
+        data_cfg = with_defaults(config.data)  # a copy with every key
+        data_cfg.source, data_cfg.name = "tfds", e.zeroshot_name
+        data_cfg.split = data_cfg.eval_split = e.zeroshot_split
+        data_cfg.data_dir = e.zeroshot_data_dir or data_cfg.data_dir
+        data_cfg.label_key, data_cfg.caption_key = e.zeroshot_label_key, ""
+        names = tfds_label_names(e.zeroshot_name, data_cfg.data_dir, e.zeroshot_label_key)
+        it = data_lib.make_iterator(data_cfg, e.zeroshot_split, global_batch_size=batch_size,
+                                    seed=0, example_fn=example_fn, train=False)
+        return it, names
+    raise ValueError(f"config.eval.zeroshot_source={e.zeroshot_source!r}; use 'shapes' or 'tfds'")
+
+
+def tfds_label_names(name: str, data_dir: str, label_key: str) -> list[str] | None:
+    """The builder's label names (info.features[label_key].names); None when it has none."""
+    import tensorflow_datasets as tfds
+    try:
+        feature = tfds.builder(name, data_dir=data_dir or None).info.features[label_key]
+    except KeyError:
+        raise ValueError(f"TFDS {name} has no feature {label_key!r} "
+                         f"(set config.eval.zeroshot_label_key)") from None
+    return list(getattr(feature, "names", None) or []) or None
+
+
+def run_zeroshot(config, encoder, log=print) -> dict:
+    """Zero-shot top-1/top-5 of `encoder` on the dataset `config.eval` names."""
+    config = ev.with_eval_defaults(config)
+    check_eval_config(config)
+    e = config.eval
+    batch_size = ev.round_batch_size(e.batch_size, ev.encoder_batch_multiple(encoder))
+    batches, dataset_names = zeroshot_data(config, int(encoder.image_size), batch_size)
+    classnames = resolve_classnames(e.classnames, dataset_names)
+    templates = resolve_templates(default_templates(e))
+    weights = class_embeddings(encoder, classnames, templates)
+    cap = 0 if e.zeroshot_source == "shapes" else int(e.max_examples)
+    try:
+        result = evaluate_batches(encoder, batches, weights, max_examples=cap)
+    finally:
+        ev.close_batches(batches)
+    skipped = dict(getattr(batches, "skipped", {}) or {})
+    if skipped:
+        log(f"zeroshot: skipped examples {skipped}")
+    log(f"zeroshot {e.zeroshot_source}:{e.zeroshot_split}: {len(classnames)} classes x "
+        f"{len(templates)} templates, {result['num_examples']} images: "
+        f"top1={result['top1']:.4f} top5={result['top5']:.4f}")
+    return result
+
+
+class ZeroShotEvaluator:
+    """Trainer evaluator: `fn(params, step) -> {'top1', 'top5', 'num_examples'}` (fractions).
+
+    The classifier is rebuilt from the current params on every call (the text tower trains too).
+    """
+
+    name = "zeroshot"
+
+    def __init__(self, config, workdir: str | None = None, tokenizer=None):
+        self.config = ev.with_eval_defaults(config)
+        check_eval_config(self.config)
+        self.workdir, self.tokenizer = workdir, tokenizer
+
+    def fn(self, params, step: int) -> dict:
+        encoder = ev.ParamsEncoder(self.config, params, self.workdir, tokenizer=self.tokenizer)
+        return run_zeroshot(self.config, encoder, log=lambda m: None)

@@ -1,0 +1,337 @@
+"""The discrete VAE of DALL-E (OpenAI's architecture, sizes from config), as Flax linen modules.
+
+Images are NHWC floats already mapped into [eps, 1 - eps] (`image_ops.map_pixels`). The encoder gives
+codebook logits [B, h, w, vocab]; the decoder takes codes, either int tokens [B, h, w] (an embedding
+lookup) or one-hot / relaxed one-hot [B, h, w, vocab] (a 1x1 conv, which is what training feeds it),
+and returns 6 channels per pixel: logit-Laplace location (logits of the mapped pixel) and log-scale.
+
+Parameter names mirror OpenAI's modules (`input`, `group_g/block_b/{id_path,conv_1..4}`, `output`)
+so that `convert_dvae.py` is a plain rename plus OIHW -> HWIO transpose.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from core_jax.modeling import constrain, dtype_of, remat_policy
+
+ENCODER_KERNELS = (3, 3, 3, 1)
+DECODER_KERNELS = (1, 3, 3, 3)
+ACT = ("act_batch", "act_height", "act_width", "act_channels")
+
+# OpenAI's init: normal with std 1/sqrt(fan_in), zero bias.
+_fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+
+
+def _kernel_init(key, shape, dtype=jnp.float32):
+    # XLA:CPU takes seconds to compile each partitionable-threefry draw (measured ~1.5 CPU-s per
+    # kernel on jax 0.12, ~40 s for this model); the classic threefry compiles ~7x faster. dVAE
+    # kernels are small enough (<= 64 MiB) that generating them unpartitioned costs nothing.
+    with jax.threefry_partitionable(False):
+        return _fan_in_normal(key, shape, dtype)
+
+
+def _scaled(init, scale: float):
+    if scale == 1.0:
+        return init
+    return lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) * scale
+
+
+class Conv(nn.Module):
+    """'same'-padded stride-1 conv with an HWIO kernel annotated by logical axis names."""
+    features: int
+    kernel_size: int
+    dtype: Any = jnp.float32
+    init_scale: float = 1.0  # multiplies OpenAI's fan-in init
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(_scaled(_kernel_init, self.init_scale),
+                                                   ("conv_h", "conv_w", "conv_in", "conv_out")),
+            (k, k, x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                          (self.features,), jnp.float32)
+        if k == 1:  # a 1x1 conv is a matmul over channels; XLA handles it better as one
+            y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+        else:
+            y = jax.lax.conv_general_dilated(
+                x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y + bias.astype(self.dtype)
+
+
+class ResBlock(nn.Module):
+    """out = id_path(x) + res_path(x) / n_layers**2; the small gain keeps a deep stack near identity
+    at init, so it trains without normalisation layers."""
+    features: int
+    kernels: Sequence[int]
+    n_layers: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if self.features % 4:
+            raise ValueError(f"dVAE block width must be divisible by 4, got {self.features}")
+        hidden = self.features // 4
+        identity = x if x.shape[-1] == self.features else Conv(self.features, 1, dtype=self.dtype,
+                                                               name="id_path")(x)
+        h = x
+        for i, k in enumerate(self.kernels):
+            width = self.features if i == len(self.kernels) - 1 else hidden
+            h = Conv(width, k, dtype=self.dtype, name=f"conv_{i + 1}")(nn.relu(h))
+        return identity + h * jnp.asarray(1.0 / self.n_layers ** 2, h.dtype)
+
+
+class ResGroup(nn.Module):
+    features: int
+    num_blocks: int
+    kernels: Sequence[int]
+    n_layers: int
+    dtype: Any = jnp.float32
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, x):
+        block = ResBlock
+        if self.remat != "none":
+            block = nn.remat(ResBlock, policy=remat_policy(self.remat), prevent_cse=True)
+        for b in range(self.num_blocks):
+            x = block(self.features, tuple(self.kernels), self.n_layers, self.dtype, name=f"block_{b + 1}")(x)
+            x = constrain(x, ACT)
+        return x
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, as a reshape + max: same values as nn.max_pool, and its gradient is
+    several times cheaper on CPU than reduce_window's select-and-scatter."""
+    b, h, w, c = x.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"dVAE max-pool needs even height and width, got {h}x{w}")
+    return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+
+
+class Encoder(nn.Module):
+    """mapped image [B, H, W, C] -> float32 codebook logits [B, H/2^(G-1), W/2^(G-1), vocab]."""
+    vocab_size: int = 8192
+    hidden: int = 256
+    width_multipliers: Sequence[int] = (1, 2, 4, 8)
+    blocks_per_group: int = 2
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    logit_init_scale: float = 1.0
+
+    @nn.compact
+    def __call__(self, x):
+        n_groups = len(self.width_multipliers)
+        n_layers = n_groups * self.blocks_per_group
+        x = Conv(self.hidden, 7, dtype=self.dtype, name="input")(x)
+        for g, mult in enumerate(self.width_multipliers):
+            x = ResGroup(self.hidden * mult, self.blocks_per_group, ENCODER_KERNELS, n_layers, self.dtype,
+                         self.remat, name=f"group_{g + 1}")(x)
+            if g < n_groups - 1:
+                x = max_pool_2x2(x)
+        # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
+        logits = Conv(self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
+                      name="output")(nn.relu(x))
+        return constrain(logits, ("act_batch", "act_height", "act_width", "act_vocab"))
+
+
+class CodeEmbedding(nn.Module):
+    """The decoder's first 1x1 conv from `vocab` one-hot channels, which is an embedding table:
+    int tokens take the lookup, (relaxed) one-hot codes the matmul; both use the same kernel."""
+    features: int
+    vocab_size: int
+    dtype: Any = jnp.float32
+    init_std: float = 0.0  # 0: OpenAI's fan-in init (std 1/sqrt(vocab)); > 0: embedding-style normal
+
+    @nn.compact
+    def __call__(self, codes):
+        init = _kernel_init if self.init_std <= 0 else nn.initializers.normal(self.init_std)
+        kernel = self.param(
+            "kernel", nn.with_logical_partitioning(init, ("conv_h", "conv_w", "vocab", "conv_out")),
+            (1, 1, self.vocab_size, self.features), jnp.float32)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+                          (self.features,), jnp.float32)
+        table = kernel[0, 0]
+        if jnp.issubdtype(codes.dtype, jnp.integer):
+            y = jnp.take(table, codes, axis=0)
+        else:
+            if codes.shape[-1] != self.vocab_size:
+                raise ValueError(f"decoder codes have {codes.shape[-1]} channels, expected vocab_size="
+                                 f"{self.vocab_size}")
+            # float32 like OpenAI's input conv: a relaxed one-hot over 8192 codes loses a lot in bf16.
+            y = jnp.einsum("bhwv,vd->bhwd", codes.astype(jnp.float32), table)
+        return (y + bias).astype(self.dtype)
+
+
+class Decoder(nn.Module):
+    """codes (int [B, h, w] or float [B, h, w, vocab]) -> float32 [B, H, W, 2 * output_channels]."""
+    vocab_size: int = 8192
+    hidden: int = 256
+    width_multipliers: Sequence[int] = (1, 2, 4, 8)  # encoder order; the decoder runs them reversed
+    blocks_per_group: int = 2
+    init_channels: int = 128
+    output_channels: int = 3
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    embed_init_std: float = 0.0
+
+    @nn.compact
+    def __call__(self, codes):
+        n_groups = len(self.width_multipliers)
+        n_layers = n_groups * self.blocks_per_group
+        x = CodeEmbedding(self.init_channels, self.vocab_size, self.dtype, self.embed_init_std, name="input")(codes)
+        x = constrain(x, ACT)
+        for g, mult in enumerate(reversed(self.width_multipliers)):
+            x = ResGroup(self.hidden * mult, self.blocks_per_group, DECODER_KERNELS, n_layers, self.dtype,
+                         self.remat, name=f"group_{g + 1}")(x)
+            if g < n_groups - 1:
+                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
+                x = constrain(x, ACT)
+        return Conv(2 * self.output_channels, 1, dtype=jnp.float32, name="output")(nn.relu(x))
+
+
+class DVAE(nn.Module):
+    """Encoder + decoder under one param tree {'encoder': ..., 'decoder': ...}."""
+    vocab_size: int = 8192
+    hidden: int = 256
+    width_multipliers: Sequence[int] = (1, 2, 4, 8)
+    blocks_per_group: int = 2
+    decoder_init_channels: int = 128
+    input_channels: int = 3
+    dtype: Any = jnp.float32
+    remat: str = "none"
+    logit_init_scale: float = 1.0
+    embed_init_std: float = 0.0
+
+    def setup(self):
+        self.encoder = Encoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
+                               self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale)
+        self.decoder = Decoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
+                               self.blocks_per_group, self.decoder_init_channels, self.input_channels,
+                               self.dtype, self.remat, self.embed_init_std)
+
+    def __call__(self, x):
+        """Encode then decode the argmax codes (used for init)."""
+        logits = self.encoder(x)
+        return logits, self.decoder(jnp.argmax(logits, axis=-1))
+
+    def encode(self, x):
+        if x.ndim != 4 or x.shape[-1] != self.input_channels:
+            raise ValueError(f"dVAE encoder expects NHWC images with {self.input_channels} channels, "
+                             f"got shape {x.shape}")
+        return self.encoder(x)
+
+    def decode(self, codes):
+        return self.decoder(codes)
+
+
+def downsample_factor(model_config) -> int:
+    return 2 ** (len(model_config.width_multipliers) - 1)
+
+
+def grid_size(model_config, image_size: int) -> int:
+    """Token grid side for `image_size` inputs; a clear error when the pools do not divide it."""
+    factor = downsample_factor(model_config)
+    if image_size % factor:
+        raise ValueError(f"image_size {image_size} is not divisible by the dVAE's downsampling factor "
+                         f"{factor} (2^(groups-1) with {len(model_config.width_multipliers)} groups)")
+    return image_size // factor
+
+
+def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none") -> DVAE:
+    """The DVAE module described by `config.model` (see configs/dvae_openai.py for the keys)."""
+    mults = tuple(int(m) for m in model_config.width_multipliers)
+    if not mults:
+        raise ValueError("model.width_multipliers must name at least one group")
+    for m in mults:
+        if (int(model_config.hidden) * m) % 4:
+            raise ValueError(f"model.hidden * width multiplier must be divisible by 4, got "
+                             f"{model_config.hidden} * {m}")
+    return DVAE(vocab_size=int(model_config.vocab_size), hidden=int(model_config.hidden),
+                width_multipliers=mults, blocks_per_group=int(model_config.blocks_per_group),
+                decoder_init_channels=int(model_config.decoder_init_channels),
+                input_channels=int(model_config.get("input_channels", 3)),
+                dtype=dtype_of(compute_dtype), remat=remat,
+                logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
+                embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)))
+
+
+def _conv_flops(h, w, k, cin, cout):
+    return 2 * h * w * k * k * cin * cout
+
+
+def _blocks_flops(h, w, cin, cout, kernels, n_blocks):
+    total = 0
+    for b in range(n_blocks):
+        c_in = cin if b == 0 else cout
+        hid = cout // 4
+        if c_in != cout:
+            total += _conv_flops(h, w, 1, c_in, cout)
+        widths = [c_in, hid, hid, hid, cout]
+        total += sum(_conv_flops(h, w, k, widths[i], widths[i + 1]) for i, k in enumerate(kernels))
+    return total
+
+
+def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tuple[int, int]:
+    """(encoder, decoder) forward FLOPs for one image, counting multiply-adds as 2. With
+    `soft_codes` the decoder input is the vocab x init_channels matmul that training runs."""
+    hid, mults, nb = int(model_config.hidden), list(model_config.width_multipliers), int(model_config.blocks_per_group)
+    vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
+    channels = int(model_config.get("input_channels", 3))
+    s = image_size
+    enc = _conv_flops(s, s, 7, channels, hid)
+    c = hid
+    for g, m in enumerate(mults):
+        enc += _blocks_flops(s, s, c, hid * m, ENCODER_KERNELS, nb)
+        c = hid * m
+        if g < len(mults) - 1:
+            s //= 2
+    enc += _conv_flops(s, s, 1, c, vocab)
+    dec = _conv_flops(s, s, 1, vocab, init) if soft_codes else 0
+    c = init
+    for g, m in enumerate(reversed(mults)):
+        dec += _blocks_flops(s, s, c, hid * m, DECODER_KERNELS, nb)
+        c = hid * m
+        if g < len(mults) - 1:
+            s *= 2
+    dec += _conv_flops(s, s, 1, c, 2 * channels)
+    return enc, dec
+
+
+def default_model_config():
+    """`config.model` for the dVAE with OpenAI's sizes and the paper's training schedules."""
+    import ml_collections
+
+    return ml_collections.ConfigDict(dict(
+        vocab_size=8192,
+        hidden=256,                      # width of the first group; group g is hidden * multiplier
+        width_multipliers=(1, 2, 4, 8),  # one per group; a 2x2 max-pool between encoder groups
+        blocks_per_group=2,
+        decoder_init_channels=128,       # the decoder's 1x1 conv from one-hot codes
+        input_channels=3,
+        # Init of the two layers around the codes; the defaults are OpenAI's fan-in init, under which
+        # logits start ~0.1 (far below the gumbel noise) and small models take long to start using
+        # their codes. Larger values only change the starting point, not the architecture.
+        encoder_logit_init_scale=1.0,    # multiplies the encoder output conv's init
+        decoder_embed_init_std=0.0,      # > 0: N(0, std) rows for the decoder's code embedding
+        # Training objective (dalle_jax/dvae_loss.py).
+        recon_loss="logit_laplace",      # logit_laplace | mse
+        straight_through=False,          # hard one-hot forward, relaxed gradient
+        temperature_start=1.0,
+        temperature_end=1.0 / 16,
+        temperature_anneal_steps=150_000,
+        temperature_schedule="cosine",   # cosine | exponential | linear | constant
+        kl_weight_start=0.0,
+        kl_weight_end=6.6,
+        kl_weight_ramp_steps=5000,
+        kl_weight_schedule="cosine",
+        usage_weight=0.0,                # > 0: also penalise log K - H(batch-average codes) (not in the paper)
+        # Evaluation: batches of the eval split per evaluation (-1 = the whole split).
+        eval_max_batches=-1,
+    ))

@@ -1,0 +1,182 @@
+"""The dVAE as a `core_jax.trainer.Task`: preprocessing, loss, evaluator and reconstruction grids."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+
+from core_jax import sharding
+from core_jax.data import image_ops
+from dalle_jax import dvae as dvae_lib
+from dalle_jax import dvae_loss
+
+CODES_ACT = ("act_batch", "act_height", "act_width", "act_vocab")
+
+
+def _replicated(x):
+    """Inside a mesh, gathers x everywhere so the host can read it in any process (no-op outside)."""
+    return sharding.constrain(x, (None,) * x.ndim)
+
+
+def preprocess(raw_image: np.ndarray, image_size: int, *, random_crop=False, random_flip=False,
+               rng=None) -> np.ndarray:
+    """uint8 [H, W, 3] -> mapped float32 [size, size, 3] in [eps, 1 - eps]."""
+    img = image_ops.resize_and_crop(np.asarray(raw_image), image_size, random_crop=random_crop, rng=rng)
+    if random_flip:
+        img = image_ops.maybe_flip(img, rng)
+    return image_ops.dvae_map_pixels(img)
+
+
+def model_from_config(config) -> dvae_lib.DVAE:
+    return dvae_lib.make_dvae(config.model, config.get("compute_dtype", "float32"), config.get("remat", "none"))
+
+
+def reconstruct_fn(model):
+    """(params, mapped images) -> (codes int32 [B,h,w], reconstruction float [0,1], logits)."""
+    def fn(params, images):
+        logits = model.apply({"params": params}, images, method=dvae_lib.DVAE.encode)
+        codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        stats = model.apply({"params": params}, codes, method=dvae_lib.DVAE.decode)
+        return codes, dvae_loss.reconstruct_pixels(stats, images.shape[-1]), logits
+    return fn
+
+
+def to_uint8(x01):
+    return jnp.round(jnp.clip(x01, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+
+
+def _global_batch(params, local: dict) -> dict:
+    """Process-local numpy rows -> arrays on the params' mesh (plain device arrays off a mesh)."""
+    leaf = jax.tree.leaves(params)[0]
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh.devices.size > 1:
+        from core_jax.trainer import make_global_batch
+        return make_global_batch(sh.mesh, local)
+    return {k: jnp.asarray(v) for k, v in local.items()}
+
+
+def make_loss_fn(model, model_config):
+    m = model_config
+    if m.recon_loss not in dvae_loss.RECON_LOSSES:
+        raise ValueError(f"model.recon_loss must be one of {dvae_loss.RECON_LOSSES}, got {m.recon_loss!r}")
+    # Validate the schedules once, on the host, so a bad config fails before compiling.
+    dvae_loss.temperature(m, 0)
+    dvae_loss.kl_weight(m, 0)
+
+    def loss_fn(params, batch, rng, step):
+        x = batch["image"]
+        logits = model.apply({"params": params}, x, method=dvae_lib.DVAE.encode)
+        tau = dvae_loss.temperature(m, step)
+        beta = dvae_loss.kl_weight(m, step)
+        z = dvae_loss.gumbel_softmax(rng, logits, tau, bool(m.straight_through))
+        z = sharding.constrain(z, CODES_ACT)
+        stats = model.apply({"params": params}, z, method=dvae_lib.DVAE.decode)
+        loss, metrics = dvae_loss.dvae_objective(x, logits, stats, kl_w=beta, recon_loss=m.recon_loss,
+                                                 usage_w=float(m.get("usage_weight", 0.0)))
+        metrics.update(dvae_loss.codebook_metrics(logits))
+        metrics.update(temperature=tau, kl_weight=beta)
+        return loss, metrics
+
+    return loss_fn
+
+
+def make_image_fn(model, num_images: int = 8):
+    recon = reconstruct_fn(model)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def pair(params, images, n):
+        images = images[:n]
+        _, rec, _ = recon(params, images)
+        orig = image_ops.unmap_pixels(images.astype(jnp.float32))
+        return _replicated(to_uint8(orig)), _replicated(to_uint8(rec))
+
+    def image_fn(params, batch):
+        from core_jax.metrics import image_grid
+        n = min(num_images, batch["image"].shape[0])
+        orig, rec = jax.device_get(pair(params, batch["image"], n))
+        # Row 1: originals; row 2: their reconstructions from argmax codes.
+        return {"reconstructions": image_grid(np.concatenate([orig, rec]), rows=2)}
+
+    return image_fn
+
+
+def make_eval_step(model):
+    recon = reconstruct_fn(model)
+
+    @jax.jit
+    def step(params, images, mask):
+        _, rec, logits = recon(params, images)
+        orig = image_ops.unmap_pixels(images.astype(jnp.float32))
+        m = mask.astype(jnp.float32)
+        psnr = dvae_loss.psnr_per_image(rec, orig)
+        mse = jnp.mean(jnp.square(rec - orig), axis=(1, 2, 3))
+        out = {"psnr_sum": jnp.sum(psnr * m), "mse_sum": jnp.sum(mse * m), "count": jnp.sum(m),
+               "histogram": dvae_loss.code_histogram(logits, mask)}
+        return jax.tree.map(_replicated, out)
+
+    return step
+
+
+def make_evaluator(config, model, example_fn):
+    """PSNR over the eval split (argmax codes, as at inference) and codebook usage: the count of
+    codes no position of the whole pass picked (`dead_codes`) and the fraction used."""
+    from core_jax import data as data_lib
+    from core_jax.trainer import Evaluator
+
+    step_fn = make_eval_step(model)
+    max_batches = int(config.model.get("eval_max_batches", -1))
+
+    def fn(params, step):
+        it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
+                                    seed=config.seed, example_fn=example_fn, train=False)
+        totals = None
+        for i, local in enumerate(it):
+            if 0 <= max_batches <= i:
+                break
+            mask = local.pop("_mask", np.ones(local["image"].shape[0], bool))
+            batch = _global_batch(params, {"image": local["image"], "mask": mask})
+            out = jax.device_get(step_fn(params, batch["image"], batch["mask"]))
+            totals = out if totals is None else jax.tree.map(np.add, totals, out)
+        if totals is None or totals["count"] == 0:
+            raise RuntimeError(f"dVAE evaluator: split {config.data.eval_split!r} gave no examples")
+        count, hist = float(totals["count"]), np.asarray(totals["histogram"])
+        p = hist / hist.sum()
+        used = int((hist > 0).sum())
+        return {"psnr": float(totals["psnr_sum"]) / count, "mse": float(totals["mse_sum"]) / count,
+                "dead_codes": float(hist.size - used), "codebook_used_fraction": used / hist.size,
+                "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
+                "examples": count}
+
+    return Evaluator(name=config.data.eval_split, fn=fn)
+
+
+def make_task(config, workdir=None):
+    from core_jax.trainer import Task
+
+    model = model_from_config(config)
+    size = int(config.data.image_size)
+    dvae_lib.grid_size(config.model, size)  # clear error now if the pools do not divide the size
+
+    def example_fn(raw, rng):
+        return {"image": preprocess(raw["image"], size, random_crop=bool(config.data.random_crop),
+                                    random_flip=bool(config.data.random_flip), rng=rng)}
+
+    def eval_example_fn(raw, rng):
+        return {"image": preprocess(raw["image"], size)}
+
+    def init_fn(rng, batch):
+        return model.init(rng, batch["image"])
+
+    enc, dec = dvae_lib.forward_flops(config.model, size, soft_codes=True)
+    return Task(
+        init_fn=init_fn,
+        loss_fn=make_loss_fn(model, config.model),
+        example_fn=example_fn,
+        eval_example_fn=eval_example_fn,
+        flops_per_example=3.0 * (enc + dec),  # forward + backward (2x forward)
+        evaluators=(make_evaluator(config, model, eval_example_fn),),
+        image_fn=make_image_fn(model),
+    )

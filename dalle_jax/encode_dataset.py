@@ -1,0 +1,112 @@
+"""Pre-encode a dataset into dVAE token shards, so transformer training skips the encoder.
+
+    python -m dalle_jax.encode_dataset --dvae_workdir W --config configs/dalle_shapes.py --out_dir D
+
+Reads `config.data` (source, splits) and, for each split, writes D/<split>-NNNNN.npz with
+`tokens` int32 [N, grid, grid], `captions` and `keys` (unicode arrays; np.load needs no pickle),
+plus D/index.json: {grid_size, vocab_size, image_size, dvae_workdir, splits: {split: {examples,
+shards: [file, ...]}}}. Images are resized/centre-cropped to the dVAE's input size. One process.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from absl import flags
+
+from core_jax import app as app_lib
+
+flags.DEFINE_string("dvae_workdir", None, "dVAE workdir (from train_dvae or convert_dvae).")
+flags.DEFINE_string("out_dir", None, "Output folder for the token shards and index.json.")
+flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.split and config.data.eval_split).")
+flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
+flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
+flags.DEFINE_integer("max_examples", -1, "Stop each split after this many examples (-1: all).")
+FLAGS = flags.FLAGS
+
+
+def encode_split(vae, data_config, split: str, out_dir: str, *, shard_size: int, batch_size: int,
+                 max_examples: int = -1, seed: int = 0, log=print) -> dict:
+    """Encodes one split; returns {'examples': n, 'shards': [file names]}."""
+    from core_jax.data import make_iterator
+    from core_jax.data.image_ops import resize_and_crop, to_float01
+
+    size = vae.image_size
+
+    def example_fn(raw, rng):
+        return {"image": to_float01(resize_and_crop(np.asarray(raw["image"]), size)),
+                "caption": np.asarray(str(raw.get("caption", ""))),
+                "key": np.asarray(str(raw.get("key", "")))}
+
+    it = make_iterator(data_config, split, global_batch_size=batch_size, seed=seed, example_fn=example_fn,
+                       train=False, process_index=0, process_count=1)
+    shards, pending, total = [], {"tokens": [], "captions": [], "keys": []}, 0
+
+    def write(final=False):
+        while len(pending["tokens"]) >= shard_size or (final and pending["tokens"]):
+            n = min(shard_size, len(pending["tokens"]))
+            name = f"{split}-{len(shards):05d}.npz"
+            np.savez(os.path.join(out_dir, name), tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
+                     captions=np.asarray(pending["captions"][:n], dtype=str),
+                     keys=np.asarray(pending["keys"][:n], dtype=str))
+            shards.append(name)
+            for k in pending:
+                del pending[k][:n]
+
+    for batch in it:
+        mask = batch.get("_mask", np.ones(len(batch["image"]), bool))
+        tokens = np.asarray(vae.encode(batch["image"]))
+        for i in np.flatnonzero(mask):
+            if 0 <= max_examples <= total:
+                break
+            pending["tokens"].append(tokens[i])
+            pending["captions"].append(str(batch["caption"][i]))
+            pending["keys"].append(str(batch["key"][i]))
+            total += 1
+        write()
+        if 0 <= max_examples <= total:
+            break
+    write(final=True)
+    if it.skipped:
+        log(f"{split}: skipped {dict(it.skipped)}")
+    log(f"{split}: {total} examples in {len(shards)} shards")
+    return {"examples": total, "shards": shards}
+
+
+def main(argv):
+    if len(argv) > 1:
+        app_lib.fail(f"unexpected arguments: {' '.join(argv[1:])}")
+    for name in ("dvae_workdir", "out_dir"):
+        if not getattr(FLAGS, name):
+            app_lib.fail(f"--{name} is required")
+    if FLAGS.shard_size <= 0 or FLAGS.batch_size <= 0:
+        app_lib.fail("--shard_size and --batch_size must be positive")
+    config = FLAGS.config
+    splits = FLAGS.splits or list(dict.fromkeys([config.data.split, config.data.eval_split]))
+    from dalle_jax.dvae_api import DVAE
+
+    try:
+        vae = DVAE.load(FLAGS.dvae_workdir)
+    except (FileNotFoundError, ValueError) as e:
+        app_lib.fail(str(e))
+    if int(config.data.image_size) != vae.image_size:
+        print(f"note: config.data.image_size={config.data.image_size} but the dVAE takes "
+              f"{vae.image_size}x{vae.image_size}; images are resized to the dVAE's size", flush=True)
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    index = {"grid_size": vae.grid_size, "vocab_size": vae.vocab_size, "image_size": vae.image_size,
+             "dvae_workdir": os.path.abspath(FLAGS.dvae_workdir), "splits": {}}
+    for split in splits:
+        try:
+            index["splits"][split] = encode_split(
+                vae, config.data, split, FLAGS.out_dir, shard_size=FLAGS.shard_size,
+                batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples, seed=int(config.get("seed", 0)))
+        except (FileNotFoundError, ValueError) as e:
+            app_lib.fail(f"split {split!r}: {e}")
+    with open(os.path.join(FLAGS.out_dir, "index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    print(f"wrote {FLAGS.out_dir}/index.json", flush=True)
+
+
+if __name__ == "__main__":
+    app_lib.run(main, default_config=None, workdir_required=False)

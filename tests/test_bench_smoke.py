@@ -1,0 +1,125 @@
+"""The benchmark suite at toy sizes: every bench runs end to end and returns the fields the report
+reads, with the right types. The figures themselves are not tested (they depend on the machine)."""
+import json
+import math
+import os
+
+import jax
+import pytest
+
+from bench import bench_clip_vs_openclip, bench_compile, bench_memory, bench_mfu, bench_sampling, common
+from bench import run_all
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def check_result(res, name):
+    assert res["name"] == name and res["size"] == "toy"
+    assert finite(res["seconds"]) and res["seconds"] > 0
+    for t in res["targets"]:
+        assert set(t) == {"name", "value", "unit", "goal", "met", "why"}, t
+        assert t["met"] in (True, False, None)
+        assert t["met"] is not False or t["why"], f"a missed target must say why: {t}"
+    json.dumps(res)  # results.json must be able to hold it
+    text = run_all.section(name, res)
+    assert text.startswith("###") and "|" in text
+
+
+def check_timing(t, n=None):
+    assert 0 < t["best"] <= t["median"]
+    assert n is None or t["n"] == n
+
+
+def test_mfu():
+    res = bench_mfu.run("toy", models=("dalle",))
+    check_result(res, "mfu")
+    assert set(res["peaks"]) == set(bench_mfu.PRESETS["toy"]["dtypes"])
+    assert all(p["best_flops"] > 0 for p in res["peaks"].values())
+    (m,) = res["models"]
+    assert m["model"] == "dalle" and m["batch_size"] == 4
+    for dtype, s in m["steps"].items():
+        check_timing(s["timing"], bench_mfu.PRESETS["toy"]["pure_steps"])
+        assert 0 < s["mfu"] and finite(s["flops_per_sec"])
+    assert m["analytic_flops_per_step"] > 0 and m["xla_flops_per_step"] > 0
+    # XLA's count of the unrolled step holds the same matmuls plus elementwise work.
+    assert 0.3 < m["analytic_over_xla"] < 1.5
+    tr = m["trainer"]
+    assert tr["windows"] >= 1 and tr["examples_per_sec"] > 0 and 0 <= tr["data_wait_fraction"] < 1
+    assert set(tr["breakdown"]) == {"compute", "data_wait", "other"}
+    assert {t["name"] for t in res["targets"]} >= {"MFU dalle train step (float32)",
+                                                   "data wait, dalle shapes trainer"}
+
+
+def test_clip_vs_openclip():
+    python, _ = bench_clip_vs_openclip.find_openclip_python()
+    res = bench_clip_vs_openclip.run("toy", openclip_python=python or "/nonexistent/python")
+    check_result(res, "clip_vs_openclip")
+    (r,) = res["results"]
+    for p in bench_clip_vs_openclip.PRECISIONS:
+        c = r["contenders"][f"ours {p}"]
+        check_timing(c["timing"])
+        assert c["pairs_per_sec"] > 0
+    if python is None:
+        assert r["open_clip"]["status"] == "not installed" and not r["ratios"]
+        assert all(t["met"] is None for t in res["targets"])
+    else:  # same config on both sides: the parameter counts agree exactly
+        assert r["open_clip"]["params"] == r["ours_params"]
+        assert len(r["ratios"]) == 4 and all(v > 0 for v in r["ratios"].values())
+
+
+def test_sampling():
+    res = bench_sampling.run("toy")
+    check_result(res, "sampling")
+    assert [(r["image_tokens"], r["kind"]) for r in res["rows"]] == [(4, "row"), (16, "row")]
+    full, extrapolated = res["rows"]
+    assert not full["no_cache_extrapolated"] and finite(full["extrapolation_error"])
+    assert extrapolated["no_cache_extrapolated"]
+    for r in res["rows"]:
+        assert r["speedup"] > 0 and r["cache_tokens_per_sec"] > 0 and r["no_cache_images_per_sec"] > 0
+    g = res["guidance"]
+    assert g["guided_over_unguided"] > 0 and g["two_passes_seconds"] == 2 * g["unguided"]["best"]
+
+
+def test_memory_in_process():
+    assert jax.device_count() >= 8  # conftest's fake devices
+    res = bench_memory.run("toy")
+    check_result(res, "memory")
+    one, eight = res["fsdp"]
+    assert (one["fsdp"], eight["fsdp"]) == (1, 8)
+    # The compiled step's per-device arguments agree with the state's shardings.
+    for r in res["fsdp"]:
+        assert r["state_bytes_per_device"] == r["state_bytes_from_shardings"]
+    assert eight["state_bytes_per_device"] < one["state_bytes_per_device"] / 4
+    assert [r["remat"] for r in res["remat"]] == ["none", "full"]
+    assert all(r["temp"] > 0 for r in res["remat"])
+
+
+def test_compile():
+    res = bench_compile.run("toy")
+    check_result(res, "compile")
+    assert set(res["scan"]) == {"1", "2"} and res["ratio"] > 0
+    assert all(v["best"]["compile"] > 0 for v in res["scan"].values())
+
+
+def test_loader():
+    res = run_all.run_loader("toy")
+    check_result(res, "loader")
+    (row,) = res["report"]["results"]
+    assert row["workers"] == 1 and row["images_per_s"] > 0
+
+
+def test_run_all_renders_and_rejects_unknown_bench(tmp_path):
+    with pytest.raises(SystemExit):
+        run_all.main(["--only", "nope"])
+    res = {"machine": common.machine_info(), "size": "toy", "seconds": 1.0, "command": "x",
+           "benches": {"compile": {"name": "compile", "error": "boom", "targets": []}}}
+    text = run_all.render(res)
+    assert "ERROR" in text and "boom" in text
+
+
+def test_fake_device_flag_is_dropped():
+    flags = "--foo=1 --xla_force_host_platform_device_count=8"
+    assert common.without_fake_devices(flags) == "--foo=1"
+    assert common.with_fake_devices("--foo=1", 8) == flags

@@ -1,0 +1,127 @@
+"""The dVAE commands end to end on a tiny config: train, reconstruct, encode_dataset, convert."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=2",
+        "--config.checkpoint_every=2", "--config.data.shapes_train_size=64", "--config.model.hidden=8",
+        "--config.model.vocab_size=32", "--config.model.width_multipliers=(1,2)",
+        "--config.model.decoder_init_channels=8", "--config.model.eval_max_batches=1",
+        "--config.optim.warmup_steps=1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+        "--config.mesh.tensor=2"]
+
+
+def run(*args, check=True):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("dvae") / "run")
+    run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY)
+    return workdir
+
+
+def test_train_writes_metrics_images_and_checkpoint(trained):
+    rows = [json.loads(line) for line in open(os.path.join(trained, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2]
+    for key in ("psnr", "mse", "codebook_perplexity", "codebook_used_fraction", "temperature", "kl_weight"):
+        assert np.isfinite(train_rows[-1][key]), key
+    evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+    assert {"eval/test_unseen/psnr", "eval/test_unseen/dead_codes",
+            "eval/test_unseen/codebook_used_fraction"} <= set(evals)
+    assert 0 <= evals["eval/test_unseen/dead_codes"] <= 32
+    grids = os.listdir(os.path.join(trained, "images"))
+    assert grids and grids[0].startswith("reconstructions")
+    grid = np.asarray(Image.open(os.path.join(trained, "images", grids[0])))
+    assert grid.dtype == np.uint8 and grid.shape[0] > 2 * 64  # originals above reconstructions
+
+
+def test_api_round_trip(trained):
+    from core_jax.data.shapes import make_example
+    from dalle_jax.dvae_api import DVAE
+
+    vae = DVAE.load(trained)
+    assert (vae.image_size, vae.grid_size, vae.vocab_size) == (64, 32, 32)
+    images = np.stack([make_example("test_unseen", i)["image"] for i in range(2)])
+    tokens = vae.encode(images)
+    assert tokens.shape == (2, 32, 32) and tokens.dtype == np.int32
+    np.testing.assert_array_equal(tokens, vae.encode(images.astype(np.float32) / 255.0))
+    out = vae.decode(tokens)
+    assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
+    with pytest.raises(ValueError, match="shape"):
+        vae.encode(images[:, :32])
+    with pytest.raises(ValueError, match="tokens must lie"):
+        vae.decode(np.full((1, 32, 32), 99))
+
+
+def test_reconstruct_folder(trained, tmp_path):
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 100, 3), dtype=np.uint8)).save(src / "a.png")
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(src / "b.jpg")
+    Image.fromarray(rng.integers(0, 255, (70, 64), dtype=np.uint8)).save(src / "c.JPEG")  # grayscale
+    (src / "broken.png").write_bytes(b"not a png")
+    (src / "notes.txt").write_text("ignored")
+    proc = run("dalle_jax.reconstruct", "--workdir", trained, "--input_dir", str(src), "--out_dir", str(out))
+    assert sorted(os.listdir(out)) == ["a.png", "b.png", "c.png"]
+    assert np.asarray(Image.open(out / "a.png")).shape == (64, 64, 3)
+    assert "skipping broken.png" in proc.stdout and "1 skipped" in proc.stdout
+    assert "mean PSNR" in proc.stdout
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run("dalle_jax.reconstruct", "--workdir", trained, "--input_dir", str(empty), "--out_dir",
+               str(out), check=False)
+    assert proc.returncode == 2 and "no PNG or JPEG" in proc.stderr
+
+
+def test_encode_dataset_shards(trained, tmp_path):
+    out = tmp_path / "tokens"
+    run("dalle_jax.encode_dataset", "--dvae_workdir", trained, "--config", "configs/dvae_shapes.py",
+        "--out_dir", str(out), "--splits", "test_unseen", "--max_examples", "10", "--shard_size", "4",
+        "--batch_size", "8")
+    index = json.load(open(out / "index.json"))
+    assert index["grid_size"] == 32 and index["vocab_size"] == 32
+    split = index["splits"]["test_unseen"]
+    assert split["examples"] == 10 and len(split["shards"]) == 3
+    shards = [np.load(out / name, allow_pickle=False) for name in split["shards"]]
+    tokens = np.concatenate([s["tokens"] for s in shards])
+    captions = np.concatenate([s["captions"] for s in shards])
+    assert tokens.shape == (10, 32, 32) and tokens.dtype == np.int32
+    assert tokens.min() >= 0 and tokens.max() < 32
+    from core_jax.data.shapes import make_example
+    assert captions[3] == make_example("test_unseen", 3)["caption"]
+
+
+def test_convert_cli_from_npz(tmp_path):
+    from test_dvae_convert import openai_state_dicts
+
+    enc, dec = openai_state_dicts(groups=2, blocks=1)
+    np.savez(tmp_path / "enc.npz", **enc)
+    np.savez(tmp_path / "dec.npz", **dec)
+    workdir = tmp_path / "converted"
+    proc = run("dalle_jax.convert_dvae", "--encoder", str(tmp_path / "enc.npz"), "--decoder",
+               str(tmp_path / "dec.npz"), "--workdir", str(workdir), "--image_size", "32")
+    assert "vocab 32" in proc.stdout
+    from dalle_jax.dvae_api import DVAE
+
+    vae = DVAE.load(str(workdir))
+    assert (vae.image_size, vae.grid_size) == (32, 16)
+    assert vae.decode(vae.encode(np.zeros((1, 32, 32, 3), np.uint8))).shape == (1, 32, 32, 3)
+    again = run("dalle_jax.convert_dvae", "--encoder", str(tmp_path / "enc.npz"), "--decoder",
+                str(tmp_path / "dec.npz"), "--workdir", str(workdir), check=False)
+    assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
