@@ -58,6 +58,7 @@ def clip_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDic
                 evaluators: str = "") -> ml_collections.ConfigDict:
     """base_config() + CLIP's sections (unlocked; config files lock it)."""
     c = base_config()
+    c.task = "clip_jax.task"
     c.model = model
     c.text = text
     c.eval = eval_config(evaluators)

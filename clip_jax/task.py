@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import importlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from core_jax.config import ConfigError
@@ -100,11 +102,19 @@ def make_task(config, workdir: str) -> Task:
         model = clip_from_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    tokenizer = make_tokenizer(config, workdir)
-    example_fn, eval_example_fn = make_example_fns(config, tokenizer)
+    abstract_only = workdir is None  # core_jax.aot: shapes only, no tokenizer or eval data
+    example_fn = eval_example_fn = None
+    if not abstract_only:
+        tokenizer = make_tokenizer(config, workdir)
+        example_fn, eval_example_fn = make_example_fns(config, tokenizer)
 
     def init_fn(rng, batch):
         return model.init({"params": rng}, batch["image"][:1], batch["text"][:1])
+
+    def batch_spec(batch_size):
+        size, length = int(config.model.image_size), int(config.text.context_length)
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+                "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
 
     return Task(
         init_fn=init_fn,
@@ -112,6 +122,7 @@ def make_task(config, workdir: str) -> Task:
         example_fn=example_fn,
         eval_example_fn=eval_example_fn,
         flops_per_example=train_flops_per_example(model.cfg),
-        evaluators=make_evaluators(config, workdir),
+        evaluators=[] if abstract_only else make_evaluators(config, workdir),
+        batch_spec=batch_spec,
     )
 

@@ -11,6 +11,7 @@ from dalle_jax.dvae import default_model_config
 
 def get_config(arg=None):
     c = base_config()
+    c.task = "dalle_jax.dvae_task"
     c.model = default_model_config()  # OpenAI: 8192 codes, hidden 256, 4 groups x 2 blocks, init 128
     c.total_steps = 3_000_000
     c.batch_size = 512

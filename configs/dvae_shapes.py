@@ -10,6 +10,7 @@ from dalle_jax.dvae import default_model_config
 
 def get_config(arg=None):
     c = base_config()
+    c.task = "dalle_jax.dvae_task"
     c.model = default_model_config()
     c.model.vocab_size = 512
     c.model.hidden = 16                       # widths 16/32/64/128: thin at full resolution (CPU time)

@@ -124,8 +124,17 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
     step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
                                   jax.tree.map(lambda x: x.sharding, batch))
     t = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = step.lower(abstract, batch).compile()
+    n_params = trainer.count_params(abstract.params)
+    try:
+        with jax.set_mesh(mesh):
+            compiled = step.lower(abstract, batch).compile()
+    except Exception as e:  # XLA reports a step that cannot fit as RESOURCE_EXHAUSTED at compile
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        detail = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
+        return {"devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
+                "fits": False, "hbm_bytes": hbm_bytes, "compile_error": detail,
+                "compile_seconds": time.perf_counter() - t}
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -136,7 +145,6 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
     temp = int(mem.temp_size_in_bytes)
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
     peak = args + out - alias + temp + code
-    n_params = trainer.count_params(abstract.params)
     return {
         "devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
         "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
@@ -152,6 +160,9 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
 
 def format_report(name: str, r: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"
+    if "compile_error" in r:
+        return (f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params\n"
+                f"  DOES NOT FIT: {r['compile_error']}")
     return "\n".join([
         f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params",
         f"  per device: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])} "
@@ -190,9 +201,11 @@ def main(argv):
         with open(FLAGS.json_out, "w") as f:
             json.dump(result, f, indent=2)
     if not result["fits"]:
-        print(f"error: the train step needs {result['peak_bytes'] / GIB:.2f} GiB per device but a "
-              f"{chip.generation} chip has {chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower "
-              f"batch_size, or enable remat", file=sys.stderr)
+        need = (f"needs {result['peak_bytes'] / GIB:.2f} GiB per device" if "peak_bytes" in result
+                else "ran out of memory while compiling")
+        print(f"error: the train step {need}; a {chip.generation} chip has "
+              f"{chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower batch_size, or set "
+              f"remat=full", file=sys.stderr)
         sys.exit(3)
 
 

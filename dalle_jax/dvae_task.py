@@ -171,12 +171,18 @@ def make_task(config, workdir=None):
         return model.init(rng, batch["image"])
 
     enc, dec = dvae_lib.forward_flops(config.model, size, soft_codes=True)
+    abstract_only = workdir is None  # core_jax.aot: shapes only, no evaluator data
+
+    def batch_spec(batch_size):
+        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32)}
+
     return Task(
         init_fn=init_fn,
         loss_fn=make_loss_fn(model, config.model),
         example_fn=example_fn,
         eval_example_fn=eval_example_fn,
         flops_per_example=3.0 * (enc + dec),  # forward + backward (2x forward)
-        evaluators=(make_evaluator(config, model, eval_example_fn),),
+        evaluators=() if abstract_only else (make_evaluator(config, model, eval_example_fn),),
         image_fn=make_image_fn(model),
+        batch_spec=batch_spec,
     )

@@ -52,3 +52,15 @@ def test_cli_exit_codes(tmp_path):
     assert "FITS" in ok.stdout and "TFLOPs per step" in ok.stdout
     bad = subprocess.run(cmd[:-1] + ["--topology=v9-8"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "unknown TPU generation" in bad.stderr
+
+
+def test_cli_exit_3_when_it_does_not_fit(tmp_path):
+    pytest.importorskip("libtpu", reason="libtpu (the 'tpu' extra) is not installed")
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text("from tests.toy_task import toy_config\n"
+                   "def get_config(arg=None):\n    return toy_config()\n")
+    # 2**22 images of 64x64x3 float32 are ~190 GiB of batch: no v5e slice of 4 chips holds that.
+    r = subprocess.run([sys.executable, "-m", "core_jax.aot", f"--config={cfg}", "--topology=v5e:2x2",
+                        "--config.batch_size=4194304"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "DOES NOT FIT" in r.stdout and "error: the train step" in r.stderr
