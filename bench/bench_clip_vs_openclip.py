@@ -36,7 +36,7 @@ CONFIGS = {
                 batch_size=4),
 }
 PRESETS = {
-    "full": dict(configs=("small",), steps=3, rounds=2, fast_compile=False),
+    "full": dict(configs=("small",), steps=2, rounds=2, fast_compile=False),
     "quick": dict(configs=("small",), steps=2, rounds=1, fast_compile=False),
     "toy": dict(configs=("toy",), steps=1, rounds=1, fast_compile=True),
 }

@@ -45,8 +45,8 @@ TOY_MODELS = {
              "model.embed_dim": 16, "model.image_size": 16, "data.image_size": 16, "batch_size": 4},
 }
 PRESETS = {
-    "full": dict(models=MODELS, dtypes=("float32", "bfloat16"), pure_steps=5, trainer_steps=30,
-                 log_every=10, trainer_dtype="float32", peak_n=2048, peak_repeats=5, fast_compile=False),
+    "full": dict(models=MODELS, dtypes=("float32", "bfloat16"), pure_steps=4, trainer_steps=24,
+                 log_every=8, trainer_dtype="float32", peak_n=2048, peak_repeats=5, fast_compile=False),
     "quick": dict(models=MODELS, dtypes=("float32", "bfloat16"), pure_steps=3, trainer_steps=16,
                   log_every=4, trainer_dtype="float32", peak_n=2048, peak_repeats=3, fast_compile=False),
     "toy": dict(models=TOY_MODELS, dtypes=("float32",), pure_steps=2, trainer_steps=3,
@@ -89,53 +89,36 @@ def model_config(model: str, overrides: dict):
 
 # ----------------------------------------------------------------------------- tasks
 
-class RandomDVAE:
-    """Stands in for `dalle_jax.dvae_api.DVAE` (what `config.dvae_workdir` loads): the dVAE of
-    configs/dvae_shapes.py with random weights, so DALL-E's host-side tokenisation costs what it
-    costs in a real run (the weights do not change the cost). Weights come from numpy: compiling
-    jax.random for every kernel takes minutes on a busy 2-core machine."""
+def random_dvae_workdir(workdir: str, image_size: int, vocab_size: int) -> str:
+    """A dVAE workdir (configs/dvae_shapes.py, random weights) written like a converted one, so
+    DALL-E's make_task loads it through config.dvae_workdir exactly as in a real run: the host-side
+    tokenisation costs what it costs there (weights do not change the cost)."""
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+    from core_jax import checkpoint
+    from dalle_jax import dvae as dvae_lib
 
-    def __init__(self, image_size: int, vocab_size: int):
-        import flax.linen as nn
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-        from dalle_jax import dvae as dvae_lib
-
-        dcfg = load_config("dvae_shapes")
-        dcfg.model.vocab_size = vocab_size
-        model = dvae_lib.make_dvae(dcfg.model)
-        images = jnp.zeros((1, image_size, image_size, 3))
-        abstract = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, images)["params"]),
-                                  jax.random.key(0))
-        rng = np.random.default_rng(0)
-        params = jax.tree.map(lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), abstract)
-        self.grid_size = dvae_lib.grid_size(dcfg.model, image_size)
-        self.vocab_size = vocab_size
-
-        @jax.jit
-        def encode(mapped):
-            logits = model.apply({"params": params}, mapped, method=dvae_lib.DVAE.encode)
-            return jnp.argmax(logits, -1).astype(jnp.int32)
-
-        self._encode = encode
-
-    def encode(self, images):
-        """uint8 [B, H, W, 3] -> int32 codes [B, grid, grid]."""
-        from core_jax.data import image_ops
-        import numpy as np
-        return np.asarray(self._encode(image_ops.dvae_map_pixels(np.asarray(images))))
+    config = load_config("dvae_shapes")
+    config.model.vocab_size = vocab_size
+    config.data.image_size = image_size
+    model = dvae_lib.make_dvae(config.model)
+    images = jnp.zeros((1, image_size, image_size, 3))
+    abstract = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, images)["params"]), jax.random.key(0))
+    path = os.path.join(workdir, "dvae")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        checkpoint.save_params(path, config, common.random_params(abstract))
+    return path
 
 
 def dalle_task(config, workdir: str):
-    """dalle_jax.dalle_task.make_task with a RandomDVAE where it would load config.dvae_workdir
-    (a benchmark cannot assume a trained dVAE)."""
-    from unittest import mock
+    """dalle_jax.dalle_task.make_task with config.dvae_workdir = a random-weight dVAE workdir (a
+    benchmark cannot assume a trained one)."""
     from dalle_jax import dalle_task as dt
 
-    dvae = RandomDVAE(int(config.data.image_size), int(config.model.image_vocab_size))
-    with mock.patch.object(dt, "load_dvae", lambda config, cfg: dvae):
-        return dt.make_task(config, workdir)
+    config.dvae_workdir = random_dvae_workdir(workdir, int(config.data.image_size),
+                                              int(config.model.image_vocab_size))
+    return dt.make_task(config, workdir)
 
 
 def make_task(model: str, config, workdir: str):

@@ -50,7 +50,6 @@ def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZ
         context_length=context_length,
         pad_mode="zeros",
         train_source="shapes",  # captions for a trained BPE: 'shapes' or a one-caption-per-line file
-        word_dropout=0.0,  # training captions: probability of dropping each word
     ))
 
 

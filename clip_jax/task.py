@@ -34,23 +34,9 @@ def make_tokenizer(config, workdir: str | None):
     return tokenizer
 
 
-def drop_words(caption: str, p: float, rng: np.random.Generator) -> str:
-    """Each word dropped with probability p (at least one kept): partial captions ("a square in
-    the top left") tie each word to the images it describes on its own, which helps captions
-    built from words never seen together."""
-    words = caption.split()
-    if p <= 0 or len(words) < 2:
-        return caption
-    keep = rng.random(len(words)) >= p
-    if not keep.any():
-        keep[rng.integers(len(words))] = True
-    return " ".join(w for w, k in zip(words, keep) if k)
-
-
 def make_example_fns(config, tokenizer):
     """(train example_fn, eval example_fn): uint8 image -> CLIP-normalised float32, caption -> ids."""
     size = int(config.model.image_size)
-    word_dropout = float(config.text.get("word_dropout", 0.0))
 
     def example_fn(raw, rng, train=True):
         image = image_ops.resize_and_crop(raw["image"], size,
@@ -60,8 +46,6 @@ def make_example_fns(config, tokenizer):
             image = image_ops.maybe_flip(image, rng)
         captions = raw.get("captions") or [raw["caption"]]
         caption = captions[int(rng.integers(len(captions)))] if train else raw["caption"]
-        if train:
-            caption = drop_words(caption, word_dropout, rng)
         return {"image": image_ops.clip_normalize(np.ascontiguousarray(image)),
                 "text": tokenizer.encode([caption])[0]}
 

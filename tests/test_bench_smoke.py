@@ -78,8 +78,10 @@ def test_sampling():
     assert extrapolated["no_cache_extrapolated"]
     for r in res["rows"]:
         assert r["speedup"] > 0 and r["cache_tokens_per_sec"] > 0 and r["no_cache_images_per_sec"] > 0
+        assert r["cache_unrolled"]["best"] > 0 and r["speedup_unrolled"] > 0  # first kind: both stacks
     g = res["guidance"]
     assert g["guided_over_unguided"] > 0 and g["two_passes_seconds"] == 2 * g["unguided"]["best"]
+    assert g["unrolled"]["guided_over_unguided"] > 0
 
 
 def test_memory_in_process():
