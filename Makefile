@@ -1,7 +1,8 @@
 # Two commands a fresh machine needs: `make demo` and `make test` (each creates .venv if missing).
 SHELL := /bin/bash
 # jax >= 0.11 (which uses this CPU's bf16 matrix units) needs Python >= 3.12: prefer it when present.
-PYTHON ?= $(shell (PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) || command -v python3.12 || command -v python3)
+PYTHON ?= $(shell (PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) || command -v python3.12 || \
+             ls $(HOME)/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -n 1 | grep . || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
