@@ -39,6 +39,23 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_id() -> str:
+    """'family F model M stepping S' (VMs often hide the marketing name)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("cpu family", "model", "stepping") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():
+                    break
+    except OSError:
+        return ""
+    return " ".join(f"{k.split()[-1]} {v}" for k, v in fields.items())
+
+
 def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -65,6 +82,7 @@ def machine_info() -> dict:
     flags = cpu_flags()
     return {
         "cpu_model": cpu_model(),
+        "cpu_id": cpu_id(),
         "cores": usable_cores(),
         "cpu_count": os.cpu_count(),
         "isa": ",".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags),

@@ -115,16 +115,18 @@ def targets_table(benches: dict) -> str:
 def render(results: dict) -> str:
     m = results["machine"]
     lines = ["# Benchmark results", "",
-             f"**Machine**: {m['cpu_model']}, {m['cores']} cores ({m['isa'] or 'no AVX-512'}), "
-             f"load average {m['load_avg_1m']} at the start; jax {m['jax']} (jaxlib {m['jaxlib']}, "
+             f"**Machine**: {m['cpu_model']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+             + f", {m['cores']} cores ({m['isa'] or 'no AVX-512'}), load average {m['load_avg_1m']} at "
+             f"the start, {m.get('load_avg_1m_end', '?')} at the end; jax {m['jax']} (jaxlib {m['jaxlib']}, "
              f"{m['backend']}), Python {m['python']}; {m['date']}.", "",
              f"Made by `{results['command']}` in {results['seconds'] / 60:.1f} min"
              + (" (QUICK: smaller and fewer measurements)" if results["size"] == "quick" else "")
              + ". Each ratio's two sides were measured in the same run; how to read the tables: "
              "[bench/README.md](README.md).", ""]
-    dates = {n: r.get("machine", {}).get("date") for n, r in results["benches"].items()}
-    if len(set(dates.values())) > 1:
-        lines += ["Benches from different runs (`--only`): " + ", ".join(f"{n} {d}" for n, d in dates.items()), ""]
+    runs = {n: r.get("machine", {}).get("run") for n, r in results["benches"].items()}
+    if len(set(runs.values())) > 1:
+        lines += ["Benches from different runs (`--only`), by the start of their run: "
+                  + ", ".join(f"{n} {d}" for n, d in runs.items()) + ".", ""]
     lines += ["## Targets", "", targets_table(results["benches"]), ""]
     for name in BENCHES:
         if name in results["benches"]:
@@ -141,6 +143,22 @@ def prepare_environment() -> None:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def rerender(out: str, md: str) -> int:
+    with open(out) as f:
+        results = json.load(f)
+    for name, res in results["benches"].items():
+        if "error" not in res and name != "loader":
+            module = __import__(f"bench.bench_{name}", fromlist=["targets"])
+            res["targets"] = module.targets(res)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1, default=str)
+    text = render(results)
+    with open(md, "w") as f:
+        f.write(text + "\n")
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Runs the benchmark suite (see bench/README.md).")
     ap.add_argument("--quick", action="store_true", help="smaller configs and fewer steps (a few minutes); "
@@ -150,7 +168,11 @@ def main(argv=None) -> int:
                     help="python with torch + open_clip for the CLIP comparison (default: search)")
     ap.add_argument("--out", default=None, help="results JSON path")
     ap.add_argument("--md", default=None, help="markdown table path")
+    ap.add_argument("--render", action="store_true", help="measure nothing: rebuild the markdown (and "
+                    "the targets' verdicts) from the results JSON with the current report code")
     args = ap.parse_args(argv)
+    if args.render:
+        return rerender(args.out or DEFAULT_OUT, args.md or DEFAULT_MD)
 
     only = [b.strip() for b in args.only.split(",") if b.strip()] or list(BENCHES)
     unknown = [b for b in only if b not in BENCHES]
@@ -178,7 +200,7 @@ def main(argv=None) -> int:
         except Exception as e:  # one broken bench must not lose the others' figures
             traceback.print_exc()
             res = {"name": name, "size": size, "error": f"{type(e).__name__}: {e}", "targets": []}
-        res["machine"] = {"date": start["date"], "load_avg_1m": start["load_avg_1m"]}
+        res["machine"] = {"run": machine["date"], "date": start["date"], "load_avg_1m": start["load_avg_1m"]}
         benches[name] = res
         common.log(f"=== {name} done in {res.get('seconds', 0):.0f}s")
     results = {"machine": machine, "size": size, "seconds": time.perf_counter() - t0,

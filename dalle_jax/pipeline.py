@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from dalle_jax import sampling
-from dalle_jax.transformer import DalleConfig, unconditional_text
+from dalle_jax.transformer import MAX_UNROLLED_LAYERS, DalleConfig, unconditional_text, unscan_params
 
 
 def load_tokenizer(config, workdir: str):
@@ -40,17 +40,6 @@ def load_tokenizer(config, workdir: str):
     from dalle_jax.dalle_task import resolve_text_vocab
     resolve_text_vocab(config, tokenizer)  # same checks as training; fills text_vocab_size 0
     return tokenizer
-
-
-MAX_UNROLLED_LAYERS = 24
-
-
-def unscan_params(params, num_layers: int):
-    """Scanned params (`layers/scan/block/...` with a leading layer axis) -> the unrolled layout
-    (`layers/layer_i/...`) of the same model with scan_layers=False."""
-    stacked = params["layers"]["scan"]["block"]
-    layers = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
-    return dict(params, layers=layers)
 
 
 def _param_shardings(cfg: DalleConfig, mesh):
@@ -77,9 +66,8 @@ class Pipeline:
         """Loads the newest (or `step`) params; the dVAE from `dvae_workdir` or the run config's.
 
         unroll_layers (default: when num_layers <= MAX_UNROLLED_LAYERS) turns scanned params into
-        one subtree per layer for sampling: decoding through nn.scan carries the stacked KV cache
-        through the scan and was ~3x slower per step (shapes model on CPU); unrolled costs compile
-        time, hence the limit."""
+        one subtree per layer once, here, so that sampling does not slice them on every call (see
+        `dalle_jax.sampling` for why decoding runs unrolled)."""
         from core_jax.checkpoint import read_config, load_params
         from dalle_jax.dalle_task import load_dvae
 

@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.transformer import DalleConfig, DalleTransformer, input_stream, unconditional_text
+from dalle_jax.transformer import (MAX_UNROLLED_LAYERS, DalleConfig, DalleTransformer, input_stream,
+                                   unconditional_text, unscan_params)
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -91,6 +92,12 @@ def _sample_jit(params, text, rng, temperature, cond_scale, given, known, *, cfg
 
         return jax.lax.fori_loop(0, n, recompute, tokens)
 
+    if cfg.scan_layers and cfg.num_layers <= MAX_UNROLLED_LAYERS:
+        # Decoding through nn.scan keeps each layer's KV cache as scanned state, which the scan
+        # slices and re-stacks every token: a copy of the whole cache (and of the weights) per
+        # step, 3-7x slower on CPU. Unrolled, each layer's cache is its own buffer, updated in place
+        # by the fori_loop; the static weight slices below run once per call, before the loop.
+        params, cfg = unscan_params(params, cfg.num_layers), cfg.replace(scan_layers=False)
     model = DalleTransformer(cfg, decode=True)
     prefix = jnp.concatenate([jnp.zeros((text.shape[0], 1), jnp.int32), text], 1)  # BOS + text
     logits, variables = model.apply({"params": params}, prefix, 0, heads="image", mutable=["cache"])

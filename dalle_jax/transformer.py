@@ -268,6 +268,19 @@ class DalleTransformer(nn.Module):
                 self._head("image_head", x[:, cfg.text_len:], cfg.image_vocab_size))
 
 
+# Decoding unrolls up to this many layers (see `dalle_jax.sampling`); deeper models decode through
+# the scan, whose compile time stays bounded.
+MAX_UNROLLED_LAYERS = 24
+
+
+def unscan_params(params, num_layers: int):
+    """Scanned params (`layers/scan/block/...` with a leading layer axis) -> the unrolled layout
+    (`layers/layer_i/...`) of the same model with scan_layers=False."""
+    stacked = params["layers"]["scan"]["block"]
+    layers = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
+    return dict(params, layers=layers)
+
+
 def init_params(cfg: DalleConfig, rng: jax.Array, batch: int = 1):
     """Boxed (logically partitioned) params; wrap in jax.eval_shape for an abstract build."""
     ids = jnp.zeros((batch, cfg.seq_len), jnp.int32)

@@ -2,7 +2,6 @@
 reads, with the right types. The figures themselves are not tested (they depend on the machine)."""
 import json
 import math
-import os
 
 import jax
 import pytest
@@ -47,7 +46,8 @@ def test_mfu():
     assert 0.3 < m["analytic_over_xla"] < 1.5
     tr = m["trainer"]
     assert tr["windows"] >= 1 and tr["examples_per_sec"] > 0 and 0 <= tr["data_wait_fraction"] < 1
-    assert set(tr["breakdown"]) == {"compute", "data_wait", "other"}
+    assert set(tr["breakdown"]) == {"compute", "data_wait", "batch_fn", "other"}
+    assert 0 <= tr["batch_fn_fraction"] < 1  # DALL-E's dVAE tokenizer hook, timed apart from data
     assert {t["name"] for t in res["targets"]} >= {"MFU dalle train step (float32)",
                                                    "data wait, dalle shapes trainer"}
 
@@ -78,10 +78,8 @@ def test_sampling():
     assert extrapolated["no_cache_extrapolated"]
     for r in res["rows"]:
         assert r["speedup"] > 0 and r["cache_tokens_per_sec"] > 0 and r["no_cache_images_per_sec"] > 0
-        assert r["cache_unrolled"]["best"] > 0 and r["speedup_unrolled"] > 0  # first kind: both stacks
     g = res["guidance"]
     assert g["guided_over_unguided"] > 0 and g["two_passes_seconds"] == 2 * g["unguided"]["best"]
-    assert g["unrolled"]["guided_over_unguided"] > 0
 
 
 def test_memory_in_process():
@@ -119,6 +117,21 @@ def test_run_all_renders_and_rejects_unknown_bench(tmp_path):
            "benches": {"compile": {"name": "compile", "error": "boom", "targets": []}}}
     text = run_all.render(res)
     assert "ERROR" in text and "boom" in text
+
+
+def test_render_recomputes_verdicts(tmp_path):
+    """--render rebuilds the targets from stored figures: a slow deep compile must show as missed."""
+    timing = lambda total: {"lower": 0.1, "compile": total - 0.1, "total": total}  # noqa: E731
+    compile_res = {"name": "compile", "size": "toy", "model": bench_compile.TOY_MODEL, "seconds": 1.0,
+                   "scan": {"1": {"best": timing(1.0), "rounds": []}, "2": {"best": timing(2.0), "rounds": []}},
+                   "unrolled": {}, "shallow": 1, "deep": 2, "ratio": 2.0, "targets": []}
+    out, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
+    out.write_text(json.dumps({"machine": common.machine_info(), "size": "toy", "seconds": 1.0,
+                               "command": "x", "benches": {"compile": compile_res}}))
+    assert run_all.main(["--render", "--out", str(out), "--md", str(md)]) == 0
+    (t,) = json.loads(out.read_text())["benches"]["compile"]["targets"]
+    assert t["met"] is False and t["value"] == "2.00x" and t["why"]
+    assert "MISSED" in md.read_text()
 
 
 def test_fake_device_flag_is_dropped():
