@@ -188,7 +188,7 @@ def make_image_fn(cfg, dvae, num_images: int = 8):
     def image_fn(params, batch):
         text = _host_rows(batch["text"], num_images)
         tokens = sampling.sample(params, cfg, text, rng=jax.random.key(0))
-        tokens = np.asarray(jax.device_get(tokens)).reshape(-1, cfg.image_grid, cfg.image_grid)
+        tokens = _host_rows(tokens, num_images).reshape(-1, cfg.image_grid, cfg.image_grid)
         return {"samples": image_grid(np.asarray(dvae.decode(tokens)))}
 
     return image_fn

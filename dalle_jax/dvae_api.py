@@ -72,7 +72,10 @@ class DVAE:
 
     def encode(self, images) -> jax.Array:
         """uint8 [B,H,W,3] (or float in [0, 1]) -> int32 tokens [B, grid, grid]."""
-        return self._encode(self.params, self._images01(images))
+        # The API runs on this process's device whatever mesh the caller has set (a trainer's
+        # evaluator tokenizes under the training mesh, which spans other processes' devices).
+        with jax.set_mesh(None):
+            return self._encode(self.params, self._images01(images))
 
     def decode(self, tokens) -> jax.Array:
         """int tokens [B, grid, grid] -> uint8 images [B, H, W, 3]."""
@@ -83,7 +86,8 @@ class DVAE:
             raise ValueError(f"decode expects integer tokens, got dtype {tokens.dtype}")
         if isinstance(tokens, np.ndarray) and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
-        return _to_uint8(self._decode(self.params, jnp.asarray(tokens)))
+        with jax.set_mesh(None):  # local, as in encode
+            return _to_uint8(self._decode(self.params, jnp.asarray(tokens)))
 
     def reconstruct(self, images) -> jax.Array:
         return self.decode(self.encode(images))

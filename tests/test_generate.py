@@ -8,7 +8,6 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -16,34 +15,15 @@ from PIL import Image
 
 from dalle_jax import evaluate_fidelity, generate, rerank
 from dalle_jax.pipeline import Pipeline
+from tests.workdirs import random_params, tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, GRID, CODES = 16, 4, 32
 PROMPT = "a red circle in the top left"
 
 
-def _random(abstract, seed, scale):
-    """Random values in the params' shapes, filled on the host (a jitted init compiles slowly)."""
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        value = scale * rng.standard_normal(leaf.shape).astype(np.float32)
-        return value + (1.0 if getattr(path[-1], "key", "") == "scale" else 0.0)
-
-    return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(abstract))
-
-
 def _dvae_workdir(wd):
-    from core_jax.checkpoint import save_params
-    from dalle_jax import dvae_task
-    from configs.dvae_shapes import get_config
-    c = get_config()
-    c.model.vocab_size, c.model.hidden, c.model.width_multipliers = CODES, 8, (1, 1, 1)  # 16 -> 4
-    c.model.blocks_per_group, c.model.decoder_init_channels = 1, 8
-    c.data.image_size = SIZE
-    model = dvae_task.model_from_config(c)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, SIZE, SIZE, 3), np.float32))
-    save_params(wd, c, _random(abstract["params"], 1, 0.3))
+    tiny_dvae_workdir(wd, SIZE, CODES)
 
 
 def _dalle_workdir(wd, dvae_wd):
@@ -61,7 +41,7 @@ def _dalle_workdir(wd, dvae_wd):
     tokenizer = tokenizer_from_config(c.text, wd)  # WORKDIR/tokenizer/merges.txt, as the trainer
     resolve_text_vocab(c, tokenizer)
     cfg = DalleConfig.from_config(c)
-    save_params(wd, c, _random(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), 2, 0.5))
+    save_params(wd, c, random_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), 2, 0.5))
 
 
 def _clip_workdir(wd):
@@ -76,7 +56,7 @@ def _clip_workdir(wd):
     module = clip_model.clip_from_config(c)
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
     tokenizer_from_config(c.text, wd)
-    save_params(wd, c, _random(abstract, 3, 0.2))
+    save_params(wd, c, random_params(abstract, 3, 0.2))
 
 
 @pytest.fixture(scope="module")

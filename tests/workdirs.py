@@ -1,0 +1,32 @@
+"""Tiny random workdirs written the way converters and trainers write them (config.json + a
+params checkpoint), for tests that need a trained-looking model without training one."""
+import flax.linen as nn
+import jax
+import numpy as np
+
+
+def random_params(abstract, seed, scale):
+    """Random values in the params' shapes, filled on the host (a jitted init compiles slowly);
+    LayerNorm scales near 1."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        value = scale * rng.standard_normal(leaf.shape).astype(np.float32)
+        return value + (1.0 if getattr(path[-1], "key", "") == "scale" else 0.0)
+
+    return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(abstract))
+
+
+def tiny_dvae_workdir(wd, size: int = 16, codes: int = 32):
+    """A random shapes dVAE mapping size x size images to (size/4)^2 tokens of `codes` codes."""
+    from core_jax.checkpoint import save_params
+    from dalle_jax import dvae_task
+    from configs.dvae_shapes import get_config
+    c = get_config()
+    c.model.vocab_size, c.model.hidden, c.model.width_multipliers = codes, 8, (1, 1, 1)  # /4
+    c.model.blocks_per_group, c.model.decoder_init_channels = 1, 8
+    c.data.image_size = size
+    model = dvae_task.model_from_config(c)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
+    save_params(wd, c, random_params(abstract["params"], 1, 0.3))
+    return wd
