@@ -20,6 +20,15 @@ from core_jax.modeling import constrain, dtype_of, layer_stack
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
 MAX_LOGIT_SCALE = math.log(100.0)
 ACTIVATIONS = ("quick_gelu", "gelu")
+PATCH_EMBEDS = ("rgb", "luma_chroma")
+# luma_chroma patch embedding: CLIP's normalisation constants (to get pixels back in [0, 1]),
+# BT.601 luminance weights, and the variance floor of a patch's luminance pattern (a uniform patch
+# gives a zero pattern) and of the colour average's weight.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_LUMA = (0.299, 0.587, 0.114)
+LUMA_EPS = 1e-4
+CHROMA_EPS = 1e-3
 
 
 def quick_gelu(x):
@@ -152,12 +161,15 @@ class VisionTower(nn.Module):
             raise ValueError(f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
                              f"got {images.shape}")
         g = cfg.image_size // p
-        # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
-        patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
-        patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
-        patch_kernel = _param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
-                              (p * p * 3, width), ("patch", "embed"))
-        x = jnp.einsum("bnp,pd->bnd", patches, patch_kernel.astype(dtype))
+        if cfg.patch_embed == "luma_chroma":
+            x = self._luma_chroma_embed(images, g, p, width, dtype)
+        else:
+            # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
+            patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
+            patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
+            patch_kernel = _param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
+                                  (p * p * 3, width), ("patch", "embed"))
+            x = jnp.einsum("bnp,pd->bnd", patches, patch_kernel.astype(dtype))
         class_embedding = _param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
                                  (width,), ("norm",))
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
@@ -171,6 +183,34 @@ class VisionTower(nn.Module):
         proj = _param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
                       ("embed", None))
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
+
+
+    def _luma_chroma_embed(self, images, g, p, width, dtype):
+        """Patch tokens from the patch's contrast-normalised luminance plus its colour.
+
+        An RGB patch kernel sees an outline through colour-specific weights, so a shape learned in
+        some colours need not be recognised in another. Here the spatial pattern is the luminance
+        standardised within the patch (the same for an outline in any colour, on any uniform
+        background), and colour enters once per patch as the luminance-weighted mean colour (the
+        colour of what is bright in the patch, not how much of the patch it covers).
+        """
+        b = images.shape[0]
+        mean, std = jnp.asarray(_CLIP_MEAN, dtype), jnp.asarray(_CLIP_STD, dtype)
+        rgb = (images.astype(dtype) * std + mean).reshape(b, g, p, g, p, 3)
+        rgb = rgb.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p, 3)  # pixels in [0, 1]
+        luma = rgb @ jnp.asarray(_LUMA, dtype)  # [b, n, p*p]
+        centred = luma - luma.mean(-1, keepdims=True)
+        pattern = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + LUMA_EPS)
+        weights = jnp.maximum(luma, 0.0)[..., None]
+        colour = (weights * rgb).sum(-2) / (weights.sum(-2) + CHROMA_EPS * p * p)
+        colour = (colour - mean) / std
+        pattern = constrain(pattern, ("act_batch", "act_length", None))
+        luma_kernel = _param(self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5),
+                             (p * p, width), ("patch", "embed"))
+        chroma_kernel = _param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
+                               (3, width), (None, "embed"))
+        return (jnp.einsum("bnp,pd->bnd", pattern, luma_kernel.astype(dtype))
+                + jnp.einsum("bnc,cd->bnd", colour, chroma_kernel.astype(dtype)))
 
 
 class TextTower(nn.Module):
@@ -272,6 +312,7 @@ class CLIPSpec:
     vocab_size: int
     context_length: int
     dtype: str = "float32"
+    patch_embed: str = "rgb"
     scan_layers: bool = True
     remat: str = "none"
 
@@ -294,12 +335,16 @@ def spec_from_config(config) -> CLIPSpec:
         if width % heads:
             raise ValueError(f"config.model.{tower}_width={width} is not divisible by "
                              f"{tower}_heads={heads}")
+    # Optional key: workdirs written before it existed (and converted weights) are "rgb".
+    patch_embed = str(m.get("patch_embed", "rgb"))
+    if patch_embed not in PATCH_EMBEDS:
+        raise ValueError(f"config.model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
     values = {k: m[k] for k in _SPEC_KEYS}
     values["mlp_ratio"] = float(values["mlp_ratio"])
     values["ln_eps"] = float(values["ln_eps"])
     return CLIPSpec(**values, vocab_size=int(config.text.vocab_size),
                     context_length=int(config.text.context_length),
-                    dtype=str(config.compute_dtype), scan_layers=bool(config.scan_layers),
+                    dtype=str(config.compute_dtype), patch_embed=patch_embed, scan_layers=bool(config.scan_layers),
                     remat=str(config.remat))
 
 

@@ -10,6 +10,7 @@ import sys
 from typing import Callable
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,10 +29,15 @@ def fail(message: str, code: int = 2):
 
 def _flags_parser(argv):
     try:
-        return FLAGS(argv)
+        rest = FLAGS(argv)
     except flags.Error as e:
         # absl would print the whole usage text and exit 1; one line and code 2 is easier to act on.
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    # Orbax and XLA log every save and compile at INFO; the progress line is what people read.
+    # (A flag default alone does not hold: absl resets the level while it starts the app.)
+    if "verbosity" in FLAGS and not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+    return rest
 
 
 def _override_keys(argv) -> list[str]:
@@ -39,10 +45,7 @@ def _override_keys(argv) -> list[str]:
 
 
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
-    # Orbax and XLA log every save and compile at INFO; the progress line is what people read.
-    # `--verbosity=0` brings INFO logs back.
-    if "verbosity" in FLAGS:
-        FLAGS.set_default("verbosity", -1)
+    # `--verbosity=0` brings INFO logs back (see _flags_parser).
     if "config" not in FLAGS:
         try:
             # ml_collections loads the file and applies --config.KEY overrides right here.

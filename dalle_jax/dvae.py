@@ -124,6 +124,7 @@ class Encoder(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"
     logit_init_scale: float = 1.0
+    logit_norm: bool = False
 
     @nn.compact
     def __call__(self, x):
@@ -135,9 +136,17 @@ class Encoder(nn.Module):
                          self.remat, name=f"group_{g + 1}")(x)
             if g < n_groups - 1:
                 x = max_pool_2x2(x)
+        x = nn.relu(x)
+        if self.logit_norm:
+            # Not in OpenAI's model. ReLU features share a large positive mean, which gives every
+            # position nearly the same code ranking at init (one code wins everywhere: collapse);
+            # centring and scaling them per position makes logits differ between positions.
+            x = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name="output_norm",
+                             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
         # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
         logits = Conv(self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
-                      name="output")(nn.relu(x))
+                      name="output")(x)
         return constrain(logits, ("act_batch", "act_height", "act_width", "act_vocab"))
 
 
@@ -208,10 +217,12 @@ class DVAE(nn.Module):
     remat: str = "none"
     logit_init_scale: float = 1.0
     embed_init_std: float = 0.0
+    logit_norm: bool = False
 
     def setup(self):
         self.encoder = Encoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
-                               self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale)
+                               self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale,
+                               self.logit_norm)
         self.decoder = Decoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
                                self.blocks_per_group, self.decoder_init_channels, self.input_channels,
                                self.dtype, self.remat, self.embed_init_std)
@@ -259,7 +270,8 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
                 input_channels=int(model_config.get("input_channels", 3)),
                 dtype=dtype_of(compute_dtype), remat=remat,
                 logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
-                embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)))
+                embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
+                logit_norm=bool(model_config.get("encoder_logit_norm", False)))
 
 
 def _conv_flops(h, w, k, cin, cout):
@@ -320,6 +332,9 @@ def default_model_config():
         # their codes. Larger values only change the starting point, not the architecture.
         encoder_logit_init_scale=1.0,    # multiplies the encoder output conv's init
         decoder_embed_init_std=0.0,      # > 0: N(0, std) rows for the decoder's code embedding
+        # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
+        # features before the logit conv, against codebook collapse in small, short runs.
+        encoder_logit_norm=False,
         # Training objective (dalle_jax/dvae_loss.py).
         recon_loss="logit_laplace",      # logit_laplace | mse
         straight_through=False,          # hard one-hot forward, relaxed gradient
