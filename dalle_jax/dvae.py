@@ -138,9 +138,9 @@ class Encoder(nn.Module):
                 x = max_pool_2x2(x)
         x = nn.relu(x)
         if self.logit_norm:
-            # Not in OpenAI's model. ReLU features share a large positive mean, which gives every
-            # position nearly the same code ranking at init (one code wins everywhere: collapse);
-            # centring and scaling them per position makes logits differ between positions.
+            # Not in OpenAI's model (their weights have no such layer). Bounds the scale of the
+            # features the logits are made from; in the shapes runs (batch 8, with the usage and
+            # confidence terms) it gave 22.9 vs 20.4 dB at step 600 (docs/dvae.md, "Measured").
             x = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name="output_norm",
                              scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)

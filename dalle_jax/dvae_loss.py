@@ -5,7 +5,9 @@ The loss is the negative ELB of the DALL-E paper, reported per image dimension (
 learning rate does not depend on the image size:
     loss = mean_batch( sum_pixels NLL(x | z) + kl_weight * sum_positions KL(q(z|x) || uniform) ) / (H*W*C)
 Optionally (`model.usage_weight`, not in the paper) + usage_weight * positions * (log K - H(q_avg)) / (H*W*C),
-which penalises only the batch-level part of that KL (see `usage_penalty`).
+which penalises only the batch-level part of that KL (see `usage_penalty`). A negative kl_weight
+then rewards confident codes at each position: usage_weight = -kl_weight = u adds -u * I(x; code)
+per position (info-max); configs/dvae_shapes.py uses this against codebook collapse.
 """
 from __future__ import annotations
 

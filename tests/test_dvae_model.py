@@ -245,3 +245,40 @@ def test_init_and_apply_on_mesh_shards_params():
     single = jax.device_get(params)
     loss1, _ = jax.jit(loss_fn)(single, {"image": x}, jax.random.key(1), jnp.int32(0))
     assert float(loss) == pytest.approx(float(loss1), rel=1e-4, abs=1e-5)
+
+
+def test_usage_plus_negative_kl_is_minus_mutual_information():
+    # configs/dvae_shapes.py fights codebook collapse with usage_weight > 0 and kl_weight < 0: the
+    # KL to uniform splits into (log K - H(q_avg)) + I(x; code), so equal weights u and -u leave
+    # -u * I(x; code) per position: spread codes over the batch, confident at each position.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(mapped_images(3, size=8))
+    stats = jnp.asarray(rng.normal(size=(3, 8, 8, 6)), jnp.float32)
+    logits = jnp.asarray(rng.normal(size=(3, 2, 2, 16)) * 2, jnp.float32)
+    u = 3.0
+    base, _ = dvae_loss.dvae_objective(x, logits, stats, kl_w=0.0, recon_loss="mse")
+    loss, _ = dvae_loss.dvae_objective(x, logits, stats, kl_w=-u, recon_loss="mse", usage_w=u)
+    q = np.asarray(jax.nn.softmax(logits, axis=-1)).reshape(-1, 16)
+    avg = q.mean(0)
+    mutual_info = -np.sum(avg * np.log(avg)) - np.mean(-np.sum(q * np.log(q), axis=-1))
+    positions, dims = 4, 8 * 8 * 3
+    np.testing.assert_allclose(float(loss - base), -u * positions * mutual_info / dims, rtol=1e-4, atol=1e-7)
+
+
+def test_encoder_logit_norm_is_opt_in_and_feeds_the_logit_conv():
+    x = jnp.asarray(mapped_images(2, size=16))
+    m = tiny_model_config(width_multipliers=(1, 2))
+    assert not m.encoder_logit_norm  # off by default: OpenAI's param tree (convert_dvae) is unchanged
+    assert "output_norm" not in init(dvae_lib.make_dvae(m), x)["encoder"]
+    m.encoder_logit_norm = True
+    model = dvae_lib.make_dvae(m)
+    params = init(model, x)
+    assert params["encoder"]["output_norm"]["scale"].shape == (16,)
+    encode = jax.jit(lambda p: model.apply({"params": p}, x, method=dvae_lib.DVAE.encode))
+    assert float(jnp.std(encode(params), axis=(1, 2)).mean()) > 1e-3
+    # With the norm's scale and bias at zero every position's logits are the output conv's bias:
+    # the norm sits between the features and the logit conv.
+    zeroed = jax.tree.map(lambda v: v, params)
+    zeroed["encoder"]["output_norm"] = jax.tree.map(jnp.zeros_like, params["encoder"]["output_norm"])
+    bias = params["encoder"]["output"]["bias"]
+    np.testing.assert_allclose(encode(zeroed), jnp.broadcast_to(bias, (2, 8, 8, 64)), atol=1e-6)
