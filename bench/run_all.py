@@ -150,13 +150,20 @@ def rerender(out: str, md: str) -> int:
         if "error" not in res and name != "loader":
             module = __import__(f"bench.bench_{name}", fromlist=["targets"])
             res["targets"] = module.targets(res)
+    write(results, out, md)
+    return 0
+
+
+def write(results: dict, out: str, md: str) -> None:
+    """results.json and the markdown report, which is also printed."""
+    for path in (out, md):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(out, "w") as f:
         json.dump(results, f, indent=1, default=str)
     text = render(results)
     with open(md, "w") as f:
         f.write(text + "\n")
     print(text)
-    return 0
 
 
 def main(argv=None) -> int:
@@ -207,14 +214,7 @@ def main(argv=None) -> int:
                "command": "python -m bench.run_all" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
                "benches": {n: benches[n] for n in BENCHES if n in benches}}
     results["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    os.makedirs(os.path.dirname(os.path.abspath(md)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(results, f, indent=1, default=str)
-    text = render(results)
-    with open(md, "w") as f:
-        f.write(text + "\n")
-    print(text)
+    write(results, out, md)
     common.log(f"wrote {out} and {md} ({results['seconds'] / 60:.1f} min)")
     return 1 if any("error" in benches[n] for n in only) else 0
 

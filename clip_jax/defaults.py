@@ -32,6 +32,7 @@ def model_config(**sizes) -> ml_collections.ConfigDict:
         activation="quick_gelu",  # quick_gelu (OpenAI) | gelu (exact erf GELU, open_clip)
         ln_eps=1e-5,
         patch_embed="rgb",  # rgb (OpenAI's patch conv) | luma_chroma (clip_jax.model; no converter)
+        chroma_layer=0,  # luma_chroma: the vision block before which patch colours are added
         loss="softmax",  # softmax | sigmoid | sigmoid_chunked
         logit_scale_init=math.log(1 / 0.07),
         sigmoid_scale_init=math.log(10.0),  # SigLIP's t' = log 10 and b = -10
@@ -63,10 +64,6 @@ def clip_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDic
     c.text = text
     c.eval = eval_config(evaluators)
     c.data.image_size = model.image_size
-    # Shapes suite only: train on colour-only / shape-only captions too (core_jax.data.shapes.
-    # attribute_captions); the held-out pairs still never occur. Declared here because only CLIP
-    # uses it; the data pipeline reads it with a False default.
-    c.data.shapes_attribute_captions = False
     c.optim.weight_decay = 0.1
     c.optim.b2 = 0.98
     c.optim.eps = 1e-6

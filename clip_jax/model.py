@@ -141,11 +141,12 @@ class ResidualBlock(nn.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
-def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool, dtype):
+def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool, dtype,
+                 depth: int | None = None, name: str = "transformer"):
     return layer_stack(
-        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, name="transformer",
+        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, name=name,
         num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
-        causal=causal, ln_eps=cfg.ln_eps, depth=num_layers, dtype=dtype)
+        causal=causal, ln_eps=cfg.ln_eps, depth=depth or num_layers, dtype=dtype)
 
 
 class VisionTower(nn.Module):
@@ -161,8 +162,11 @@ class VisionTower(nn.Module):
             raise ValueError(f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
                              f"got {images.shape}")
         g = cfg.image_size // p
+        colour = None  # luma_chroma: per-patch colour tokens, added at layer cfg.chroma_layer
         if cfg.patch_embed == "luma_chroma":
-            x = self._luma_chroma_embed(images, g, p, width, dtype)
+            x, colour = self._luma_chroma_embed(images, g, p, width, dtype)
+            if cfg.chroma_layer == 0:
+                x, colour = x + colour, None
         else:
             # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
             patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
@@ -178,7 +182,16 @@ class VisionTower(nn.Module):
                            (g * g + 1, width), ("length", "embed"))
         x = x + positions.astype(dtype)[None]
         x = _layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
-        x = _transformer(cfg, cfg.vision_layers, cfg.vision_heads, width, False, dtype)(x)
+        if colour is None:
+            x = _transformer(cfg, cfg.vision_layers, cfg.vision_heads, width, False, dtype)(x)
+        else:
+            # Colour-blind blocks first, so outlines are read the same way in every colour; the
+            # colour joins (class token: none) before the last vision_layers - chroma_layer blocks.
+            k = cfg.chroma_layer
+            x = _transformer(cfg, k, cfg.vision_heads, width, False, dtype, depth=cfg.vision_layers)(x)
+            x = x + jnp.pad(colour, ((0, 0), (1, 0), (0, 0)))
+            x = _transformer(cfg, cfg.vision_layers - k, cfg.vision_heads, width, False, dtype,
+                             depth=cfg.vision_layers, name="transformer_late")(x)
         pooled = _layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
         proj = _param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
                       ("embed", None))
@@ -209,8 +222,8 @@ class VisionTower(nn.Module):
                              (p * p, width), ("patch", "embed"))
         chroma_kernel = _param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
                                (3, width), (None, "embed"))
-        return (jnp.einsum("bnp,pd->bnd", pattern, luma_kernel.astype(dtype))
-                + jnp.einsum("bnc,cd->bnd", colour, chroma_kernel.astype(dtype)))
+        return (jnp.einsum("bnp,pd->bnd", pattern, luma_kernel.astype(dtype)),
+                jnp.einsum("bnc,cd->bnd", colour, chroma_kernel.astype(dtype)))
 
 
 class TextTower(nn.Module):
@@ -313,6 +326,7 @@ class CLIPSpec:
     context_length: int
     dtype: str = "float32"
     patch_embed: str = "rgb"
+    chroma_layer: int = 0
     scan_layers: bool = True
     remat: str = "none"
 
@@ -339,12 +353,16 @@ def spec_from_config(config) -> CLIPSpec:
     patch_embed = str(m.get("patch_embed", "rgb"))
     if patch_embed not in PATCH_EMBEDS:
         raise ValueError(f"config.model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
+    chroma_layer = int(m.get("chroma_layer", 0))
+    if not 0 <= chroma_layer < m.vision_layers or (chroma_layer and patch_embed != "luma_chroma"):
+        raise ValueError(f"config.model.chroma_layer={chroma_layer}: needs patch_embed='luma_chroma' "
+                         f"and 0 <= chroma_layer < vision_layers={m.vision_layers}")
     values = {k: m[k] for k in _SPEC_KEYS}
     values["mlp_ratio"] = float(values["mlp_ratio"])
     values["ln_eps"] = float(values["ln_eps"])
     return CLIPSpec(**values, vocab_size=int(config.text.vocab_size),
                     context_length=int(config.text.context_length),
-                    dtype=str(config.compute_dtype), patch_embed=patch_embed, scan_layers=bool(config.scan_layers),
+                    dtype=str(config.compute_dtype), patch_embed=patch_embed, chroma_layer=chroma_layer, scan_layers=bool(config.scan_layers),
                     remat=str(config.remat))
 
 

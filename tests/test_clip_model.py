@@ -84,12 +84,12 @@ def test_tower_shapes_and_normalisation():
         encode_text(model, params, np.zeros((1, CONTEXT + 1), np.int32))
 
 
-@pytest.mark.parametrize("patch_embed", ["rgb", "luma_chroma"])
-def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed):
+@pytest.mark.parametrize("patch_embed,chroma_layer", [("rgb", 0), ("luma_chroma", 0), ("luma_chroma", 1)])
+def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed, chroma_layer):
     """Swapping two pixels of one patch whose colours differ but whose luminance is equal keeps the
     patch's luminance pattern and mean colour: invisible to luma_chroma, visible to rgb."""
     from clip_jax.model import _CLIP_STD, _LUMA
-    config = tiny_config(patch_embed=patch_embed)
+    config = tiny_config(patch_embed=patch_embed, chroma_layer=chroma_layer)
     model, params = clip_from_config(config), make_params(config)
     rng = np.random.default_rng(3)
     a = rng.normal(size=(1, IMAGE, IMAGE, 3)).astype(np.float32)
@@ -104,6 +104,7 @@ def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed):
     if patch_embed == "luma_chroma":
         np.testing.assert_allclose(fa, fb, atol=1e-5)
         assert "luma_kernel" in params["visual"] and "patch_kernel" not in params["visual"]
+        assert ("transformer_late" in params["visual"]) == (chroma_layer > 0)
         # Without the colour term, one outline drawn in two colours on black is one input.
         from core_jax.data import image_ops
         from core_jax.data.shapes import render
@@ -114,7 +115,8 @@ def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed):
         colour_blind["visual"]["chroma_kernel"] = np.zeros_like(params["visual"]["chroma_kernel"])
         red, green = encode_image(model, colour_blind, images)
         np.testing.assert_allclose(red, green, atol=0.02)
-        assert np.abs(encode_image(model, params, images)[0] - red).max() > 1e-3
+        full = encode_image(model, params, images)  # with the colour term they differ
+        assert np.abs(full[0] - full[1]).max() > 1e-4
     else:
         assert np.abs(fa - fb).max() > 1e-3
 
@@ -127,6 +129,15 @@ def test_patch_embed_is_checked_and_optional():
     assert spec_from_config(config).patch_embed == "rgb"
     config.model.patch_embed = "hsv"
     with pytest.raises(ValueError, match="patch_embed"):
+        spec_from_config(config)
+    config.model.patch_embed = "rgb"
+    config.model.chroma_layer = 1  # colour is added late only to the luma_chroma stem
+    with pytest.raises(ValueError, match="chroma_layer"):
+        spec_from_config(config)
+    config.model.patch_embed = "luma_chroma"
+    assert spec_from_config(config).chroma_layer == 1
+    config.model.chroma_layer = 2  # == vision_layers: no block left to see the colour
+    with pytest.raises(ValueError, match="chroma_layer"):
         spec_from_config(config)
 
 

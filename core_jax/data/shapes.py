@@ -98,22 +98,6 @@ def caption_for(objects, position: str | None = None, relation: str | None = Non
   raise ValueError(f'no caption for {len(pairs)} objects, position={position!r}, relation={relation!r}')
 
 
-def attribute_captions(objects, position: str | None = None, relation: str | None = None) -> list[str]:
-  """Captions naming only the colours, then only the shapes: ['a red shape in the top left',
-  'a circle in the top left'] (two objects: 'a red shape above a blue shape', 'a circle above a square').
-
-  Opt-in training text (ShapesSource(attribute_captions=True)): a caption that names one attribute
-  matches images of every pair sharing it, which pushes a contrastive model to code colour and shape
-  separately. parse_caption does not read them; caption_for stays the suite's caption format.
-  """
-  caption_for(objects, position=position, relation=relation)  # validates the scene
-  pairs = [_pair(o) for o in objects]
-  where = f' in the {position}' if len(pairs) == 1 else ''
-  colours = f' {relation} '.join(f'a {c} shape' for c, _ in pairs) + where
-  shapes_only = f' {relation} '.join(f'a {s}' for _, s in pairs) + where
-  return [colours, shapes_only]
-
-
 _WORD = r'([a-z]+)'
 _POSITION_RE = re.compile(rf'^an? {_WORD} {_WORD} in the (top left|top right|bottom left|bottom right|center|centre)$')
 _RELATION_RE = re.compile(
@@ -317,16 +301,12 @@ class ShapesSource:
   """Random-access source over a split (grain.MapDataset.source-compatible)."""
 
   def __init__(self, split: str = 'train', size: int | None = None, seed: int = 0,
-               one_object_fraction: float = 0.5, one_object_only: bool = False,
-               attribute_captions: bool = False):
+               one_object_fraction: float = 0.5, one_object_only: bool = False):
     _check_split(split)
     self.split = split
     self.size = DEFAULT_SPLIT_SIZES[split] if size is None else int(size)
     self.seed = seed
     self.one_object_fraction = 1.0 if one_object_only else one_object_fraction
-    # Off by default: `captions` is then [caption]. On: attribute_captions(...) are appended, so a
-    # trainer drawing one of `captions` at random sees the full caption a third of the time.
-    self.attribute_captions = bool(attribute_captions)
 
   def __len__(self) -> int:
     return self.size
@@ -337,13 +317,8 @@ class ShapesSource:
       index += self.size
     if not 0 <= index < self.size:
       raise IndexError(f'index {index} out of range for {self.size} examples')
-    example = make_example(self.split, index, self.seed, self.one_object_fraction)
-    if self.attribute_captions:
-      example['captions'] = example['captions'] + attribute_captions(
-          example['objects'], example['position'], example['relation'])
-    return example
+    return make_example(self.split, index, self.seed, self.one_object_fraction)
 
   def __repr__(self):
-    extra = ', attribute_captions=True' if self.attribute_captions else ''
     return (f'ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed}, '
-            f'one_object_fraction={self.one_object_fraction}{extra})')
+            f'one_object_fraction={self.one_object_fraction})')

@@ -363,13 +363,10 @@ def _opts(cfg) -> DecodeOptions:
                          max_pixels=int(cfg.max_image_pixels) or None)
 
 
-def _shapes(cfg, split, *, train, **_):
+def _shapes(cfg, split, **_):
     from core_jax.data.shapes import ShapesSource
     size = (int(cfg.shapes_train_size) or None) if split == "train" else None
-    # Opt-in (CLIP configs declare the key): colour-only / shape-only captions, training only, so
-    # evaluation text stays the suite's captions.
-    attribute_captions = bool(cfg.get("shapes_attribute_captions", False)) and train
-    return ShapesSource(split=split, size=size, attribute_captions=attribute_captions)
+    return ShapesSource(split=split, size=size)
 
 
 def _tfds(cfg, split, *, train, **_):
