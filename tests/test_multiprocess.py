@@ -22,7 +22,7 @@ RTOL = 2e-5
 
 JOBS = {
     "clip": ("clip_jax.train", "configs/clip_shapes.py", "clip_jax.task", [
-        "model.vision_layers=1", "model.text_layers=1", "model.vision_width=64",
+        "model.vision_layers=1", "model.chroma_layer=0", "model.text_layers=1", "model.vision_width=64",
         "model.text_width=64", "model.embed_dim=32", "model.vision_heads=2", "model.text_heads=2",
         "eval.evaluators="]),
     # Images are tokenized on the fly by a tiny random dVAE (16x16 -> 4x4 tokens, 32 codes) that the

@@ -40,8 +40,9 @@ def common(c, **data):
 def clip_config(**data):
     c = common(load_config("clip_shapes"), **data)
     c.model.image_size = c.data.image_size = 16
+    # One vision block: the shapes config's colour stem must join at block 0 of it.
     c.model.update(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
-                   text_heads=2, embed_dim=16)
+                   text_heads=2, embed_dim=16, chroma_layer=0)
     c.eval.evaluators = ""  # zero-shot on shapes is tested elsewhere; here the source is the point
     return c
 
