@@ -19,7 +19,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: $(STAMP)
-	$(FAKE_DEVICES) $(VPY) -m pytest -q tests
+	$(FAKE_DEVICES) $(VPY) -m pytest -q --durations=15 tests
 
 demo: $(STAMP)
 	bash launch/demo.sh

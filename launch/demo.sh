@@ -50,11 +50,11 @@ EOF
   --num_samples 16 --top_k_rerank 4 --clip_workdir "$OUT/clip" --cond_scale 3 --seed 0 \
   --out_dir "$OUT/samples"
 
-stage "5/5 caption fidelity (shapes checker) on seen and unseen captions"
+stage "5/5 caption fidelity (shapes checker) on seen and unseen captions, and the dVAE's ceiling"
 for split in test_seen test_unseen; do
   "$PY" -m dalle_jax.evaluate_fidelity --workdir "$OUT/dalle" --clip_workdir "$OUT/clip" \
     --split "$split" --num_prompts ${FIDELITY_PROMPTS:-24} --num_samples 16 --cond_scale 3 \
-    --out "$OUT/fidelity_$split.json"
+    --dvae_ceiling --out "$OUT/fidelity_$split.json"
 done
 
 echo
