@@ -82,6 +82,14 @@ def test_sampling():
     assert g["guided_over_unguided"] > 0 and g["two_passes_seconds"] == 2 * g["unguided"]["best"]
 
 
+def test_guidance_cost_cli(capsys):
+    from bench import guidance_cost
+    guidance_cost.main(["--size", "toy"])
+    head, *rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "device" in head and [r["batch"] for r in rows] == [4, 16]  # toy: one width
+    assert all(r["guided_over_unguided"] > 0 and r["guided_images_per_sec"] > 0 for r in rows)
+
+
 def test_memory_in_process():
     assert jax.device_count() >= 8  # conftest's fake devices
     res = bench_memory.run("toy")

@@ -15,6 +15,7 @@ from clip_jax.model import (Attention, CLIP, MAX_LOGIT_SCALE, abstract_params, c
                             encode_image, encode_text, exact_gelu, init_params, logit_scale,
                             quick_gelu)
 from core_jax import sharding
+from tests.testfiles import load_config
 
 IMAGE, CONTEXT, VOCAB, EMBED = 16, 8, 300, 12
 
@@ -337,15 +338,11 @@ def test_api_loads_a_saved_workdir(tmp_path):
 
 
 def test_make_task_preprocessing_and_hooks(tmp_path):
-    import importlib.util
     from clip_jax.task import make_task
     from core_jax.config import ConfigError
     from core_jax.data.shapes import make_example
 
-    spec = importlib.util.spec_from_file_location("clip_shapes", "configs/clip_shapes.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("clip_shapes")
     task = make_task(config, str(tmp_path))  # trains the BPE into the workdir
     assert (tmp_path / "tokenizer" / "merges.txt").exists()
     assert [e.name for e in task.evaluators] == ["zeroshot"]

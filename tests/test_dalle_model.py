@@ -1,6 +1,5 @@
 """DALL-E transformer: shapes, loss, mask use, scan/unrolled/remat equality, paper-scale build, task."""
 import functools
-import importlib.util
 import math
 import os
 
@@ -14,8 +13,7 @@ from core_jax import sharding
 from dalle_jax import dalle_task, masks
 from dalle_jax.transformer import (DalleConfig, DalleTransformer, count_params, init_params,
                                    input_stream, loss_and_metrics)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.testfiles import load_config
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -57,13 +55,6 @@ def batch_for(cfg, batch=2, seed=0):
     rng = np.random.default_rng(seed)
     return (rng.integers(0, cfg.total_text_vocab, (batch, cfg.text_len)).astype(np.int32),
             rng.integers(0, cfg.image_vocab_size, (batch, cfg.num_image_tokens)).astype(np.int32))
-
-
-def load_config(name, arg=None):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def test_shapes_and_loss():

@@ -1,31 +1,15 @@
 """Each source through make_iterator, on small files the tests write (no network, no TensorFlow)."""
-import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from core_jax.data import default_data_config, image_ops, make_iterator, sources
-
-
-def encode(arr, fmt="PNG"):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format=fmt)
-    return buf.getvalue()
+from tests.testfiles import encode_image as encode, write_tar
 
 
 def image(i, h=32, w=32):
     return np.full((h, w, 3), i, np.uint8)  # value = index, so rows can be traced back
-
-
-def write_shard(path, items):
-    with tarfile.open(path, "w") as tar:
-        for name, payload in items:
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
 
 
 def write_shards(root, n_shards, per_shard):
@@ -41,7 +25,7 @@ def write_shards(root, n_shards, per_shard):
             else:
                 items.append((f"{key}.txt", f"cap {i}".encode()))
             i += 1
-        write_shard(root / f"shard-{s:05d}.tar", items)
+        write_tar(root / f"shard-{s:05d}.tar", items)
 
 
 def fn(raw, rng):

@@ -4,7 +4,7 @@ Each process builds only its half of every global batch; the trainer assembles g
 jax.make_array_from_process_local_data and gloo carries the collectives. A checkpoint written by
 the two-process job then restores in one process.
 """
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from core_jax import checkpoint, trainer
+from tests.testfiles import load_config
 from tests.workdirs import tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,10 +39,7 @@ JOBS = {
 
 
 def _config(path, overrides):
-    spec = importlib.util.spec_from_file_location("cfg", os.path.join(REPO, path))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    config = mod.get_config()
+    config = load_config(os.path.splitext(os.path.basename(path))[0])
     for item in overrides:
         key, value = item.split("=", 1)
         node = config

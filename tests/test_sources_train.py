@@ -1,11 +1,8 @@
 """Every data source trains the CLIP and dVAE configs for a few steps through the real trainer
 (tiny model overrides; files written here; TFDS through mock_data or an injected reader)."""
-import importlib.util
-import io
 import json
 import math
 import os
-import tarfile
 
 import numpy as np
 import pytest
@@ -13,17 +10,10 @@ from PIL import Image
 
 from core_jax import trainer
 from core_jax.data import sources
+from tests.testfiles import encode_image, load_config, write_tar
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CAPTIONS = ["a red circle in the top left", "a blue square in the center",
             "a green triangle to the left of a white circle", "a yellow square above a purple triangle"]
-
-
-def load_config(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def common(c, **data):
@@ -69,20 +59,9 @@ def png(i, h=20, w=28):
     return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
-def encode(arr):
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def write_webdataset(root, n=24):
-    with tarfile.open(root / "shard-00000.tar", "w") as tar:
-        for i in range(n):
-            for name, payload in ((f"{i:06d}.png", encode(png(i))),
-                                  (f"{i:06d}.txt", CAPTIONS[i % 4].encode())):
-                info = tarfile.TarInfo(name)
-                info.size = len(payload)
-                tar.addfile(info, io.BytesIO(payload))
+    write_tar(root / "shard-00000.tar", [item for i in range(n) for item in (
+        (f"{i:06d}.png", encode_image(png(i))), (f"{i:06d}.txt", CAPTIONS[i % 4].encode()))])
     return dict(source="webdataset", urls=str(root / "shard-{00000..00000}.tar"))
 
 
