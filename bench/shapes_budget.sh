@@ -8,7 +8,7 @@
 #   DVAE_MULTS="1 4" DALLE_MULTS="1 4 16" bash bench/shapes_budget.sh OUT_DIR   # the defaults
 #
 # DVAE_ARGS / CLIP_ARGS / DALLE_ARGS add flags to every run of that stage (after the step counts).
-# Writes OUT_DIR/summary.txt (one line per run) next to each run's workdir and fidelity JSON.
+# Writes OUT_DIR/summary.txt (a block per run) next to each run's workdir, log and fidelity JSON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bench/shapes_budget.sh OUT_DIR}
@@ -20,7 +20,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
 steps() { "$PY" -c "import importlib.util as u,sys; s=u.spec_from_file_location('c',sys.argv[1]); m=u.module_from_spec(s); s.loader.exec_module(m); print(m.get_config().total_steps)" "$1"; }
-DV=$(steps configs/dvae_shapes.py); CL=$(steps configs/clip_shapes.py); DA=$(steps configs/dalle_shapes.py)
+DV=$(steps configs/dvae_shapes.py); DA=$(steps configs/dalle_shapes.py)
 
 run_dvae() {  # $1 = multiplier
   local w="$OUT/dvae_x$1" n=$(( DV * $1 ))
@@ -32,6 +32,10 @@ run_dvae() {  # $1 = multiplier
 }
 run_dalle() {  # $1 = dvae multiplier, $2 = dalle multiplier
   local w="$OUT/dalle_d$1_x$2" n=$(( DA * $2 ))
+  if [ ! -d "$OUT/dvae_x$1/checkpoints" ]; then
+    echo "dalle x$2 on dvae x$1: skipped, the dVAE run failed (see $OUT/dvae_x$1.log)" >> "$OUT/summary.txt"
+    return
+  fi
   local t0=$(date +%s)
   "$PY" -m dalle_jax.train --config configs/dalle_shapes.py --workdir "$w" \
     --config.dvae_workdir="$OUT/dvae_x$1" --config.total_steps=$n --config.eval_every=$n \
@@ -45,11 +49,13 @@ run_dalle() {  # $1 = dvae multiplier, $2 = dalle multiplier
   echo "dalle x$2 on dvae x$1 ($n steps): train $(( t1 - t0 )) s" >> "$OUT/summary.txt"
   for split in test_seen test_unseen; do
     "$PY" -c "import json,sys; from dalle_jax.evaluate_fidelity import format_table as f; print(f(json.load(open(sys.argv[1]))))" \
-      "$w.fidelity_$split.json" >> "$OUT/summary.txt"
+      "$w.fidelity_$split.json" >> "$OUT/summary.txt" 2>/dev/null \
+      || echo "  $split: no fidelity report (see $w.log)" >> "$OUT/summary.txt"
   done
 }
 
-"$PY" -m clip_jax.train --config configs/clip_shapes.py --workdir "$OUT/clip" ${CLIP_ARGS:-} > "$OUT/clip.log" 2>&1 &
+"$PY" -m clip_jax.train --config configs/clip_shapes.py --workdir "$OUT/clip" ${CLIP_ARGS:-} > "$OUT/clip.log" 2>&1 \
+  || echo "clip: FAILED (see $OUT/clip.log)" >> "$OUT/summary.txt" &
 for m in $DVAE_MULTS; do run_dvae "$m" & done
 wait
 for d in $DVAE_MULTS; do for m in $DALLE_MULTS; do run_dalle "$d" "$m" & done; done
