@@ -19,8 +19,8 @@ PROMPTS=${FIDELITY_PROMPTS:-48}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-steps() { "$PY" -c "import importlib.util as u,sys; s=u.spec_from_file_location('c',sys.argv[1]); m=u.module_from_spec(s); s.loader.exec_module(m); print(m.get_config().total_steps)" "$1"; }
-DV=$(steps configs/dvae_shapes.py); DA=$(steps configs/dalle_shapes.py)
+steps() { "$PY" -c "import sys; from bench.bench_mfu import load_config; print(load_config(sys.argv[1]).total_steps)" "$1"; }
+DV=$(steps dvae_shapes); DA=$(steps dalle_shapes)
 
 run_dvae() {  # $1 = multiplier
   local w="$OUT/dvae_x$1" n=$(( DV * $1 ))

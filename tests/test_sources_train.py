@@ -1,5 +1,6 @@
 """Every data source trains the CLIP and dVAE configs for a few steps through the real trainer
 (tiny model overrides; files written here; TFDS through mock_data or an injected reader)."""
+import contextlib
 import json
 import math
 import os
@@ -111,17 +112,15 @@ def test_clip_trains_on_source_and_resumes(source, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("source", ["webdataset", "folder", "tfds"])
 def test_dvae_trains_on_source(source, tmp_path, monkeypatch):
-    data = data_for(source, tmp_path, monkeypatch)
     if source == "tfds":  # the image-only path: imagenet2012 through TFDS's own mock data
         tfds = pytest.importorskip("tensorflow_datasets")
-        data = dict(source="tfds", name="imagenet2012")
-        config = dvae_config(**data)
-        workdir = str(tmp_path / "run")
-        with tfds.testing.mock_data(num_examples=16):
-            trainer.train(config, workdir, make_task("dvae", config, workdir))
+        config = dvae_config(source="tfds", name="imagenet2012")
+        data_context = tfds.testing.mock_data(num_examples=16)
     else:
-        config = dvae_config(**data)
-        workdir = str(tmp_path / "run")
+        config = dvae_config(**data_for(source, tmp_path, monkeypatch))
+        data_context = contextlib.nullcontext()
+    workdir = str(tmp_path / "run")
+    with data_context:
         trainer.train(config, workdir, make_task("dvae", config, workdir))
     rows = train_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2]
