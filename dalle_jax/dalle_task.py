@@ -3,7 +3,8 @@
 Batches hold `text` int32 [B, text_len] (per-position pads) and `image_tokens` int32 [B, grid*grid]
 (row-major dVAE codes). Image tokens come from one of two places:
 - pre-encoded data: a raw example that carries `image_tokens` ([grid*grid] or [grid, grid]) is
-  passed through untouched;
+  passed through untouched (`data.source='tokens'` reads encode_dataset's shards; their index.json
+  must match the model's grid and codebook, and names the dVAE that decodes samples);
 - on-the-fly encoding: with `config.dvae_workdir` set, example_fn keeps the cropped uint8 image and
   the Task's `batch_fn` encodes the whole process-local batch with the dVAE's jitted encoder on the
   host (one dispatch per batch, not per image).
@@ -83,7 +84,7 @@ def load_dvae(config, cfg: model_lib.DalleConfig):
     workdir = str(config.get("dvae_workdir", "") or "")
     if not workdir:
         return None
-    from dalle_jax.dvae_api import DVAE  # INTEGRATION: written by the dVAE engineer
+    from dalle_jax.dvae_api import DVAE
     dvae = DVAE.load(workdir)
     if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
         raise ConfigError(f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "
@@ -230,6 +231,24 @@ def make_evaluator(config, cfg, example_fn, batch_fn):
     return Evaluator(name=config.data.eval_split, fn=fn)
 
 
+def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
+    """Pre-encoded shards must match the model's grid and codebook. Their dVAE (index.json's
+    `dvae_workdir`) becomes config.dvae_workdir when that is empty, so sample grids, the workdir's
+    config.json and `generate` all decode with the dVAE the tokens came from."""
+    from core_jax.data.token_shards import read_index
+    try:
+        index = read_index(str(config.data.data_dir))
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(str(e)) from None
+    if (int(index["grid_size"]), int(index["vocab_size"])) != (cfg.image_grid, cfg.image_vocab_size):
+        raise ConfigError(
+            f"token shards in {config.data.data_dir} are {index['grid_size']}x{index['grid_size']} "
+            f"tokens of a {index['vocab_size']}-code dVAE; the model expects {cfg.image_grid}x"
+            f"{cfg.image_grid} and {cfg.image_vocab_size} (model.image_grid, model.image_vocab_size)")
+    if not str(config.get("dvae_workdir", "") or "") and index.get("dvae_workdir"):
+        config.dvae_workdir = str(index["dvae_workdir"])
+
+
 def make_task(config, workdir: str | None = None):
     """Builds the tokenizer (training one into the workdir if text.merges_file is empty), resolves
     model.text_vocab_size, loads the dVAE (if config.dvae_workdir) and returns the Task."""
@@ -245,6 +264,8 @@ def make_task(config, workdir: str | None = None):
         cfg = model_lib.DalleConfig.from_config(config)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if config.data.source == "tokens" and not abstract_only:
+        check_token_shards(config, cfg)
     dvae = None if abstract_only else load_dvae(config, cfg)
     if dvae is None and config.data.source == "shapes" and not abstract_only:
         raise ConfigError("config.dvae_workdir is empty but the shapes source has no image tokens: "

@@ -1,7 +1,7 @@
 """Data sources and the registry that builds one from `config.data`.
 
 Two kinds, both producing raw examples of the data contract, neither deciding order:
-- random access (`shapes`, `tfds`, `folder`): `len()` plus `load(i, rng)` (or `src[i]`);
+- random access (`shapes`, `tfds`, `folder`, `tokens` (token_shards.py)): `len()` plus `load(i, rng)` (or `src[i]`);
 - sequential (`webdataset`): `WebDatasetSource.read(shard, start)` walks one tar shard.
 Order, per-process sharding and resumable positions are iterator.py's job.
 """
@@ -397,7 +397,16 @@ def _webdataset(cfg, split, **_):
                             shuffle_buffer=int(cfg.shuffle_buffer))
 
 
-SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _webdataset}
+def _tokens(cfg, split, **_):
+    from core_jax.data.token_shards import TokenShardSource
+    if not cfg.data_dir:
+        raise _config_error("data.source='tokens' needs data.data_dir (a folder written by "
+                            "python -m dalle_jax.encode_dataset)")
+    return TokenShardSource(cfg.data_dir, split)
+
+
+SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _webdataset,
+           "tokens": _tokens}
 
 
 def build_source(cfg, split, *, train, seed, process_index, process_count):
