@@ -338,6 +338,7 @@ def default_model_config():
         # Training objective (dalle_jax/dvae_loss.py).
         recon_loss="logit_laplace",      # logit_laplace | mse
         straight_through=False,          # hard one-hot forward, relaxed gradient
+        straight_through_from_step=-1,   # >= 0: straight-through from this step on (-1: never)
         temperature_start=1.0,
         temperature_end=1.0 / 16,
         temperature_anneal_steps=150_000,

@@ -54,15 +54,27 @@ def kl_weight(model_config, step) -> jax.Array:
                           int(m.kl_weight_ramp_steps), step)
 
 
-def gumbel_softmax(rng, logits, tau, straight_through: bool = False) -> jax.Array:
+def gumbel_softmax(rng, logits, tau, straight_through=False) -> jax.Array:
     """Relaxed one-hot sample softmax((logits + g) / tau) over the last axis. Straight-through
-    returns the hard one-hot in the forward pass with the relaxed sample's gradient."""
+    returns the hard one-hot in the forward pass with the relaxed sample's gradient;
+    `straight_through` may be a traced bool (switched on at a step inside the jitted loss)."""
     g = jax.random.gumbel(rng, logits.shape, jnp.float32)
     soft = jax.nn.softmax((logits.astype(jnp.float32) + g) / tau, axis=-1)
-    if not straight_through:
+    if straight_through is False:
         return soft
     hard = jax.nn.one_hot(jnp.argmax(soft, axis=-1), logits.shape[-1], dtype=soft.dtype)
-    return hard + soft - jax.lax.stop_gradient(soft)
+    st = hard + soft - jax.lax.stop_gradient(soft)
+    return st if straight_through is True else jnp.where(straight_through, st, soft)
+
+
+def straight_through_now(model_config, step):
+    """model.straight_through for the whole run, or from model.straight_through_from_step on (a
+    late switch lets the decoder adapt to the hard codes it gets at inference)."""
+    m = model_config
+    start = int(m.get("straight_through_from_step", -1))
+    if bool(m.straight_through) or start == 0:
+        return True
+    return False if start < 0 else jnp.asarray(step) >= start
 
 
 def kl_to_uniform(logits) -> jax.Array:

@@ -71,7 +71,7 @@ def make_loss_fn(model, model_config):
         logits = model.apply({"params": params}, x, method=dvae_lib.DVAE.encode)
         tau = dvae_loss.temperature(m, step)
         beta = dvae_loss.kl_weight(m, step)
-        z = dvae_loss.gumbel_softmax(rng, logits, tau, bool(m.straight_through))
+        z = dvae_loss.gumbel_softmax(rng, logits, tau, dvae_loss.straight_through_now(m, step))
         z = sharding.constrain(z, CODES_ACT)
         stats = model.apply({"params": params}, z, method=dvae_lib.DVAE.decode)
         loss, metrics = dvae_loss.dvae_objective(x, logits, stats, kl_w=beta, recon_loss=m.recon_loss,

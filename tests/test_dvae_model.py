@@ -137,6 +137,18 @@ def test_gumbel_softmax_relaxation():
     assert float(jnp.abs(g).sum()) > 0  # straight-through passes the relaxed gradient
 
 
+def test_straight_through_from_a_step_switches_inside_jit():
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(2, 2, 2, 8)), jnp.float32)
+    m = tiny_model_config(straight_through_from_step=5)
+    codes = jax.jit(lambda step: dvae_loss.gumbel_softmax(
+        jax.random.key(0), logits, 1.0, dvae_loss.straight_through_now(m, step)))
+    before, after = np.asarray(codes(4)), np.asarray(codes(5))
+    assert before.max() < 1.0  # relaxed
+    np.testing.assert_allclose(after, np.eye(8)[before.argmax(-1)], atol=1e-6)  # hard, same codes
+    assert dvae_loss.straight_through_now(tiny_model_config(), 10**6) is False
+    assert dvae_loss.straight_through_now(tiny_model_config(straight_through=True), 0) is True
+
+
 def test_logit_laplace_against_hand_computation():
     x = np.array([0.2, 0.5, 0.85], np.float32).reshape(1, 1, 1, 3)
     mu = np.array([0.0, 1.0, -0.5], np.float32)
