@@ -49,6 +49,7 @@ EOF
 "$PY" -m dalle_jax.generate --workdir "$OUT/dalle" --prompts_file "$OUT/prompts.txt" \
   --num_samples 16 --top_k_rerank 4 --clip_workdir "$OUT/clip" --cond_scale 3 --seed 0 \
   --out_dir "$OUT/samples"
+"$PY" -m dalle_jax.contact_sheet --samples_dir "$OUT/samples" --out "$OUT/samples/sheet.png"
 
 stage "5/5 caption fidelity (shapes checker) on seen and unseen captions, and the dVAE's ceiling"
 for split in test_seen test_unseen; do
@@ -59,5 +60,5 @@ done
 
 echo
 echo "demo finished in $(( ($(date +%s) - start) / 60 )) min; outputs in $OUT/"
-echo "  samples: $OUT/samples/NNN/grid.png (first prompts seen in training, the others held out)"
+echo "  samples: $OUT/samples/sheet.png, $OUT/samples/NNN/ (best 4 of 16 per caption, with the checker's verdict)"
 echo "  metrics: $OUT/{dvae,clip,dalle}/metrics.jsonl, TensorBoard: tensorboard --logdir $OUT"
