@@ -105,6 +105,12 @@ def test_encode_dataset_shards(trained, tmp_path):
     assert tokens.min() >= 0 and tokens.max() < 32
     from core_jax.data.shapes import make_example
     assert captions[3] == make_example("test_unseen", 3)["caption"]
+    # What the DALL-E trainer's data.source='tokens' reads back from these very files.
+    from core_jax.data.token_shards import TokenShardSource
+    src = TokenShardSource(str(out), "test_unseen")
+    example = src.load(3, None)
+    assert len(src) == 10 and example["caption"] == captions[3]
+    np.testing.assert_array_equal(example["image_tokens"], tokens[3].reshape(-1))
 
 
 def test_convert_cli_from_npz(tmp_path):
