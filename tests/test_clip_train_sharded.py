@@ -43,7 +43,9 @@ def train_losses(tmp_path, mesh, devices=None):
 def test_clip_training_on_8_devices_matches_one_device(tmp_path):
     ref_loss, ref_scale = train_losses(tmp_path, (1, 1, 1), devices=jax.devices()[:1])
     assert len(ref_loss) == STEPS and len(set(ref_loss)) == STEPS, ref_loss  # params move
-    for mesh in [(8, 1, 1), (2, 2, 2)]:
-        loss, scale = train_losses(tmp_path, mesh)
-        np.testing.assert_allclose(loss, ref_loss, rtol=2e-5, err_msg=f"mesh {mesh}")
-        np.testing.assert_allclose(scale, ref_scale, rtol=2e-5, err_msg=f"mesh {mesh}")
+    # One mesh with every axis > 1: the batch is split 4 ways (data x fsdp), so the global-batch
+    # feature gather is exercised, and params are split by fsdp and tensor. A pure data-parallel
+    # (8, 1, 1) run adds ~30 s of compile and no code path this one misses.
+    loss, scale = train_losses(tmp_path, (2, 2, 2))
+    np.testing.assert_allclose(loss, ref_loss, rtol=2e-5)
+    np.testing.assert_allclose(scale, ref_scale, rtol=2e-5)

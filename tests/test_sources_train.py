@@ -98,13 +98,17 @@ def train_rows(workdir):
 
 
 @pytest.mark.parametrize("source", ["webdataset", "folder", "tfds"])
-def test_clip_trains_on_source_and_resumes(source, tmp_path, monkeypatch):
+def test_clip_trains_on_source(source, tmp_path, monkeypatch):
     config = clip_config(**data_for(source, tmp_path, monkeypatch))
     workdir = str(tmp_path / "run")
     trainer.train(config, workdir, make_task("clip", config, workdir))
     rows = train_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+    if source != "webdataset":
+        # Random-access sources share one iterator whose exact resume test_data_iterator.py checks;
+        # resuming through the trainer's checkpoint once, on the streaming source, covers the rest.
+        return
     config.total_steps = 3  # resumes from the step-2 checkpoint, iterator position included
     trainer.train(config, workdir, make_task("clip", config, workdir))
     assert [r["step"] for r in train_rows(workdir)] == [1, 2, 3]
