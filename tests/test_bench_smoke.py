@@ -146,3 +146,28 @@ def test_fake_device_flag_is_dropped():
     flags = "--foo=1 --xla_force_host_platform_device_count=8"
     assert common.without_fake_devices(flags) == "--foo=1"
     assert common.with_fake_devices("--foo=1", 8) == flags
+
+
+def test_dvae_shape_errors_counts_what_the_checker_reads_back():
+    import numpy as np
+    from bench.dvae_shape_errors import shape_errors
+    from core_jax.data import shapes
+    examples = [shapes.make_example("test_seen", i) for i in range(6)]
+    originals = np.stack([e["image"] for e in examples])
+    captions = [e["caption"] for e in examples]
+    perfect = shape_errors(originals, originals.copy(), captions)
+    assert perfect["ceiling"] == 1.0 and perfect["wrong"] == {}
+    n_objects = sum(len(e["objects"]) for e in examples)
+    assert sum(perfect["objects"].values()) == n_objects
+    # Redraw the first scene's objects as circles (same colour and bbox): one caption fails, and
+    # each of its non-circle objects is counted as read back as a circle.
+    first = [dict(o, shape="circle") for o in examples[0]["objects"]]
+    broken = originals.copy()
+    broken[0] = shapes.render(first)
+    res = shape_errors(originals, broken, captions)
+    changed = [o["shape"] for o in examples[0]["objects"] if o["shape"] != "circle"]
+    assert changed, "test_seen scene 0 should hold a non-circle (it is a triangle)"
+    assert res["ceiling"] == 5 / 6
+    assert sum(v for k, v in res["wrong"].items() if k.endswith("->circle")) == len(changed)
+    blank = shape_errors(originals[:1], np.zeros_like(originals[:1]), captions[:1])
+    assert blank["ceiling"] == 0.0 and sum(blank["wrong"].values()) == len(examples[0]["objects"])
