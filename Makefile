@@ -18,8 +18,9 @@ $(STAMP): setup.py
 	$(VPY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
+# Two pytest workers; --dist loadfile keeps each file (and its module-scoped trained fixtures) in one.
 test: $(STAMP)
-	$(FAKE_DEVICES) $(VPY) -m pytest -q --durations=15 tests
+	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)
 	bash launch/demo.sh
