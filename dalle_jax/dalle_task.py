@@ -8,8 +8,11 @@ Batches hold `text` int32 [B, text_len] (per-position pads) and `image_tokens` i
 - on-the-fly encoding: with `config.dvae_workdir` set, example_fn keeps the cropped uint8 image and
   the Task's `batch_fn` encodes the whole process-local batch with the dVAE's jitted encoder on the
   host (one dispatch per batch, not per image).
-Caption dropout (`model.caption_dropout`) happens in the loss, on device: a dropped caption becomes
-the all-pad text, the unconditional stream that classifier-free guidance samples with.
+Caption dropout (`model.caption_dropout`) is decided per training example on the host, from the
+example's own rng (seed, record index, epoch): a dropped caption becomes the all-pad text, the
+unconditional stream that classifier-free guidance samples with, and `caption_kept` [B] tells the
+loss to leave that row out of the text term. Which captions are dropped therefore does not depend on
+the number of processes or on where an example lands in the global batch.
 """
 from __future__ import annotations
 
@@ -99,6 +102,9 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
     random_crop = train and bool(config.data.random_crop)
     # No random flips: captions name left and right ("a circle to the left of ...").
 
+    dropout = caption_dropout(config.model) if train else 0.0
+    pads = cfg.text_vocab_size + np.arange(cfg.text_len, dtype=np.int32)  # = unconditional_text
+
     def example_fn(raw, rng):
         captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
         if train and len(captions) > 1:
@@ -108,16 +114,20 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
         if not caption.strip():
             raise SkipExample("empty_caption")
         text = tokenizer.encode([caption])[0].astype(np.int32)
+        out = {"text": text}
+        if dropout > 0:
+            kept = rng.random() >= dropout
+            out = {"text": text if kept else pads.copy(), "caption_kept": np.float32(kept)}
         if "image_tokens" in raw:
             tokens = np.asarray(raw["image_tokens"]).reshape(-1).astype(np.int32)
             _check_tokens(tokens[None], cfg)
-            return {"text": text, "image_tokens": tokens}
+            return {**out, "image_tokens": tokens}
         if encode is None:
             raise ValueError("example has no 'image_tokens' and config.dvae_workdir is empty: set "
                              "dvae_workdir to encode images on the fly, or use pre-encoded data")
         # Encoded per batch by batch_fn (make_batch_fn).
         img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
-        return {"text": text, "image": img}
+        return {**out, "image": img}
 
     return example_fn
 
@@ -143,20 +153,23 @@ def make_batch_fn(cfg: model_lib.DalleConfig, encode):
     return batch_fn
 
 
-def make_loss_fn(cfg: model_lib.DalleConfig, m):
+def caption_dropout(m) -> float:
     dropout = float(m.caption_dropout)
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"config.model.caption_dropout must be in [0, 1), got {dropout}")
+    return dropout
+
+
+def make_loss_fn(cfg: model_lib.DalleConfig, m):
+    """Text + image loss. Caption-dropped rows (`caption_kept` = 0, set by example_fn) already hold
+    the all-pad text and leave the text term."""
     weights = dict(text_loss_weight=float(m.text_loss_weight), image_loss_weight=float(m.image_loss_weight))
 
     def loss_fn(params, batch, rng, step):
-        text, image = batch["text"], batch["image_tokens"]
-        keep = None
-        if dropout > 0:
-            keep = jax.random.bernoulli(rng, 1.0 - dropout, (text.shape[0],))
-            text = jnp.where(keep[:, None], text, model_lib.unconditional_text(cfg, text.shape[0]))
+        keep = batch.get("caption_kept")
         loss, metrics = model_lib.loss_and_metrics(
-            params, cfg, text, image, text_row_weight=keep, row_weight=batch.get("_mask"), **weights)
+            params, cfg, batch["text"], batch["image_tokens"], text_row_weight=keep,
+            row_weight=batch.get("_mask"), **weights)
         if keep is not None:
             metrics["captions_dropped"] = 1.0 - keep.astype(jnp.float32).mean()
         return loss, metrics
@@ -187,7 +200,11 @@ def make_image_fn(cfg, dvae, num_images: int = 8):
     from dalle_jax import sampling
 
     def image_fn(params, batch):
-        text = _host_rows(batch["text"], num_images)
+        text = _host_rows(batch["text"], 4 * num_images)
+        if "caption_kept" in batch:  # sample from real captions, not caption-dropped rows
+            kept = _host_rows(batch["caption_kept"], 4 * num_images) > 0
+            text = np.concatenate([text[kept], text[~kept]])
+        text = text[:num_images]
         tokens = sampling.sample(params, cfg, text, rng=jax.random.key(0))
         tokens = _host_rows(tokens, num_images).reshape(-1, cfg.image_grid, cfg.image_grid)
         return {"samples": image_grid(np.asarray(dvae.decode(tokens)))}
@@ -283,8 +300,11 @@ def make_task(config, workdir: str | None = None):
         evaluators = (make_evaluator(config, cfg, eval_example_fn, batch_fn),)
 
     def batch_spec(batch_size):
-        return {"text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
+        spec = {"text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
                 "image_tokens": jax.ShapeDtypeStruct((batch_size, cfg.num_image_tokens), jnp.int32)}
+        if caption_dropout(config.model) > 0:
+            spec["caption_kept"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
+        return spec
 
     return Task(
         init_fn=init_fn,

@@ -241,3 +241,45 @@ def test_task_trains_with_the_trainer(tmp_path, monkeypatch):
     assert read_config(workdir).model.text_vocab_size == config.model.text_vocab_size
     assert any("eval" in line and "image_loss" in line for line in logged), logged
     assert os.path.exists(os.path.join(workdir, "images", "samples_0000002.png"))
+
+
+def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
+    """Dropout is a property of the example (its rng: seed, index, epoch), not of its row in the
+    batch: the same record is dropped or kept wherever it lands, dropped rows carry the all-pad
+    text and leave the text term, and eval examples are never dropped."""
+    from core_jax.data import shapes
+
+    config = load_config("dalle_shapes")
+    config.model.image_grid, config.model.image_vocab_size = 4, 16
+    config.model.caption_dropout = 0.3
+    config.dvae_workdir = str(tmp_path)
+    monkeypatch.setattr(dalle_task, "load_dvae", lambda config, cfg: FakeDVAE())
+    task = dalle_task.make_task(config, str(tmp_path / "run"))
+    pads = config.model.text_vocab_size + np.arange(16)
+    raws = [shapes.make_example("train", i) for i in range(200)]
+
+    def run(order):
+        return {i: task.example_fn(raws[i], np.random.default_rng([0, i, 0])) for i in order}
+
+    first, shuffled = run(range(200)), run(np.random.default_rng(1).permutation(200))
+    kept = np.array([float(first[i]["caption_kept"]) for i in range(200)])
+    for i in range(200):
+        assert float(shuffled[i]["caption_kept"]) == kept[i]
+        np.testing.assert_array_equal(shuffled[i]["text"], first[i]["text"])
+        assert (first[i]["text"] == pads).all() == (kept[i] == 0)
+    assert 30 <= (kept == 0).sum() <= 90  # Binomial(200, 0.3): mean 60, sd 6.5
+    assert "caption_kept" not in task.eval_example_fn(raws[0], np.random.default_rng(0))
+    assert "caption_kept" in task.batch_spec(8)
+
+    # The text term averages over kept rows only; the image term over all rows.
+    cfg = DalleConfig.from_config(config)
+    params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
+    rows = [first[i] for i in [*np.flatnonzero(kept == 1)[:5], *np.flatnonzero(kept == 0)[:3]]]
+    batch = task.batch_fn({k: np.stack([r[k] for r in rows]) for k in rows[0]})
+    _, metrics = task.loss_fn(params, batch, jax.random.key(0), 0)
+    _, per_row = jax.vmap(lambda t, im: loss(cfg, params, t[None], im[None]))(
+        batch["text"], batch["image_tokens"])
+    k = batch["caption_kept"]
+    np.testing.assert_allclose(metrics["text_loss"], (per_row["text_loss"] * k).sum() / k.sum(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["image_loss"], per_row["image_loss"].mean(), rtol=1e-5)
+    np.testing.assert_allclose(metrics["captions_dropped"], 1 - k.mean(), rtol=1e-6)
