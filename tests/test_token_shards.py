@@ -19,7 +19,7 @@ CAPTIONS = ["a red circle in the top left", "a blue square in the center",
 
 
 def write_shards(root, splits=("train", "test_unseen"), n=20, shard_size=8, grid=GRID, codes=CODES,
-                 dvae_workdir=""):
+                 dvae_workdir="", save=np.savez):
     """Shards exactly as encode_dataset writes them; tokens[i] = (i + position) % codes."""
     root.mkdir(exist_ok=True)
     index = {"grid_size": grid, "vocab_size": codes, "image_size": 16, "dvae_workdir": dvae_workdir,
@@ -30,7 +30,7 @@ def write_shards(root, splits=("train", "test_unseen"), n=20, shard_size=8, grid
             ids = np.arange(start, min(n, start + shard_size))
             tokens = (ids[:, None] + np.arange(grid * grid)[None]) % codes
             names.append(f"{split}-{len(names):05d}.npz")
-            np.savez(root / names[-1], tokens=tokens.reshape(-1, grid, grid).astype(np.int32),
+            save(root / names[-1], tokens=tokens.reshape(-1, grid, grid).astype(np.int32),
                      captions=np.asarray([CAPTIONS[i % 3] for i in ids], dtype=str),
                      keys=np.asarray([f"{split}/{i}" for i in ids], dtype=str))
         index["splits"][split] = {"examples": n, "shards": names}
@@ -54,6 +54,61 @@ def test_source_errors_name_the_problem(tmp_path):
         TokenShardSource(d, "test_seen")
     os.remove(os.path.join(d, "train-00001.npz"))
     with pytest.raises(FileNotFoundError, match="train-00001.npz, which does not exist"):
+        TokenShardSource(d, "train")
+
+
+def test_examples_are_read_from_the_files_not_held_in_memory(tmp_path):
+    d = write_shards(tmp_path / "tok", splits=("train",))
+    src = TokenShardSource(d, "train")
+    # Rewrite example 13's tokens on disk after the split is open: the source serves the new ones.
+    path = os.path.join(d, "train-00001.npz")
+    raw = bytearray(open(path, "rb").read())
+    old = ((13 + np.arange(16)) % CODES).astype(np.int32).tobytes()
+    new = np.full(16, 7, np.int32).tobytes()
+    assert raw.count(old) == 1
+    open(path, "wb").write(bytes(raw).replace(old, new))
+    np.testing.assert_array_equal(src.load(13, None)["image_tokens"], np.full(16, 7))
+    np.testing.assert_array_equal(src.load(12, None)["image_tokens"], (12 + np.arange(16)) % CODES)
+
+
+def test_compressed_shards_read_the_same(tmp_path):
+    plain = TokenShardSource(write_shards(tmp_path / "a", splits=("train",)), "train")
+    packed = TokenShardSource(write_shards(tmp_path / "b", splits=("train",), save=np.savez_compressed),
+                              "train")
+    for i in range(20):
+        a, b = plain.load(i, None), packed.load(i, None)
+        np.testing.assert_array_equal(a["image_tokens"], b["image_tokens"])
+        assert (a["caption"], a["key"]) == (b["caption"], b["key"])
+
+
+def test_many_shards_read_concurrently(tmp_path, monkeypatch):
+    """More shards than open files, read by a thread pool in shuffled order: every example right."""
+    import concurrent.futures
+
+    from core_jax.data import token_shards
+    monkeypatch.setattr(token_shards, "_OPEN_FILES", 3)
+    src = TokenShardSource(write_shards(tmp_path / "tok", splits=("train",), n=200, shard_size=7), "train")
+    assert len(src) == 200
+    order = np.random.default_rng(0).permutation(np.tile(np.arange(200), 3))
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: src.load(i, None), order))
+    for i, ex in zip(order, got):
+        np.testing.assert_array_equal(ex["image_tokens"], (i + np.arange(16)) % CODES)
+        assert ex["key"] == f"train/{i}" and ex["caption"] == CAPTIONS[i % 3]
+    assert len(src._files) <= 3
+
+
+def test_damaged_shards_are_named(tmp_path):
+    d = write_shards(tmp_path / "tok", splits=("train",))
+    open(os.path.join(d, "train-00002.npz"), "wb").write(b"not a zip file")
+    with pytest.raises(ValueError, match="train-00002.npz: not a readable token shard"):
+        TokenShardSource(d, "train")
+    np.savez(os.path.join(d, "train-00002.npz"), tokens=np.zeros((4, GRID, GRID), np.int32))
+    with pytest.raises(ValueError, match="train-00002.npz: no 'captions' array"):
+        TokenShardSource(d, "train")
+    np.savez(os.path.join(d, "train-00002.npz"), tokens=np.zeros((4, 3, 3), np.int32),
+             captions=np.asarray(["a"] * 4))
+    with pytest.raises(ValueError, match="holds 9 tokens per image, index.json says a 4x4 grid"):
         TokenShardSource(d, "train")
 
 

@@ -3,17 +3,29 @@
 A directory D (`data.data_dir`) holding D/index.json and, per split, `<split>-NNNNN.npz` files with
 `tokens` int [N, grid, grid] (or [N, grid*grid]), `captions` and `keys` (unicode arrays). Examples
 carry `image_tokens` instead of an image, so a transformer trains without running an image encoder.
-A split's tokens are read into host memory once (int16 when the codebook allows: 1024 tokens are
-2 KiB per image) and served by index like any random-access source.
+
+Host memory does not grow with the dataset: opening a split reads only each shard's zip directory
+and array headers, and every example is one positioned read (`os.pread`) per array straight from
+the file, so every process of a pod job can address a split of any size (the page cache, not each
+process, holds what is hot). That needs the members stored uncompressed, as `np.savez` (and so
+encode_dataset) writes them; a shard written with `np.savez_compressed` is decompressed into memory
+when the split is opened.
 """
 from __future__ import annotations
 
+import collections
 import json
 import os
+import struct
+import threading
+import zipfile
 
 import numpy as np
 
 from core_jax.data.decode import SkipExample
+
+_COLUMNS = ("tokens", "captions", "keys")
+_OPEN_FILES = 64  # shards kept open at once (a global shuffle touches every shard)
 
 
 def read_index(data_dir: str) -> dict:
@@ -32,6 +44,60 @@ def read_index(data_dir: str) -> dict:
     return index
 
 
+class _Column:
+    """One array of one shard: rows read from the file at a fixed offset, or held in memory."""
+
+    def __init__(self, shape, dtype, offset=None, array=None):
+        self.shape, self.dtype, self.offset, self.array = tuple(shape), np.dtype(dtype), offset, array
+        self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
+        self.row_bytes = self.row_items * self.dtype.itemsize
+
+    def row(self, fd, i: int) -> np.ndarray:
+        if self.array is not None:
+            return self.array[i]
+        data = os.pread(fd, self.row_bytes, self.offset + i * self.row_bytes)
+        if len(data) != self.row_bytes:
+            raise OSError(f"short read ({len(data)} of {self.row_bytes} bytes)")
+        return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
+
+
+def _npy_header(f):
+    version = np.lib.format.read_magic(f)
+    read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in read:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return read[version](f)  # (shape, fortran_order, dtype)
+
+
+def _open_columns(path: str) -> dict[str, _Column]:
+    """The shard's arrays: stored (uncompressed) members by file offset, others loaded."""
+    columns = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+        members = {os.path.splitext(i.filename)[0]: i for i in zf.infolist()}
+        for name in _COLUMNS:
+            info = members.get(name)
+            if info is None:
+                continue
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as member:
+                    array = np.lib.format.read_array(member, allow_pickle=False)
+                columns[name] = _Column(array.shape, array.dtype, array=array)
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)  # the zip local file header; data follows its name and extra field
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"{path}: member {info.filename} has no local zip header")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            shape, fortran, dtype = _npy_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: {name} holds Python objects; write unicode arrays (dtype=str)")
+            if fortran and len(shape) > 1:
+                raise ValueError(f"{path}: {name} is stored in Fortran order; write it C-contiguous")
+            columns[name] = _Column(shape, dtype, offset=f.tell())
+    return columns
+
+
 class TokenShardSource:
     """Random access over one split of a token-shard directory."""
 
@@ -42,38 +108,63 @@ class TokenShardSource:
                              f"(it has {sorted(index['splits'])}); encode it with encode_dataset --splits")
         self.name = f"tokens {data_dir} [{split}]"
         self.grid_size, self.vocab_size = int(index["grid_size"]), int(index["vocab_size"])
-        dtype = np.int16 if self.vocab_size <= np.iinfo(np.int16).max + 1 else np.int32
-        tokens, captions, keys = [], [], []
+        expected = self.grid_size * self.grid_size
+        self._paths, self._columns, counts = [], [], []
         for name in index["splits"][split]["shards"]:
             path = os.path.join(data_dir, name)
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{data_dir}/index.json lists {name}, which does not exist")
-            with np.load(path, allow_pickle=False) as shard:
-                t = shard["tokens"]
-                tokens.append(t.reshape(len(t), -1).astype(dtype))
-                captions.append(shard["captions"])
-                keys.append(shard["keys"] if "keys" in shard else np.full(len(t), "", dtype=str))
-        if not tokens:
+            try:
+                columns = _open_columns(path)
+            except (zipfile.BadZipFile, ValueError, OSError) as e:
+                raise ValueError(f"{path}: not a readable token shard ({e})") from None
+            for key in ("tokens", "captions"):
+                if key not in columns:
+                    raise ValueError(f"{path}: no {key!r} array (encode_dataset writes tokens, captions, keys)")
+            n = columns["tokens"].shape[0]
+            if columns["tokens"].row_items != expected:
+                raise ValueError(f"{self.name}: {name} holds {columns['tokens'].row_items} tokens per "
+                                 f"image, index.json says a {self.grid_size}x{self.grid_size} grid")
+            if any(c.shape[0] != n for c in columns.values()):
+                raise ValueError(f"{path}: tokens, captions and keys differ in length")
+            self._paths.append(path)
+            self._columns.append(columns)
+            counts.append(n)
+        if not self._paths:
             raise ValueError(f"data.source='tokens': split {split!r} of {data_dir} has no shards")
-        self._tokens = np.concatenate(tokens)
-        self._captions = np.concatenate(captions)
-        self._keys = np.concatenate(keys)
-        expected = self.grid_size * self.grid_size
-        if self._tokens.shape[1] != expected:
-            raise ValueError(f"{self.name}: shards hold {self._tokens.shape[1]} tokens per image, "
-                             f"index.json says a {self.grid_size}x{self.grid_size} grid")
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self._files = collections.OrderedDict()  # shard -> open file (LRU)
+        self._lock = threading.Lock()
 
     def __len__(self):
-        return len(self._tokens)
+        return int(self._starts[-1])
 
     def __getitem__(self, i):
         return self.load(i, None)
 
+    def _file(self, shard: int):
+        # An evicted file closes when the last reader drops it, never under a reader's pread.
+        with self._lock:
+            f = self._files.pop(shard, None)
+            if f is None:
+                f = open(self._paths[shard], "rb")
+                while len(self._files) >= _OPEN_FILES:
+                    self._files.popitem(last=False)
+            self._files[shard] = f
+            return f
+
     def load(self, i, rng):
         i = int(i)
-        caption = str(self._captions[i])
-        key = str(self._keys[i]) or f"{i}"
-        tokens = self._tokens[i].astype(np.int32)
+        if not 0 <= i < len(self):
+            raise IndexError(f"{self.name}: index {i} out of range for {len(self)} examples")
+        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
+        row, columns = i - int(self._starts[shard]), self._columns[shard]
+        f = self._file(shard)
+        fd = f.fileno()
+        tokens = columns["tokens"].row(fd, row).reshape(-1).astype(np.int32)
+        caption = str(columns["captions"].row(fd, row))
+        key = str(columns["keys"].row(fd, row)) if "keys" in columns else ""
+        key = key or f"{i}"
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise SkipExample("bad_tokens", key)
         return {"image_tokens": tokens, "caption": caption, "captions": [caption] if caption else [],
