@@ -14,7 +14,6 @@ For each model (a mid-size config on the shapes data):
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -22,8 +21,8 @@ import tempfile
 import time
 
 from bench import common
+from core_jax.app import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Mid-size configs: about a second per float32 step on 2 idle cores. Dotted keys override the
 # shapes config files (configs/<model>_shapes.py).
@@ -55,14 +54,6 @@ PRESETS = {
 TRANSFORMERS = ("dalle", "clip")  # the >= 50% MFU target is for these
 MFU_TARGET = 0.5
 DATA_WAIT_TARGET = 0.05
-
-
-def load_config(name: str, arg=None):
-    path = os.path.join(REPO, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"bench_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
 
 
 def apply_overrides(config, overrides: dict):

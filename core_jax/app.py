@@ -22,6 +22,19 @@ def config_path(name: str) -> str:
     return name if os.path.exists(name) else os.path.join(REPO_ROOT, name)
 
 
+def load_config(name: str, arg=None):
+    """`get_config(arg)` of a config file, loaded as `--config` loads it: NAME is configs/NAME.py
+    or a path to a .py file (resolved like config_path)."""
+    import importlib.util
+
+    path = config_path(name if name.endswith(".py") else os.path.join("configs", f"{name}.py"))
+    stem = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"_config_{stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)

@@ -154,14 +154,9 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
 
 def openai_config(model_config, image_size: int = 256):
     """configs/dvae_openai.py with the model sizes of the converted weights."""
-    import importlib.util
+    from core_jax.app import load_config
 
-    from core_jax.app import config_path
-
-    spec = importlib.util.spec_from_file_location("dvae_openai_config", config_path("configs/dvae_openai.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = load_config("dvae_openai")
     with config.unlocked():
         config.model = model_config
     config.data.image_size = int(image_size)
