@@ -348,6 +348,9 @@ def default_model_config():
         kl_weight_ramp_steps=5000,
         kl_weight_schedule="cosine",
         usage_weight=0.0,                # > 0: also penalise log K - H(batch-average codes) (not in the paper)
+        usage_weight_schedule="constant",  # constant: usage_weight throughout; else usage_weight ->
+        usage_weight_end=0.0,            # usage_weight_end over usage_weight_steps
+        usage_weight_steps=0,
         # Evaluation: batches of the eval split per evaluation (-1 = the whole split).
         eval_max_batches=-1,
     ))

@@ -54,6 +54,15 @@ def kl_weight(model_config, step) -> jax.Array:
                           int(m.kl_weight_ramp_steps), step)
 
 
+def usage_weight(model_config, step) -> jax.Array:
+    m = model_config
+    start = float(m.get("usage_weight", 0.0))
+    kind = str(m.get("usage_weight_schedule", "constant"))
+    if kind == "constant":
+        return schedule_value("constant", start, start, 0, step)
+    return schedule_value(kind, start, float(m.usage_weight_end), int(m.usage_weight_steps), step)
+
+
 def gumbel_softmax(rng, logits, tau, straight_through=False) -> jax.Array:
     """Relaxed one-hot sample softmax((logits + g) / tau) over the last axis. Straight-through
     returns the hard one-hot in the forward pass with the relaxed sample's gradient;

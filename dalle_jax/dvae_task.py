@@ -65,6 +65,7 @@ def make_loss_fn(model, model_config):
     # Validate the schedules once, on the host, so a bad config fails before compiling.
     dvae_loss.temperature(m, 0)
     dvae_loss.kl_weight(m, 0)
+    dvae_loss.usage_weight(m, 0)
 
     def loss_fn(params, batch, rng, step):
         x = batch["image"]
@@ -74,10 +75,11 @@ def make_loss_fn(model, model_config):
         z = dvae_loss.gumbel_softmax(rng, logits, tau, dvae_loss.straight_through_now(m, step))
         z = sharding.constrain(z, CODES_ACT)
         stats = model.apply({"params": params}, z, method=dvae_lib.DVAE.decode)
+        usage_w = dvae_loss.usage_weight(m, step)
         loss, metrics = dvae_loss.dvae_objective(x, logits, stats, kl_w=beta, recon_loss=m.recon_loss,
-                                                 usage_w=float(m.get("usage_weight", 0.0)))
+                                                 usage_w=usage_w)
         metrics.update(dvae_loss.codebook_metrics(logits))
-        metrics.update(temperature=tau, kl_weight=beta)
+        metrics.update(temperature=tau, kl_weight=beta, usage_weight=usage_w)
         return loss, metrics
 
     return loss_fn

@@ -120,6 +120,11 @@ def test_schedules_start_and_end():
     m.kl_weight_schedule = "sigmoid"
     with pytest.raises(ValueError, match="unknown schedule"):
         dvae_loss.kl_weight(m, 0)
+    # usage_weight: constant by default (usage_weight_end ignored), else start -> end like the others
+    m.usage_weight, m.usage_weight_end, m.usage_weight_steps = 3.0, 0.5, 100
+    assert float(dvae_loss.usage_weight(m, 0)) == float(dvae_loss.usage_weight(m, 100)) == 3.0
+    m.usage_weight_schedule = "linear"
+    assert [float(dvae_loss.usage_weight(m, s)) for s in (0, 50, 100, 500)] == pytest.approx([3, 1.75, 0.5, 0.5])
 
 
 def test_gumbel_softmax_relaxation():
