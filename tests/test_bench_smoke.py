@@ -171,3 +171,8 @@ def test_dvae_shape_errors_counts_what_the_checker_reads_back():
     assert sum(v for k, v in res["wrong"].items() if k.endswith("->circle")) == len(changed)
     blank = shape_errors(originals[:1], np.zeros_like(originals[:1]), captions[:1])
     assert blank["ceiling"] == 0.0 and sum(blank["wrong"].values()) == len(examples[0]["objects"])
+    # A one-pixel shift of every object puts all of its error on edge pixels.
+    shifted = np.roll(originals, 1, axis=2)
+    res = shape_errors(originals, shifted, captions)
+    assert res["squared_error_share_at_edges"] == 1.0 and res["psnr_if_edges_exact"] > 90
+    assert res["edge_pixels_per_image"] > 0
