@@ -19,7 +19,7 @@ PROMPTS=${FIDELITY_PROMPTS:-48}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-steps() { "$PY" -c "import sys; from bench.bench_mfu import load_config; print(load_config(sys.argv[1]).total_steps)" "$1"; }
+steps() { "$PY" -c "import sys; from core_jax.app import load_config; print(load_config(sys.argv[1]).total_steps)" "$1"; }
 DV=$(steps dvae_shapes); DA=$(steps dalle_shapes)
 
 run_dvae() {  # $1 = multiplier

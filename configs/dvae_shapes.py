@@ -33,18 +33,21 @@ def get_config(arg=None):
     # (cosine) to a tenth over the run: 25.0 dB with 99-100% of codes (+0.4 dB on two seeds).
     c.model.encoder_logit_norm = True         # LayerNorm before the logit conv (not in OpenAI's model)
     c.model.usage_weight = 3.0
-    c.model.usage_weight_schedule = "cosine"
-    c.model.usage_weight_end = 0.3
-    c.model.usage_weight_steps = 1200
-    c.model.kl_weight_schedule = "cosine"
-    c.model.kl_weight_start = -1.0
-    c.model.kl_weight_end = -0.1
-    c.model.kl_weight_ramp_steps = 1200
-    c.model.temperature_schedule = "exponential"  # 1 -> 1/16 over the whole run
-    c.model.temperature_anneal_steps = 1200
     # Many small steps beat fewer large ones at equal CPU time (batch 8 x 600 steps: 22.7 dB;
     # 16 x 300: 21.5 dB; 32 x 150: 18.2 dB).
     c.total_steps = 1200
+    # The schedules span the whole run and follow --config.total_steps (a derived reference:
+    # overriding one of them alone leaves total_steps alone).
+    run = c.get_ref("total_steps")
+    c.model.usage_weight_schedule = "cosine"
+    c.model.usage_weight_end = 0.3
+    c.model.usage_weight_steps = run * 1
+    c.model.kl_weight_schedule = "cosine"
+    c.model.kl_weight_start = -1.0
+    c.model.kl_weight_end = -0.1
+    c.model.kl_weight_ramp_steps = run * 1
+    c.model.temperature_schedule = "exponential"  # 1 -> 1/16
+    c.model.temperature_anneal_steps = run * 1
     c.batch_size = 8
     c.log_every = 100
     c.eval_every = 600

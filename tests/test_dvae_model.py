@@ -17,6 +17,7 @@ from core_jax import sharding  # noqa: E402
 from core_jax.data import image_ops  # noqa: E402
 from dalle_jax import dvae as dvae_lib  # noqa: E402
 from dalle_jax import dvae_loss, dvae_task  # noqa: E402
+from tests.testfiles import load_config  # noqa: E402
 
 
 def tiny_model_config(**overrides):
@@ -299,3 +300,14 @@ def test_encoder_logit_norm_is_opt_in_and_feeds_the_logit_conv():
     zeroed["encoder"]["output_norm"] = jax.tree.map(jnp.zeros_like, params["encoder"]["output_norm"])
     bias = params["encoder"]["output"]["bias"]
     np.testing.assert_allclose(encode(zeroed), jnp.broadcast_to(bias, (2, 8, 8, 64)), atol=1e-6)
+
+
+def test_shapes_config_schedules_follow_total_steps():
+    config = load_config("dvae_shapes")
+    m = config.model
+    assert m.temperature_anneal_steps == m.usage_weight_steps == m.kl_weight_ramp_steps == config.total_steps
+    config.total_steps = 4800
+    assert m.temperature_anneal_steps == m.usage_weight_steps == m.kl_weight_ramp_steps == 4800
+    m.temperature_anneal_steps = 500  # one schedule overridden alone: nothing else moves
+    assert config.total_steps == 4800 and m.kl_weight_ramp_steps == 4800 and m.temperature_anneal_steps == 500
+    assert '"temperature_anneal_steps": 500' in config.to_json()
