@@ -103,7 +103,7 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
     # No random flips: captions name left and right ("a circle to the left of ...").
 
     dropout = caption_dropout(config.model) if train else 0.0
-    pads = cfg.text_vocab_size + np.arange(cfg.text_len, dtype=np.int32)  # = unconditional_text
+    pads = np.asarray(model_lib.unconditional_text(cfg, 1), np.int32)[0]
 
     def example_fn(raw, rng):
         captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
@@ -113,11 +113,10 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
             caption = raw.get("caption") or (captions[0] if captions else "")
         if not caption.strip():
             raise SkipExample("empty_caption")
-        text = tokenizer.encode([caption])[0].astype(np.int32)
-        out = {"text": text}
+        kept = dropout == 0 or rng.random() >= dropout
+        out = {"text": tokenizer.encode([caption])[0].astype(np.int32) if kept else pads.copy()}
         if dropout > 0:
-            kept = rng.random() >= dropout
-            out = {"text": text if kept else pads.copy(), "caption_kept": np.float32(kept)}
+            out["caption_kept"] = np.float32(kept)
         if "image_tokens" in raw:
             tokens = np.asarray(raw["image_tokens"]).reshape(-1).astype(np.int32)
             _check_tokens(tokens[None], cfg)
