@@ -306,8 +306,8 @@ def test_shapes_config_schedules_follow_total_steps():
     config = load_config("dvae_shapes")
     m = config.model
     assert m.temperature_anneal_steps == m.usage_weight_steps == m.kl_weight_ramp_steps == config.total_steps
-    config.total_steps = 4800
-    assert m.temperature_anneal_steps == m.usage_weight_steps == m.kl_weight_ramp_steps == 4800
+    config.total_steps = 9600
+    assert m.temperature_anneal_steps == m.usage_weight_steps == m.kl_weight_ramp_steps == 9600
     m.temperature_anneal_steps = 500  # one schedule overridden alone: nothing else moves
-    assert config.total_steps == 4800 and m.kl_weight_ramp_steps == 4800 and m.temperature_anneal_steps == 500
+    assert config.total_steps == 9600 and m.kl_weight_ramp_steps == 9600 and m.temperature_anneal_steps == 500
     assert '"temperature_anneal_steps": 500' in config.to_json()
