@@ -19,7 +19,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 # Each stage trains its config's default steps (sized so the whole job stays under ~20 minutes on
 # 2 cores). Extra flags per stage: DVAE_ARGS / CLIP_ARGS / DALLE_ARGS
-# (e.g. DALLE_ARGS=--config.total_steps=3000).
+# (e.g. DALLE_ARGS=--config.total_steps=3000); SAMPLING replaces the sampling flags of stages 4-5.
 DVAE_ARGS=${DVAE_ARGS:-}
 CLIP_ARGS=${CLIP_ARGS:-}
 DALLE_ARGS=${DALLE_ARGS:-}
@@ -37,7 +37,12 @@ stage "3/5 DALL-E transformer on dVAE tokens"
 "$PY" -m dalle_jax.train --config configs/dalle_shapes.py --workdir "$OUT/dalle" \
   --config.dvae_workdir="$OUT/dvae" ${DALLE_ARGS:-}
 
-stage "4/5 generate: guidance s=3, best 4 of 16 by CLIP"
+# Nucleus sampling (top_p 0.7) for both generation and the fidelity score: on the demo's models it
+# raised the mean fidelity of a sample from 0.68 / 0.43 to 0.79 / 0.55 (seen / unseen captions,
+# 96 prompts x 16 samples; docs/generate.md, "Sampling settings").
+SAMPLING=${SAMPLING:---cond_scale 3 --top_p 0.7}
+
+stage "4/5 generate ($SAMPLING), best 4 of 16 by CLIP"
 cat > "$OUT/prompts.txt" <<'EOF'
 a red circle in the top left
 a blue triangle below a yellow square
@@ -47,14 +52,14 @@ a red triangle in the bottom right
 a green circle above a blue triangle
 EOF
 "$PY" -m dalle_jax.generate --workdir "$OUT/dalle" --prompts_file "$OUT/prompts.txt" \
-  --num_samples 16 --top_k_rerank 4 --clip_workdir "$OUT/clip" --cond_scale 3 --seed 0 \
+  --num_samples 16 --top_k_rerank 4 --clip_workdir "$OUT/clip" $SAMPLING --seed 0 \
   --out_dir "$OUT/samples"
 "$PY" -m dalle_jax.contact_sheet --samples_dir "$OUT/samples" --out "$OUT/samples/sheet.png"
 
 stage "5/5 caption fidelity (shapes checker) on seen and unseen captions, and the dVAE's ceiling"
 for split in test_seen test_unseen; do
   "$PY" -m dalle_jax.evaluate_fidelity --workdir "$OUT/dalle" --clip_workdir "$OUT/clip" \
-    --split "$split" --num_prompts ${FIDELITY_PROMPTS:-24} --num_samples 16 --cond_scale 3 \
+    --split "$split" --num_prompts ${FIDELITY_PROMPTS:-24} --num_samples 16 $SAMPLING \
     --dvae_ceiling --out "$OUT/fidelity_$split.json"
 done
 
