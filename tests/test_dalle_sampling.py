@@ -68,6 +68,16 @@ def test_top_k_one_is_greedy():
     np.testing.assert_array_equal(greedy, top1)
 
 
+def test_tiny_top_p_with_guidance_is_greedy_on_the_guided_logits():
+    # The nucleus is cut from the guided logits (what the demo's --cond_scale 3 --top_p 0.7 relies on):
+    # a nucleus of one token is the argmax of uncond + s (cond - uncond), whatever the rng.
+    greedy = sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0), temperature=0, cond_scale=3.0)
+    nucleus = sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(5), top_p=1e-6, cond_scale=3.0)
+    np.testing.assert_array_equal(greedy, nucleus)
+    assert not np.array_equal(greedy, sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0),
+                                                      temperature=0))
+
+
 def test_filters_and_guided_logits():
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.6, 0.3]]))
     kept = lambda x: np.isfinite(np.asarray(x))

@@ -205,11 +205,12 @@ def test_fidelity_eval_numbers(workdirs, pipe, clip, tmp_path, capsys):
     out = tmp_path / "fid.json"
     evaluate_fidelity.main(["--workdir", workdirs["dalle"], "--clip_workdir", workdirs["clip"],
                             "--split", "test_unseen", "--num_prompts", "2", "--num_samples", "3",
-                            "--cond_scale", "3", "--batch_size", "8", "--workers", "1",
-                            "--out", str(out),
+                            "--cond_scale", "3", "--top_p", "0.7", "--batch_size", "8",
+                            "--workers", "1", "--out", str(out),
                             "--images_dir", str(tmp_path / "grids"), "--dvae_ceiling"],
                            pipeline=pipe, clip=clip)
     report = json.load(open(out))
+    assert report["top_p"] == 0.7 and report["temperature"] == 1.0  # the demo's sampling, recorded
     for setting, scale in (("guided", 3.0), ("unguided", 1.0)):
         nums = report["fidelity"][setting]
         assert nums["cond_scale"] == scale
