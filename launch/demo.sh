@@ -17,8 +17,9 @@ export PYTHONUNBUFFERED=1
 # jax 0.12 uses this CPU's bf16 matrix units; nothing to download at run time.
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
-# Each stage trains its config's default steps (sized so the whole job stays under ~20 minutes on
-# 2 cores). Extra flags per stage: DVAE_ARGS / CLIP_ARGS / DALLE_ARGS
+# Each stage trains its config's default steps (sized for ~20 minutes on 2 cores with bf16 matrix
+# units; 27-29 minutes measured on an AVX2-only 2-core CPU, README). Extra flags per stage:
+# DVAE_ARGS / CLIP_ARGS / DALLE_ARGS
 # (e.g. DALLE_ARGS=--config.total_steps=3000); SAMPLING replaces the sampling flags of stages 4-5.
 DVAE_ARGS=${DVAE_ARGS:-}
 CLIP_ARGS=${CLIP_ARGS:-}
