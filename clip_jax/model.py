@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from core_jax.modeling import constrain, dtype_of, layer_stack
+from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -80,7 +80,7 @@ class Attention(nn.Module):
                             ("embed", "heads", "kv"))
             bias = _param(self, f"{name}_bias", nn.initializers.zeros, (self.num_heads, head_dim),
                           ("heads", "kv"))
-            y = jnp.einsum("bld,dhk->blhk", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+            y = dense(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
             return constrain(y, ("act_batch", "act_length", "act_heads", "act_kv"))
 
         q, k, v = project("q"), project("k"), project("v")
@@ -95,7 +95,7 @@ class Attention(nn.Module):
         out_kernel = _param(self, "out_kernel", nn.initializers.normal(self.out_std),
                             (self.num_heads, head_dim, width), ("heads", "kv", "embed"))
         out_bias = _param(self, "out_bias", nn.initializers.zeros, (width,), ("norm",))
-        y = jnp.einsum("bqhk,hkd->bqd", out, out_kernel.astype(self.dtype))
+        y = dense(out, out_kernel.astype(self.dtype), in_dims=2)
         return y + out_bias.astype(self.dtype)
 
 
@@ -111,12 +111,12 @@ class MLP(nn.Module):
         fc_kernel = _param(self, "fc_kernel", nn.initializers.normal((2 * width) ** -0.5),
                            (width, self.mlp_dim), ("embed", "mlp"))
         fc_bias = _param(self, "fc_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
-        h = jnp.einsum("bld,dm->blm", x, fc_kernel.astype(self.dtype)) + fc_bias.astype(self.dtype)
+        h = dense(x, fc_kernel.astype(self.dtype)) + fc_bias.astype(self.dtype)
         h = constrain(activation_fn(self.activation)(h), ("act_batch", "act_length", "act_mlp"))
         proj_kernel = _param(self, "proj_kernel", nn.initializers.normal(self.out_std),
                              (self.mlp_dim, width), ("mlp", "embed"))
         proj_bias = _param(self, "proj_bias", nn.initializers.zeros, (width,), ("norm",))
-        return jnp.einsum("blm,md->bld", h, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
+        return dense(h, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -144,7 +144,8 @@ class ResidualBlock(nn.Module):
 def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool, dtype,
                  depth: int | None = None, name: str = "transformer"):
     return layer_stack(
-        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, name=name,
+        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, unroll=cfg.scan_unroll,
+        name=name,
         num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
         causal=causal, ln_eps=cfg.ln_eps, depth=depth or num_layers, dtype=dtype)
 
@@ -173,7 +174,7 @@ class VisionTower(nn.Module):
             patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
             patch_kernel = _param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
                                   (p * p * 3, width), ("patch", "embed"))
-            x = jnp.einsum("bnp,pd->bnd", patches, patch_kernel.astype(dtype))
+            x = dense(patches, patch_kernel.astype(dtype))
         class_embedding = _param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
                                  (width,), ("norm",))
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
@@ -222,8 +223,7 @@ class VisionTower(nn.Module):
                              (p * p, width), ("patch", "embed"))
         chroma_kernel = _param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
                                (3, width), (None, "embed"))
-        return (jnp.einsum("bnp,pd->bnd", pattern, luma_kernel.astype(dtype)),
-                jnp.einsum("bnc,cd->bnd", colour, chroma_kernel.astype(dtype)))
+        return (dense(pattern, luma_kernel.astype(dtype)), dense(colour, chroma_kernel.astype(dtype)))
 
 
 class TextTower(nn.Module):
@@ -329,6 +329,7 @@ class CLIPSpec:
     chroma_layer: int = 0
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
 
 
 def spec_from_config(config) -> CLIPSpec:
@@ -362,8 +363,9 @@ def spec_from_config(config) -> CLIPSpec:
     values["ln_eps"] = float(values["ln_eps"])
     return CLIPSpec(**values, vocab_size=int(config.text.vocab_size),
                     context_length=int(config.text.context_length),
-                    dtype=str(config.compute_dtype), patch_embed=patch_embed, chroma_layer=chroma_layer, scan_layers=bool(config.scan_layers),
-                    remat=str(config.remat))
+                    dtype=str(config.compute_dtype), patch_embed=patch_embed, chroma_layer=chroma_layer,
+                    scan_layers=bool(config.scan_layers), remat=str(config.remat),
+                    scan_unroll=int(config.get("scan_unroll", 1)))  # absent in older workdirs' configs
 
 
 def clip_from_config(config) -> CLIP:

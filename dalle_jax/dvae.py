@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from core_jax.modeling import constrain, dtype_of, remat_policy
+from core_jax.modeling import constrain, dense, dtype_of, remat_policy
 
 ENCODER_KERNELS = (3, 3, 3, 1)
 DECODER_KERNELS = (1, 3, 3, 3)
@@ -57,7 +57,7 @@ class Conv(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                           (self.features,), jnp.float32)
         if k == 1:  # a 1x1 conv is a matmul over channels; XLA handles it better as one
-            y = jnp.einsum("bhwc,cd->bhwd", x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
+            y = dense(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
                 x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
@@ -174,7 +174,7 @@ class CodeEmbedding(nn.Module):
                 raise ValueError(f"decoder codes have {codes.shape[-1]} channels, expected vocab_size="
                                  f"{self.vocab_size}")
             # float32 like OpenAI's input conv: a relaxed one-hot over 8192 codes loses a lot in bf16.
-            y = jnp.einsum("bhwv,vd->bhwd", codes.astype(jnp.float32), table)
+            y = dense(codes.astype(jnp.float32), table)
         return (y + bias).astype(self.dtype)
 
 

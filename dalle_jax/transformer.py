@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core_jax.modeling import constrain, dtype_of, layer_stack
+from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 from dalle_jax import masks as masks_lib
 
 NEG_INF = -1e30  # finite, so a fully masked row (never happens: text is always visible) stays finite
@@ -44,6 +44,7 @@ class DalleConfig:
     dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
+    scan_unroll: int = 1
 
     def __post_init__(self):
         for name in ("text_len", "text_vocab_size", "image_grid", "image_vocab_size", "d_model",
@@ -79,7 +80,8 @@ class DalleConfig:
             num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
             layer_kinds=masks_lib.layer_kinds(m.attention_pattern, int(m.num_layers)),
             conv_kernel=int(m.conv_kernel), dtype=str(config.compute_dtype),
-            scan_layers=bool(config.scan_layers), remat=str(config.remat))
+            scan_layers=bool(config.scan_layers), remat=str(config.remat),
+            scan_unroll=int(config.get("scan_unroll", 1)))  # absent in older workdirs' configs
 
     def replace(self, **changes) -> "DalleConfig":
         return dataclasses.replace(self, **changes)
@@ -134,7 +136,7 @@ class Attention(nn.Module):
         def project(name):
             w = _param(self, f"{name}_kernel", init, ("embed", "heads", "kv"), (d, h, k))
             b = _param(self, f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (h, k))
-            y = jnp.einsum("bsd,dhk->bshk", x, w.astype(dtype)) + b.astype(dtype)
+            y = dense(x, w.astype(dtype)) + b.astype(dtype)
             return constrain(y, heads)
 
         q, key, value = project("query"), project("key"), project("value")
@@ -167,7 +169,7 @@ class Attention(nn.Module):
         out = constrain(jnp.einsum(f"bhqt,{key_spec}->bqhk", weights, value), heads)
         w_out = _param(self, "out_kernel", out_init, ("heads", "kv", "embed"), (h, k, d))
         b_out = _param(self, "out_bias", nn.initializers.zeros, ("norm",), (d,))
-        return jnp.einsum("bqhk,hkd->bqd", out, w_out.astype(dtype)) + b_out.astype(dtype)
+        return dense(out, w_out.astype(dtype), in_dims=2) + b_out.astype(dtype)
 
 
 class Mlp(nn.Module):
@@ -183,9 +185,9 @@ class Mlp(nn.Module):
                        _normal(1.0 / math.sqrt(cfg.mlp_dim) / math.sqrt(2 * cfg.num_layers)),
                        ("mlp", "embed"), (cfg.mlp_dim, cfg.d_model))
         b_out = _param(self, "out_bias", nn.initializers.zeros, ("norm",), (cfg.d_model,))
-        hidden = nn.gelu(x @ w_in.astype(dtype) + b_in.astype(dtype))
+        hidden = nn.gelu(dense(x, w_in.astype(dtype)) + b_in.astype(dtype))
         hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
-        return hidden @ w_out.astype(dtype) + b_out.astype(dtype)
+        return dense(hidden, w_out.astype(dtype)) + b_out.astype(dtype)
 
 
 class Block(nn.Module):
@@ -240,7 +242,7 @@ class DalleTransformer(nn.Module):
     def _head(self, name, x, vocab):
         w = _param(self, f"{name}_kernel", _normal(0.02), ("embed", "vocab"), (self.cfg.d_model, vocab))
         b = _param(self, f"{name}_bias", nn.initializers.zeros, ("vocab",), (vocab,))
-        logits = x @ w.astype(x.dtype) + b.astype(x.dtype)
+        logits = dense(x, w.astype(x.dtype)) + b.astype(x.dtype)
         return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
     @nn.compact
@@ -257,7 +259,7 @@ class DalleTransformer(nn.Module):
         table, index = masks_lib.mask_table(cfg.layer_kinds, cfg.text_len, cfg.image_grid,
                                             cfg.conv_kernel)
         x = self._embed(stream_ids, start)
-        stack = layer_stack(Block, cfg.num_layers, scan=cfg.scan_layers,
+        stack = layer_stack(Block, cfg.num_layers, scan=cfg.scan_layers, unroll=cfg.scan_unroll,
                             remat="none" if self.decode else cfg.remat, per_layer_argnums=(1,),
                             cfg=cfg, decode=self.decode)
         x = stack(x, jnp.asarray(table), jnp.asarray(index), jnp.asarray(start, jnp.int32))

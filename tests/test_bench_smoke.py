@@ -176,3 +176,16 @@ def test_dvae_shape_errors_counts_what_the_checker_reads_back():
     res = shape_errors(originals, shifted, captions)
     assert res["squared_error_share_at_edges"] == 1.0 and res["psnr_if_edges_exact"] > 90
     assert res["edge_pixels_per_image"] > 0
+
+
+def test_demo_steps_at_toy_sizes():
+    from bench import bench_demo_steps
+    row = bench_demo_steps.measure("dvae", bench_mfu.TOY_MODELS["dvae"], 2)
+    assert row["model"] == "dvae" and row["batch_size"] == 4 and 0 < row["best_ms"] <= row["median_ms"]
+    assert row["stage_step_minutes"] > 0 and "| dvae | 4 |" in bench_demo_steps.markdown([row])
+    assert bench_demo_steps.parse_sets(["scan_layers=False", "optim.name=sgd"]) == \
+        {"scan_layers": False, "optim.name": "sgd"}
+    with pytest.raises(SystemExit, match="unknown"):
+        bench_demo_steps.main(["--models", "vit"])
+    with pytest.raises(SystemExit, match="key=value"):
+        bench_demo_steps.parse_sets(["scan_layers"])
