@@ -27,7 +27,7 @@ def get_config(arg=None):
     c.eval.zeroshot_split = "test_unseen"
     # Both 4-layer towers unrolled inside their scans: same params and init as the scan, a CPU
     # train step ~10% faster (bench.bench_demo_steps, README "Train-step speed on CPU").
-    c.scan_unroll = max(c.model.vision_layers, c.model.text_layers)
+    c.scan_unroll = c.model.get_ref("vision_layers") * 1  # follows its override (text: as many)
     c.batch_size = 64
     # ~0.45 s/step at batch 64 on 2 idle CPU cores: 400 steps, compile and the one evaluation fit
     # in 4 minutes (docs/clip.md).

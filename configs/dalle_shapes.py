@@ -27,7 +27,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/dalle_shapes.py: unknown preset {arg!r} (use 'paper_masks')")
     # Four layers unrolled inside the scan: the scan's params and init, none of its per-step
     # stacking of saved activations (CPU train step 406 -> 318 ms, bench.bench_demo_steps).
-    c.scan_unroll = m.num_layers
+    c.scan_unroll = m.get_ref("num_layers") * 1  # follows --config.model.num_layers
     c.data.source = "shapes"
     c.data.image_size = 64
     c.data.eval_split = "test_unseen"

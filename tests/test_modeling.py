@@ -91,3 +91,15 @@ def test_scan_unroll_must_be_positive():
     c.scan_unroll = 0
     with pytest.raises(ConfigError, match="scan_unroll must be >= 1"):
         validate(c, 1, 1)
+
+
+def test_shapes_configs_unroll_every_layer_and_follow_overrides():
+    from core_jax.app import load_config
+    dalle = load_config("dalle_shapes")
+    assert dalle.scan_layers and dalle.scan_unroll == dalle.model.num_layers == 4
+    dalle.model.num_layers = 6
+    assert dalle.scan_unroll == 6
+    clip = load_config("clip_shapes")
+    assert clip.scan_unroll == clip.model.vision_layers == clip.model.text_layers == 4
+    clip.scan_unroll = 1  # overriding the unroll alone leaves the model alone
+    assert clip.model.vision_layers == 4
