@@ -6,8 +6,8 @@
 Each model's own jitted update step (core_jax.trainer.jit_train_step, compiled ahead of time) runs
 on one fixed batch of the shapes data; `--set key=value` (dotted config keys, Python literals)
 changes the configs to compare a variant (this machine's speed drifts by 10-20%: run both twice,
-alternating). The demo's stage times are these
-steps times the configs' step counts, plus compiling, evaluations and data (README, "make demo").
+alternating). The demo's stage times are these steps times the configs' step counts, plus
+compiling, evaluations and data (README, "make demo").
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", default=",".join(DEMO_MODELS), help="comma list of dvae, clip, dalle")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (after one warm-up)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every model, e.g. scan_layers=False (repeatable)")
+                    help="config override for every model, e.g. scan_unroll=1 (repeatable)")
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(DEMO_MODELS))

@@ -145,8 +145,7 @@ def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool,
                  depth: int | None = None, name: str = "transformer"):
     return layer_stack(
         ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, unroll=cfg.scan_unroll,
-        name=name,
-        num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
+        name=name, num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
         causal=causal, ln_eps=cfg.ln_eps, depth=depth or num_layers, dtype=dtype)
 
 

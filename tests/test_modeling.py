@@ -1,4 +1,5 @@
 """core_jax.modeling: dense (one 2-D matmul on CPU) and layer_stack's unrolled scan."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core_jax import sharding
 from core_jax.modeling import dense, layer_stack
-import flax.linen as nn
 
 
 def _inputs(x_shape, k_shape, seed=0):
