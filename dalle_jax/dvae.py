@@ -67,24 +67,42 @@ class Conv(nn.Module):
 
 class ResBlock(nn.Module):
     """out = id_path(x) + res_path(x) / n_layers**2; the small gain keeps a deep stack near identity
-    at init, so it trains without normalisation layers."""
+    at init, so it trains without normalisation layers.
+
+    `upsample_input`: the block's input is x upsampled x2 (nearest). A 1x1 conv (and ReLU) commutes
+    with nearest upsampling, so id_path and a leading 1x1 conv run at the low resolution and only
+    their (narrower) outputs are upsampled: the same values for a quarter of those FLOPs (the decoder
+    enters every group after the first this way)."""
     features: int
     kernels: Sequence[int]
     n_layers: int
     dtype: Any = jnp.float32
+    upsample_input: bool = False
 
     @nn.compact
     def __call__(self, x):
         if self.features % 4:
             raise ValueError(f"dVAE block width must be divisible by 4, got {self.features}")
         hidden = self.features // 4
+        late = self.upsample_input and self.kernels[0] == 1
+        if self.upsample_input and not late:
+            x = upsample_2x(x)  # a first kernel wider than 1x1 sees neighbours: upsample first
+        up = upsample_2x if late else (lambda t: t)
         identity = x if x.shape[-1] == self.features else Conv(self.features, 1, dtype=self.dtype,
                                                                name="id_path")(x)
+        identity = up(identity)
         h = x
         for i, k in enumerate(self.kernels):
             width = self.features if i == len(self.kernels) - 1 else hidden
             h = Conv(width, k, dtype=self.dtype, name=f"conv_{i + 1}")(nn.relu(h))
+            if i == 0:
+                h = up(h)
         return identity + h * jnp.asarray(1.0 / self.n_layers ** 2, h.dtype)
+
+
+def upsample_2x(x):
+    """Nearest-neighbour x2 upsampling of NHWC activations."""
+    return constrain(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), ACT)
 
 
 class ResGroup(nn.Module):
@@ -94,6 +112,7 @@ class ResGroup(nn.Module):
     n_layers: int
     dtype: Any = jnp.float32
     remat: str = "none"
+    upsample_input: bool = False  # the group's input is upsampled x2 (in its first block)
 
     @nn.compact
     def __call__(self, x):
@@ -101,7 +120,8 @@ class ResGroup(nn.Module):
         if self.remat != "none":
             block = nn.remat(ResBlock, policy=remat_policy(self.remat), prevent_cse=True)
         for b in range(self.num_blocks):
-            x = block(self.features, tuple(self.kernels), self.n_layers, self.dtype, name=f"block_{b + 1}")(x)
+            x = block(self.features, tuple(self.kernels), self.n_layers, self.dtype,
+                      self.upsample_input and b == 0, name=f"block_{b + 1}")(x)
             x = constrain(x, ACT)
         return x
 
@@ -197,11 +217,9 @@ class Decoder(nn.Module):
         x = CodeEmbedding(self.init_channels, self.vocab_size, self.dtype, self.embed_init_std, name="input")(codes)
         x = constrain(x, ACT)
         for g, mult in enumerate(reversed(self.width_multipliers)):
+            # Nearest x2 upsampling between groups, done inside the next group's first block.
             x = ResGroup(self.hidden * mult, self.blocks_per_group, DECODER_KERNELS, n_layers, self.dtype,
-                         self.remat, name=f"group_{g + 1}")(x)
-            if g < n_groups - 1:
-                x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # nearest-neighbour x2
-                x = constrain(x, ACT)
+                         self.remat, upsample_input=g > 0, name=f"group_{g + 1}")(x)
         return Conv(2 * self.output_channels, 1, dtype=jnp.float32, name="output")(nn.relu(x))
 
 
@@ -278,15 +296,19 @@ def _conv_flops(h, w, k, cin, cout):
     return 2 * h * w * k * k * cin * cout
 
 
-def _blocks_flops(h, w, cin, cout, kernels, n_blocks):
+def _blocks_flops(h, w, cin, cout, kernels, n_blocks, upsampled_input=False):
     total = 0
     for b in range(n_blocks):
         c_in = cin if b == 0 else cout
         hid = cout // 4
+        # ResBlock.upsample_input: the input's 1x1 convs run before the x2 upsampling.
+        low = 4 if (upsampled_input and b == 0) else 1
         if c_in != cout:
-            total += _conv_flops(h, w, 1, c_in, cout)
+            total += _conv_flops(h, w, 1, c_in, cout) // low
         widths = [c_in, hid, hid, hid, cout]
-        total += sum(_conv_flops(h, w, k, widths[i], widths[i + 1]) for i, k in enumerate(kernels))
+        for i, k in enumerate(kernels):
+            scale = low if (i == 0 and k == 1) else 1
+            total += _conv_flops(h, w, k, widths[i], widths[i + 1]) // scale
     return total
 
 
@@ -308,7 +330,7 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
     dec = _conv_flops(s, s, 1, vocab, init) if soft_codes else 0
     c = init
     for g, m in enumerate(reversed(mults)):
-        dec += _blocks_flops(s, s, c, hid * m, DECODER_KERNELS, nb)
+        dec += _blocks_flops(s, s, c, hid * m, DECODER_KERNELS, nb, upsampled_input=g > 0)
         c = hid * m
         if g < len(mults) - 1:
             s *= 2

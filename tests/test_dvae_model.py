@@ -100,6 +100,48 @@ def test_residual_block_scaling():
         assert params["conv_1"]["kernel"].shape == (3, 3, n_in, 2)  # hidden width = out / 4
 
 
+@pytest.mark.parametrize("n_in,kernels", [(16, (1, 3, 3, 3)), (8, (1, 3, 3, 3)), (16, (3, 3, 3, 1))])
+def test_block_with_upsampled_input_equals_upsampling_first(n_in, kernels):
+    """The decoder runs a group's input 1x1 convs before the x2 upsampling: same params, same values
+    (and gradients) as upsampling first, whether the width changes (id_path) or not; a leading 3x3
+    conv falls back to upsampling first."""
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 4, 4, n_in)), jnp.float32)
+    fast = dvae_lib.ResBlock(features=8, kernels=kernels, n_layers=4, upsample_input=True)
+    plain = dvae_lib.ResBlock(features=8, kernels=kernels, n_layers=4)
+    up = dvae_lib.upsample_2x(x)
+    assert up.shape == (2, 8, 8, n_in)
+    params = init(plain, up)
+    assert jax.tree.map(jnp.shape, init(fast, x)) == jax.tree.map(jnp.shape, params)
+    # Random biases, so a wrong order of bias and upsampling would show.
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params)
+    out = fast.apply({"params": params}, x)
+    np.testing.assert_allclose(out, plain.apply({"params": params}, up), atol=1e-6, rtol=1e-6)
+    g_fast = jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2))(params)
+    g_plain = jax.grad(lambda p: jnp.sum(plain.apply({"params": p}, up) ** 2))(params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-5), g_fast, g_plain)
+
+
+def test_decoder_flops_count_the_upsampled_1x1_convs_at_low_resolution():
+    m = tiny_model_config()
+    _, dec = dvae_lib.forward_flops(m, 32, soft_codes=False)
+    # By hand: groups at 4, 8, 16, 32 px with widths 32, 16, 16, 8 (decoder order), input 16 channels.
+    def conv(s, k, i, o):
+        return 2 * s * s * k * k * i * o
+    expected = 0
+    c, s = 16, 4
+    for g, w in enumerate((32, 16, 16, 8)):
+        low = 4 if g > 0 else 1
+        hid = w // 4
+        if c != w:
+            expected += conv(s, 1, c, w) // low
+        expected += conv(s, 1, c, hid) // low + 2 * conv(s, 3, hid, hid) + conv(s, 3, hid, w)
+        c = w
+        if g < 3:
+            s *= 2
+    expected += conv(32, 1, 8, 6)
+    assert dec == expected
+
+
 def test_schedules_start_and_end():
     m = tiny_model_config(temperature_start=1.0, temperature_end=1 / 16, temperature_anneal_steps=100,
                           kl_weight_start=0.0, kl_weight_end=6.6, kl_weight_ramp_steps=50)
