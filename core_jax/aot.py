@@ -108,7 +108,7 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
     """Lowers and compiles the train step for `devices`; returns memory and FLOP figures."""
     import jax
 
-    from core_jax import sharding, trainer
+    from core_jax import finetune, sharding, trainer
     from core_jax.optim import make_optimizer
 
     task = load_task_module(config).make_task(config, None)
@@ -120,6 +120,7 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
         sh = sharding.batch_sharding(mesh, len(spec.shape), spec.shape[0])
         batch[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sh)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
+    tx = finetune.freeze(tx, finetune.frozen_prefixes(config))  # no optimizer moments when frozen
     _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, batch)
     step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
                                   jax.tree.map(lambda x: x.sharding, batch))

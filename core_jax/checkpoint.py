@@ -87,6 +87,26 @@ def latest_step(workdir: str) -> int | None:
         return manager.latest_step()
 
 
+def _params_reader(workdir: str) -> ocp.CheckpointManager:
+    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers)
+
+
+def _params_metadata(manager, workdir: str, step: int | None):
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"{workdir} holds no checkpoint under {checkpoint_dir(workdir)}")
+    return step, manager.metadata(step).item_metadata["state"]["params"]
+
+
+def param_shapes(workdir: str, step: int | None = None) -> Any:
+    """The params tree of the newest (or given) checkpoint with each array's shape, read from the
+    checkpoint's metadata (no array is loaded)."""
+    with _params_reader(workdir) as manager:
+        _, meta = _params_metadata(manager, workdir, step)
+    return jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape"))
+
+
 def load_params(workdir: str, step: int | None = None, shardings: Any = None):
     """(config, params) of the newest (or given) checkpoint in `workdir`, for inference.
 
@@ -94,13 +114,8 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None):
     the arrays are placed that way; otherwise they land on the default device.
     """
     config = read_config(workdir)
-    d = checkpoint_dir(workdir)
-    handlers = {"state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler()}
-    with ocp.CheckpointManager(d, item_handlers=handlers) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"{workdir} holds no checkpoint under {d}")
-        params_meta = manager.metadata(step).item_metadata["state"]["params"]
+    with _params_reader(workdir) as manager:
+        step, params_meta = _params_metadata(manager, workdir, step)
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(

@@ -37,6 +37,10 @@ def base_config() -> ml_collections.ConfigDict:
     # layer's saved activations costs a small model's CPU step 10-22%. Compile time grows with it.
     c.scan_unroll = 1
     c.nan_policy = "skip"  # skip: drop the update and count it; abort: stop the run
+    # Fine-tuning (core_jax/finetune.py): a fresh run starts from the params of this workdir's
+    # newest checkpoint; `frozen` (comma list of param-path prefixes, e.g. "encoder") get no updates.
+    c.init_from = ""
+    c.frozen = ""
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=100,
         end_learning_rate_fraction=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,

@@ -19,7 +19,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from core_jax import checkpoint, data as data_lib, metrics as metrics_lib, sharding
+from core_jax import checkpoint, data as data_lib, finetune, metrics as metrics_lib, sharding
 from core_jax.optim import make_optimizer
 
 
@@ -103,10 +103,11 @@ def _split_micro(batch, k: int):
 def build_train_step(task: Task, tx, schedule, config):
     accum = int(config.grad_accum_steps)
     base_rng = jax.random.key(config.seed)
+    frozen = finetune.frozen_prefixes(config)
 
     def grads_of(params, batch, rng, step):
         (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
-        return loss, aux, grads
+        return loss, aux, finetune.drop_frozen(grads, frozen)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
@@ -169,9 +170,12 @@ def state_shardings(task: Task, tx, mesh, config, batch):
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, P())
+    # Moments are sharded like their params; frozen params (core_jax.finetune) have none, which
+    # optax marks with an empty MaskedNode that stays empty here.
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated)
+        tx, lambda v, s: v if masked(v) else s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: replicated, is_leaf=masked)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                            nonfinite_skipped=replicated)
 
@@ -226,6 +230,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
             _copy_into(workdir, name, src)
     writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
+    tx = finetune.freeze(tx, finetune.frozen_prefixes(config))
 
     it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
                                 seed=config.seed, example_fn=task.example_fn, train=True)
@@ -253,6 +258,15 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     else:
         log_fn(f"{count_params(state.params):,} parameters on mesh "
                f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)")
+        init_from = str(config.get("init_from", "") or "")
+        if init_from:
+            state = state.replace(params=finetune.load_init_params(
+                init_from, state.params, state_shardings.params))
+            log_fn(f"params initialised from {init_from}")
+    prefixes = finetune.frozen_prefixes(config)
+    if prefixes:
+        frozen, total = finetune.check_frozen(state.params, prefixes)
+        log_fn(f"frozen ({','.join(prefixes)}): {frozen:,} of {total:,} parameters get no updates")
 
     train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
                                 jax.tree.map(lambda x: x.sharding, batch))

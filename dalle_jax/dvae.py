@@ -361,6 +361,11 @@ def default_model_config():
         recon_loss="logit_laplace",      # logit_laplace | mse
         straight_through=False,          # hard one-hot forward, relaxed gradient
         straight_through_from_step=-1,   # >= 0: straight-through from this step on (-1: never)
+        # What the decoder is trained on: "relaxed" (the gumbel-softmax sample, or straight-through
+        # as set above) or "argmax" (the encoder's argmax codes, as at inference, with no gradient
+        # to the encoder and no KL / usage terms): decoder fine-tuning of a trained dVAE with
+        # --config.init_from=W --config.frozen=encoder, which leaves its tokens unchanged.
+        train_codes="relaxed",
         temperature_start=1.0,
         temperature_end=1.0 / 16,
         temperature_anneal_steps=150_000,

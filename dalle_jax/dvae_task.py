@@ -58,6 +58,32 @@ def _global_batch(params, local: dict) -> dict:
     return {k: jnp.asarray(v) for k, v in local.items()}
 
 
+TRAIN_CODES = ("relaxed", "argmax")
+
+
+def train_codes(model_config) -> str:
+    kind = str(model_config.get("train_codes", "relaxed"))
+    if kind not in TRAIN_CODES:
+        raise ValueError(f"model.train_codes must be one of {TRAIN_CODES}, got {kind!r}")
+    return kind
+
+
+def check_decoder_finetune(config) -> None:
+    """model.train_codes='argmax' gives the encoder no gradient: it only makes sense on a trained
+    dVAE's params with the encoder frozen (so the tokens stay the ones its transformer learned)."""
+    from core_jax.config import ConfigError
+    from core_jax.finetune import frozen_prefixes
+
+    if train_codes(config.model) != "argmax":
+        return
+    if "encoder" not in frozen_prefixes(config):
+        raise ConfigError("model.train_codes='argmax' trains only the decoder: set --config.frozen=encoder "
+                          "(otherwise the optimizer would still move the encoder)")
+    if not str(config.get("init_from", "") or ""):
+        raise ConfigError("model.train_codes='argmax' fine-tunes the decoder of a trained dVAE: set "
+                          "--config.init_from=<its workdir>")
+
+
 def make_loss_fn(model, model_config):
     m = model_config
     if m.recon_loss not in dvae_loss.RECON_LOSSES:
@@ -67,15 +93,23 @@ def make_loss_fn(model, model_config):
     dvae_loss.kl_weight(m, 0)
     dvae_loss.usage_weight(m, 0)
 
+    argmax_codes = train_codes(m) == "argmax"
+
     def loss_fn(params, batch, rng, step):
         x = batch["image"]
         logits = model.apply({"params": params}, x, method=dvae_lib.DVAE.encode)
         tau = dvae_loss.temperature(m, step)
         beta = dvae_loss.kl_weight(m, step)
-        z = dvae_loss.gumbel_softmax(rng, logits, tau, dvae_loss.straight_through_now(m, step))
+        usage_w = dvae_loss.usage_weight(m, step)
+        if argmax_codes:
+            # Decoder fine-tuning: the codes inference uses, nothing for the (frozen) encoder.
+            logits = jax.lax.stop_gradient(logits)
+            z = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+            beta, usage_w = jnp.zeros_like(beta), jnp.zeros_like(usage_w)
+        else:
+            z = dvae_loss.gumbel_softmax(rng, logits, tau, dvae_loss.straight_through_now(m, step))
         z = sharding.constrain(z, CODES_ACT)
         stats = model.apply({"params": params}, z, method=dvae_lib.DVAE.decode)
-        usage_w = dvae_loss.usage_weight(m, step)
         loss, metrics = dvae_loss.dvae_objective(x, logits, stats, kl_w=beta, recon_loss=m.recon_loss,
                                                  usage_w=usage_w)
         metrics.update(dvae_loss.codebook_metrics(logits))
@@ -158,6 +192,7 @@ def make_evaluator(config, model, example_fn):
 def make_task(config, workdir=None):
     from core_jax.trainer import Task
 
+    check_decoder_finetune(config)
     model = model_from_config(config)
     size = int(config.data.image_size)
     dvae_lib.grid_size(config.model, size)  # clear error now if the pools do not divide the size

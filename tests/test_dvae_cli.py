@@ -131,3 +131,47 @@ def test_convert_cli_from_npz(tmp_path):
     again = run("dalle_jax.convert_dvae", "--encoder", str(tmp_path / "enc.npz"), "--decoder",
                 str(tmp_path / "dec.npz"), "--workdir", str(workdir), check=False)
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
+
+
+def test_decoder_finetune_keeps_the_encoder_and_its_tokens(trained, tmp_path):
+    """configs/dvae_shapes_decoder.py: init_from the trained dVAE, encoder frozen, decoder trained
+    on argmax codes; the new workdir encodes exactly as the old one and decodes differently."""
+    from core_jax.checkpoint import load_params
+    from core_jax.data.shapes import make_example
+    from dalle_jax.dvae_api import DVAE
+
+    workdir = str(tmp_path / "decoder")
+    proc = run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes_decoder.py", "--workdir", workdir,
+               f"--config.init_from={trained}", *TINY)
+    assert f"params initialised from {trained}" in proc.stdout
+    assert "frozen (encoder): " in proc.stdout
+    _, before = load_params(trained)
+    _, after = load_params(workdir)
+    for a, b in zip(jax_leaves(before["encoder"]), jax_leaves(after["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax_leaves(before["decoder"]), jax_leaves(after["decoder"])))
+    rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    train_rows = [r for r in rows if "loss" in r]
+    assert train_rows[-1]["kl_weight"] == 0 and train_rows[-1]["usage_weight"] == 0
+    assert "eval/test_unseen/psnr" in {k for r in rows for k in r}
+    images = np.stack([make_example("test_unseen", i)["image"] for i in range(4)])
+    old, new = DVAE.load(trained), DVAE.load(workdir)
+    tokens = old.encode(images)
+    np.testing.assert_array_equal(tokens, new.encode(images))
+    assert not np.array_equal(old.decode(tokens), new.decode(tokens))
+
+
+def test_decoder_finetune_needs_a_frozen_encoder_and_a_source(trained, tmp_path):
+    base = ["dalle_jax.train_dvae", "--config", "configs/dvae_shapes_decoder.py", "--workdir",
+            str(tmp_path / "x"), *TINY]
+    proc = run(*base, f"--config.init_from={trained}", "--config.frozen=", check=False)
+    assert proc.returncode == 2 and "set --config.frozen=encoder" in proc.stderr
+    proc = run(*base, check=False)
+    assert proc.returncode == 2 and "set --config.init_from=" in proc.stderr
+    proc = run(*base, f"--config.init_from={tmp_path / 'missing'}", check=False)
+    assert proc.returncode == 2 and "init_from" in proc.stderr
+
+
+def jax_leaves(tree):
+    import jax
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -1,0 +1,100 @@
+"""Fine-tuning in the shared trainer: start from another workdir's params, keep some of them fixed.
+
+    --config.init_from=runs/dvae        # params of that workdir's newest checkpoint (fresh runs only)
+    --config.frozen=encoder             # comma list of param-path prefixes that get no updates
+
+`frozen` paths are '/'-joined param-tree keys ('encoder', 'decoder/group_4'). Their gradients are
+dropped (so never computed, and not in grad_norm), their updates are zero and the optimizer keeps no
+moments for them (optax.multi_transform; weight decay does not touch them either): a frozen subtree
+stays bit-identical however long the run. A run that resumes from its own checkpoint never reads
+`init_from` again.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from core_jax.config import ConfigError
+
+
+def frozen_prefixes(config) -> tuple[str, ...]:
+    raw = str(config.get("frozen", "") or "")
+    return tuple(p.strip().strip("/") for p in raw.split(",") if p.strip().strip("/"))
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def _is_frozen(path: str, prefixes) -> bool:
+    return any(path == p or path.startswith(p + "/") for p in prefixes)
+
+
+def param_labels(params, prefixes) -> dict:
+    """'frozen' / 'train' per leaf of `params`."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "frozen" if _is_frozen(_path_str(path), prefixes) else "train", params)
+
+
+def check_frozen(abstract_params, prefixes) -> tuple[int, int]:
+    """(frozen, total) parameter counts; ConfigError for a prefix that names no param, or when
+    nothing would be left to train."""
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+    paths = [(_path_str(p), int(np.prod(x.shape))) for p, x in leaves]
+    for prefix in prefixes:
+        if not any(_is_frozen(path, (prefix,)) for path, _ in paths):
+            tops = sorted({path.split("/")[0] for path, _ in paths})
+            raise ConfigError(f"config.frozen: no parameter path starts with {prefix!r} (top-level "
+                              f"params: {', '.join(tops)})")
+    frozen = sum(n for path, n in paths if _is_frozen(path, prefixes))
+    total = sum(n for _, n in paths)
+    if prefixes and frozen == total:
+        raise ConfigError(f"config.frozen={','.join(prefixes)!r} freezes every parameter: nothing to train")
+    return frozen, total
+
+
+def drop_frozen(grads, prefixes):
+    """Zero gradients for the frozen params: XLA then never computes them, and the logged
+    grad_norm covers only what is trained."""
+    if not prefixes:
+        return grads
+    return jax.tree_util.tree_map_with_path(
+        lambda path, g: jnp.zeros_like(g) if _is_frozen(_path_str(path), prefixes) else g, grads)
+
+
+def freeze(tx: optax.GradientTransformation, prefixes) -> optax.GradientTransformation:
+    """`tx` for the trainable params, zero updates (and no optimizer state) for the frozen ones."""
+    if not prefixes:
+        return tx
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
+                                 lambda params: param_labels(params, prefixes))
+
+
+def load_init_params(init_from: str, abstract_params, param_shardings):
+    """The params of `init_from`'s newest checkpoint, placed in the run's shardings; ConfigError
+    naming the first path whose presence or shape differs from this run's model."""
+    from core_jax.checkpoint import load_params, param_shapes
+
+    try:
+        shapes = param_shapes(init_from)
+    except FileNotFoundError as e:
+        raise ConfigError(f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
+                          f"written by a trainer or a converter): {e}") from None
+    want = {_path_str(p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
+    have = {_path_str(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]}
+    for path in sorted(set(want) | set(have)):
+        if path not in have:
+            raise ConfigError(f"config.init_from={init_from!r} has no parameter {path!r} that this "
+                              f"model needs (a different model or config?)")
+        if path not in want:
+            raise ConfigError(f"config.init_from={init_from!r} has a parameter {path!r} this model "
+                              f"does not (a different model or config?)")
+        if have[path] != want[path]:
+            raise ConfigError(f"config.init_from={init_from!r}: parameter {path!r} has shape "
+                              f"{tuple(have[path])}, this model needs {tuple(want[path])}")
+    _, params = load_params(init_from, shardings=param_shardings)
+    return params
