@@ -114,6 +114,9 @@ def run_trainer(make_task: Callable, default_config: str):
             task = make_task(config, workdir)
         except (ConfigError, FileNotFoundError) as e:
             fail(str(e))
-        trainer.train(config, workdir, task)
+        try:
+            trainer.train(config, workdir, task)
+        except ConfigError as e:  # found once the model's params exist (init_from, frozen)
+            fail(str(e))
 
     app.run(main, flags_parser=_flags_parser)

@@ -228,7 +228,6 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         checkpoint.write_config(workdir, config)
         for name, src in task.extra_files.items():
             _copy_into(workdir, name, src)
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     tx = finetune.freeze(tx, finetune.frozen_prefixes(config))
 
@@ -265,59 +264,64 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
             log_fn(f"params initialised from {init_from}")
     prefixes = finetune.frozen_prefixes(config)
     if prefixes:
-        frozen, total = finetune.check_frozen(state.params, prefixes)
-        log_fn(f"frozen ({','.join(prefixes)}): {frozen:,} of {total:,} parameters get no updates")
+        n_frozen, n_params = finetune.check_frozen(state.params, prefixes)
+        log_fn(f"frozen ({','.join(prefixes)}): {n_frozen:,} of {n_params:,} parameters get no updates")
 
     train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
                                 jax.tree.map(lambda x: x.sharding, batch))
     peak = (metrics_lib.peak_flops(list(mesh.devices.flat), config.compute_dtype)
             if task.flops_per_example else 0.0)
 
-    last_scalars: dict = {}
-    pending = None  # the previous step's metrics, read one step late so the host never waits
-    t_log, steps_since_log, waits = time.perf_counter(), 0, {}
-    t_start = time.perf_counter()
-    total = int(config.total_steps)
-    step = start_step
-    while step < total:
-        with jax.set_mesh(mesh):
-            state, step_metrics = train_step(state, batch)
-        step += 1
-        steps_since_log += 1
+    # Opened only now, so a config or init_from error above leaves no writer thread behind, and
+    # closed however the loop ends (an abort on a non-finite loss raises out of it).
+    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    try:
+        last_scalars: dict = {}
+        pending = None  # the previous step's metrics, read one step late so the host never waits
+        t_log, steps_since_log, waits = time.perf_counter(), 0, {}
+        t_start = time.perf_counter()
+        total = int(config.total_steps)
+        step = start_step
+        while step < total:
+            with jax.set_mesh(mesh):
+                state, step_metrics = train_step(state, batch)
+            step += 1
+            steps_since_log += 1
+            if pending is not None:
+                last_scalars = _handle_metrics(pending, config, writer, log_fn)
+            pending = None
+            if step % config.log_every == 0 or step == total:
+                now = time.perf_counter()
+                elapsed = now - t_log
+                eps = steps_since_log * config.batch_size / max(elapsed, 1e-9)
+                extra = {"examples_per_sec": eps, "steps_per_sec": steps_since_log / max(elapsed, 1e-9),
+                         "data_wait_fraction": waits.get("data", 0.0) / max(elapsed, 1e-9)}
+                if task.batch_fn is not None:
+                    extra["batch_fn_fraction"] = waits.get("batch_fn", 0.0) / max(elapsed, 1e-9)
+                if task.flops_per_example and peak:
+                    extra["mfu"] = task.flops_per_example * eps / peak
+                for reason, count in it.skipped.items():
+                    extra[f"data/skipped/{reason}"] = count
+                rate = (now - t_start) / max(step - start_step, 1)
+                # Read back after the next step is dispatched, so the host never waits on the device.
+                pending = (step, total, step_metrics, extra, rate * (total - step))
+                t_log, steps_since_log, waits = now, 0, {}
+            elif config.nan_policy == "abort":
+                pending = (step, total, {"nonfinite": step_metrics["nonfinite"]}, None, 0)
+            if step % config.checkpoint_every == 0 or step == total:
+                checkpoint.save(manager, step, state, it.get_state(), force=True)
+            if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
+                _run_evals(task, state, batch, step, writer, log_fn, mesh)
+            if stop_at_step is not None and step >= stop_at_step:
+                break
+            if step < total:
+                batch = next_global_batch(it, task, mesh, waits)
         if pending is not None:
             last_scalars = _handle_metrics(pending, config, writer, log_fn)
-        pending = None
-        if step % config.log_every == 0 or step == total:
-            now = time.perf_counter()
-            elapsed = now - t_log
-            eps = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-            extra = {"examples_per_sec": eps, "steps_per_sec": steps_since_log / max(elapsed, 1e-9),
-                     "data_wait_fraction": waits.get("data", 0.0) / max(elapsed, 1e-9)}
-            if task.batch_fn is not None:
-                extra["batch_fn_fraction"] = waits.get("batch_fn", 0.0) / max(elapsed, 1e-9)
-            if task.flops_per_example and peak:
-                extra["mfu"] = task.flops_per_example * eps / peak
-            for reason, count in it.skipped.items():
-                extra[f"data/skipped/{reason}"] = count
-            rate = (now - t_start) / max(step - start_step, 1)
-            # Read back after the next step is dispatched, so the host never waits on the device.
-            pending = (step, total, step_metrics, extra, rate * (total - step))
-            t_log, steps_since_log, waits = now, 0, {}
-        elif config.nan_policy == "abort":
-            pending = (step, total, {"nonfinite": step_metrics["nonfinite"]}, None, 0)
-        if step % config.checkpoint_every == 0 or step == total:
-            checkpoint.save(manager, step, state, it.get_state(), force=True)
-        if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
-            _run_evals(task, state, batch, step, writer, log_fn, mesh)
-        if stop_at_step is not None and step >= stop_at_step:
-            break
-        if step < total:
-            batch = next_global_batch(it, task, mesh, waits)
-    if pending is not None:
-        last_scalars = _handle_metrics(pending, config, writer, log_fn)
-    manager.wait_until_finished()
-    manager.close()
-    writer.close()
+        manager.wait_until_finished()
+        manager.close()
+    finally:
+        writer.close()
     return last_scalars
 
 

@@ -170,6 +170,10 @@ def test_decoder_finetune_needs_a_frozen_encoder_and_a_source(trained, tmp_path)
     assert proc.returncode == 2 and "set --config.init_from=" in proc.stderr
     proc = run(*base, f"--config.init_from={tmp_path / 'missing'}", check=False)
     assert proc.returncode == 2 and "init_from" in proc.stderr
+    # Found only once the model exists: still one line and exit 2, no traceback.
+    proc = run(*base, f"--config.init_from={trained}", "--config.model.hidden=16", check=False)
+    assert proc.returncode == 2 and "has shape" in proc.stderr and "this model needs" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def jax_leaves(tree):
