@@ -113,7 +113,8 @@ def test_block_with_upsampled_input_equals_upsampling_first(n_in, kernels):
     params = init(plain, up)
     assert jax.tree.map(jnp.shape, init(fast, x)) == jax.tree.map(jnp.shape, params)
     # Random biases, so a wrong order of bias and upsampling would show.
-    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params)
+    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size,
+                          params)
     out = fast.apply({"params": params}, x)
     np.testing.assert_allclose(out, plain.apply({"params": params}, up), atol=1e-6, rtol=1e-6)
     g_fast = jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2))(params)
