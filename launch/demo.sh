@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 # Each stage trains its config's default steps (sized for ~20 minutes on 2 cores with bf16 matrix
-# units; 25-29 minutes measured on an AVX2-only 2-core CPU, README). Extra flags per stage:
+# units; 24-29 minutes measured on an AVX2-only 2-core CPU, README). Extra flags per stage:
 # DVAE_ARGS / CLIP_ARGS / DALLE_ARGS
 # (e.g. DALLE_ARGS=--config.total_steps=3000); SAMPLING replaces the sampling flags of stages 4-5.
 DVAE_ARGS=${DVAE_ARGS:-}
