@@ -95,6 +95,6 @@ def load_init_params(init_from: str, abstract_params, param_shardings):
                               f"does not (a different model or config?)")
         if have[path] != want[path]:
             raise ConfigError(f"config.init_from={init_from!r}: parameter {path!r} has shape "
-                              f"{tuple(have[path])}, this model needs {tuple(want[path])}")
+                              f"{have[path]}, this model needs {want[path]}")
     _, params = load_params(init_from, shardings=param_shardings)
     return params

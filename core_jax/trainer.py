@@ -229,7 +229,8 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         for name, src in task.extra_files.items():
             _copy_into(workdir, name, src)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
-    tx = finetune.freeze(tx, finetune.frozen_prefixes(config))
+    frozen = finetune.frozen_prefixes(config)
+    tx = finetune.freeze(tx, frozen)
 
     it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
                                 seed=config.seed, example_fn=task.example_fn, train=True)
@@ -262,10 +263,9 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
             state = state.replace(params=finetune.load_init_params(
                 init_from, state.params, state_shardings.params))
             log_fn(f"params initialised from {init_from}")
-    prefixes = finetune.frozen_prefixes(config)
-    if prefixes:
-        n_frozen, n_params = finetune.check_frozen(state.params, prefixes)
-        log_fn(f"frozen ({','.join(prefixes)}): {n_frozen:,} of {n_params:,} parameters get no updates")
+    if frozen:
+        n_frozen, n_params = finetune.check_frozen(state.params, frozen)
+        log_fn(f"frozen ({','.join(frozen)}): {n_frozen:,} of {n_params:,} parameters get no updates")
 
     train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
                                 jax.tree.map(lambda x: x.sharding, batch))
