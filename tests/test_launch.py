@@ -384,3 +384,38 @@ def test_two_local_processes_form_one_job(tmp_path):
     # Each process holds 2 devices of value (index + 1): 1 + 1 + 2 + 2 = 6 over 4 devices.
     assert "[0] started=True process=0/2 devices=4 sum=6.0 main=True" in result.stdout
     assert "[1] started=True process=1/2 devices=4 sum=6.0 main=False" in result.stdout
+
+
+# ---------------------------------------------------------------- demo.sh wiring
+
+def _demo_calls(tmp_path, **env):
+    """Runs launch/demo.sh with a stand-in python that records each call and does nothing."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n')
+    fake.chmod(0o755)
+    out = tmp_path / "demo"
+    subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], check=True, capture_output=True,
+                   env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(out), **env})
+    return out, [line.split() for line in log.read_text().splitlines()]
+
+
+def test_demo_trains_the_decoder_on_the_dvae_and_the_dalle_through_it(tmp_path):
+    out, calls = _demo_calls(tmp_path, DECODER_ARGS="--config.total_steps=7")
+    modules = [c[1] for c in calls]
+    assert modules == ["dalle_jax.train_dvae", "dalle_jax.train_dvae", "clip_jax.train",
+                       "dalle_jax.train", "dalle_jax.generate", "dalle_jax.contact_sheet",
+                       "dalle_jax.evaluate_fidelity", "dalle_jax.evaluate_fidelity"]
+    decoder = calls[1]
+    assert "configs/dvae_shapes_decoder.py" in decoder and "--workdir" in decoder
+    assert decoder[decoder.index("--workdir") + 1] == f"{out}/dvae_decoder"
+    assert f"--config.init_from={out}/dvae" in decoder and decoder[-1] == "--config.total_steps=7"
+    assert f"--config.dvae_workdir={out}/dvae_decoder" in calls[3]
+    # generate and the fidelity score read the DALL-E workdir, whose config names that dVAE
+    assert all("--dvae_workdir" not in c for c in calls[4:])
+
+
+def test_demo_without_decoder_finetuning(tmp_path):
+    out, calls = _demo_calls(tmp_path, DECODER_FINETUNE="0")
+    assert [c[1] for c in calls[:3]] == ["dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train"]
+    assert f"--config.dvae_workdir={out}/dvae" in calls[2]
