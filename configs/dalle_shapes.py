@@ -34,7 +34,7 @@ def get_config(arg=None):
     # Two-object captions are learnt late and the run's seed decides how well: on one dVAE's tokens
     # (96 prompts x 16 samples, s=3, top_p 0.7; CLIP-best seen / unseen, seeds 0 ; 1) 1500 steps
     # of batch 32 gave 0.781 / 0.469 ; 0.615 / 0.396, the same 48k examples as 3000 steps of
-    # batch 16 0.885 / 0.594 ; 0.719 / 0.438, in about the same time (docs/dalle.md).
+    # batch 16 0.885 / 0.594 ; 0.719 / 0.438, for ~8% more time (65 vs 71 ex/s; docs/dalle.md).
     c.total_steps = 3000
     c.batch_size = 16
     c.log_every = 100
