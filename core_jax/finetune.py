@@ -28,6 +28,12 @@ def _path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def _shapes_by_path(tree, is_leaf=None) -> dict[str, tuple]:
+    """'/'-joined path -> shape of every leaf (arrays, ShapeDtypeStructs, or shape tuples)."""
+    return {_path_str(p): tuple(getattr(x, "shape", x))
+            for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+
+
 def _is_frozen(path: str, prefixes) -> bool:
     return any(path == p or path.startswith(p + "/") for p in prefixes)
 
@@ -41,8 +47,7 @@ def param_labels(params, prefixes) -> dict:
 def check_frozen(abstract_params, prefixes) -> tuple[int, int]:
     """(frozen, total) parameter counts; ConfigError for a prefix that names no param, or when
     nothing would be left to train."""
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-    paths = [(_path_str(p), int(np.prod(x.shape))) for p, x in leaves]
+    paths = [(path, int(np.prod(shape))) for path, shape in _shapes_by_path(abstract_params).items()]
     for prefix in prefixes:
         if not any(_is_frozen(path, (prefix,)) for path, _ in paths):
             tops = sorted({path.split("/")[0] for path, _ in paths})
@@ -82,10 +87,8 @@ def load_init_params(init_from: str, abstract_params, param_shardings):
     except FileNotFoundError as e:
         raise ConfigError(f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
                           f"written by a trainer or a converter): {e}") from None
-    want = {_path_str(p): tuple(x.shape)
-            for p, x in jax.tree_util.tree_flatten_with_path(abstract_params)[0]}
-    have = {_path_str(p): tuple(s) for p, s in jax.tree_util.tree_flatten_with_path(
-        shapes, is_leaf=lambda s: isinstance(s, tuple))[0]}
+    want = _shapes_by_path(abstract_params)
+    have = _shapes_by_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
     for path in sorted(set(want) | set(have)):
         if path not in have:
             raise ConfigError(f"config.init_from={init_from!r} has no parameter {path!r} that this "
