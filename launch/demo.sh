@@ -26,6 +26,11 @@ DVAE_ARGS=${DVAE_ARGS:-}
 DECODER_ARGS=${DECODER_ARGS:-}
 CLIP_ARGS=${CLIP_ARGS:-}
 DALLE_ARGS=${DALLE_ARGS:-}
+DECODER_FINETUNE=${DECODER_FINETUNE:-1}
+case "$DECODER_FINETUNE" in
+  0|1) ;;
+  *) echo "error: DECODER_FINETUNE must be 0 or 1, got '$DECODER_FINETUNE'" >&2; exit 2 ;;
+esac
 
 stage() { printf '\n=== %s (%s) ===\n' "$1" "$(date +%H:%M:%S)"; }
 start=$(date +%s)
@@ -38,7 +43,7 @@ stage "1/6 dVAE: 64x64 images -> 8x8 tokens"
 # frozen encoder keeps every token as it was (docs/dvae.md, "Decoder fine-tuning").
 # DECODER_FINETUNE=0 skips it (~4 minutes less; the DALL-E then decodes with the joint decoder).
 DVAE_DIR="$OUT/dvae"
-if [ "${DECODER_FINETUNE:-1}" != 0 ]; then
+if [ "$DECODER_FINETUNE" = 1 ]; then
   stage "2/6 dVAE decoder fine-tuning: same tokens, sharper images"
   "$PY" -m dalle_jax.train_dvae --config configs/dvae_shapes_decoder.py --workdir "$OUT/dvae_decoder" \
     --config.init_from="$OUT/dvae" ${DECODER_ARGS:-}

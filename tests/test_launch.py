@@ -419,3 +419,10 @@ def test_demo_without_decoder_finetuning(tmp_path):
     out, calls = _demo_calls(tmp_path, DECODER_FINETUNE="0")
     assert [c[1] for c in calls[:3]] == ["dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train"]
     assert f"--config.dvae_workdir={out}/dvae" in calls[2]
+
+
+def test_demo_rejects_a_bad_decoder_switch(tmp_path):
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": "/bin/false", "DEMO_DIR": str(tmp_path / "d"),
+                               "DECODER_FINETUNE": "no"})
+    assert proc.returncode == 2 and "DECODER_FINETUNE must be 0 or 1, got 'no'" in proc.stderr
