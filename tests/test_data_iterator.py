@@ -54,7 +54,7 @@ def test_default_config_has_every_contract_key():
     for key in ("source", "name", "split", "eval_split", "data_dir", "urls", "index_file",
                 "image_key", "caption_key", "label_key", "image_size", "random_crop",
                 "random_flip", "num_workers", "prefetch", "shapes_train_size", "min_image_side",
-                "max_image_pixels", "shuffle_buffer"):
+                "max_image_pixels", "shuffle_buffer", "shapes_one_object_fraction"):
         assert key in cfg
     assert cfg.source == "shapes" and cfg.num_workers == 0
 
@@ -158,6 +158,24 @@ def test_shapes_eval_split():
                        process_index=1, process_count=2)
     assert it.num_batches == 4
     assert sum(int(b["_mask"].sum()) for b in it) == 500
+
+
+def test_shapes_one_object_fraction_sets_the_train_mix_only():
+    objects = lambda raw, rng: {"n": np.int32(len(raw["objects"]))}
+    counts = {}
+    for frac in (0.5, 0.2, 1.0):
+        cfg = shapes_config(shapes_train_size=200, shapes_one_object_fraction=frac)
+        it = make_iterator(cfg, "train", global_batch_size=200, seed=0, example_fn=objects)
+        counts[frac] = int((next(it)["n"] == 1).sum())
+    assert counts[1.0] == 200 and 80 <= counts[0.5] <= 120 and 25 <= counts[0.2] <= 55
+    # The test splits keep their fixed mix whatever the train mix is.
+    test = [make_iterator(shapes_config(shapes_one_object_fraction=f), "test_seen",
+                          global_batch_size=100, seed=0, train=False, example_fn=objects)
+            for f in (0.5, 1.0)]
+    assert np.array_equal(next(test[0])["n"], next(test[1])["n"])
+    with pytest.raises(ValueError, match=r"one_object_fraction must be in \[0, 1\], got 1.5"):
+        make_iterator(shapes_config(shapes_one_object_fraction=1.5), "train", global_batch_size=2,
+                      seed=0, example_fn=objects)
 
 
 def test_all_skipped_raises_named_error_and_errors_propagate():

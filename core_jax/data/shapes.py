@@ -303,6 +303,8 @@ class ShapesSource:
   def __init__(self, split: str = 'train', size: int | None = None, seed: int = 0,
                one_object_fraction: float = 0.5, one_object_only: bool = False):
     _check_split(split)
+    if not 0.0 <= one_object_fraction <= 1.0:
+      raise ValueError(f'one_object_fraction must be in [0, 1], got {one_object_fraction}')
     self.split = split
     self.size = DEFAULT_SPLIT_SIZES[split] if size is None else int(size)
     self.seed = seed

@@ -365,8 +365,10 @@ def _opts(cfg) -> DecodeOptions:
 
 def _shapes(cfg, split, **_):
     from core_jax.data.shapes import ShapesSource
-    size = (int(cfg.shapes_train_size) or None) if split == "train" else None
-    return ShapesSource(split=split, size=size)
+    if split != "train":  # test splits keep their fixed mix, so evals stay comparable
+        return ShapesSource(split=split)
+    return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
+                        one_object_fraction=float(cfg.shapes_one_object_fraction))
 
 
 def _tfds(cfg, split, *, train, **_):
