@@ -41,7 +41,7 @@ stage "1/6 dVAE: 64x64 images -> 8x8 tokens"
 # The joint run's decoder learnt from relaxed codes; trained alone on the argmax codes inference
 # uses, it draws shapes the checker reads right far more often (triangles above all), while the
 # frozen encoder keeps every token as it was (docs/dvae.md, "Decoder fine-tuning").
-# DECODER_FINETUNE=0 skips it (~4 minutes less; the DALL-E then decodes with the joint decoder).
+# DECODER_FINETUNE=0 skips it (~8 minutes less; the DALL-E then decodes with the joint decoder).
 DVAE_DIR="$OUT/dvae"
 if [ "$DECODER_FINETUNE" = 1 ]; then
   stage "2/6 dVAE decoder fine-tuning: same tokens, sharper images"
