@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 
+from core_jax.config import ConfigError
 from core_jax.data import (DataIterator, NoUsableExamples, SkipExample, default_data_config,
                            image_ops, make_iterator)
 from core_jax.data.iterator import IndexStream
@@ -173,7 +174,7 @@ def test_shapes_one_object_fraction_sets_the_train_mix_only():
                           global_batch_size=100, seed=0, train=False, example_fn=objects)
             for f in (0.5, 1.0)]
     assert np.array_equal(next(test[0])["n"], next(test[1])["n"])
-    with pytest.raises(ValueError, match=r"one_object_fraction must be in \[0, 1\], got 1.5"):
+    with pytest.raises(ConfigError, match=r"data.shapes_one_object_fraction must be in \[0, 1\], got 1.5"):
         make_iterator(shapes_config(shapes_one_object_fraction=1.5), "train", global_batch_size=2,
                       seed=0, example_fn=objects)
 

@@ -367,8 +367,11 @@ def _shapes(cfg, split, **_):
     from core_jax.data.shapes import ShapesSource
     if split != "train":  # test splits keep their fixed mix, so evals stay comparable
         return ShapesSource(split=split)
+    fraction = float(cfg.shapes_one_object_fraction)
+    if not 0.0 <= fraction <= 1.0:
+        raise _config_error(f"data.shapes_one_object_fraction must be in [0, 1], got {fraction}")
     return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
-                        one_object_fraction=float(cfg.shapes_one_object_fraction))
+                        one_object_fraction=fraction)
 
 
 def _tfds(cfg, split, *, train, **_):
