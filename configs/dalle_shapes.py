@@ -34,8 +34,8 @@ def get_config(arg=None):
     # Three in four training scenes hold two objects (the suite's default is half): one-object
     # captions are learnt early, two-object ones are what fidelity misses. On one dVAE's tokens with
     # the batch-8 fine-tuned decoder (96 prompts x 16 samples, s=3, top_p 0.7), CLIP-best seen /
-    # unseen went 0.885 / 0.594 -> 0.906 / 0.604 on seed 0 and 0.719 / 0.438 -> 0.802 / 0.469 on
-    # seed 1 (docs/dalle.md, "The train mix").
+    # unseen went 0.885 / 0.594 -> 0.906 / 0.604 on seed 0, 0.719 / 0.438 -> 0.802 / 0.469 on
+    # seed 1 and 0.844 / 0.500 -> 0.896 / 0.646 on seed 2 (docs/dalle.md, "The train mix").
     c.data.shapes_one_object_fraction = 0.25
     # Two-object captions are learnt late and the run's seed decides how well: on one dVAE's tokens
     # (96 prompts x 16 samples, s=3, top_p 0.7; CLIP-best seen / unseen, seeds 0 ; 1) 1500 steps
