@@ -58,6 +58,25 @@ def test_clean_text_like_clip():
   assert clean_text('fish &amp;amp; chips') == 'fish & chips'  # unescaped twice
 
 
+def test_clean_text_ascii_fast_path_matches_ftfy():
+  # clean_text skips ftfy and unescaping for printable ASCII without '&'; this checks that skip
+  # against the full pipeline on random printable ASCII, quotes and backslashes included.
+  ftfy = pytest.importorskip('ftfy')
+  import html
+  import random
+  import string
+
+  def full(text):
+    return ' '.join(html.unescape(html.unescape(ftfy.fix_text(text))).split()).lower()
+
+  rng = random.Random(0)
+  chars = [c for c in string.printable if c.isprintable() and c != '&']
+  texts = [''.join(rng.choice(chars) for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+  texts += ['It\'s a "cat"', "a `quoted' word", 'C:\\path -- 100% <b>', 'a red circle in the top left']
+  texts += ['caf\u00e9 &lt;3', 'tab\there', 'fish &amp; chips', 'ï¬\x81sh']  # take ftfy's path
+  assert [clean_text(t) for t in texts] == [full(t) for t in texts]
+
+
 def test_tiny_golden_ids(tiny):
   assert tiny.vocab_size == TINY_VOCAB == tiny.total_vocab_size
   assert (tiny.start_id, tiny.end_id) == (START, END)
