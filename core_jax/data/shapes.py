@@ -182,9 +182,10 @@ def _check_split(split: str):
     raise ValueError(f'unknown shapes split {split!r}; expected one of {SPLITS}')
 
 
-def _check_fraction(one_object_fraction: float):
+def check_fraction(one_object_fraction: float, name: str = 'one_object_fraction'):
+  """ValueError naming `name` unless the share of one-object scenes is in [0, 1]."""
   if not 0.0 <= one_object_fraction <= 1.0:
-    raise ValueError(f'one_object_fraction must be in [0, 1], got {one_object_fraction}')
+    raise ValueError(f'{name} must be in [0, 1], got {one_object_fraction}')
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -285,7 +286,7 @@ def make_example(split: str, index: int, seed: int = 0, one_object_fraction: flo
   _check_split(split)
   if index < 0 or seed < 0:
     raise ValueError(f'index and seed must be >= 0, got {index}, {seed}')
-  _check_fraction(one_object_fraction)
+  check_fraction(one_object_fraction)
   # The split name is part of the seed, so each split is its own stream.
   rng = np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(index)])
   if rng.random() < one_object_fraction:
@@ -307,7 +308,7 @@ class ShapesSource:
   def __init__(self, split: str = 'train', size: int | None = None, seed: int = 0,
                one_object_fraction: float = 0.5, one_object_only: bool = False):
     _check_split(split)
-    _check_fraction(one_object_fraction)
+    check_fraction(one_object_fraction)
     self.split = split
     self.size = DEFAULT_SPLIT_SIZES[split] if size is None else int(size)
     self.seed = seed

@@ -364,12 +364,14 @@ def _opts(cfg) -> DecodeOptions:
 
 
 def _shapes(cfg, split, **_):
-    from core_jax.data.shapes import ShapesSource
+    from core_jax.data.shapes import ShapesSource, check_fraction
     if split != "train":  # test splits keep their fixed mix, so evals stay comparable
         return ShapesSource(split=split)
     fraction = float(cfg.shapes_one_object_fraction)
-    if not 0.0 <= fraction <= 1.0:
-        raise _config_error(f"data.shapes_one_object_fraction must be in [0, 1], got {fraction}")
+    try:  # a ConfigError naming the key: the train CLI prints one line and exits 2
+        check_fraction(fraction, name="data.shapes_one_object_fraction")
+    except ValueError as e:
+        raise _config_error(str(e)) from None
     return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
                         one_object_fraction=fraction)
 
