@@ -104,8 +104,9 @@ def load_task_module(config):
     return importlib.import_module(config.task)
 
 
-def analyse(config, devices, hbm_bytes: int) -> dict:
-    """Lowers and compiles the train step for `devices`; returns memory and FLOP figures."""
+def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
+    """Lowers and compiles the train step for `devices`; returns memory and FLOP figures.
+    `log` (if given) gets the sharding warning, if any, before the compile starts."""
     import jax
 
     from core_jax import finetune, sharding, trainer
@@ -126,6 +127,9 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
                                   jax.tree.map(lambda x: x.sharding, batch))
     t = time.perf_counter()
     n_params = trainer.count_params(abstract.params)
+    warning = sharding.undivided_warning(mesh, trainer.abstract_boxed_params(task, config, batch))
+    if warning and log:
+        log(warning)
     try:
         with jax.set_mesh(mesh):
             compiled = step.lower(abstract, batch).compile()
@@ -135,7 +139,7 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
         detail = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
         return {"devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
                 "fits": False, "hbm_bytes": hbm_bytes, "compile_error": detail,
-                "compile_seconds": time.perf_counter() - t}
+                "compile_seconds": time.perf_counter() - t, "sharding_warning": warning}
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -156,6 +160,7 @@ def analyse(config, devices, hbm_bytes: int) -> dict:
                                       if task.flops_per_example else
                                       float(cost.get("flops", 0.0)) if cost else 0.0),
         "compile_seconds": compile_s,
+        "sharding_warning": warning,
     }
 
 
@@ -193,7 +198,7 @@ def main(argv):
     config = FLAGS.config
     try:
         validate(config, len(devices), 1)
-        result = analyse(config, devices, chip.hbm_bytes)
+        result = analyse(config, devices, chip.hbm_bytes, log=lambda m: print(m, flush=True))
     except (ConfigError, ValueError) as e:
         app.fail(str(e))
     result["topology"] = FLAGS.topology

@@ -158,6 +158,67 @@ def params_logical_axes(boxed_tree) -> Any:
     return jax.tree.map(axes, boxed_tree, is_leaf=lambda l: isinstance(l, nn.Partitioned))
 
 
+def _mesh_axes_of(spec: P) -> set[str]:
+    return {a for entry in spec if entry is not None
+            for a in (entry if isinstance(entry, tuple) else (entry,))}
+
+
+def undivided_axes(logical_axes: Sequence[str | None], shape: Sequence[int],
+                   mesh) -> dict[str, tuple[str, int]]:
+    """Mesh axes (of size > 1) the rules give an array but its sharding cannot use, because they
+    do not divide the dimension they would split: {mesh axis: (logical axis, dimension)}. The
+    array is replicated over those axes. `mesh` needs only `.shape` (a Mesh or an AbstractMesh)."""
+    wanted = spec_for(logical_axes, None, mesh)
+    kept = _mesh_axes_of(spec_for(logical_axes, shape, mesh))
+    out = {}
+    for i, entry in enumerate(wanted):
+        for ax in () if entry is None else (entry if isinstance(entry, tuple) else (entry,)):
+            if ax not in kept and ax not in out:
+                out[ax] = (logical_axes[i], int(shape[i]))
+    return out
+
+
+def undivided_weights(mesh, abstract_boxed_tree) -> list[tuple[str, tuple[int, ...], dict]]:
+    """(path, shape, undivided_axes) of every annotated leaf that loses a mesh axis."""
+    is_boxed = lambda l: isinstance(l, nn.Partitioned)  # noqa: E731
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(abstract_boxed_tree, is_leaf=is_boxed)[0]:
+        if is_boxed(leaf):
+            lost = undivided_axes(leaf.names, leaf.value.shape, mesh)
+            if lost:
+                name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+                out.append((name, tuple(leaf.value.shape), lost))
+    return out
+
+
+# Below this share of the parameters, replicated weights (a 3-channel input conv, an odd-sized
+# bias) cost nothing worth a warning.
+UNDIVIDED_WARN_FRACTION = 0.01
+
+
+def undivided_warning(mesh, abstract_boxed_tree) -> str | None:
+    """One line naming the weights replicated over a mesh axis that does not divide them (how much
+    of the model that is, which axis sizes and dimensions, the largest such weight), or None when
+    they hold under UNDIVIDED_WARN_FRACTION of the parameters.
+
+    spec_for drops such an axis instead of padding, which is right for a 3-channel conv but turns a
+    ZeRO-3 run into a replicated one when the model width does not divide by the fsdp size (the
+    DALL-E paper's 3968 on fsdp 256): better said at startup than found as an OOM after compiling."""
+    weights = undivided_weights(mesh, abstract_boxed_tree)
+    total = sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(abstract_boxed_tree)))
+    lost = sum(math.prod(shape) for _, shape, _ in weights)
+    if not weights or lost < UNDIVIDED_WARN_FRACTION * total:
+        return None
+    pairs = sorted({f"{ax}={mesh.shape[ax]} on {name}={dim}"
+                    for _, _, axes in weights for ax, (name, dim) in axes.items()})
+    shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
+    path, shape, _ = max(weights, key=lambda w: math.prod(w[1]))
+    return (f"warning: {lost:,} of {total:,} parameters ({100 * lost / max(total, 1):.1f}%, in "
+            f"{len(weights)} arrays) are replicated over a mesh axis that does not divide them "
+            f"({shown}); the largest is {path} {shape}. Mesh sizes that divide those dimensions "
+            f"shard them.")
+
+
 def tree_shardings(mesh: Mesh, abstract_boxed_tree) -> Any:
     """NamedSharding for every leaf of a (possibly boxed) abstract tree; unannotated leaves replicate."""
     def one(leaf):

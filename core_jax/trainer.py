@@ -155,17 +155,22 @@ def build_train_step(task: Task, tx, schedule, config):
     return step_fn
 
 
+def _init_rng(config):
+    return jax.random.fold_in(jax.random.key(config.seed), 0)
+
+
+def abstract_boxed_params(task: Task, config, batch):
+    """The params' shapes with their logical axis names (nn.Partitioned leaves); compiles nothing."""
+    return jax.eval_shape(lambda rng, b: task.init_fn(rng, b)["params"], _init_rng(config), batch)
+
+
 def state_shardings(task: Task, tx, mesh, config, batch):
     """(init function, abstract state carrying its shardings, the shardings) for `batch`'s shapes.
 
     Works from shapes alone, so the same code serves training and ahead-of-time compiles.
     """
-    init_rng = jax.random.fold_in(jax.random.key(config.seed), 0)
-
-    def init_boxed(rng, batch):
-        return task.init_fn(rng, batch)["params"]
-
-    abstract_boxed = jax.eval_shape(init_boxed, init_rng, batch)
+    init_rng = _init_rng(config)
+    abstract_boxed = abstract_boxed_params(task, config, batch)
     param_shardings = _boxed_shardings(mesh, abstract_boxed)
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -180,7 +185,7 @@ def state_shardings(task: Task, tx, mesh, config, batch):
                            nonfinite_skipped=replicated)
 
     def init_state(rng, batch):
-        params = nn.meta.unbox(init_boxed(rng, batch))
+        params = nn.meta.unbox(task.init_fn(rng, batch)["params"])
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           nonfinite_skipped=jnp.zeros((), jnp.int32))
 
@@ -237,6 +242,9 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     batch = next_global_batch(it, task, mesh)
     state, state_shardings = create_state(task, tx, mesh, config, batch)
+    warning = sharding.undivided_warning(mesh, abstract_boxed_params(task, config, batch))
+    if warning:
+        log_fn(warning)
     start_step = 0
     latest = manager.latest_step()
     if latest is not None:

@@ -58,8 +58,8 @@ def toy_config(**overrides):
 make_task = lambda config, workdir: make_toy_task(config, workdir)  # noqa: E731  (core_jax.aot entry)
 
 
-def make_toy_task(config, workdir=None, poison_step=None):
-    model = ToyClassifier()
+def make_toy_task(config, workdir=None, poison_step=None, width=32):
+    model = ToyClassifier(width=width)
 
     def example_fn(raw, rng):
         img = raw["image"].astype(np.float32) / 255.0
@@ -85,6 +85,6 @@ def make_toy_task(config, workdir=None, poison_step=None):
         return {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), jnp.float32),
                 "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
-    flops = 2 * 3 * (768 * 32 + 32 * 64 + 64 * 32 + 32 * 6)
+    flops = 2 * 3 * (768 * width + width * 64 + 64 * width + width * 6)
     return trainer.Task(init_fn=init_fn, loss_fn=loss_fn, example_fn=example_fn, flops_per_example=flops,
                         batch_spec=batch_spec)

@@ -1,0 +1,114 @@
+"""Every shipped config loads and validates; the paper-scale ones build (abstractly) with the
+published sizes and shard as intended on pod-sized meshes, checked on AbstractMeshes (no devices).
+"""
+import glob
+import math
+import os
+
+import flax.linen as nn
+import jax
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
+
+from core_jax import aot, sharding, trainer
+from core_jax.app import load_config
+from core_jax.config import validate
+from tests.toy_task import make_toy_task, toy_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+# name: (devices of the slice the config is meant for, total parameters). The CLIP counts are
+# OpenAI's released models, logit scale included; the dVAE's are OpenAI's encoder (53.8M) and
+# decoder (43.8M); the DALL-E's is this implementation of the paper's 12B (64 layers of width 3968).
+PAPER = {
+    "dalle_paper": (128, 12_293_857_024),
+    "clip_vit_b32": (64, 151_277_313),
+    "clip_vit_b16": (64, 149_620_737),
+    "clip_vit_l14": (64, 427_616_513),
+    "dvae_openai": (64, 97_616_006),
+}
+
+
+def pod_mesh(config, devices):
+    return AbstractMesh(sharding.mesh_shape(config.mesh, devices), sharding.MESH_AXES)
+
+
+def abstract_params(config):
+    """Boxed abstract params through the path training and `core_jax.aot` take."""
+    task = aot.load_task_module(config).make_task(config, None)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+             for k, v in task.batch_spec(int(config.batch_size)).items()}
+    return trainer.abstract_boxed_params(task, config, batch)
+
+
+def count(boxed):
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed)))
+
+
+def test_the_list_covers_the_paper_configs():
+    assert set(PAPER) <= set(CONFIGS) and len(CONFIGS) >= 9, CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_loads_and_validates(name):
+    config = load_config(name)
+    assert config.task and config.total_steps > 0
+    validate(config, PAPER.get(name, (1,))[0])
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_config_sizes_and_pod_sharding(name):
+    devices, expected = PAPER[name]
+    config = load_config(name)
+    boxed = abstract_params(config)
+    assert count(boxed) == expected
+    # On the slice it is meant for, no weight of consequence is left replicated by a mesh size
+    # that does not divide it (the dVAE's 3-channel input conv is, below the warning's threshold).
+    mesh = pod_mesh(config, devices)
+    assert sharding.undivided_warning(mesh, boxed) is None
+    lost = sharding.undivided_weights(mesh, boxed)
+    assert sum(math.prod(shape) for _, shape, _ in lost) < sharding.UNDIVIDED_WARN_FRACTION * expected
+
+
+def test_dalle_paper_golden_specs():
+    config = load_config("dalle_paper")
+    boxed = abstract_params(config)
+    block = boxed["layers"]["scan"]["block"]
+    fits, too_wide = pod_mesh(config, 128), pod_mesh(config, 256)
+    query, mlp_in = block["attn"]["query_kernel"], block["mlp"]["in_kernel"]
+    assert query.value.shape == (64, 3968, 62, 64) and mlp_in.value.shape == (64, 3968, 15872)
+    assert sharding.spec_for(query.names, query.value.shape, fits) == P(None, "fsdp")
+    assert sharding.spec_for(mlp_in.names, mlp_in.value.shape, fits) == P(None, "fsdp")
+    # 3968 = 2^7 x 31: fsdp 256 cannot split the model width, so the 12B weights would be
+    # replicated on every chip; the warning says so before anything compiles.
+    assert sharding.spec_for(query.names, query.value.shape, too_wide) == P()
+    assert sharding.undivided_axes(query.names, query.value.shape, too_wide) == {"fsdp": ("embed", 3968)}
+    warning = sharding.undivided_warning(too_wide, boxed)
+    assert warning and "fsdp=256 on embed=3968" in warning and "(100.0%," in warning
+    assert "layers/scan/block/mlp/in_kernel (64, 3968, 15872)" in warning
+
+
+def test_undivided_axes_ignores_axes_used_elsewhere_and_size_one():
+    mesh = AbstractMesh((1, 4, 2), sharding.MESH_AXES)
+    # tensor 2 divides mlp 6; fsdp 4 does not divide embed 6
+    assert sharding.undivided_axes(("embed", "mlp"), (6, 6), mesh) == {"fsdp": ("embed", 6)}
+    assert sharding.undivided_axes(("embed", "mlp"), (8, 6), mesh) == {}
+    # a conv kernel: conv_in and embed-like axes both want fsdp; one that divides is enough
+    assert sharding.undivided_axes((None, None, "conv_in", "conv_out"), (3, 3, 3, 8), mesh) == {
+        "fsdp": ("conv_in", 3)}
+    one = AbstractMesh((8, 1, 1), sharding.MESH_AXES)  # params are not split over data
+    assert sharding.undivided_axes(("embed", "vocab"), (7, 5), one) == {}
+
+
+def test_trainer_warns_at_startup(tmp_path):
+    """Width 36 on fsdp 8: the toy model's wide weights lose their fsdp split, and the run says so."""
+    config = toy_config(**{"mesh.data": 1, "mesh.fsdp": 8, "total_steps": 1, "checkpoint_every": 1})
+    logged = []
+    trainer.train(config, str(tmp_path / "w36"), make_toy_task(config, width=36), log_fn=logged.append)
+    warnings = [l for l in logged if l.startswith("warning:") and "replicated" in l]
+    assert len(warnings) == 1 and "fsdp=8 on embed=36" in warnings[0], logged
+    assert "w_in (768, 36)" in warnings[0]
+    logged.clear()
+    trainer.train(config, str(tmp_path / "w32"), make_toy_task(config), log_fn=logged.append)
+    assert not [l for l in logged if "replicated" in l], logged
