@@ -79,3 +79,27 @@ def vit_config(name: str, **overrides) -> ml_collections.ConfigDict:
     c.eval.zeroshot_source = "tfds"  # ImageNet by default (zeroshot_name), shipped class names
     c.eval.zeroshot_split = "validation"
     return c
+
+
+# The CLIP paper's recipe (Radford et al. 2021, appendix F, tables 19-20): batch 32768, 32 epochs
+# of 400M pairs, AdamW b2 0.98 / eps 1e-6 (clip_config), weight decay 0.2, 2000 warmup steps,
+# cosine schedule; lr 5e-4 for the ViT-B models, 4e-4 for ViT-L.
+PAPER_LEARNING_RATES = {"ViT-B-32": 5e-4, "ViT-B-16": 5e-4, "ViT-L-14": 4e-4}
+
+
+def paper_config(name: str) -> ml_collections.ConfigDict:
+    """`vit_config(name)` trained as in the paper, on webdataset shards (configs/clip_vit_*.py)."""
+    c = vit_config(name)
+    c.data.source = "webdataset"
+    c.data.random_crop = False
+    c.batch_size = 32768
+    c.total_steps = 32 * 400_000_000 // 32768
+    c.compute_dtype = "bfloat16"
+    c.remat = "dots"
+    c.optim.learning_rate = PAPER_LEARNING_RATES[name]
+    c.optim.warmup_steps = 2000
+    c.optim.weight_decay = 0.2
+    c.log_every = 100
+    c.eval_every = 5000
+    c.checkpoint_every = 2000
+    return c
