@@ -18,7 +18,7 @@ export PYTHONUNBUFFERED=1
 # jax 0.12 uses this CPU's bf16 matrix units; nothing to download at run time.
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
-# Each stage trains its config's default steps (31:53 measured on an AVX2-only 2-core CPU, 16
+# Each stage trains its config's default steps (22-32 minutes on an AVX2-only 2-core CPU, 16
 # minutes on one with bf16 matrix units before the decoder stage; README). Extra flags per stage:
 # DVAE_ARGS / DECODER_ARGS / CLIP_ARGS / DALLE_ARGS
 # (e.g. DALLE_ARGS=--config.total_steps=6000); SAMPLING replaces the sampling flags of stages 5-6.
