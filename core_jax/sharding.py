@@ -158,9 +158,9 @@ def params_logical_axes(boxed_tree) -> Any:
     return jax.tree.map(axes, boxed_tree, is_leaf=lambda l: isinstance(l, nn.Partitioned))
 
 
-def _mesh_axes_of(spec: P) -> set[str]:
-    return {a for entry in spec if entry is not None
-            for a in (entry if isinstance(entry, tuple) else (entry,))}
+def _entry_axes(entry) -> tuple[str, ...]:
+    """The mesh axes of one PartitionSpec entry (None, 'fsdp' or ('data', 'fsdp'))."""
+    return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
 def undivided_axes(logical_axes: Sequence[str | None], shape: Sequence[int],
@@ -169,10 +169,10 @@ def undivided_axes(logical_axes: Sequence[str | None], shape: Sequence[int],
     do not divide the dimension they would split: {mesh axis: (logical axis, dimension)}. The
     array is replicated over those axes. `mesh` needs only `.shape` (a Mesh or an AbstractMesh)."""
     wanted = spec_for(logical_axes, None, mesh)
-    kept = _mesh_axes_of(spec_for(logical_axes, shape, mesh))
+    kept = {ax for entry in spec_for(logical_axes, shape, mesh) for ax in _entry_axes(entry)}
     out = {}
     for i, entry in enumerate(wanted):
-        for ax in () if entry is None else (entry if isinstance(entry, tuple) else (entry,)):
+        for ax in _entry_axes(entry):
             if ax not in kept and ax not in out:
                 out[ax] = (logical_axes[i], int(shape[i]))
     return out
