@@ -122,12 +122,13 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
         batch[key] = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=sh)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     tx = finetune.freeze(tx, finetune.frozen_prefixes(config))  # no optimizer moments when frozen
-    _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, batch)
+    abstract_boxed = trainer.abstract_boxed_params(task, config, batch)
+    _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, batch, abstract_boxed)
     step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
                                   jax.tree.map(lambda x: x.sharding, batch))
     t = time.perf_counter()
     n_params = trainer.count_params(abstract.params)
-    warning = sharding.undivided_warning(mesh, trainer.abstract_boxed_params(task, config, batch))
+    warning = sharding.undivided_warning(mesh, abstract_boxed)
     if warning and log:
         log(warning)
     try:

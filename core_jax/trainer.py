@@ -164,13 +164,15 @@ def abstract_boxed_params(task: Task, config, batch):
     return jax.eval_shape(lambda rng, b: task.init_fn(rng, b)["params"], _init_rng(config), batch)
 
 
-def state_shardings(task: Task, tx, mesh, config, batch):
+def state_shardings(task: Task, tx, mesh, config, batch, abstract_boxed=None):
     """(init function, abstract state carrying its shardings, the shardings) for `batch`'s shapes.
 
     Works from shapes alone, so the same code serves training and ahead-of-time compiles.
+    `abstract_boxed`: `abstract_boxed_params(task, config, batch)` when the caller already has it.
     """
     init_rng = _init_rng(config)
-    abstract_boxed = abstract_boxed_params(task, config, batch)
+    if abstract_boxed is None:
+        abstract_boxed = abstract_boxed_params(task, config, batch)
     param_shardings = _boxed_shardings(mesh, abstract_boxed)
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -193,9 +195,9 @@ def state_shardings(task: Task, tx, mesh, config, batch):
     return (lambda batch: init_state(init_rng, batch)), abstract, shardings
 
 
-def create_state(task: Task, tx, mesh, config, batch):
+def create_state(task: Task, tx, mesh, config, batch, abstract_boxed=None):
     """Builds the train state directly into its shardings (never whole on one device)."""
-    init_state, _, shardings = state_shardings(task, tx, mesh, config, batch)
+    init_state, _, shardings = state_shardings(task, tx, mesh, config, batch, abstract_boxed)
     with jax.set_mesh(mesh):
         state = jax.jit(init_state, out_shardings=shardings)(batch)
     return state, shardings
@@ -241,8 +243,9 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
                                 seed=config.seed, example_fn=task.example_fn, train=True)
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     batch = next_global_batch(it, task, mesh)
-    state, state_shardings = create_state(task, tx, mesh, config, batch)
-    warning = sharding.undivided_warning(mesh, abstract_boxed_params(task, config, batch))
+    abstract_boxed = abstract_boxed_params(task, config, batch)
+    state, state_shardings = create_state(task, tx, mesh, config, batch, abstract_boxed)
+    warning = sharding.undivided_warning(mesh, abstract_boxed)
     if warning:
         log_fn(warning)
     start_step = 0

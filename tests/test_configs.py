@@ -42,10 +42,6 @@ def abstract_params(config):
     return trainer.abstract_boxed_params(task, config, batch)
 
 
-def count(boxed):
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(nn.meta.unbox(boxed)))
-
-
 def test_the_list_covers_the_paper_configs():
     assert set(PAPER) <= set(CONFIGS) and len(CONFIGS) >= 9, CONFIGS
 
@@ -62,7 +58,7 @@ def test_paper_config_sizes_and_pod_sharding(name):
     devices, expected = PAPER[name]
     config = load_config(name)
     boxed = abstract_params(config)
-    assert count(boxed) == expected
+    assert trainer.count_params(nn.meta.unbox(boxed)) == expected
     # On the slice it is meant for, no weight of consequence is left replicated by a mesh size
     # that does not divide it (the dVAE's 3-channel input conv is, below the warning's threshold).
     mesh = pod_mesh(config, devices)
