@@ -43,6 +43,9 @@ def get_config(arg=None):
     c.data.image_size = 256
     c.data.random_crop = True
     c.data.eval_split = "validation"
+    # JPEG decoding and augmentation in worker threads: at 4-6 CPU-ms per 256 px JPEG (docs/data.md)
+    # the calling thread alone feeds ~200 images/s, far below a pod host's share of the batch.
+    c.data.num_workers = 32
     c.checkpoint_every = 2000
     c.eval_every = 10000
     c.log_every = 100

@@ -29,5 +29,8 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.data.eval_split = "validation"
     c.data.caption_key = ""  # the dVAE needs images only
+    # JPEG decoding and augmentation in worker threads: at 4-6 CPU-ms per 256 px JPEG (docs/data.md)
+    # the calling thread alone feeds ~200 images/s, far below a pod host's share of the batch.
+    c.data.num_workers = 32
     c.model.eval_max_batches = 20
     return lock(c)

@@ -67,6 +67,12 @@ def test_paper_config_sizes_and_pod_sharding(name):
     assert sum(math.prod(shape) for _, shape, _ in lost) < sharding.UNDIVIDED_WARN_FRACTION * expected
 
 
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_configs_decode_in_worker_threads(name):
+    # The calling thread alone decodes ~200 JPEGs/s (docs/data.md); a pod host needs far more.
+    assert load_config(name).data.num_workers >= 8
+
+
 def test_dalle_paper_golden_specs():
     config = load_config("dalle_paper")
     boxed = abstract_params(config)
