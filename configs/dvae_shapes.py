@@ -64,7 +64,8 @@ def get_config(arg=None):
     c.data.eval_split = "test_unseen"
     c.data.caption_key = ""
     # Scenes drawn in a worker thread while the step runs: the same batches bit for bit, and on
-    # the 2-core AMD EPYC 78 instead of 95 ms per step here (95 instead of 113 ms in the decoder
-    # fine-tuning, which inherits it). The CLIP and DALL-E steps did not get faster (docs/data.md).
+    # the 2-core AMD EPYC 83 instead of 97 ms per step (means of four alternating pairs of runs).
+    # The decoder fine-tuning inherits it (93 against 95 ms, within noise); the CLIP and DALL-E
+    # steps did not get faster (docs/data.md, "Workers while a model trains").
     c.data.num_workers = 1
     return lock(c)
