@@ -6,6 +6,7 @@ import math
 import ml_collections
 
 from core_jax.config import base_config
+from core_jax.data.config import POD_HOST_WORKERS
 
 from clip_jax.evaluate import eval_config
 
@@ -92,9 +93,7 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     c = vit_config(name)
     c.data.source = "webdataset"
     c.data.random_crop = False
-    # JPEG decoding and augmentation in worker threads: at 4-6 CPU-ms per 256 px JPEG (docs/data.md)
-    # the calling thread alone feeds ~200 images/s, far below a pod host's share of the batch.
-    c.data.num_workers = 32
+    c.data.num_workers = POD_HOST_WORKERS  # JPEG decoding in worker threads
     c.batch_size = 32768
     c.total_steps = 32 * 400_000_000 // 32768
     c.compute_dtype = "bfloat16"

@@ -10,6 +10,7 @@ The paper used no caption dropout; set model.caption_dropout > 0 to train for gu
 Point `text.merges_file`, `dvae_workdir` and `data` at your files.
 """
 from core_jax.config import lock
+from core_jax.data.config import POD_HOST_WORKERS
 from dalle_jax.dalle_task import dalle_config
 
 
@@ -43,9 +44,7 @@ def get_config(arg=None):
     c.data.image_size = 256
     c.data.random_crop = True
     c.data.eval_split = "validation"
-    # JPEG decoding and augmentation in worker threads: at 4-6 CPU-ms per 256 px JPEG (docs/data.md)
-    # the calling thread alone feeds ~200 images/s, far below a pod host's share of the batch.
-    c.data.num_workers = 32
+    c.data.num_workers = POD_HOST_WORKERS  # JPEG decoding in worker threads
     c.checkpoint_every = 2000
     c.eval_every = 10000
     c.log_every = 100

@@ -6,6 +6,7 @@ temperature 1 -> 1/16 over the first 150,000 updates (cosine). Point `data` at y
 (webdataset / folder / tfds) with --config.data.* overrides.
 """
 from core_jax.config import base_config, lock
+from core_jax.data.config import POD_HOST_WORKERS
 from dalle_jax.dvae import default_model_config
 
 
@@ -29,8 +30,6 @@ def get_config(arg=None):
     c.data.random_crop = True
     c.data.eval_split = "validation"
     c.data.caption_key = ""  # the dVAE needs images only
-    # JPEG decoding and augmentation in worker threads: at 4-6 CPU-ms per 256 px JPEG (docs/data.md)
-    # the calling thread alone feeds ~200 images/s, far below a pod host's share of the batch.
-    c.data.num_workers = 32
+    c.data.num_workers = POD_HOST_WORKERS  # JPEG decoding in worker threads
     c.model.eval_max_batches = 20
     return lock(c)

@@ -6,6 +6,12 @@ import ml_collections
 from core_jax.data import decode
 
 
+# `num_workers` of the paper-scale configs: at 4-6 CPU-ms per 256 px JPEG (docs/data.md) the calling
+# thread alone feeds ~200 images/s, far below a pod host's share of their batches. Not measured on
+# a pod; size it to the host's free cores.
+POD_HOST_WORKERS = 32
+
+
 def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         source="shapes",          # shapes | tfds | webdataset | folder | tokens
