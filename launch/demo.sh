@@ -18,10 +18,15 @@ export PYTHONUNBUFFERED=1
 # jax 0.12 uses this CPU's bf16 matrix units; nothing to download at run time.
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
-# Each stage trains its config's default steps (22-32 minutes on an AVX2-only 2-core CPU, 16
-# minutes on one with bf16 matrix units before the decoder stage; README). Extra flags per stage:
-# DVAE_ARGS / DECODER_ARGS / CLIP_ARGS / DALLE_ARGS
-# (e.g. DALLE_ARGS=--config.total_steps=6000); SAMPLING replaces the sampling flags of stages 5-6.
+# Each stage trains its config's default steps, except two the demo shortens for its 20-minute
+# budget: the decoder fine-tuning runs at batch 4 and CLIP for 250 steps (the configs' defaults,
+# batch 8 and 400 steps, cost ~4 minutes more; README). Neither touches the DALL-E or its tokens:
+# the decoder only draws them, CLIP only ranks the samples. Extra flags per stage, applied after
+# these: DVAE_ARGS / DECODER_ARGS / CLIP_ARGS / DALLE_ARGS (e.g. DALLE_ARGS=--config.total_steps=6000,
+# DECODER_ARGS=--config.batch_size=8 for the config's decoder); SAMPLING replaces the sampling
+# flags of stages 5-6.
+DEMO_DECODER_FLAGS="--config.batch_size=4"
+DEMO_CLIP_FLAGS="--config.total_steps=250"
 DVAE_ARGS=${DVAE_ARGS:-}
 DECODER_ARGS=${DECODER_ARGS:-}
 CLIP_ARGS=${CLIP_ARGS:-}
@@ -41,17 +46,17 @@ stage "1/6 dVAE: 64x64 images -> 8x8 tokens"
 # The joint run's decoder learnt from relaxed codes; trained alone on the argmax codes inference
 # uses, it draws shapes the checker reads right far more often (triangles above all), while the
 # frozen encoder keeps every token as it was (docs/dvae.md, "Decoder fine-tuning").
-# DECODER_FINETUNE=0 skips it (~8 minutes less; the DALL-E then decodes with the joint decoder).
+# DECODER_FINETUNE=0 skips it (~3 minutes less; the DALL-E then decodes with the joint decoder).
 DVAE_DIR="$OUT/dvae"
 if [ "$DECODER_FINETUNE" = 1 ]; then
   stage "2/6 dVAE decoder fine-tuning: same tokens, sharper images"
   "$PY" -m dalle_jax.train_dvae --config configs/dvae_shapes_decoder.py --workdir "$OUT/dvae_decoder" \
-    --config.init_from="$OUT/dvae" ${DECODER_ARGS:-}
+    --config.init_from="$OUT/dvae" $DEMO_DECODER_FLAGS ${DECODER_ARGS:-}
   DVAE_DIR="$OUT/dvae_decoder"
 fi
 
 stage "3/6 CLIP: contrastive image-text training"
-"$PY" -m clip_jax.train --config configs/clip_shapes.py --workdir "$OUT/clip" ${CLIP_ARGS:-}
+"$PY" -m clip_jax.train --config configs/clip_shapes.py --workdir "$OUT/clip" $DEMO_CLIP_FLAGS ${CLIP_ARGS:-}
 
 stage "4/6 DALL-E transformer on dVAE tokens"
 "$PY" -m dalle_jax.train --config configs/dalle_shapes.py --workdir "$OUT/dalle" \

@@ -415,6 +415,34 @@ def test_demo_trains_the_decoder_on_the_dvae_and_the_dalle_through_it(tmp_path):
     assert all("--dvae_workdir" not in c for c in calls[4:])
 
 
+def test_demo_shortens_decoder_and_clip_and_user_flags_override(tmp_path):
+    _, calls = _demo_calls(tmp_path, DECODER_ARGS="--config.batch_size=8",
+                           CLIP_ARGS="--config.total_steps=400")
+    decoder, clip, dalle = calls[1], calls[2], calls[3]
+    # The demo's budget flags come first, so a stage's own *_ARGS (read last-wins) replace them.
+    assert decoder[-2:] == ["--config.batch_size=4", "--config.batch_size=8"]
+    assert clip[-2:] == ["--config.total_steps=250", "--config.total_steps=400"]
+    # The DALL-E and the dVAE train their configs' defaults: the tokens and samples are untouched.
+    assert not any(a.startswith(("--config.batch_size", "--config.total_steps")) for a in dalle + calls[0])
+
+
+def test_repeated_config_override_takes_the_last(tmp_path):
+    script = tmp_path / "show.py"
+    script.write_text(textwrap.dedent("""
+        from core_jax import app
+        def main(argv):
+            c = app.loaded_config()
+            print(c.batch_size, c.total_steps)
+        app.run(main, "configs/dvae_shapes_decoder.py", workdir_required=False)
+    """))
+    result = subprocess.run(
+        [sys.executable, str(script), "--config", "configs/dvae_shapes_decoder.py",
+         "--config.batch_size=4", "--config.total_steps=9", "--config.batch_size=8"],
+        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["8", "9"]
+
+
 def test_demo_without_decoder_finetuning(tmp_path):
     out, calls = _demo_calls(tmp_path, DECODER_FINETUNE="0")
     assert [c[1] for c in calls[:3]] == ["dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train"]
