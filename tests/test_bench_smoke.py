@@ -178,6 +178,21 @@ def test_dvae_shape_errors_counts_what_the_checker_reads_back():
     assert res["edge_pixels_per_image"] > 0
 
 
+def test_dvae_shift_probe_pairs_and_edge_error():
+    import numpy as np
+    from bench.dvae_shift_probe import edge_error, moved_pairs
+    originals, moved, kinds = moved_pairs(12)
+    assert len(kinds) == len(originals) == len(moved) >= 9 and set(kinds) == {"x", "y", "size"}
+    # every move changes pixels, and only the object's outline: the colour count stays one
+    assert all((o != m).any() for o, m in zip(originals, moved))
+    assert all(len(np.unique(m.reshape(-1, 3), axis=0)) == 2 for m in moved)
+    # a drawing of the target scores 0, of the other scene 1, their average (a blur) 0.5
+    assert np.allclose(edge_error(originals, originals, moved), 0.0)
+    assert np.allclose(edge_error(moved, originals, moved), 1.0)
+    blur = (originals.astype(np.float64) + moved) / 2
+    assert np.allclose(edge_error(blur, originals, moved), 0.5)
+
+
 def test_demo_steps_at_toy_sizes():
     from bench import bench_demo_steps
     row = bench_demo_steps.measure("dvae", bench_mfu.TOY_MODELS["dvae"], 2)
