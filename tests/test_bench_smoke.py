@@ -183,7 +183,7 @@ def test_dvae_shift_probe_pairs_and_edge_error():
     from bench.dvae_shift_probe import edge_error, moved_pairs
     originals, moved, kinds = moved_pairs(12)
     assert len(kinds) == len(originals) == len(moved) >= 9 and set(kinds) == {"x", "y", "size"}
-    # every move changes pixels, and only the object's outline: the colour count stays one
+    # every move changes pixels and keeps one object colour on black
     assert all((o != m).any() for o, m in zip(originals, moved))
     assert all(len(np.unique(m.reshape(-1, 3), axis=0)) == 2 for m in moved)
     # a drawing of the target scores 0, of the other scene 1, their average (a blur) 0.5
