@@ -388,42 +388,101 @@ def test_two_local_processes_form_one_job(tmp_path):
 
 # ---------------------------------------------------------------- demo.sh wiring
 
-def _demo_calls(tmp_path, **env):
-    """Runs launch/demo.sh with a stand-in python that records each call and does nothing."""
+def _demo_calls(tmp_path, fake_body="", **env):
+    """Runs launch/demo.sh with a stand-in python that records each call and does nothing else
+    (but `fake_body`, bash run after recording with the call's arguments as "$@")."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n')
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n{fake_body}\n')
     fake.chmod(0o755)
     out = tmp_path / "demo"
     subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], check=True, capture_output=True,
-                   env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(out), **env})
+                   env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(out), **env}, timeout=120)
     return out, [line.split() for line in log.read_text().splitlines()]
+
+
+def _call(calls, module, *having):
+    """The one call of `module` whose arguments include all of `having`."""
+    found = [c for c in calls if c[1] == module and all(h in c for h in having)]
+    assert len(found) == 1, (module, having, calls)
+    return found[0]
+
+
+def _modules(calls):
+    return sorted(c[1] for c in calls)
 
 
 def test_demo_trains_the_decoder_on_the_dvae_and_the_dalle_through_it(tmp_path):
     out, calls = _demo_calls(tmp_path, DECODER_ARGS="--config.total_steps=7")
-    modules = [c[1] for c in calls]
-    assert modules == ["dalle_jax.train_dvae", "dalle_jax.train_dvae", "clip_jax.train",
-                       "dalle_jax.train", "dalle_jax.generate", "dalle_jax.contact_sheet",
-                       "dalle_jax.evaluate_fidelity", "dalle_jax.evaluate_fidelity"]
-    decoder = calls[1]
-    assert "configs/dvae_shapes_decoder.py" in decoder and "--workdir" in decoder
+    assert _modules(calls) == sorted([
+        "dalle_jax.train_dvae", "dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train",
+        "dalle_jax.generate", "dalle_jax.contact_sheet", "dalle_jax.evaluate_fidelity",
+        "dalle_jax.evaluate_fidelity"])
+    dvae = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes.py")
+    decoder = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes_decoder.py")
+    dalle = _call(calls, "dalle_jax.train")
+    assert calls.index(dvae) < calls.index(decoder) < calls.index(dalle)
     assert decoder[decoder.index("--workdir") + 1] == f"{out}/dvae_decoder"
     assert f"--config.init_from={out}/dvae" in decoder and decoder[-1] == "--config.total_steps=7"
-    assert f"--config.dvae_workdir={out}/dvae_decoder" in calls[3]
-    # generate and the fidelity score read the DALL-E workdir, whose config names that dVAE
-    assert all("--dvae_workdir" not in c for c in calls[4:])
+    assert f"--config.dvae_workdir={out}/dvae_decoder" in dalle
+    # generate and the fidelity score read the DALL-E workdir, whose config names that dVAE, and
+    # start only after it trained; the fidelity score covers both splits.
+    after = calls[calls.index(dalle) + 1:]
+    assert _modules(after) == sorted(["dalle_jax.generate", "dalle_jax.contact_sheet",
+                                      "dalle_jax.evaluate_fidelity", "dalle_jax.evaluate_fidelity"])
+    assert all("--dvae_workdir" not in c for c in after)
+    for split in ("test_seen", "test_unseen"):
+        fid = _call(calls, "dalle_jax.evaluate_fidelity", split)
+        assert fid[fid.index("--out") + 1] == f"{out}/fidelity_{split}.json"
 
 
 def test_demo_shortens_decoder_and_clip_and_user_flags_override(tmp_path):
     _, calls = _demo_calls(tmp_path, DECODER_ARGS="--config.batch_size=8",
                            CLIP_ARGS="--config.total_steps=400")
-    decoder, clip, dalle = calls[1], calls[2], calls[3]
+    dvae = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes.py")
+    decoder = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes_decoder.py")
+    clip, dalle = _call(calls, "clip_jax.train"), _call(calls, "dalle_jax.train")
     # The demo's budget flags come first, so a stage's own *_ARGS (read last-wins) replace them.
     assert decoder[-2:] == ["--config.batch_size=4", "--config.batch_size=8"]
     assert clip[-2:] == ["--config.total_steps=250", "--config.total_steps=400"]
     # The DALL-E and the dVAE train their configs' defaults: the tokens and samples are untouched.
-    assert not any(a.startswith(("--config.batch_size", "--config.total_steps")) for a in dalle + calls[0])
+    assert not any(a.startswith(("--config.batch_size", "--config.total_steps")) for a in dalle + dvae)
+
+
+# Each of the two calls waits (up to 20 s) for the other to have started: only a demo that runs
+# them side by side gets past both.
+_MEET = """
+case "$*" in
+  *clip_jax.train*) me=clip; other=dvae ;;
+  *dalle_jax.train_dvae*configs/dvae_shapes.py*) me=dvae; other=clip ;;
+  *) exit 0 ;;
+esac
+touch "$DEMO_DIR/started_$me"
+for _ in $(seq 200); do [ -e "$DEMO_DIR/started_$other" ] && exit 0; sleep 0.1; done
+echo "$me: $other never started" >&2; exit 1
+"""
+
+
+def test_demo_trains_clip_beside_the_dvae(tmp_path):
+    out, calls = _demo_calls(tmp_path, fake_body=_MEET)
+    clip = _call(calls, "clip_jax.train")
+    assert calls.index(clip) < calls.index(_call(calls, "dalle_jax.train")), "CLIP before the DALL-E"
+    assert (out / "started_clip").exists() and (out / "started_dvae").exists()
+
+
+def test_demo_stops_when_a_background_stage_fails(tmp_path):
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n'
+                    'case "$*" in *clip_jax.train*) echo "CLIP broke here"; exit 3 ;; esac\n')
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(tmp_path / "d")},
+                          timeout=120)
+    assert proc.returncode == 1
+    assert "error: CLIP training failed (exit 3)" in proc.stderr and "CLIP broke here" in proc.stderr
+    # Stopped before the DALL-E, its longest stage.
+    assert not any(line.split()[1] == "dalle_jax.train" for line in log.read_text().splitlines())
 
 
 def test_repeated_config_override_takes_the_last(tmp_path):
@@ -445,8 +504,9 @@ def test_repeated_config_override_takes_the_last(tmp_path):
 
 def test_demo_without_decoder_finetuning(tmp_path):
     out, calls = _demo_calls(tmp_path, DECODER_FINETUNE="0")
-    assert [c[1] for c in calls[:3]] == ["dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train"]
-    assert f"--config.dvae_workdir={out}/dvae" in calls[2]
+    assert sorted(c[1] for c in calls[:3]) == ["clip_jax.train", "dalle_jax.train", "dalle_jax.train_dvae"]
+    assert f"--config.dvae_workdir={out}/dvae" in _call(calls, "dalle_jax.train")
+    assert "configs/dvae_shapes_decoder.py" not in sum(calls, [])
 
 
 def test_demo_rejects_a_bad_decoder_switch(tmp_path):
