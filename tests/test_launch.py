@@ -3,6 +3,7 @@ with fake gcloud-free stand-ins (gcloud and sbatch are never called)."""
 import importlib.util
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -483,6 +484,38 @@ def test_demo_stops_when_a_background_stage_fails(tmp_path):
     assert "error: CLIP training failed (exit 3)" in proc.stderr and "CLIP broke here" in proc.stderr
     # Stopped before the DALL-E, its longest stage.
     assert not any(line.split()[1] == "dalle_jax.train" for line in log.read_text().splitlines())
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan killed after its parent exited may wait to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout
+    return bool(stat.strip()) and not stat.strip().startswith("Z")
+
+
+def test_demo_stops_its_background_stage_when_a_stage_fails(tmp_path):
+    pid_file = tmp_path / "clip.pid"
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    f'case "$*" in *clip_jax.train*) echo $$ > {shlex.quote(str(pid_file))}; exec sleep 60 ;;\n'
+                    '  *train_dvae*) for _ in $(seq 100); do [ -e "$DEMO_DIR/clip.pid" ] && break; sleep 0.1; done; exit 1 ;;\n'
+                    'esac\n')
+    fake.chmod(0o755)
+    # DEMO_DIR is tmp_path, so the dVAE's stand-in fails only once CLIP's has written its pid.
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(tmp_path)}, timeout=60)
+    assert proc.returncode == 1
+    pid = int(pid_file.read_text())
+    for _ in range(50):  # the EXIT trap's kill lands at once; allow the process to die
+        if not _alive(pid):
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        raise AssertionError("CLIP kept training after the dVAE stage failed")
 
 
 def test_repeated_config_override_takes_the_last(tmp_path):
