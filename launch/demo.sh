@@ -8,10 +8,11 @@
 #
 # Each stage resumes from its workdir, so an interrupted demo picks up where it stopped.
 #
-# One training process keeps ~1.7 of the 2 cores busy (its Python thread and XLA's hand-offs leave
-# the rest idle), so stages that do not depend on each other run side by side: CLIP (which needs
-# no other stage) trains alongside the dVAE, and the two fidelity scores beside generation. Every
-# number comes out the same as run one at a time (same computations, same seeds; README).
+# One training process keeps ~1.7 of the 2 cores busy (compiles, Python between steps and XLA
+# kernels too small to split leave the rest idle), so stages that do not depend on each other run
+# side by side: CLIP (which needs no other stage) trains alongside the dVAE, and the two fidelity
+# scores beside generation. That saves ~20 s, and every number comes out the same as run one at a
+# time (same computations, same seeds; docs/generate.md, "Stages side by side").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
