@@ -30,7 +30,8 @@ def get_config(arg=None):
     c.scan_unroll = c.model.get_ref("vision_layers") * 1  # follows its override (text: as many)
     c.batch_size = 64
     # ~0.45 s/step at batch 64 on 2 idle CPU cores: 400 steps, compile and the one evaluation fit
-    # in 4 minutes (docs/clip.md). `make demo` trains 250 (zero-shot 0.956; it reranks as well).
+    # in 4 minutes (docs/clip.md). `make demo` trains 250 (zero-shot 0.956): it reranks the demo's
+    # DALL-E as well, a seed-2 DALL-E's unseen samples worse (docs/generate.md, "The demo's budget").
     c.total_steps = 400
     c.log_every = 50
     c.eval_every = 400

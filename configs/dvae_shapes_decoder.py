@@ -25,7 +25,8 @@ def get_config(arg=None):
     # (--config.batch_size=4) 25.94 dB, 0.914 / 0.704, 4.2 min; batch 8 x 1500 25.84 dB, 0.878 /
     # 0.664, 3.9 min. Batch 8 on the same DALL-E samples raised CLIP-best by 0.01-0.03 seen and
     # 0.02-0.10 unseen in 3 of 4 runs (docs/dvae.md); `make demo` runs batch 4 for its 20-minute
-    # budget (both targets still met there, docs/generate.md "The demo's budget").
+    # budget (both targets still met on the demo's DALL-E, not on a seed-2 one: docs/generate.md,
+    # "The demo's budget").
     c.batch_size = 8
     c.total_steps = 3000
     c.optim.learning_rate = 1e-3
