@@ -78,7 +78,7 @@ def main(argv=None):
     parser.add_argument("--decoder_workdir", default="", help="decode with this dVAE (default: the same)")
     parser.add_argument("--num_scenes", type=int, default=400)
     args = parser.parse_args(argv)
-    if args.num_scenes < 3:
+    if args.num_scenes < len(MOVES):
         parser.error(f"--num_scenes must be >= {len(MOVES)} (one scene per kind of move)")
     from dalle_jax.dvae_api import DVAE
     vae = DVAE.load(args.dvae_workdir)

@@ -103,8 +103,9 @@ stage "4/6 DALL-E transformer on dVAE tokens"
 SAMPLING=${SAMPLING:---cond_scale 3 --top_p 0.7}
 
 # The fidelity scores (stage 6) need only the trained models, so they start now, beside generation.
+SPLITS=(test_seen test_unseen)
 FID_PIDS=()
-for split in test_seen test_unseen; do
+for split in "${SPLITS[@]}"; do
   background "$OUT/fidelity_$split.log" "$PY" -m dalle_jax.evaluate_fidelity --workdir "$OUT/dalle" \
     --clip_workdir "$OUT/clip" --split "$split" --num_prompts ${FIDELITY_PROMPTS:-24} --num_samples 16 \
     $SAMPLING --dvae_ceiling --out "$OUT/fidelity_$split.json"
@@ -126,11 +127,10 @@ EOF
 "$PY" -m dalle_jax.contact_sheet --samples_dir "$OUT/samples" --out "$OUT/samples/sheet.png"
 
 stage "6/6 caption fidelity (shapes checker) on seen and unseen captions, and the dVAE's ceiling"
-i=0
-for split in test_seen test_unseen; do
+for i in "${!SPLITS[@]}"; do
+  split=${SPLITS[$i]}
   collect "caption fidelity on $split" "${FID_PIDS[$i]}" "$OUT/fidelity_$split.log"
   cat "$OUT/fidelity_$split.log"
-  i=$((i + 1))
 done
 
 echo

@@ -389,17 +389,26 @@ def test_two_local_processes_form_one_job(tmp_path):
 
 # ---------------------------------------------------------------- demo.sh wiring
 
-def _demo_calls(tmp_path, fake_body="", **env):
-    """Runs launch/demo.sh with a stand-in python that records each call and does nothing else
-    (but `fake_body`, bash run after recording with the call's arguments as "$@")."""
+def _run_demo(tmp_path, fake_body="", check=True, **env):
+    """Runs launch/demo.sh (DEMO_DIR = tmp_path/demo) with a stand-in python that appends each call
+    to a log and then runs `fake_body` (bash; the call's arguments are "$*"). Returns the finished
+    process, the demo dir and the calls as argument lists, in the order they started."""
     log = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n{fake_body}\n')
     fake.chmod(0o755)
     out = tmp_path / "demo"
-    subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], check=True, capture_output=True,
-                   env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(out), **env}, timeout=120)
-    return out, [line.split() for line in log.read_text().splitlines()]
+    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], check=check, capture_output=True,
+                          text=True, timeout=120,
+                          env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(out), **env})
+    calls = [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, out, calls
+
+
+def _demo_calls(tmp_path, fake_body="", **env):
+    """A demo run that must succeed: (the demo dir, the calls)."""
+    _, out, calls = _run_demo(tmp_path, fake_body, **env)
+    return out, calls
 
 
 def _call(calls, module, *having):
@@ -472,18 +481,12 @@ def test_demo_trains_clip_beside_the_dvae(tmp_path):
 
 
 def test_demo_stops_when_a_background_stage_fails(tmp_path):
-    log = tmp_path / "calls.txt"
-    fake = tmp_path / "python"
-    fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {shlex.quote(str(log))}\n'
-                    'case "$*" in *clip_jax.train*) echo "CLIP broke here"; exit 3 ;; esac\n')
-    fake.chmod(0o755)
-    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(tmp_path / "d")},
-                          timeout=120)
+    proc, _, calls = _run_demo(
+        tmp_path, 'case "$*" in *clip_jax.train*) echo "CLIP broke here"; exit 3 ;; esac', check=False)
     assert proc.returncode == 1
     assert "error: CLIP training failed (exit 3)" in proc.stderr and "CLIP broke here" in proc.stderr
     # Stopped before the DALL-E, its longest stage.
-    assert not any(line.split()[1] == "dalle_jax.train" for line in log.read_text().splitlines())
+    assert not any(c[1] == "dalle_jax.train" for c in calls)
 
 
 def _alive(pid: int) -> bool:
@@ -497,18 +500,14 @@ def _alive(pid: int) -> bool:
 
 
 def test_demo_stops_its_background_stage_when_a_stage_fails(tmp_path):
-    pid_file = tmp_path / "clip.pid"
-    fake = tmp_path / "python"
-    fake.write_text('#!/usr/bin/env bash\n'
-                    f'case "$*" in *clip_jax.train*) echo $$ > {shlex.quote(str(pid_file))}; exec sleep 60 ;;\n'
-                    '  *train_dvae*) for _ in $(seq 100); do [ -e "$DEMO_DIR/clip.pid" ] && break; sleep 0.1; done; exit 1 ;;\n'
-                    'esac\n')
-    fake.chmod(0o755)
-    # DEMO_DIR is tmp_path, so the dVAE's stand-in fails only once CLIP's has written its pid.
-    proc = subprocess.run(["bash", os.path.join(LAUNCH, "demo.sh")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": str(fake), "DEMO_DIR": str(tmp_path)}, timeout=60)
+    # The dVAE's stand-in fails only once CLIP's has written its pid.
+    proc, out, _ = _run_demo(tmp_path, """
+case "$*" in
+  *clip_jax.train*) echo $$ > "$DEMO_DIR/clip.pid"; exec sleep 60 ;;
+  *train_dvae*) for _ in $(seq 100); do [ -e "$DEMO_DIR/clip.pid" ] && break; sleep 0.1; done; exit 1 ;;
+esac""", check=False)
     assert proc.returncode == 1
-    pid = int(pid_file.read_text())
+    pid = int((out / "clip.pid").read_text())
     for _ in range(50):  # the EXIT trap's kill lands at once; allow the process to die
         if not _alive(pid):
             break
