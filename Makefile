@@ -5,7 +5,11 @@ PYTHON ?= $(shell (PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) || c
              ls $(HOME)/.pyenv/versions/3.12*/bin/python3 2>/dev/null | tail -n 1 | grep . || command -v python3)
 VENV := .venv
 VPY := $(VENV)/bin/python
+# The package and its dependencies (all the demo and the benchmarks need); the test extra adds
+# pytest and libtpu (~0.7 GB, for the deviceless TPU compiles of tests/test_aot.py), which the demo
+# does not install: ~15 s less on a fresh machine here, more on a slow link.
 STAMP := $(VENV)/.installed
+TEST_STAMP := $(VENV)/.installed-test
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
 .PHONY: venv test demo bench clean
@@ -15,11 +19,15 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	$(VPY) -m pip install -q -e ".[test]"
+	$(VPY) -m pip install -q -e .
 	touch $(STAMP)
 
+$(TEST_STAMP): $(STAMP)
+	$(VPY) -m pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
+
 # Two pytest workers; --dist loadfile keeps each file (and its module-scoped trained fixtures) in one.
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 demo: $(STAMP)

@@ -265,7 +265,8 @@ def main(argv=None, *, pipeline=None, clip=None):
     if args.dvae_ceiling:
         report["dvae_ceiling"] = dvae_ceiling(pipe, args.split, args.num_prompts, args.seed,
                                               args.batch_size, args.workers)
-    report = dict(workdir=args.workdir, clip_workdir=args.clip_workdir, split=args.split,
+    report = dict(workdir=args.workdir, dvae_workdir=str(pipe.config.dvae_workdir),
+                  clip_workdir=args.clip_workdir, split=args.split,
                   num_prompts=args.num_prompts, num_samples=args.num_samples,
                   cond_scale=args.cond_scale, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, **report)

@@ -223,7 +223,8 @@ def main(argv=None, *, pipeline=None, clip=None):
         clip_scores = rerank.group_scores(clip, images, prompts, batch_size=args.batch_size)
 
     keep = args.top_k_rerank or args.num_samples
-    meta = dict(mode=mode, workdir=args.workdir, clip_workdir=args.clip_workdir,
+    meta = dict(mode=mode, workdir=args.workdir, dvae_workdir=str(pipe.config.dvae_workdir),
+                clip_workdir=args.clip_workdir,
                 num_samples=args.num_samples, top_k_rerank=args.top_k_rerank,
                 cond_scale=args.cond_scale, temperature=args.temperature, top_k=args.top_k,
                 top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, image=args.image,

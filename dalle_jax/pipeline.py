@@ -1,6 +1,6 @@
 """A trained DALL-E workdir, its dVAE and its tokenizer as one object for inference.
 
-    pipe = Pipeline.load("runs/demo/dalle")                     # dVAE from config.dvae_workdir
+    pipe = Pipeline.load("runs/demo/dalle")  # dVAE: decoder.json's (attach_decoder), else config's
     tokens = pipe.generate(["a red circle in the top left"], num_samples=16, seed=0, cond_scale=3)
     images = pipe.decode(tokens.reshape(-1, pipe.num_image_tokens))   # uint8 [16, 64, 64, 3]
 
@@ -63,12 +63,14 @@ class Pipeline:
     @classmethod
     def load(cls, workdir: str, *, step: int | None = None, dvae_workdir: str | None = None,
              mesh=None, unroll_layers: bool | None = None) -> "Pipeline":
-        """Loads the newest (or `step`) params; the dVAE from `dvae_workdir` or the run config's.
+        """Loads the newest (or `step`) params; the dVAE from `dvae_workdir`, else the one attached
+        by dalle_jax.attach_decoder (WORKDIR/decoder.json), else the run config's.
 
         unroll_layers (default: when num_layers <= MAX_UNROLLED_LAYERS) turns scanned params into
         one subtree per layer once, here, so that sampling does not slice them on every call (see
         `dalle_jax.sampling` for why decoding runs unrolled)."""
         from core_jax.checkpoint import read_config, load_params
+        from dalle_jax.attach_decoder import attached_dvae
         from dalle_jax.dalle_task import load_dvae
 
         if not os.path.isdir(workdir):
@@ -78,13 +80,16 @@ class Pipeline:
             raise ValueError(f"{workdir}/config.json is not a DALL-E config (no model.text_len)")
         tokenizer = load_tokenizer(config, workdir)
         cfg = DalleConfig.from_config(config)
-        dvae_dir = dvae_workdir or str(config.get("dvae_workdir", "") or "")
+        trained_with = str(config.get("dvae_workdir", "") or "")
+        attached = None if dvae_workdir or not trained_with else attached_dvae(workdir, trained_with)
+        dvae_dir = dvae_workdir or attached or trained_with
         if not dvae_dir:
             raise ValueError(f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
                              f"explicitly (--dvae_workdir)")
         if not os.path.isdir(dvae_dir) and "://" not in dvae_dir:
-            raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {workdir}/config.json; "
-                                    f"override with --dvae_workdir)")
+            source = "--dvae_workdir" if dvae_workdir else \
+                f"{workdir}/{'decoder.json' if attached else 'config.json'}; override with --dvae_workdir"
+            raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {source})")
         config.dvae_workdir = dvae_dir
         dvae = load_dvae(config, cfg)  # checks the grid and codebook against the model
         shardings = _param_shardings(cfg, mesh) if mesh is not None else None

@@ -10,9 +10,10 @@
 #
 # One training process keeps ~1.7 of the 2 cores busy (compiles, Python between steps and XLA
 # kernels too small to split leave the rest idle), so stages that do not depend on each other run
-# side by side: CLIP (which needs no other stage) trains alongside the dVAE, and the two fidelity
-# scores beside generation. That saves ~20 s, and every number comes out the same as run one at a
-# time (same computations, same seeds; docs/generate.md, "Stages side by side").
+# side by side: CLIP (which needs no other stage) trains alongside the dVAE, the decoder
+# fine-tuning (which changes no token) alongside the DALL-E, and the two fidelity scores beside
+# generation. Every number comes out the same as run one at a time (same computations, same
+# seeds), ~1.5 minutes sooner (docs/generate.md, "Stages side by side").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,7 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 # Each stage trains its config's default steps, except two the demo shortens for its 20-minute
 # budget: the decoder fine-tuning runs at batch 4 and CLIP for 250 steps (the configs' defaults,
-# batch 8 and 400 steps, cost ~4 minutes more; README). Neither touches the DALL-E or its tokens:
+# batch 8 and 400 steps, cost ~4 minutes more in sequence; README). Neither touches the DALL-E or its tokens:
 # the decoder only draws them, CLIP only ranks the samples; on the demo's DALL-E they cost 0.02 /
 # 0.01 CLIP-best (seen / unseen), on a seed-2 DALL-E 0.07 / 0.23 (README). Extra flags per stage, applied after
 # these: DVAE_ARGS / DECODER_ARGS / CLIP_ARGS / DALLE_ARGS (e.g. DALLE_ARGS=--config.total_steps=6000,
@@ -77,14 +78,16 @@ stage "2/6 dVAE: 64x64 images -> 8x8 tokens"
 
 # The joint run's decoder learnt from relaxed codes; trained alone on the argmax codes inference
 # uses, it draws shapes the checker reads right far more often (triangles above all), while the
-# frozen encoder keeps every token as it was (docs/dvae.md, "Decoder fine-tuning").
-# DECODER_FINETUNE=0 skips it (~3 minutes less; the DALL-E then decodes with the joint decoder).
-DVAE_DIR="$OUT/dvae"
+# frozen encoder keeps every token as it was (docs/dvae.md, "Decoder fine-tuning"). Since the
+# tokens do not change, it trains in the background beside the DALL-E, which encodes with the
+# joint dVAE's (identical) encoder; attach_decoder then checks the two encoders are bit for bit
+# the same and makes the DALL-E's samples decode with the fine-tuned decoder.
+# DECODER_FINETUNE=0 skips it (the DALL-E then decodes with the joint decoder).
 if [ "$DECODER_FINETUNE" = 1 ]; then
-  stage "3/6 dVAE decoder fine-tuning: same tokens, sharper images"
-  "$PY" -m dalle_jax.train_dvae --config configs/dvae_shapes_decoder.py --workdir "$OUT/dvae_decoder" \
-    --config.init_from="$OUT/dvae" $DEMO_DECODER_FLAGS ${DECODER_ARGS:-}
-  DVAE_DIR="$OUT/dvae_decoder"
+  stage "3/6 dVAE decoder fine-tuning: same tokens, sharper images; in the background (log: $OUT/dvae_decoder.log)"
+  background "$OUT/dvae_decoder.log" "$PY" -m dalle_jax.train_dvae --config configs/dvae_shapes_decoder.py \
+    --workdir "$OUT/dvae_decoder" --config.init_from="$OUT/dvae" $DEMO_DECODER_FLAGS ${DECODER_ARGS:-}
+  DECODER_PID=$BG
 fi
 
 # Collected before the DALL-E, so a failed CLIP stops the demo before its longest stage; it has
@@ -95,7 +98,14 @@ grep -E '^(resumed from|eval |step )' "$OUT/clip.log" | tail -n 2 || true
 
 stage "4/6 DALL-E transformer on dVAE tokens"
 "$PY" -m dalle_jax.train --config configs/dalle_shapes.py --workdir "$OUT/dalle" \
-  --config.dvae_workdir="$DVAE_DIR" ${DALLE_ARGS:-}
+  --config.dvae_workdir="$OUT/dvae" ${DALLE_ARGS:-}
+
+if [ "$DECODER_FINETUNE" = 1 ]; then
+  collect "dVAE decoder fine-tuning" "$DECODER_PID" "$OUT/dvae_decoder.log"
+  echo "decoder fine-tuned (from $OUT/dvae_decoder.log):"
+  grep -E '^(resumed from|eval )' "$OUT/dvae_decoder.log" | tail -n 2 || true
+  "$PY" -m dalle_jax.attach_decoder --workdir "$OUT/dalle" --dvae_workdir "$OUT/dvae_decoder"
+fi
 
 # Nucleus sampling (top_p 0.7) for both generation and the fidelity score: on the demo's models it
 # raised the mean fidelity of a sample from 0.68 / 0.43 to 0.79 / 0.55 (seen / unseen captions,

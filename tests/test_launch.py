@@ -422,22 +422,27 @@ def _modules(calls):
     return sorted(c[1] for c in calls)
 
 
-def test_demo_trains_the_decoder_on_the_dvae_and_the_dalle_through_it(tmp_path):
+def test_demo_trains_the_decoder_beside_the_dalle_and_attaches_it(tmp_path):
     out, calls = _demo_calls(tmp_path, DECODER_ARGS="--config.total_steps=7")
     assert _modules(calls) == sorted([
         "dalle_jax.train_dvae", "dalle_jax.train_dvae", "clip_jax.train", "dalle_jax.train",
-        "dalle_jax.generate", "dalle_jax.contact_sheet", "dalle_jax.evaluate_fidelity",
-        "dalle_jax.evaluate_fidelity"])
+        "dalle_jax.attach_decoder", "dalle_jax.generate", "dalle_jax.contact_sheet",
+        "dalle_jax.evaluate_fidelity", "dalle_jax.evaluate_fidelity"])
     dvae = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes.py")
     decoder = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes_decoder.py")
     dalle = _call(calls, "dalle_jax.train")
-    assert calls.index(dvae) < calls.index(decoder) < calls.index(dalle)
+    attach = _call(calls, "dalle_jax.attach_decoder")
+    assert calls.index(dvae) < min(calls.index(decoder), calls.index(dalle))
+    assert calls.index(attach) > max(calls.index(decoder), calls.index(dalle))
     assert decoder[decoder.index("--workdir") + 1] == f"{out}/dvae_decoder"
     assert f"--config.init_from={out}/dvae" in decoder and decoder[-1] == "--config.total_steps=7"
-    assert f"--config.dvae_workdir={out}/dvae_decoder" in dalle
-    # generate and the fidelity score read the DALL-E workdir, whose config names that dVAE, and
-    # start only after it trained; the fidelity score covers both splits.
-    after = calls[calls.index(dalle) + 1:]
+    # The DALL-E encodes with the joint dVAE (the same frozen encoder, so the same tokens), and
+    # the fine-tuned decoder is attached to it once both have trained.
+    assert f"--config.dvae_workdir={out}/dvae" in dalle
+    assert attach[2:] == ["--workdir", f"{out}/dalle", "--dvae_workdir", f"{out}/dvae_decoder"]
+    # generate and the fidelity score read the DALL-E workdir, which now decodes with that dVAE,
+    # and start only after the attachment; the fidelity score covers both splits.
+    after = calls[calls.index(attach) + 1:]
     assert _modules(after) == sorted(["dalle_jax.generate", "dalle_jax.contact_sheet",
                                       "dalle_jax.evaluate_fidelity", "dalle_jax.evaluate_fidelity"])
     assert all("--dvae_workdir" not in c for c in after)
@@ -459,12 +464,13 @@ def test_demo_shortens_decoder_and_clip_and_user_flags_override(tmp_path):
     assert not any(a.startswith(("--config.batch_size", "--config.total_steps")) for a in dalle + dvae)
 
 
-# Each of the two calls waits (up to 20 s) for the other to have started: only a demo that runs
-# them side by side gets past both.
-_MEET = """
+def _meet(first, second):
+    """A stand-in body: the calls matching the case patterns `first` and `second` each wait (up to
+    20 s) for the other to have started, so only a demo that runs them side by side gets past both."""
+    return f"""
 case "$*" in
-  *clip_jax.train*) me=clip; other=dvae ;;
-  *dalle_jax.train_dvae*configs/dvae_shapes.py*) me=dvae; other=clip ;;
+  {first}) me=a; other=b ;;
+  {second}) me=b; other=a ;;
   *) exit 0 ;;
 esac
 touch "$DEMO_DIR/started_$me"
@@ -474,10 +480,16 @@ echo "$me: $other never started" >&2; exit 1
 
 
 def test_demo_trains_clip_beside_the_dvae(tmp_path):
-    out, calls = _demo_calls(tmp_path, fake_body=_MEET)
+    out, calls = _demo_calls(tmp_path, fake_body=_meet("*clip_jax.train*", "*train_dvae*configs/dvae_shapes.py*"))
     clip = _call(calls, "clip_jax.train")
     assert calls.index(clip) < calls.index(_call(calls, "dalle_jax.train")), "CLIP before the DALL-E"
-    assert (out / "started_clip").exists() and (out / "started_dvae").exists()
+    assert (out / "started_a").exists() and (out / "started_b").exists()
+
+
+def test_demo_trains_the_decoder_beside_the_dalle(tmp_path):
+    out, calls = _demo_calls(tmp_path, fake_body=_meet("*train_dvae*dvae_shapes_decoder.py*",
+                                                       "*dalle_jax.train\\ *"))
+    assert (out / "started_a").exists() and (out / "started_b").exists()
 
 
 def test_demo_stops_when_a_background_stage_fails(tmp_path):
@@ -487,6 +499,17 @@ def test_demo_stops_when_a_background_stage_fails(tmp_path):
     assert "error: CLIP training failed (exit 3)" in proc.stderr and "CLIP broke here" in proc.stderr
     # Stopped before the DALL-E, its longest stage.
     assert not any(c[1] == "dalle_jax.train" for c in calls)
+
+
+def test_demo_stops_when_the_decoder_fails_beside_the_dalle(tmp_path):
+    proc, _, calls = _run_demo(
+        tmp_path, 'case "$*" in *dvae_shapes_decoder*) echo "decoder broke here"; exit 4 ;; esac',
+        check=False)
+    assert proc.returncode == 1
+    assert "error: dVAE decoder fine-tuning failed (exit 4)" in proc.stderr
+    assert "decoder broke here" in proc.stderr
+    # Nothing is attached or sampled with a decoder that did not train.
+    assert not any(c[1] in ("dalle_jax.attach_decoder", "dalle_jax.generate") for c in calls)
 
 
 def _alive(pid: int) -> bool:
@@ -539,6 +562,7 @@ def test_demo_without_decoder_finetuning(tmp_path):
     assert sorted(c[1] for c in calls[:3]) == ["clip_jax.train", "dalle_jax.train", "dalle_jax.train_dvae"]
     assert f"--config.dvae_workdir={out}/dvae" in _call(calls, "dalle_jax.train")
     assert "configs/dvae_shapes_decoder.py" not in sum(calls, [])
+    assert not any(c[1] == "dalle_jax.attach_decoder" for c in calls)
 
 
 def test_demo_rejects_a_bad_decoder_switch(tmp_path):
