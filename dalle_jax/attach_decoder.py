@@ -42,16 +42,16 @@ def encoder_mismatch(trained, candidate) -> str | None:
     for name in ("image_size", "grid_size", "vocab_size", "channels"):
         a, b = getattr(trained, name), getattr(candidate, name)
         if a != b:
-            return f"{name} {b} instead of {a}"
+            return f"{name} {b}, not {a}"
     import jax
     flat = lambda p: {jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
                       for k, v in jax.tree_util.tree_leaves_with_path(p["encoder"])}
     a, b = flat(trained.params), flat(candidate.params)
     if a.keys() != b.keys():
-        return f"another encoder architecture (params {sorted(a.keys() ^ b.keys())[:3]} ...)"
+        return f"another encoder architecture (params {sorted(a.keys() ^ b.keys())[:3]} differ)"
     for k in a:
         if a[k].shape != b[k].shape or not np.array_equal(a[k], b[k]):
-            return f"other encoder weights (first at {k})"
+            return f"other encoder weights (first difference at {k})"
     return None
 
 
@@ -72,9 +72,9 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
                                 f"{workdir}/config.json) is not there to check the new encoder against")
     why = encoder_mismatch(DVAE.load(trained_with), DVAE.load(dvae_workdir))
     if why:
-        raise ValueError(f"{dvae_workdir} would not give the DALL-E's tokens: it has {why} than "
-                         f"{trained_with}, which {workdir} was trained with. Only a decoder trained "
-                         f"with the encoder frozen (config.frozen='encoder') can be attached.")
+        raise ValueError(f"{dvae_workdir} would not give the DALL-E's tokens ({why}, against "
+                         f"{trained_with}, which {workdir} was trained with): only a decoder trained "
+                         f"with that encoder frozen (config.frozen='encoder') can be attached")
     record = {"dvae_workdir": dvae_workdir, "tokens_from": trained_with,
               "checked": "same image size, grid, codebook and encoder params, bit for bit"}
     with open(os.path.join(workdir, DECODER_FILE), "w") as f:

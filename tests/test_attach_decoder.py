@@ -65,7 +65,7 @@ def test_attached_decoder_draws_the_same_tokens(wds):
 
 
 @pytest.mark.parametrize("which, match", [("other_encoder", "other encoder weights"),
-                                          ("other_codebook", "vocab_size 16 instead of 32")])
+                                          ("other_codebook", "vocab_size 16, not 32")])
 def test_another_encoder_is_refused(wds, tmp_path, which, match, capsys):
     dalle = str(tmp_path / "dalle")
     _dalle_workdir(dalle, wds["joint"])
