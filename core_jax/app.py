@@ -5,6 +5,7 @@ everywhere: one line on stderr and exit code 2, before anything compiles.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from typing import Callable
@@ -38,6 +39,14 @@ def load_config(name: str, arg=None):
 def fail(message: str, code: int = 2):
     print(f"error: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the commands that are not absl apps: a bad flag is one `error: ...` line and
+    exit 2, like `fail`, instead of the whole usage."""
+
+    def error(self, message):
+        fail(message)
 
 
 def _flags_parser(argv):

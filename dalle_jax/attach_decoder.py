@@ -12,7 +12,6 @@ config.json keeps saying which dVAE the DALL-E was trained with.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 
@@ -83,13 +82,9 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
 
 
 def main(argv=None):
-    from core_jax.app import fail
+    from core_jax.app import ArgumentParser, fail
 
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):
-            fail(message)
-
-    p = Parser(prog="python -m dalle_jax.attach_decoder", description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(prog="python -m dalle_jax.attach_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
     p.add_argument("--dvae_workdir", required=True,
                    help="dVAE whose decoder draws the samples (encoder frozen in its training)")

@@ -18,7 +18,6 @@ The issue's targets are on the headline number (clip_best at s when CLIP is give
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,12 +27,6 @@ import numpy as np
 
 TARGETS = {"test_seen": 0.9, "test_unseen": 0.6}
 SPLITS = ("train", "test_seen", "test_unseen")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        from core_jax.app import fail
-        fail(message)
 
 
 def choose_captions(split: str, num_prompts: int, seed: int = 0,
@@ -210,7 +203,8 @@ def format_table(report: dict) -> str:
 
 def main(argv=None, *, pipeline=None, clip=None):
     """The command; `pipeline` / `clip` (already loaded from the workdirs) skip loading."""
-    p = _Parser(prog="python -m dalle_jax.evaluate_fidelity", description=__doc__.split("\n\n")[0])
+    from core_jax.app import ArgumentParser
+    p = ArgumentParser(prog="python -m dalle_jax.evaluate_fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="DALL-E workdir trained on the shapes suite")
     p.add_argument("--clip_workdir", default=None, help="CLIP workdir: also report CLIP-best of S")
     p.add_argument("--split", default="test_seen", choices=SPLITS)

@@ -27,18 +27,14 @@ import time
 import numpy as np
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse prints the whole usage and exits 2; one line is enough
-        _fail(message)
-
-
 def _fail(message: str):
     from core_jax.app import fail
     fail(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m dalle_jax.generate", description=__doc__.split("\n\n")[0])
+    from core_jax.app import ArgumentParser
+    p = ArgumentParser(prog="python -m dalle_jax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
     p.add_argument("--out_dir", required=True)
     p.add_argument("--prompt", default=None)
