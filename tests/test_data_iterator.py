@@ -8,6 +8,7 @@ from core_jax.config import ConfigError
 from core_jax.data import (DataIterator, NoUsableExamples, SkipExample, default_data_config,
                            image_ops, make_iterator)
 from core_jax.data.iterator import IndexStream
+from core_jax.data.shapes import HELD_OUT_PAIRS
 
 
 class ListSource:
@@ -55,7 +56,8 @@ def test_default_config_has_every_contract_key():
     for key in ("source", "name", "split", "eval_split", "data_dir", "urls", "index_file",
                 "image_key", "caption_key", "label_key", "image_size", "random_crop",
                 "random_flip", "num_workers", "prefetch", "shapes_train_size", "min_image_side",
-                "max_image_pixels", "shuffle_buffer", "shapes_one_object_fraction"):
+                "max_image_pixels", "shuffle_buffer", "shapes_one_object_fraction",
+                "shapes_train_pairs"):
         assert key in cfg
     assert cfg.source == "shapes" and cfg.num_workers == 0
 
@@ -177,6 +179,23 @@ def test_shapes_one_object_fraction_sets_the_train_mix_only():
     with pytest.raises(ConfigError, match=r"data.shapes_one_object_fraction must be in \[0, 1\], got 1.5"):
         make_iterator(shapes_config(shapes_one_object_fraction=1.5), "train", global_batch_size=2,
                       seed=0, example_fn=objects)
+
+
+def test_shapes_train_pairs_reaches_the_train_source_only():
+    pairs = lambda raw, rng: {"held": np.int32(any((o["colour"], o["shape"]) in HELD_OUT_PAIRS
+                                                    for o in raw["objects"]))}
+    held = {}
+    for mode in ("seen", "all"):
+        it = make_iterator(shapes_config(shapes_train_size=300, shapes_train_pairs=mode), "train",
+                           global_batch_size=300, seed=0, example_fn=pairs)
+        held[mode] = int(next(it)["held"].sum())
+    assert held["seen"] == 0 and held["all"] > 60
+    test = [make_iterator(shapes_config(shapes_train_pairs=m), "test_seen", global_batch_size=50,
+                          seed=0, train=False, example_fn=pairs) for m in ("seen", "all")]
+    assert np.array_equal(next(test[0])["held"], next(test[1])["held"])
+    with pytest.raises(ConfigError, match="data.shapes_train_pairs must be 'seen' or 'all', got 'some'"):
+        make_iterator(shapes_config(shapes_train_pairs="some"), "train", global_batch_size=2, seed=0,
+                      example_fn=pairs)
 
 
 def test_all_skipped_raises_named_error_and_errors_propagate():

@@ -104,6 +104,26 @@ def test_test_seen_never_repeats_train():
   assert not any(ex['image'].tobytes() in train_images for ex in examples('test_seen', N_CHECK))
 
 
+def test_train_pairs_all_is_a_control_that_never_repeats_test_unseen():
+  # The control draws the held-out pairs into train, in one- and two-object scenes ...
+  train = [S.make_example('train', i, train_pairs='all') for i in range(600)]
+  assert set().union(*(pairs_of(ex) for ex in train)) == set(S.ALL_PAIRS)
+  assert any(pairs_of(ex) & S.HELD_OUT_PAIRS for ex in train if len(ex['objects']) == 2)
+  # ... but never a scene of the default test_unseen split, nor of test_seen.
+  for i in range(200):
+    objects = S.make_example('test_unseen', i)['objects']
+    assert not S._scene_ok('train', S._scene_hash(objects), all_pairs=True)
+    assert S._scene_ok('train', S._scene_hash(objects), all_pairs=False) == S._scene_bucket_ok('train', objects)
+  assert all(S._scene_bucket_ok('train', ex['objects']) for ex in train)
+  # The default stream is untouched by the option's existence, and the source passes it on.
+  assert S.make_example('train', 7)['caption'] == S.make_example('train', 7, train_pairs='seen')['caption']
+  assert S.ShapesSource('train', train_pairs='all')[3]['key'] == 'train/3'
+  with pytest.raises(ValueError, match="train_pairs must be 'seen' or 'all', got 'every'"):
+    S.make_example('train', 0, train_pairs='every')
+  with pytest.raises(ValueError, match="train_pairs='all' applies to the train split only, not 'test_seen'"):
+    S.ShapesSource('test_seen', train_pairs='all')
+
+
 def test_captions_round_trip():
   for split in S.SPLITS:
     allowed = set(S.all_captions(split))

@@ -34,6 +34,7 @@ def default_data_config() -> ml_collections.ConfigDict:
         prefetch=2,               # batches decoded ahead of the step (with num_workers > 0)
         shapes_train_size=100000,
         shapes_one_object_fraction=0.5,  # train split only: share of one-object scenes
+        shapes_train_pairs="seen",  # 'all': train also on the held-out pairs (a control, docs/data.md)
         shuffle_buffer=1000,      # webdataset: samples permuted together in training
         min_image_side=decode.DEFAULT_MIN_SIDE,
         max_image_pixels=decode.DEFAULT_MAX_PIXELS,  # 0 = no limit

@@ -3,7 +3,8 @@
 Scenes hold one object ("a red circle in the top left") or two non-overlapping objects
 ("a blue square to the left of a green triangle") on a black background. Four colour-shape pairs
 (HELD_OUT_PAIRS) never occur in `train` or `test_seen`; every `test_unseen` scene holds at least one,
-which measures compositional generalisation.
+which measures compositional generalisation. (`train_pairs='all'` is a control that does draw them
+into `train`, to measure what holding them out costs; it never draws a default `test_unseen` scene.)
 
 Coordinates are continuous pixel coordinates: pixel (row r, column c) covers [c, c+1) x [r, r+1),
 so the image centre is (32, 32). An object's `bbox` is (x0, y0, x1, y1) with x1 = x0 + size
@@ -182,6 +183,15 @@ def _check_split(split: str):
     raise ValueError(f'unknown shapes split {split!r}; expected one of {SPLITS}')
 
 
+def check_train_pairs(train_pairs: str, split: str = 'train', name: str = 'train_pairs') -> bool:
+  """Whether `train_pairs` asks for all colour-shape pairs; ValueError naming `name` if invalid."""
+  if train_pairs not in ('seen', 'all'):
+    raise ValueError(f"{name} must be 'seen' or 'all', got {train_pairs!r}")
+  if train_pairs == 'all' and split != 'train':
+    raise ValueError(f"{name}='all' applies to the train split only, not {split!r}")
+  return train_pairs == 'all'
+
+
 def check_fraction(one_object_fraction: float, name: str = 'one_object_fraction'):
   """ValueError naming `name` unless the share of one-object scenes is in [0, 1]."""
   if not 0.0 <= one_object_fraction <= 1.0:
@@ -209,18 +219,45 @@ def _bucket_ok(split: str, scene_hash: np.ndarray) -> np.ndarray:
   return np.ones(scene_hash.shape, bool)
 
 
-def _scene_bucket_ok(split: str, objects) -> bool:
-  """Whether a finished scene may occur in `split` (exposed for tests)."""
+def _scene_hash(objects) -> np.ndarray:
+  """uint64 [1]: the order-independent hash of a finished scene's objects."""
   h = np.zeros((1,), np.uint64)
   for o in objects:
     h = h + _object_hash(np.array([_PAIR_INDEX[_pair(o)]]), np.array([o['size']]),
                          np.array([o['bbox'][0]]), np.array([o['bbox'][1]]))
-  return bool(_bucket_ok(split, h)[0])
+  return h
 
 
-def _sample_one(rng: np.random.Generator, split: str):
+def _scene_bucket_ok(split: str, objects) -> bool:
+  """Whether a finished scene may occur in `split` (exposed for tests)."""
+  return bool(_bucket_ok(split, _scene_hash(objects))[0])
+
+
+def _unseen_test_hashes() -> np.ndarray:
+  """Scene hashes of the default `test_unseen` split (seed 0), which train_pairs='all' never draws."""
+  global _UNSEEN_TEST_HASHES
+  if _UNSEEN_TEST_HASHES is None:
+    _UNSEEN_TEST_HASHES = np.concatenate([
+        _scene_hash(make_example('test_unseen', i)['objects'])
+        for i in range(DEFAULT_SPLIT_SIZES['test_unseen'])])
+  return _UNSEEN_TEST_HASHES
+
+
+_UNSEEN_TEST_HASHES = None
+
+
+def _scene_ok(split: str, scene_hash: np.ndarray, all_pairs: bool) -> np.ndarray:
+  ok = _bucket_ok(split, scene_hash)
+  if all_pairs:
+    ok &= ~np.isin(scene_hash, _unseen_test_hashes())
+  return ok
+
+
+def _sample_one(rng: np.random.Generator, split: str, all_pairs: bool = False):
   position = POSITIONS[rng.integers(len(POSITIONS))]
   pairs_idx = _UNSEEN_IDX if split == 'test_unseen' else _SEEN_IDX
+  if all_pairs:
+    pairs_idx = np.arange(len(ALL_PAIRS))
   n = _CANDIDATES
   while True:
     pair = pairs_idx[rng.integers(len(pairs_idx), size=n)]
@@ -238,13 +275,13 @@ def _sample_one(rng: np.random.Generator, split: str):
       ys = (low, before_hi) if 'top' in position else (after_lo, high)
       x0, y0 = rng.integers(xs[0], xs[1] + 1), rng.integers(ys[0], ys[1] + 1)
       valid = np.ones(n, bool)
-    valid &= _bucket_ok(split, _object_hash(pair, size, x0, y0))
+    valid &= _scene_ok(split, _object_hash(pair, size, x0, y0), all_pairs)
     if valid.any():
       i = int(np.argmax(valid))
       return [(int(pair[i]), int(size[i]), int(x0[i]), int(y0[i]))], position
 
 
-def _sample_two(rng: np.random.Generator, split: str):
+def _sample_two(rng: np.random.Generator, split: str, all_pairs: bool = False):
   relation = RELATIONS[rng.integers(len(RELATIONS))]
   n = _CANDIDATES
   while True:
@@ -253,6 +290,8 @@ def _sample_two(rng: np.random.Generator, split: str):
       other = rng.integers(len(ALL_PAIRS), size=n)
       first = rng.integers(2, size=n) == 0
       pa, pb = np.where(first, held, other), np.where(first, other, held)
+    elif all_pairs:
+      pa, pb = rng.integers(len(ALL_PAIRS), size=(2, n))
     else:
       pa = _SEEN_IDX[rng.integers(len(_SEEN_IDX), size=n)]
       pb = _SEEN_IDX[rng.integers(len(_SEEN_IDX), size=n)]
@@ -268,7 +307,7 @@ def _sample_two(rng: np.random.Generator, split: str):
     valid = ((pa != pb) & (primary >= RELATION_MARGIN) & (primary >= np.abs(other_axis) + DOMINANCE)
              & (gap >= MIN_GAP))
     # Addition keeps the hash independent of caption order: "A left of B" and "B right of A" are one image.
-    valid &= _bucket_ok(split, _object_hash(pa, sa, xa, ya) + _object_hash(pb, sb, xb, yb))
+    valid &= _scene_ok(split, _object_hash(pa, sa, xa, ya) + _object_hash(pb, sb, xb, yb), all_pairs)
     if valid.any():
       i = int(np.argmax(valid))
       return [(int(pa[i]), int(sa[i]), int(xa[i]), int(ya[i])),
@@ -281,19 +320,26 @@ def _object_dict(pair_index: int, size: int, x0: int, y0: int) -> dict:
           'bbox': (x0, y0, x0 + size, y0 + size), 'size': size}
 
 
-def make_example(split: str, index: int, seed: int = 0, one_object_fraction: float = 0.5) -> dict:
-  """The raw example `index` of `split`; a pure function of its arguments."""
+def make_example(split: str, index: int, seed: int = 0, one_object_fraction: float = 0.5,
+                 train_pairs: str = 'seen') -> dict:
+  """The raw example `index` of `split`; a pure function of its arguments.
+
+  train_pairs='all' (train split only) is a control, not training data: its scenes also hold the
+  HELD_OUT_PAIRS (never a scene of the default `test_unseen` split), so that a model trained on it
+  and on the default train split measure what holding the pairs out costs.
+  """
   _check_split(split)
   if index < 0 or seed < 0:
     raise ValueError(f'index and seed must be >= 0, got {index}, {seed}')
   check_fraction(one_object_fraction)
+  all_pairs = check_train_pairs(train_pairs, split)
   # The split name is part of the seed, so each split is its own stream.
   rng = np.random.default_rng([int(seed), zlib.crc32(split.encode()), int(index)])
   if rng.random() < one_object_fraction:
-    params, position = _sample_one(rng, split)
+    params, position = _sample_one(rng, split, all_pairs)
     relation = None
   else:
-    params, relation = _sample_two(rng, split)
+    params, relation = _sample_two(rng, split, all_pairs)
     position = None
   objects = [_object_dict(*p) for p in params]
   caption = caption_for(objects, position=position, relation=relation)
@@ -306,9 +352,12 @@ class ShapesSource:
   """Random-access source over a split (grain.MapDataset.source-compatible)."""
 
   def __init__(self, split: str = 'train', size: int | None = None, seed: int = 0,
-               one_object_fraction: float = 0.5, one_object_only: bool = False):
+               one_object_fraction: float = 0.5, one_object_only: bool = False,
+               train_pairs: str = 'seen'):
     _check_split(split)
     check_fraction(one_object_fraction)
+    check_train_pairs(train_pairs, split)
+    self.train_pairs = train_pairs
     self.split = split
     self.size = DEFAULT_SPLIT_SIZES[split] if size is None else int(size)
     self.seed = seed
@@ -323,8 +372,8 @@ class ShapesSource:
       index += self.size
     if not 0 <= index < self.size:
       raise IndexError(f'index {index} out of range for {self.size} examples')
-    return make_example(self.split, index, self.seed, self.one_object_fraction)
+    return make_example(self.split, index, self.seed, self.one_object_fraction, self.train_pairs)
 
   def __repr__(self):
     return (f'ShapesSource(split={self.split!r}, size={self.size}, seed={self.seed}, '
-            f'one_object_fraction={self.one_object_fraction})')
+            f'one_object_fraction={self.one_object_fraction}, train_pairs={self.train_pairs!r})')

@@ -364,16 +364,17 @@ def _opts(cfg) -> DecodeOptions:
 
 
 def _shapes(cfg, split, **_):
-    from core_jax.data.shapes import ShapesSource, check_fraction
+    from core_jax.data.shapes import ShapesSource, check_fraction, check_train_pairs
     if split != "train":  # test splits keep their fixed mix, so evals stay comparable
         return ShapesSource(split=split)
     fraction = float(cfg.shapes_one_object_fraction)
     try:  # a ConfigError naming the key: the train CLI prints one line and exits 2
         check_fraction(fraction, name="data.shapes_one_object_fraction")
+        check_train_pairs(cfg.shapes_train_pairs, name="data.shapes_train_pairs")
     except ValueError as e:
         raise _config_error(str(e)) from None
     return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
-                        one_object_fraction=fraction)
+                        one_object_fraction=fraction, train_pairs=cfg.shapes_train_pairs)
 
 
 def _tfds(cfg, split, *, train, **_):
