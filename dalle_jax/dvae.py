@@ -10,9 +10,11 @@ so that `convert_dvae.py` is a plain rename plus OIHW -> HWIO transpose.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
+import numpy as np
 import jax
 import jax.numpy as jnp
 
@@ -135,6 +137,29 @@ def max_pool_2x2(x):
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
+def factor_digits(factors: Sequence[int]) -> np.ndarray:
+    """[vocab, len(factors)] int digits of every code in the mixed radix `factors` (first factor
+    most significant): code i = ((d_0 * f_1) + d_1) * f_2 + ... ."""
+    return np.stack(np.unravel_index(np.arange(math.prod(factors)), tuple(factors)), axis=-1)
+
+
+def factor_rows(factors: Sequence[int]) -> np.ndarray:
+    """[vocab, len(factors)]: for every code, its digits' rows in the `sum(factors)` per-digit
+    logits / embedding rows (factor 0's values first, then factor 1's, ...)."""
+    offsets = np.cumsum((0,) + tuple(factors)[:-1])
+    return factor_digits(factors) + offsets
+
+
+def check_codebook_factors(factors: Sequence[int], vocab_size: int) -> tuple[int, ...]:
+    from core_jax.config import ConfigError  # a ValueError that the CLIs print as one line
+
+    factors = tuple(int(f) for f in factors)
+    if factors and (len(factors) < 2 or min(factors) < 2 or math.prod(factors) != vocab_size):
+        raise ConfigError(f"model.codebook_factors must be two or more factors >= 2 whose product is "
+                         f"vocab_size={vocab_size}, got {factors}")
+    return factors
+
+
 class Encoder(nn.Module):
     """mapped image [B, H, W, C] -> float32 codebook logits [B, H/2^(G-1), W/2^(G-1), vocab]."""
     vocab_size: int = 8192
@@ -145,6 +170,7 @@ class Encoder(nn.Module):
     remat: str = "none"
     logit_init_scale: float = 1.0
     logit_norm: bool = False
+    codebook_factors: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, x):
@@ -165,8 +191,18 @@ class Encoder(nn.Module):
                              scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                              bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
         # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
-        logits = Conv(self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
-                      name="output")(x)
+        factors = tuple(self.codebook_factors)
+        if not factors:
+            logits = Conv(self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
+                          name="output")(x)
+        else:
+            # A product codebook (not in OpenAI's model): one logit per value of each digit, a
+            # code's logit the sum of its digits' logits, so the digits are independent choices
+            # and a code the training images never produced still gets logits and (in the
+            # decoder) an embedding made of trained rows.
+            parts = Conv(sum(factors), 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
+                         name="output")(x)
+            logits = jnp.take(parts, factor_rows(factors), axis=-1).sum(-1)
         return constrain(logits, ("act_batch", "act_height", "act_width", "act_vocab"))
 
 
@@ -177,13 +213,19 @@ class CodeEmbedding(nn.Module):
     vocab_size: int
     dtype: Any = jnp.float32
     init_std: float = 0.0  # 0: OpenAI's fan-in init (std 1/sqrt(vocab)); > 0: embedding-style normal
+    codebook_factors: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
         init = _kernel_init if self.init_std <= 0 else nn.initializers.normal(self.init_std)
+        factors = tuple(self.codebook_factors)
+        # With a product codebook a code's row is the sum of one row per factor (see Encoder).
+        rows = sum(factors) if factors else self.vocab_size
         kernel = self.param(
             "kernel", nn.with_logical_partitioning(init, ("conv_h", "conv_w", "vocab", "conv_out")),
-            (1, 1, self.vocab_size, self.features), jnp.float32)
+            (1, 1, rows, self.features), jnp.float32)
+        if factors:
+            kernel = jnp.take(kernel, factor_rows(factors), axis=2).sum(3)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
                           (self.features,), jnp.float32)
         table = kernel[0, 0]
@@ -209,12 +251,14 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"
     embed_init_std: float = 0.0
+    codebook_factors: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
         n_groups = len(self.width_multipliers)
         n_layers = n_groups * self.blocks_per_group
-        x = CodeEmbedding(self.init_channels, self.vocab_size, self.dtype, self.embed_init_std, name="input")(codes)
+        x = CodeEmbedding(self.init_channels, self.vocab_size, self.dtype, self.embed_init_std,
+                          tuple(self.codebook_factors), name="input")(codes)
         x = constrain(x, ACT)
         for g, mult in enumerate(reversed(self.width_multipliers)):
             # Nearest x2 upsampling between groups, done inside the next group's first block.
@@ -236,14 +280,16 @@ class DVAE(nn.Module):
     logit_init_scale: float = 1.0
     embed_init_std: float = 0.0
     logit_norm: bool = False
+    codebook_factors: Sequence[int] = ()
 
     def setup(self):
+        factors = check_codebook_factors(self.codebook_factors, self.vocab_size)
         self.encoder = Encoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
                                self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale,
-                               self.logit_norm)
+                               self.logit_norm, factors)
         self.decoder = Decoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
                                self.blocks_per_group, self.decoder_init_channels, self.input_channels,
-                               self.dtype, self.remat, self.embed_init_std)
+                               self.dtype, self.remat, self.embed_init_std, factors)
 
     def __call__(self, x):
         """Encode then decode the argmax codes (used for init)."""
@@ -282,6 +328,7 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         if (int(model_config.hidden) * m) % 4:
             raise ValueError(f"model.hidden * width multiplier must be divisible by 4, got "
                              f"{model_config.hidden} * {m}")
+    factors = check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size))
     return DVAE(vocab_size=int(model_config.vocab_size), hidden=int(model_config.hidden),
                 width_multipliers=mults, blocks_per_group=int(model_config.blocks_per_group),
                 decoder_init_channels=int(model_config.decoder_init_channels),
@@ -289,7 +336,8 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
                 dtype=dtype_of(compute_dtype), remat=remat,
                 logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
                 embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
-                logit_norm=bool(model_config.get("encoder_logit_norm", False)))
+                logit_norm=bool(model_config.get("encoder_logit_norm", False)),
+                codebook_factors=factors)
 
 
 def _conv_flops(h, w, k, cin, cout):
@@ -326,7 +374,8 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
         c = hid * m
         if g < len(mults) - 1:
             s //= 2
-    enc += _conv_flops(s, s, 1, c, vocab)
+    # A product codebook's logit conv has one output per factor value (the sum over digits is free).
+    enc += _conv_flops(s, s, 1, c, sum(model_config.get("codebook_factors", ())) or vocab)
     dec = _conv_flops(s, s, 1, vocab, init) if soft_codes else 0
     c = init
     for g, m in enumerate(reversed(mults)):
@@ -357,6 +406,10 @@ def default_model_config():
         # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
         # features before the logit conv, against codebook collapse in small, short runs.
         encoder_logit_norm=False,
+        # Not in OpenAI's model: () or factors whose product is vocab_size, e.g. (16, 16). Each code
+        # is a tuple of digits; its encoder logit and decoder embedding are sums over the digits.
+        # Tokens are still one index in [0, vocab_size).
+        codebook_factors=(),
         # Training objective (dalle_jax/dvae_loss.py).
         recon_loss="logit_laplace",      # logit_laplace | mse
         straight_through=False,          # hard one-hot forward, relaxed gradient

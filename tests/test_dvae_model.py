@@ -345,6 +345,48 @@ def test_encoder_logit_norm_is_opt_in_and_feeds_the_logit_conv():
     np.testing.assert_allclose(encode(zeroed), jnp.broadcast_to(bias, (2, 8, 8, 64)), atol=1e-6)
 
 
+def test_codebook_factors_make_logits_and_embeddings_sums_over_digits():
+    x = jnp.asarray(mapped_images(2, size=16))
+    m = tiny_model_config(width_multipliers=(1, 2))
+    assert tuple(m.codebook_factors) == ()  # off by default: OpenAI's param tree is unchanged
+    plain = init(dvae_lib.make_dvae(m), x)
+    assert plain["encoder"]["output"]["kernel"].shape[-1] == 64
+    assert plain["decoder"]["input"]["kernel"].shape[2] == 64
+    m.codebook_factors = (4, 2, 8)
+    model = dvae_lib.make_dvae(m)
+    params = init(model, x)
+    assert params["encoder"]["output"]["kernel"].shape[-1] == 14  # 4 + 2 + 8 logits
+    assert params["decoder"]["input"]["kernel"].shape[2] == 14
+    logits = np.asarray(model.apply({"params": params}, x, method=dvae_lib.DVAE.encode))
+    assert logits.shape == (2, 8, 8, 64)
+    # Code i has digits (a, b, c) = unravel(i, (4, 2, 8)); its logit is l0[a] + l1[b] + l2[c]:
+    # recovered from three codes that differ in one digit each.
+    grid = logits.reshape(2, 8, 8, 4, 2, 8)
+    additive = (grid[..., :, :1, :1] + grid[..., :1, :, :1] + grid[..., :1, :1, :]
+                - 2 * grid[..., :1, :1, :1])
+    np.testing.assert_allclose(grid, additive, atol=1e-5)
+    assert np.abs(grid - grid[..., :1, :1, :1]).max() > 1e-3
+    # Decoding int tokens (the embedding lookup) equals decoding their one-hot (the matmul), and a
+    # code's embedding row is the sum of its digits' rows.
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 4, 4)))
+    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=dvae_lib.DVAE.decode))
+    np.testing.assert_allclose(decode(params, tokens), decode(params, jax.nn.one_hot(tokens, 64)),
+                               atol=1e-5)
+    rows = params["decoder"]["input"]["kernel"][0, 0]
+    digits = dvae_lib.factor_digits((4, 2, 8))
+    assert digits[13].tolist() == [0, 1, 5]  # 13 = (0 * 2 + 1) * 8 + 5
+    table = rows[digits[:, 0]] + rows[4 + digits[:, 1]] + rows[6 + digits[:, 2]]
+    via_table = dvae_lib.CodeEmbedding(16, 64).apply(
+        {"params": {"kernel": table[None, None], "bias": params["decoder"]["input"]["bias"]}}, tokens)
+    embedded = dvae_lib.CodeEmbedding(16, 64, codebook_factors=(4, 2, 8)).apply(
+        {"params": params["decoder"]["input"]}, tokens)
+    np.testing.assert_allclose(embedded, via_table, atol=1e-6)
+    for bad in [(8, 4), (64,), (1, 64)]:
+        m.codebook_factors = bad
+        with pytest.raises(ValueError, match=r"model.codebook_factors .*vocab_size=64"):
+            init(dvae_lib.make_dvae(m), x)
+
+
 def test_shapes_config_schedules_follow_total_steps():
     config = load_config("dvae_shapes")
     m = config.model
