@@ -77,6 +77,23 @@ def freeze(tx: optax.GradientTransformation, prefixes) -> optax.GradientTransfor
                                  lambda params: param_labels(params, prefixes))
 
 
+def check_param_shapes(source: str, shapes, abstract_params) -> None:
+    """ConfigError naming the first path whose presence or shape in `shapes` (a checkpoint's
+    param_shapes, read by `source`) differs from this run's model (`abstract_params`)."""
+    want = _shapes_by_path(abstract_params)
+    have = _shapes_by_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    for path in sorted(set(want) | set(have)):
+        if path not in have:
+            raise ConfigError(f"{source} has no parameter {path!r} that this model needs "
+                              f"(a different model or config?)")
+        if path not in want:
+            raise ConfigError(f"{source} has a parameter {path!r} this model does not "
+                              f"(a different model or config?)")
+        if have[path] != want[path]:
+            raise ConfigError(f"{source}: parameter {path!r} has shape {have[path]}, this model "
+                              f"needs {want[path]}")
+
+
 def load_init_params(init_from: str, abstract_params, param_shardings):
     """The params of `init_from`'s newest checkpoint, placed in the run's shardings; ConfigError
     naming the first path whose presence or shape differs from this run's model."""
@@ -87,17 +104,6 @@ def load_init_params(init_from: str, abstract_params, param_shardings):
     except FileNotFoundError as e:
         raise ConfigError(f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
                           f"written by a trainer or a converter): {e}") from None
-    want = _shapes_by_path(abstract_params)
-    have = _shapes_by_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
-    for path in sorted(set(want) | set(have)):
-        if path not in have:
-            raise ConfigError(f"config.init_from={init_from!r} has no parameter {path!r} that this "
-                              f"model needs (a different model or config?)")
-        if path not in want:
-            raise ConfigError(f"config.init_from={init_from!r} has a parameter {path!r} this model "
-                              f"does not (a different model or config?)")
-        if have[path] != want[path]:
-            raise ConfigError(f"config.init_from={init_from!r}: parameter {path!r} has shape "
-                              f"{have[path]}, this model needs {want[path]}")
+    check_param_shapes(f"config.init_from={init_from!r}", shapes, abstract_params)
     _, params = load_params(init_from, shardings=param_shardings)
     return params

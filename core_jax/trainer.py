@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from core_jax import checkpoint, data as data_lib, finetune, metrics as metrics_lib, sharding
+from core_jax.config import ConfigError
 from core_jax.optim import make_optimizer
 
 
@@ -231,10 +232,6 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         log_fn = lambda line: None  # noqa: E731  (only process 0 talks)
     mesh = sharding.make_mesh(config.mesh, devices)
     n_devices = mesh.devices.size
-    if main_process:
-        checkpoint.write_config(workdir, config)
-        for name, src in task.extra_files.items():
-            _copy_into(workdir, name, src)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     frozen = finetune.frozen_prefixes(config)
     tx = finetune.freeze(tx, frozen)
@@ -251,7 +248,17 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     start_step = 0
     latest = manager.latest_step()
     if latest is not None:
-        state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
+        try:
+            finetune.check_param_shapes(f"the checkpoint at step {latest} in {workdir}",
+                                        checkpoint.param_shapes(workdir, latest), state.params)
+            state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
+        except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+            detail = lines[0].rstrip(":")
+            if lines[0].endswith(":") and len(lines) > 1:  # orbax: "... do not match:\nopt_state[1]:"
+                detail += f" at {lines[1].rstrip(':')}"
+            raise ConfigError(f"cannot resume: {detail}; resume with the config it was trained with "
+                              f"(its config.json) or pick a new --workdir") from None
         start_step = int(state.step)
         try:
             it.set_state(data_state)
@@ -277,6 +284,12 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     if frozen:
         n_frozen, n_params = finetune.check_frozen(state.params, frozen)
         log_fn(f"frozen ({','.join(frozen)}): {n_frozen:,} of {n_params:,} parameters get no updates")
+    # Written only once the state matches the config: a run that fails on its config leaves an
+    # existing workdir's config.json (what its checkpoints were trained with) as it was.
+    if main_process:
+        checkpoint.write_config(workdir, config)
+        for name, src in task.extra_files.items():
+            _copy_into(workdir, name, src)
 
     train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
                                 jax.tree.map(lambda x: x.sharding, batch))

@@ -175,6 +175,28 @@ def test_decoder_finetune_needs_a_frozen_encoder_and_a_source(trained, tmp_path)
     proc = run(*base, f"--config.init_from={trained}", "--config.model.hidden=16", check=False)
     assert proc.returncode == 2 and "has shape" in proc.stderr and "this model needs" in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x" / "config.json").exists()  # a failed run writes no config
+
+
+def test_resuming_with_another_config_errors_and_keeps_the_workdir(trained, tmp_path):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(trained, workdir)
+    config_before = (workdir / "config.json").read_bytes()
+    steps_before = sorted(os.listdir(workdir / "checkpoints"))
+    base = ["dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", str(workdir), *TINY,
+            "--config.total_steps=4"]
+    proc = run(*base, "--config.model.hidden=16", check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "cannot resume" in proc.stderr and "has shape" in proc.stderr and "pick a new --workdir" in proc.stderr
+    # Same params, another optimizer state: orbax's tree mismatch, named and one line too.
+    proc = run(*base, "--config.optim.name=sgd", check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "opt_state" in proc.stderr
+    assert (workdir / "config.json").read_bytes() == config_before
+    assert sorted(os.listdir(workdir / "checkpoints")) == steps_before
+    run(*base)  # the config it was trained with still resumes
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 4
 
 
 def jax_leaves(tree):
