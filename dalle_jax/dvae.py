@@ -14,10 +14,11 @@ import math
 from typing import Any, Sequence
 
 import flax.linen as nn
-import numpy as np
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from core_jax.config import ConfigError  # a ValueError that the CLIs print as one line
 from core_jax.modeling import constrain, dense, dtype_of, remat_policy
 
 ENCODER_KERNELS = (3, 3, 3, 1)
@@ -151,8 +152,6 @@ def factor_rows(factors: Sequence[int]) -> np.ndarray:
 
 
 def check_codebook_factors(factors: Sequence[int], vocab_size: int) -> tuple[int, ...]:
-    from core_jax.config import ConfigError  # a ValueError that the CLIs print as one line
-
     factors = tuple(int(f) for f in factors)
     if factors and (len(factors) < 2 or min(factors) < 2 or math.prod(factors) != vocab_size):
         raise ConfigError(f"model.codebook_factors must be two or more factors >= 2 whose product is "

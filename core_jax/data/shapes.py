@@ -25,6 +25,7 @@ does, whatever the seeds.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import zlib
@@ -233,17 +234,11 @@ def _scene_bucket_ok(split: str, objects) -> bool:
   return bool(_bucket_ok(split, _scene_hash(objects))[0])
 
 
+@functools.cache
 def _unseen_test_hashes() -> np.ndarray:
   """Scene hashes of the default `test_unseen` split (seed 0), which train_pairs='all' never draws."""
-  global _UNSEEN_TEST_HASHES
-  if _UNSEEN_TEST_HASHES is None:
-    _UNSEEN_TEST_HASHES = np.concatenate([
-        _scene_hash(make_example('test_unseen', i)['objects'])
-        for i in range(DEFAULT_SPLIT_SIZES['test_unseen'])])
-  return _UNSEEN_TEST_HASHES
-
-
-_UNSEEN_TEST_HASHES = None
+  return np.concatenate([_scene_hash(make_example('test_unseen', i)['objects'])
+                         for i in range(DEFAULT_SPLIT_SIZES['test_unseen'])])
 
 
 def _scene_ok(split: str, scene_hash: np.ndarray, all_pairs: bool) -> np.ndarray:
