@@ -68,6 +68,22 @@ def test_api_round_trip(trained):
         vae.decode(np.full((1, 32, 32), 99))
 
 
+def test_product_codebook_trains_sharded_and_loads(tmp_path):
+    from core_jax.checkpoint import param_shapes
+    from core_jax.data.shapes import make_example
+    from dalle_jax.dvae_api import DVAE
+
+    workdir = str(tmp_path / "factors")
+    run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY,
+        "--config.model.codebook_factors=(4,8)")  # on the 2 x 2 x 2 mesh of TINY
+    shapes = param_shapes(workdir)
+    assert shapes["encoder"]["output"]["kernel"][-1] == 12 and shapes["decoder"]["input"]["kernel"][2] == 12
+    vae = DVAE.load(workdir)  # the key travels in config.json: tokens are still one index in [0, 32)
+    tokens = vae.encode(np.stack([make_example("test_unseen", i)["image"] for i in range(2)]))
+    assert vae.vocab_size == 32 and tokens.min() >= 0 and tokens.max() < 32
+    assert vae.decode(tokens).shape == (2, 64, 64, 3)
+
+
 def test_reconstruct_folder(trained, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
