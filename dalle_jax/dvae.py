@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from core_jax.config import ConfigError  # a ValueError that the CLIs print as one line
+from core_jax.data.image_ops import map_pixels, unmap_pixels
 from core_jax.modeling import constrain, dense, dtype_of, remat_policy
 
 ENCODER_KERNELS = (3, 3, 3, 1)
@@ -26,6 +27,8 @@ DECODER_KERNELS = (1, 3, 3, 3)
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
 
 # OpenAI's init: normal with std 1/sqrt(fan_in), zero bias.
+_STRUCTURE_FLOOR = 0.05
+
 _fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
@@ -151,12 +154,61 @@ def factor_rows(factors: Sequence[int]) -> np.ndarray:
     return factor_digits(factors) + offsets
 
 
-def check_codebook_factors(factors: Sequence[int], vocab_size: int) -> tuple[int, ...]:
+def check_codebook_factors(factors: Sequence[int], vocab_size: int, colour_codes: int = 0) -> tuple[int, ...]:
+    """The digits of a product codebook, () for a plain one. `colour_codes` > 0 makes it
+    (vocab_size // colour_codes structure values, colour_codes colour values)."""
     factors = tuple(int(f) for f in factors)
+    colour_codes = int(colour_codes)
+    if colour_codes:
+        if factors:
+            raise ConfigError(f"model.colour_codes={colour_codes} sets the codebook's digits itself; "
+                              f"leave model.codebook_factors empty, got {factors}")
+        if colour_codes < 2 or vocab_size % colour_codes or vocab_size // colour_codes < 2:
+            raise ConfigError(f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
+                              f"into >= 2 structure codes, got {colour_codes}")
+        return (vocab_size // colour_codes, colour_codes)
     if factors and (len(factors) < 2 or min(factors) < 2 or math.prod(factors) != vocab_size):
         raise ConfigError(f"model.codebook_factors must be two or more factors >= 2 whose product is "
                          f"vocab_size={vocab_size}, got {factors}")
     return factors
+
+
+def structure_view(pixels, window: int):
+    """pixels [B, H, W, 3] in [0, 1] -> mapped [B, H, W, 1]: each pixel's brightest channel over the
+    brightest in the window x window square around it. On solid colours this is blind to hue and
+    to the colour's own brightness, so what the encoder reads from it is where things are."""
+    value = jnp.max(pixels, axis=-1, keepdims=True)
+    local = jax.lax.reduce_window(value, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                  (1, 1, 1, 1), "SAME")
+    # The floor keeps near-black regions from being stretched into noise.
+    return jax.lax.stop_gradient(map_pixels(value / jnp.maximum(local, _STRUCTURE_FLOOR)))
+
+
+class ColourHead(nn.Module):
+    """pixels [B, H, W, 3] in [0, 1] -> [B, H/cell, W/cell, colour_codes] logits from each token
+    cell's per-channel maximum, raw and over its largest channel: what colour the cell holds and
+    nothing of where in the cell it is. Colour value 0 is kept for dark cells (every channel under
+    the floor) and only for them: otherwise a colour could share black's value, since the
+    structure digit already tells an object's cells from the background, and then a held-out pair
+    is a combination the decoder never saw (seen in shapes runs: red on both seeds)."""
+    colour_codes: int
+    cell: int
+    hidden: int = 64
+
+    @nn.compact
+    def __call__(self, pixels):
+        b, h, w, c = pixels.shape
+        cells = pixels.reshape(b, h // self.cell, self.cell, w // self.cell, self.cell, c)
+        peak = cells.max(axis=(2, 4))
+        brightest = peak.max(-1, keepdims=True)
+        hue = peak / jnp.maximum(brightest, _STRUCTURE_FLOOR)
+        feats = nn.relu(Conv(self.hidden, 1, dtype=jnp.float32, name="hidden")(
+            jnp.concatenate([peak, hue], axis=-1)))
+        logits = Conv(self.colour_codes, 1, dtype=jnp.float32, name="output")(feats)
+        dark = brightest < _STRUCTURE_FLOOR
+        # A large finite value, not -inf: the KL and usage terms take q * log q of these.
+        allowed = jnp.where(jnp.arange(self.colour_codes) == 0, dark, ~dark)
+        return jnp.where(allowed, logits, -1e4)
 
 
 class Encoder(nn.Module):
@@ -170,11 +222,22 @@ class Encoder(nn.Module):
     logit_init_scale: float = 1.0
     logit_norm: bool = False
     codebook_factors: Sequence[int] = ()
+    colour_codes: int = 0
 
     @nn.compact
     def __call__(self, x):
         n_groups = len(self.width_multipliers)
         n_layers = n_groups * self.blocks_per_group
+        colour_logits = None
+        if self.colour_codes:
+            # A structure / colour split (not in OpenAI's model): the code's first digit comes
+            # from the trunk, which sees only the hue-blind structure view; the second from a
+            # per-cell colour head. A colour-shape pair the training images never held is then a
+            # new pair of digits that were each trained, and the decoder draws it.
+            pixels = unmap_pixels(x)
+            cell = 2 ** (n_groups - 1)
+            colour_logits = ColourHead(self.colour_codes, cell, name="colour")(pixels)
+            x = structure_view(pixels, 2 * cell + 1)
         x = Conv(self.hidden, 7, dtype=self.dtype, name="input")(x)
         for g, mult in enumerate(self.width_multipliers):
             x = ResGroup(self.hidden * mult, self.blocks_per_group, ENCODER_KERNELS, n_layers, self.dtype,
@@ -199,8 +262,11 @@ class Encoder(nn.Module):
             # code's logit the sum of its digits' logits, so the digits are independent choices
             # and a code the training images never produced still gets logits and (in the
             # decoder) an embedding made of trained rows.
-            parts = Conv(sum(factors), 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
+            trunk = sum(factors) - (self.colour_codes or 0)
+            parts = Conv(trunk, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
                          name="output")(x)
+            if colour_logits is not None:
+                parts = jnp.concatenate([parts, colour_logits], axis=-1)
             logits = jnp.take(parts, factor_rows(factors), axis=-1).sum(-1)
         return constrain(logits, ("act_batch", "act_height", "act_width", "act_vocab"))
 
@@ -280,12 +346,13 @@ class DVAE(nn.Module):
     embed_init_std: float = 0.0
     logit_norm: bool = False
     codebook_factors: Sequence[int] = ()
+    colour_codes: int = 0
 
     def setup(self):
-        factors = check_codebook_factors(self.codebook_factors, self.vocab_size)
+        factors = check_codebook_factors(self.codebook_factors, self.vocab_size, self.colour_codes)
         self.encoder = Encoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
                                self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale,
-                               self.logit_norm, factors)
+                               self.logit_norm, factors, self.colour_codes)
         self.decoder = Decoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
                                self.blocks_per_group, self.decoder_init_channels, self.input_channels,
                                self.dtype, self.remat, self.embed_init_std, factors)
@@ -327,7 +394,11 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         if (int(model_config.hidden) * m) % 4:
             raise ValueError(f"model.hidden * width multiplier must be divisible by 4, got "
                              f"{model_config.hidden} * {m}")
-    factors = check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size))
+    colour_codes = int(model_config.get("colour_codes", 0))
+    check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size),
+                           colour_codes)
+    if colour_codes and int(model_config.get("input_channels", 3)) != 3:
+        raise ConfigError("model.colour_codes needs RGB inputs (model.input_channels=3)")
     return DVAE(vocab_size=int(model_config.vocab_size), hidden=int(model_config.hidden),
                 width_multipliers=mults, blocks_per_group=int(model_config.blocks_per_group),
                 decoder_init_channels=int(model_config.decoder_init_channels),
@@ -336,7 +407,8 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
                 logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
                 embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
                 logit_norm=bool(model_config.get("encoder_logit_norm", False)),
-                codebook_factors=factors)
+                codebook_factors=tuple(int(f) for f in model_config.get("codebook_factors", ())),
+                colour_codes=colour_codes)
 
 
 def _conv_flops(h, w, k, cin, cout):
@@ -365,8 +437,15 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
     hid, mults, nb = int(model_config.hidden), list(model_config.width_multipliers), int(model_config.blocks_per_group)
     vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
     channels = int(model_config.get("input_channels", 3))
+    colour_codes = int(model_config.get("colour_codes", 0))
+    factors = check_codebook_factors(model_config.get("codebook_factors", ()), vocab, colour_codes)
     s = image_size
-    enc = _conv_flops(s, s, 7, channels, hid)
+    # With colour_codes the trunk reads the one-channel structure view and a per-cell colour head
+    # (6 features -> 64 -> colour_codes) runs beside it.
+    enc = _conv_flops(s, s, 7, 1 if colour_codes else channels, hid)
+    if colour_codes:
+        cells = s // downsample_factor(model_config)
+        enc += _conv_flops(cells, cells, 1, 6, 64) + _conv_flops(cells, cells, 1, 64, colour_codes)
     c = hid
     for g, m in enumerate(mults):
         enc += _blocks_flops(s, s, c, hid * m, ENCODER_KERNELS, nb)
@@ -374,7 +453,7 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
         if g < len(mults) - 1:
             s //= 2
     # A product codebook's logit conv has one output per factor value (the sum over digits is free).
-    enc += _conv_flops(s, s, 1, c, sum(model_config.get("codebook_factors", ())) or vocab)
+    enc += _conv_flops(s, s, 1, c, (sum(factors) - colour_codes) if factors else vocab)
     dec = _conv_flops(s, s, 1, vocab, init) if soft_codes else 0
     c = init
     for g, m in enumerate(reversed(mults)):
@@ -409,6 +488,10 @@ def default_model_config():
         # is a tuple of digits; its encoder logit and decoder embedding are sums over the digits.
         # Tokens are still one index in [0, vocab_size).
         codebook_factors=(),
+        # Not in OpenAI's model: > 0 splits each code into (vocab_size // colour_codes structure
+        # values, colour_codes colour values), the first read from a hue-blind view of the image,
+        # the second from each token cell's colours (a product codebook of those two digits).
+        colour_codes=0,
         # Training objective (dalle_jax/dvae_loss.py).
         recon_loss="logit_laplace",      # logit_laplace | mse
         straight_through=False,          # hard one-hot forward, relaxed gradient

@@ -158,12 +158,16 @@ def make_eval_step(model):
 
 def make_evaluator(config, model, example_fn):
     """PSNR over the eval split (argmax codes, as at inference) and codebook usage: the count of
-    codes no position of the whole pass picked (`dead_codes`) and the fraction used."""
+    codes no position of the whole pass picked (`dead_codes`) and the fraction used; for a product
+    codebook also the fraction of its digit rows some used code is made of."""
     from core_jax import data as data_lib
     from core_jax.trainer import Evaluator
 
     step_fn = make_eval_step(model)
     max_batches = int(config.model.get("eval_max_batches", -1))
+    factors = dvae_lib.check_codebook_factors(config.model.get("codebook_factors", ()),
+                                              int(config.model.vocab_size),
+                                              config.model.get("colour_codes", 0))
 
     def fn(params, step):
         it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
@@ -181,10 +185,16 @@ def make_evaluator(config, model, example_fn):
         count, hist = float(totals["count"]), np.asarray(totals["histogram"])
         p = hist / hist.sum()
         used = int((hist > 0).sum())
-        return {"psnr": float(totals["psnr_sum"]) / count, "mse": float(totals["mse_sum"]) / count,
-                "dead_codes": float(hist.size - used), "codebook_used_fraction": used / hist.size,
-                "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
-                "examples": count}
+        out = {"psnr": float(totals["psnr_sum"]) / count, "mse": float(totals["mse_sum"]) / count,
+               "dead_codes": float(hist.size - used), "codebook_used_fraction": used / hist.size,
+               "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
+               "examples": count}
+        if factors:
+            # A product codebook's data need not hold every combination of digits (on the shapes
+            # suite no black cell has an object's outline): a dead row is what collapse looks like.
+            rows = np.unique(dvae_lib.factor_rows(factors)[hist > 0])
+            out["codebook_rows_used_fraction"] = rows.size / sum(factors)
+        return out
 
     return Evaluator(name=config.data.eval_split, fn=fn)
 

@@ -26,14 +26,14 @@ export PYTHONUNBUFFERED=1
 export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 
 # Each stage trains its config's default steps, except two the demo shortens for its 20-minute
-# budget: the decoder fine-tuning runs at batch 4 and CLIP for 250 steps (the configs' defaults,
-# batch 8 and 400 steps, cost ~4 minutes more in sequence; README). Neither touches the DALL-E or its tokens:
-# the decoder only draws them, CLIP only ranks the samples; on the demo's DALL-E they cost 0.02 /
-# 0.01 CLIP-best (seen / unseen), on a seed-2 DALL-E 0.07 / 0.23 (README). Extra flags per stage, applied after
-# these: DVAE_ARGS / DECODER_ARGS / CLIP_ARGS / DALLE_ARGS (e.g. DALLE_ARGS=--config.total_steps=6000,
-# DECODER_ARGS=--config.batch_size=8 for the config's decoder); SAMPLING replaces the sampling
-# flags of stages 5-6.
-DEMO_DECODER_FLAGS="--config.batch_size=4"
+# budget: the decoder fine-tuning runs 3000 steps of batch 4 and CLIP 250 steps (the configs'
+# defaults, 12000 steps of batch 8 and 400 steps, cost ~20 minutes more in sequence; README).
+# Neither touches the DALL-E or its tokens: the decoder only draws them, CLIP only ranks the
+# samples. Extra flags per stage, applied after these: DVAE_ARGS / DECODER_ARGS / CLIP_ARGS /
+# DALLE_ARGS (e.g. DALLE_ARGS=--config.total_steps=6000, DECODER_ARGS="--config.batch_size=8
+# --config.total_steps=12000" for the config's decoder); SAMPLING replaces the sampling flags of
+# stages 5-6.
+DEMO_DECODER_FLAGS="--config.batch_size=4 --config.total_steps=3000"
 DEMO_CLIP_FLAGS="--config.total_steps=250"
 DVAE_ARGS=${DVAE_ARGS:-}
 DECODER_ARGS=${DECODER_ARGS:-}

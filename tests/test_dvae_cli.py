@@ -11,7 +11,7 @@ from PIL import Image
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=2",
         "--config.checkpoint_every=2", "--config.data.shapes_train_size=64", "--config.model.hidden=8",
-        "--config.model.vocab_size=32", "--config.model.width_multipliers=(1,2)",
+        "--config.model.vocab_size=28", "--config.model.width_multipliers=(1,2)",
         "--config.model.decoder_init_channels=8", "--config.model.eval_max_batches=1",
         "--config.optim.warmup_steps=1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
         "--config.mesh.tensor=2"]
@@ -43,7 +43,7 @@ def test_train_writes_metrics_images_and_checkpoint(trained):
     evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
     assert {"eval/test_unseen/psnr", "eval/test_unseen/dead_codes",
             "eval/test_unseen/codebook_used_fraction"} <= set(evals)
-    assert 0 <= evals["eval/test_unseen/dead_codes"] <= 32
+    assert 0 <= evals["eval/test_unseen/dead_codes"] <= 28
     grids = os.listdir(os.path.join(trained, "images"))
     assert grids and grids[0].startswith("reconstructions")
     grid = np.asarray(Image.open(os.path.join(trained, "images", grids[0])))
@@ -55,7 +55,7 @@ def test_api_round_trip(trained):
     from dalle_jax.dvae_api import DVAE
 
     vae = DVAE.load(trained)
-    assert (vae.image_size, vae.grid_size, vae.vocab_size) == (64, 32, 32)
+    assert (vae.image_size, vae.grid_size, vae.vocab_size) == (64, 32, 28)
     images = np.stack([make_example("test_unseen", i)["image"] for i in range(2)])
     tokens = vae.encode(images)
     assert tokens.shape == (2, 32, 32) and tokens.dtype == np.int32
@@ -68,20 +68,30 @@ def test_api_round_trip(trained):
         vae.decode(np.full((1, 32, 32), 99))
 
 
-def test_product_codebook_trains_sharded_and_loads(tmp_path):
+@pytest.mark.parametrize("keys,encoder_outputs", [
+    (["--config.model.colour_codes=0", "--config.model.codebook_factors=(4,7)"], 11),  # 4 + 7 logits
+    ([], 4),  # the shapes config's structure / colour split: 4 structure logits + a colour head
+])
+def test_product_codebook_trains_sharded_and_loads(tmp_path, keys, encoder_outputs):
     from core_jax.checkpoint import param_shapes
     from core_jax.data.shapes import make_example
     from dalle_jax.dvae_api import DVAE
 
     workdir = str(tmp_path / "factors")
     run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY,
-        "--config.model.codebook_factors=(4,8)")  # on the 2 x 2 x 2 mesh of TINY
+        *keys)  # on the 2 x 2 x 2 mesh of TINY
     shapes = param_shapes(workdir)
-    assert shapes["encoder"]["output"]["kernel"][-1] == 12 and shapes["decoder"]["input"]["kernel"][2] == 12
-    vae = DVAE.load(workdir)  # the key travels in config.json: tokens are still one index in [0, 32)
+    assert shapes["encoder"]["output"]["kernel"][-1] == encoder_outputs
+    assert shapes["decoder"]["input"]["kernel"][2] == 11  # 4 + 7 rows either way
+    vae = DVAE.load(workdir)  # the keys travel in config.json: tokens are still one index in [0, 28)
     tokens = vae.encode(np.stack([make_example("test_unseen", i)["image"] for i in range(2)]))
-    assert vae.vocab_size == 32 and tokens.min() >= 0 and tokens.max() < 32
+    assert vae.vocab_size == 28 and tokens.min() >= 0 and tokens.max() < 28
     assert vae.decode(tokens).shape == (2, 64, 64, 3)
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/test_unseen/psnr" in r]
+    rows = evals[-1]["eval/test_unseen/codebook_rows_used_fraction"]  # digit rows some used code holds
+    used = evals[-1]["eval/test_unseen/codebook_used_fraction"]
+    assert 0 < rows <= 1 and rows >= used
 
 
 def test_reconstruct_folder(trained, tmp_path):
@@ -111,14 +121,14 @@ def test_encode_dataset_shards(trained, tmp_path):
         "--out_dir", str(out), "--splits", "test_unseen", "--max_examples", "10", "--shard_size", "4",
         "--batch_size", "8")
     index = json.load(open(out / "index.json"))
-    assert index["grid_size"] == 32 and index["vocab_size"] == 32
+    assert index["grid_size"] == 32 and index["vocab_size"] == 28
     split = index["splits"]["test_unseen"]
     assert split["examples"] == 10 and len(split["shards"]) == 3
     shards = [np.load(out / name, allow_pickle=False) for name in split["shards"]]
     tokens = np.concatenate([s["tokens"] for s in shards])
     captions = np.concatenate([s["captions"] for s in shards])
     assert tokens.shape == (10, 32, 32) and tokens.dtype == np.int32
-    assert tokens.min() >= 0 and tokens.max() < 32
+    assert tokens.min() >= 0 and tokens.max() < 28
     from core_jax.data.shapes import make_example
     assert captions[3] == make_example("test_unseen", 3)["caption"]
     # What the DALL-E trainer's data.source='tokens' reads back from these very files.

@@ -387,6 +387,51 @@ def test_codebook_factors_make_logits_and_embeddings_sums_over_digits():
             init(dvae_lib.make_dvae(m), x)
 
 
+def test_colour_codes_split_structure_from_colour():
+    from core_jax.config import ConfigError
+    from core_jax.data import shapes
+
+    m = tiny_model_config(vocab_size=32, colour_codes=4)  # 8 structure x 4 colour values
+    scene = shapes.make_example("test_unseen", 0)
+    assert len(scene["objects"]) == 1
+    obj = scene["objects"][0]
+    # The same object in every colour of the suite, held-out pairs included.
+    images = np.stack([shapes.render([dict(obj, colour=c)]) for c in shapes.COLOURS])
+    x = jnp.asarray(image_ops.dvae_map_pixels(images))
+    model = dvae_lib.make_dvae(m)
+    params = init(model, x)
+    assert params["encoder"]["input"]["kernel"].shape[2] == 1  # the trunk reads the structure view
+    assert params["encoder"]["output"]["kernel"].shape[-1] == 8
+    assert params["encoder"]["colour"]["output"]["kernel"].shape[-1] == 4
+    assert params["decoder"]["input"]["kernel"].shape[2] == 12  # 8 + 4 rows
+    logits = np.asarray(model.apply({"params": params}, x, method=dvae_lib.DVAE.encode))
+    grid = logits.reshape(6, 8, 8, 8, 4)  # code = structure * 4 + colour
+    # Colour value 0 is the dark cells' and only theirs.
+    dark = images.reshape(6, 8, 8, 8, 8, 3).max(axis=(2, 4, 5)) < 13
+    assert dark.any() and (~dark).any()
+    assert (grid[dark][..., 1:] < -1e3).all() and (grid[dark][..., 0] > -1e3).all()
+    assert (grid[~dark][..., 0] < -1e3).all() and (grid[~dark][..., 1:] > -1e3).all()
+    bright = grid[~dark][..., 1:]  # [cells, structure, colour 1..3]: a code's logit is a sum
+    np.testing.assert_allclose(bright, bright[..., :, :1] + bright[..., :1, :] - bright[..., :1, :1],
+                               atol=1e-4)
+    # The structure logits do not move when only the colour changes; the colour logits do.
+    allowed = np.where(dark, 0, 1)[..., None, None]
+    at_allowed = np.take_along_axis(grid, np.broadcast_to(allowed, grid.shape[:-1] + (1,)), -1)[..., 0]
+    structure = at_allowed - at_allowed[..., :1]
+    np.testing.assert_allclose(structure, np.broadcast_to(structure[:1], structure.shape), atol=1e-4)
+    assert np.abs(structure[:, 0, 0] - structure[:, 3, 3]).max() > 1e-4  # not a constant either
+    colour = grid[~dark][:, 0, 1:] - grid[~dark][:, 0, 1:2]
+    per_image = colour.reshape(6, -1, 3)
+    assert np.abs(per_image - per_image[:1]).max() > 1e-3
+    assert dvae_lib.forward_flops(m, 64)[0] != dvae_lib.forward_flops(tiny_model_config(vocab_size=32), 64)[0]
+    for bad, message in [(dict(colour_codes=3), "divide vocab_size=32"),
+                         (dict(colour_codes=32), "divide vocab_size=32"),
+                         (dict(colour_codes=4, codebook_factors=(4, 8)), "leave model.codebook_factors"),
+                         (dict(colour_codes=4, input_channels=1), "RGB inputs")]:
+        with pytest.raises(ConfigError, match=message):
+            dvae_lib.make_dvae(tiny_model_config(vocab_size=32, **bad))
+
+
 def test_shapes_config_schedules_follow_total_steps():
     config = load_config("dvae_shapes")
     m = config.model

@@ -458,7 +458,7 @@ def test_demo_shortens_decoder_and_clip_and_user_flags_override(tmp_path):
     decoder = _call(calls, "dalle_jax.train_dvae", "configs/dvae_shapes_decoder.py")
     clip, dalle = _call(calls, "clip_jax.train"), _call(calls, "dalle_jax.train")
     # The demo's budget flags come first, so a stage's own *_ARGS (read last-wins) replace them.
-    assert decoder[-2:] == ["--config.batch_size=4", "--config.batch_size=8"]
+    assert decoder[-3:] == ["--config.batch_size=4", "--config.total_steps=3000", "--config.batch_size=8"]
     assert clip[-2:] == ["--config.total_steps=250", "--config.total_steps=400"]
     # The DALL-E and the dVAE train their configs' defaults: the tokens and samples are untouched.
     assert not any(a.startswith(("--config.batch_size", "--config.total_steps")) for a in dalle + dvae)

@@ -42,7 +42,7 @@ def dvae_config(**data):
     c = common(load_config("dvae_shapes"), **data)
     c.data.image_size = 16
     c.data.caption_key = ""
-    c.model.update(hidden=8, vocab_size=32, width_multipliers=(1, 2), decoder_init_channels=8,
+    c.model.update(hidden=8, vocab_size=28, width_multipliers=(1, 2), decoder_init_channels=8,
                    eval_max_batches=1)
     return c
 

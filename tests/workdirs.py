@@ -25,6 +25,7 @@ def tiny_dvae_workdir(wd, size: int = 16, codes: int = 32):
     c = get_config()
     c.model.vocab_size, c.model.hidden, c.model.width_multipliers = codes, 8, (1, 1, 1)  # /4
     c.model.blocks_per_group, c.model.decoder_init_channels = 1, 8
+    c.model.colour_codes = 0  # a plain codebook, so `codes` can be any size
     c.data.image_size = size
     model = dvae_task.model_from_config(c)
     abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
