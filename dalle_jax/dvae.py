@@ -26,9 +26,11 @@ ENCODER_KERNELS = (3, 3, 3, 1)
 DECODER_KERNELS = (1, 3, 3, 3)
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
 
-# OpenAI's init: normal with std 1/sqrt(fan_in), zero bias.
+# The colour split's floor on [0, 1] brightness: below it a cell is dark, and the structure view
+# stops dividing by its neighbourhood's brightness (see structure_view, ColourHead).
 _STRUCTURE_FLOOR = 0.05
 
+# OpenAI's init: normal with std 1/sqrt(fan_in), zero bias.
 _fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
 
 
