@@ -35,10 +35,10 @@ MODELS = {
              "model.embed_dim": 256, "batch_size": 64},
 }
 TOY_MODELS = {
-    "dvae": {"model.hidden": 8, "model.vocab_size": 64, "model.decoder_init_channels": 16,
+    "dvae": {"model.hidden": 8, "model.vocab_size": 56, "model.decoder_init_channels": 16,
              "model.width_multipliers": (1, 1), "data.image_size": 16, "batch_size": 4},
     "dalle": {"model.d_model": 32, "model.num_heads": 2, "model.head_dim": 16, "model.mlp_dim": 64,
-              "model.num_layers": 2, "model.image_vocab_size": 64, "batch_size": 4},
+              "model.num_layers": 2, "model.image_vocab_size": 56, "batch_size": 4},
     "clip": {"model.vision_width": 32, "model.vision_layers": 1, "model.vision_heads": 2,
              "model.text_width": 32, "model.text_layers": 1, "model.text_heads": 2,
              "model.embed_dim": 16, "model.image_size": 16, "data.image_size": 16, "batch_size": 4},
