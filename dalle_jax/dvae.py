@@ -175,6 +175,13 @@ def check_codebook_factors(factors: Sequence[int], vocab_size: int, colour_codes
     return factors
 
 
+def codebook_digits(model_config) -> tuple[int, ...]:
+    """`config.model`'s product-codebook digits (from `codebook_factors` or `colour_codes`), checked;
+    () for a plain codebook."""
+    return check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size),
+                                  int(model_config.get("colour_codes", 0)))
+
+
 def structure_view(pixels, window: int):
     """pixels [B, H, W, 3] in [0, 1] -> mapped [B, H, W, 1]: each pixel's brightest channel over the
     brightest in the window x window square around it. On solid colours this is blind to hue and
@@ -264,7 +271,7 @@ class Encoder(nn.Module):
             # code's logit the sum of its digits' logits, so the digits are independent choices
             # and a code the training images never produced still gets logits and (in the
             # decoder) an embedding made of trained rows.
-            trunk = sum(factors) - (self.colour_codes or 0)
+            trunk = sum(factors) - self.colour_codes
             parts = Conv(trunk, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
                          name="output")(x)
             if colour_logits is not None:
@@ -396,9 +403,8 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         if (int(model_config.hidden) * m) % 4:
             raise ValueError(f"model.hidden * width multiplier must be divisible by 4, got "
                              f"{model_config.hidden} * {m}")
+    codebook_digits(model_config)  # a clear error before any tracing
     colour_codes = int(model_config.get("colour_codes", 0))
-    check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size),
-                           colour_codes)
     if colour_codes and int(model_config.get("input_channels", 3)) != 3:
         raise ConfigError("model.colour_codes needs RGB inputs (model.input_channels=3)")
     return DVAE(vocab_size=int(model_config.vocab_size), hidden=int(model_config.hidden),
@@ -440,7 +446,7 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
     vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
     channels = int(model_config.get("input_channels", 3))
     colour_codes = int(model_config.get("colour_codes", 0))
-    factors = check_codebook_factors(model_config.get("codebook_factors", ()), vocab, colour_codes)
+    factors = codebook_digits(model_config)
     s = image_size
     # With colour_codes the trunk reads the one-channel structure view and a per-cell colour head
     # (6 features -> 64 -> colour_codes) runs beside it.

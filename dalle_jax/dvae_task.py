@@ -165,9 +165,7 @@ def make_evaluator(config, model, example_fn):
 
     step_fn = make_eval_step(model)
     max_batches = int(config.model.get("eval_max_batches", -1))
-    factors = dvae_lib.check_codebook_factors(config.model.get("codebook_factors", ()),
-                                              int(config.model.vocab_size),
-                                              config.model.get("colour_codes", 0))
+    factors = dvae_lib.codebook_digits(config.model)
 
     def fn(params, step):
         it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
