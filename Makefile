@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test lint demo bench clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,12 @@ $(TEST_STAMP): $(STAMP)
 	touch $(TEST_STAMP)
 
 # Two pytest workers; --dist loadfile keeps each file (and its module-scoped trained fixtures) in one.
-test: $(TEST_STAMP)
+test: lint
 	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+
+# ruff (pyflakes, pycodestyle, bugbear; rules in ruff.toml) comes with the test extra.
+lint: $(TEST_STAMP)
+	$(VENV)/bin/ruff check .
 
 demo: $(STAMP)
 	bash launch/demo.sh

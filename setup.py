@@ -28,7 +28,7 @@ setup(
     ],
     extras_require={
         # libtpu lets the aot test compile for a TPU slice on CPU (deviceless).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5",
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6",
                  "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # Weight converters and parity tests only; never needed to train.
         "torch": ["torch>=2.1"],

@@ -38,7 +38,7 @@ def test_mfu():
     assert all(p["best_flops"] > 0 for p in res["peaks"].values())
     (m,) = res["models"]
     assert m["model"] == "dalle" and m["batch_size"] == 4
-    for dtype, s in m["steps"].items():
+    for s in m["steps"].values():
         check_timing(s["timing"], bench_mfu.PRESETS["toy"]["pure_steps"])
         assert 0 < s["mfu"] and finite(s["flops_per_sec"])
     assert m["analytic_flops_per_step"] > 0 and m["xla_flops_per_step"] > 0

@@ -1,7 +1,6 @@
 """Weight import: layouts, configs, refusal of pickles, a numpy reference of OpenAI's forward pass,
 and (when torch + open_clip are installed) parity with a random-weight open_clip model."""
 import math
-import os
 import zipfile
 
 import flax

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from clip_jax import defaults
-from clip_jax.model import (Attention, CLIP, MAX_LOGIT_SCALE, abstract_params, clip_from_config,
+from clip_jax.model import (Attention, MAX_LOGIT_SCALE, abstract_params, clip_from_config,
                             encode_image, encode_text, exact_gelu, init_params, logit_scale,
                             quick_gelu)
 from core_jax import sharding

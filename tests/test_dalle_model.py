@@ -107,7 +107,7 @@ def test_one_layer_reads_exactly_its_mask(kind):
 def _unrolled_from_scanned(params, num_layers):
     stacked = params["layers"]["scan"]["block"]
     out = {k: v for k, v in params.items() if k != "layers"}
-    out["layers"] = {f"layer_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(num_layers)}
+    out["layers"] = {f"layer_{i}": jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(num_layers)}
     return out
 
 

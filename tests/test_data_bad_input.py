@@ -149,7 +149,7 @@ def _bad_shard_samples():
         "missing_image": {"txt": b"caption without image"},
     }
     samples = []
-    for i, (reason, files) in enumerate(cases.items()):
+    for i, files in enumerate(cases.values()):
         samples.append((f"{i:04d}", files))
         samples.append((f"{i:04d}g", {"jpg": encode(rgb(i), "JPEG"),
                                       "json": json.dumps({"caption": f"good {i}"}).encode()}))
