@@ -82,13 +82,14 @@ def resolve_text_vocab(config, tokenizer) -> None:
                           f"{tokenizer.vocab_size} or 0 (= take the tokenizer's)")
 
 
-def load_dvae(config, cfg: model_lib.DalleConfig):
-    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid."""
+def load_dvae(config, cfg: model_lib.DalleConfig, raw_weights: bool = False):
+    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid: its
+    EMA weights when it kept one (so training tokenizes with the weights inference decodes with)."""
     workdir = str(config.get("dvae_workdir", "") or "")
     if not workdir:
         return None
     from dalle_jax.dvae_api import DVAE
-    dvae = DVAE.load(workdir)
+    dvae = DVAE.load(workdir, raw_weights=raw_weights)
     if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
         raise ConfigError(f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "
                           f"{dvae.vocab_size} codes but config.model says image_grid={cfg.image_grid}, "
