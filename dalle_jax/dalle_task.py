@@ -101,6 +101,7 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
     from core_jax.data import SkipExample, image_ops
     size = int(config.data.image_size)
     random_crop = train and bool(config.data.random_crop)
+    resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
     # No random flips: captions name left and right ("a circle to the left of ...").
 
     dropout = caption_dropout(config.model) if train else 0.0
@@ -126,7 +127,8 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
             raise ValueError("example has no 'image_tokens' and config.dvae_workdir is empty: set "
                              "dvae_workdir to encode images on the fly, or use pre-encoded data")
         # Encoded per batch by batch_fn (make_batch_fn).
-        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
+        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng,
+                                        resize_range=resize_range)
         return {**out, "image": img}
 
     return example_fn
