@@ -70,7 +70,7 @@ def with_ema(state: TrainState, ema) -> EMATrainState:
 
 
 def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array] | None:
-    """step -> the EMA decay of the update made at that step (0 for the first); None when off."""
+    """step t (0 for the first update) -> the decay of the EMA update made then; None when off."""
     decay = float(config.get("ema_decay", 0.0) or 0.0)
     if not decay:
         return None
@@ -294,8 +294,6 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
             finetune.check_param_shapes(f"the checkpoint at step {latest} in {workdir}",
                                         checkpoint.param_shapes(workdir, latest), state.params)
             state, data_state, ema_note = _restore(manager, workdir, latest, state, state_shardings)
-        except ConfigError:
-            raise
         except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             detail = lines[0].rstrip(":")
@@ -406,9 +404,9 @@ def _restore(manager, workdir, step, state, shardings):
     saved_ema = checkpoint.workdir_has_ema(workdir, step)
     want_ema = isinstance(state, EMATrainState)
     if saved_ema and not want_ema:
-        raise ConfigError(f"cannot resume: the checkpoint at step {step} in {workdir} holds an EMA "
-                          f"of the weights but config.ema_decay=0; resume with the ema_decay of its "
-                          f"config.json or pick a new --workdir")
+        # train() turns it into "cannot resume: ...; resume with the config it was trained with".
+        raise ValueError(f"the checkpoint at step {step} in {workdir} holds an EMA of the weights "
+                         f"but config.ema_decay=0")
     if want_ema and not saved_ema:
         plain = TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
                            nonfinite_skipped=state.nonfinite_skipped)

@@ -181,3 +181,41 @@ def test_init_from_prefers_ema_unless_raw(tmp_path):
         # The new run's EMA starts at its initial params (a zero learning rate keeps them there).
         for x, y in zip(_np(checkpoint.load_params(wd)[1]), got):
             np.testing.assert_allclose(x, y, rtol=1e-6)
+
+
+def _ema_dvae_workdir(tmp_path):
+    """A tiny dVAE workdir whose checkpoint holds params and a different EMA, as a run with
+    ema_decay > 0 writes them."""
+    import orbax.checkpoint as ocp
+    from tests.workdirs import tiny_dvae_workdir
+
+    wd = tiny_dvae_workdir(str(tmp_path / "dvae"))
+    _, params = checkpoint.load_params(wd)
+    params = jax.tree.map(np.asarray, params)
+    ema = jax.tree.map(lambda p: np.float32(0.5) * p, params)
+    with ocp.CheckpointManager(checkpoint.checkpoint_dir(wd)) as manager:
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "ema": ema}),
+                                                data=ocp.args.JsonSave({})), force=True)
+        manager.wait_until_finished()
+    return wd, params, ema
+
+
+def test_dvae_api_and_cli_load_ema_by_default_and_raw_on_request(tmp_path):
+    from PIL import Image
+    from dalle_jax.dvae_api import DVAE
+    from tests.test_dvae_cli import run
+
+    wd, params, ema = _ema_dvae_workdir(tmp_path)
+    for loaded, want in ((DVAE.load(wd).params, ema), (DVAE.load(wd, raw_weights=True).params, params)):
+        for x, y in zip(_np(loaded), _np(want)):
+            np.testing.assert_array_equal(x, y)
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), np.uint8)).save(src / "a.png")
+    psnr = {}
+    for flag in ([], ["--raw_weights"]):
+        out = tmp_path / f"out{len(flag)}"
+        proc = run("dalle_jax.reconstruct", "--workdir", wd, "--input_dir", str(src), "--out_dir", str(out),
+                   *flag)
+        psnr[bool(flag)] = next(line for line in proc.stdout.splitlines() if "mean PSNR" in line)
+    assert psnr[False] != psnr[True], psnr  # different weights, different reconstructions
