@@ -33,12 +33,13 @@ class CLIPModel:
         self._text_fn = jax.jit(lambda p, t: clip_model.encode_text(self.module, p, t))
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None) -> "CLIPModel":
-        """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with."""
+    def load(cls, workdir: str, step: int | None = None, *, raw_weights: bool = False) -> "CLIPModel":
+        """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with; its
+        EMA weights when the run kept one, else (or with `raw_weights`) its raw params."""
         from core_jax.checkpoint import load_params
         from clip_jax.task import make_tokenizer
 
-        config, params = load_params(workdir, step)
+        config, params = load_params(workdir, step, ema=not raw_weights)
         return cls(config, params, make_tokenizer(config, workdir))
 
     def preprocess_images(self, images_uint8: np.ndarray) -> np.ndarray:

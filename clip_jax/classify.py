@@ -102,6 +102,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="predictions JSON")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--raw_weights", action="store_true",
+                        help="load the raw trained weights, not their EMA "
+                             "(used by default when the run kept one)")
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -120,7 +123,7 @@ def main(argv=None):
 
     from clip_jax.api import CLIPModel
     try:
-        model = CLIPModel.load(args.workdir, args.step)
+        model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     skipped = {}

@@ -280,9 +280,10 @@ def data_parallel_mesh():
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-def load_replicated_params(workdir: str, config, step: int | None, mesh):
-    """Params of `workdir` restored straight onto every device of `mesh` (works on every process:
-    no process reads into a device it cannot address)."""
+def load_replicated_params(workdir: str, config, step: int | None, mesh, raw_weights: bool = False):
+    """Params of `workdir` (its EMA when it kept one, unless `raw_weights`) restored straight onto
+    every device of `mesh` (works on every process: no process reads into a device it cannot
+    address)."""
     import flax.linen as nn
     import jax
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -293,7 +294,7 @@ def load_replicated_params(workdir: str, config, step: int | None, mesh):
     abstract = nn.meta.unbox(jax.eval_shape(lambda k: clip_model.init_params(module, k),
                                             jax.random.key(0)))
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-    return checkpoint.load_params(workdir, step, shardings=replicated)[1]
+    return checkpoint.load_params(workdir, step, shardings=replicated, ema=not raw_weights)[1]
 
 
 def put_rows(encoder, rows: np.ndarray):
@@ -359,6 +360,9 @@ def main(argv=None):
                "--config.eval.zeroshot_source=tfds --config.eval.classnames=imagenet")
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--raw_weights", action="store_true",
+                        help="load the raw trained weights, not their EMA "
+                             "(used by default when the run kept one)")
     parser.add_argument("--out", default="",
                         help="results JSON (default: WORKDIR/eval_results.json)")
     # Several hosts (TPU pods, GPU clusters) evaluate together, as the trainer does.
@@ -380,7 +384,8 @@ def main(argv=None):
         # Everything that can be checked without the model is checked before loading it.
         from clip_jax import zeroshot
         zeroshot.check_eval_config(config)
-        params = load_replicated_params(args.workdir, config, args.step, data_parallel_mesh())
+        params = load_replicated_params(args.workdir, config, args.step, data_parallel_mesh(),
+                                        args.raw_weights)
         encoder = ParamsEncoder(config, params, args.workdir)
         results = run_evaluations(config, encoder, args.workdir,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -37,10 +37,12 @@ def make_tokenizer(config, workdir: str | None):
 def make_example_fns(config, tokenizer):
     """(train example_fn, eval example_fn): uint8 image -> CLIP-normalised float32, caption -> ids."""
     size = int(config.model.image_size)
+    resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
 
     def example_fn(raw, rng, train=True):
         image = image_ops.resize_and_crop(raw["image"], size,
-                                          random_crop=train and bool(config.data.random_crop), rng=rng)
+                                          random_crop=train and bool(config.data.random_crop), rng=rng,
+                                          resize_range=resize_range)
         if train and config.data.random_flip:
             # Flips are off by default: they break captions that say "left of" / "right of".
             image = image_ops.maybe_flip(image, rng)

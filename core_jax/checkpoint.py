@@ -92,11 +92,11 @@ def _params_reader(workdir: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(checkpoint_dir(workdir), item_handlers=handlers)
 
 
-def _params_metadata(manager, workdir: str, step: int | None):
+def _params_metadata(manager, workdir: str, step: int | None, key: str = "params"):
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint under {checkpoint_dir(workdir)}")
-    return step, manager.metadata(step).item_metadata["state"]["params"]
+    return step, manager.metadata(step).item_metadata["state"][key]
 
 
 def param_shapes(workdir: str, step: int | None = None) -> Any:
@@ -107,15 +107,37 @@ def param_shapes(workdir: str, step: int | None = None) -> Any:
     return jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape"))
 
 
-def load_params(workdir: str, step: int | None = None, shardings: Any = None):
+def _state_keys(manager, step) -> set:
+    """Top-level keys of the train state saved at `step` (needs a manager from _params_reader)."""
+    meta = manager.metadata(step).item_metadata["state"]
+    return set(meta.keys()) if hasattr(meta, "keys") else set()
+
+
+def _has_ema(manager, step) -> bool:
+    return "ema" in _state_keys(manager, step)
+
+
+def workdir_has_ema(workdir: str, step: int | None = None) -> bool:
+    """Whether the newest (or given) checkpoint of `workdir` holds an EMA of the weights
+    (trained with config.ema_decay > 0)."""
+    with _params_reader(workdir) as manager:
+        step = manager.latest_step() if step is None else step
+        return step is not None and _has_ema(manager, step)
+
+
+def load_params(workdir: str, step: int | None = None, shardings: Any = None, *, ema: bool = True):
     """(config, params) of the newest (or given) checkpoint in `workdir`, for inference.
 
-    Reads only the `params` subtree of the saved state. With `shardings` (a tree matching params)
-    the arrays are placed that way; otherwise they land on the default device.
+    Reads one subtree of the saved state: the EMA of the weights when the run kept one
+    (config.ema_decay > 0) and `ema` is True, else the raw `params` (`ema=False`, the CLIs'
+    --raw_weights). With `shardings` (a tree matching params) the arrays are placed that way;
+    otherwise they land on the default device.
     """
     config = read_config(workdir)
     with _params_reader(workdir) as manager:
-        step, params_meta = _params_metadata(manager, workdir, step)
+        step = manager.latest_step() if step is None else step
+        key = "ema" if ema and step is not None and _has_ema(manager, step) else "params"
+        step, params_meta = _params_metadata(manager, workdir, step, key)
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
@@ -125,12 +147,12 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None):
                                   params_meta, shardings)
         restored = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
-                item={"params": target},
+                item={key: target},
                 restore_args=jax.tree.map(
                     lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
-                                                   dtype=t.dtype), {"params": target}),
+                                                   dtype=t.dtype), {key: target}),
                 partial_restore=True)))
-    return config, restored["state"]["params"]
+    return config, restored["state"][key]
 
 
 def read_json(path: str) -> dict:

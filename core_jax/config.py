@@ -41,9 +41,22 @@ def base_config() -> ml_collections.ConfigDict:
     # newest checkpoint; `frozen` (comma list of param-path prefixes, e.g. "encoder") get no updates.
     c.init_from = ""
     c.frozen = ""
+    # EMA of the weights (exponentially weighted iterate averaging): 0 = off. With decay d > 0 the
+    # train state also holds ema <- d * ema + (1 - d) * params after every update (starting from
+    # the initial params); checkpoints save it and every inference loader prefers it (docs/architecture.md).
+    c.ema_decay = 0.0
+    # True: decay min(ema_decay, (1 + t) / (10 + t)) at update t = 0, 1, ..., the num_updates
+    # convention of TensorFlow's tf.train.ExponentialMovingAverage, so the EMA follows the fast
+    # early changes of the weights instead of staying near their random init.
+    c.ema_warmup = False
+    # Which weights `init_from` starts from: that workdir's EMA when it has one, else its params;
+    # True: always its raw (non-averaged) params.
+    c.init_from_raw_weights = False
+    # decay_steps: steps (warm-up included) over which the rate decays to
+    # learning_rate * end_learning_rate_fraction and then stays there; 0 = total_steps.
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=100,
-        end_learning_rate_fraction=0.0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        end_learning_rate_fraction=0.0, decay_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
         grad_clip_norm=1.0))
     c.data = default_data_config()
     c.model = ml_collections.ConfigDict()
@@ -86,6 +99,17 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         raise ConfigError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+    if int(config.optim.get("decay_steps", 0) or 0) < 0:
+        raise ConfigError(f"config.optim.decay_steps must be >= 0 (0 = total_steps), got "
+                          f"{config.optim.decay_steps}")
+    ema_decay = float(config.get("ema_decay", 0.0))
+    if not 0.0 <= ema_decay < 1.0:
+        raise ConfigError(f"config.ema_decay must be in [0, 1) (0 = no EMA of the weights, e.g. "
+                          f"0.999), got {config.ema_decay}")
+    resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
+    if len(resize_range) != 2 or not 1.0 <= float(resize_range[0]) <= float(resize_range[1]):
+        raise ConfigError(f"config.data.random_resize_range must be (lo, hi) with 1 <= lo <= hi "
+                          f"(multiples of image_size, e.g. (1.125, 1.5)), got {resize_range}")
     if int(config.get("scan_unroll", 1)) < 1:
         raise ConfigError(f"config.scan_unroll must be >= 1 (layers per scan iteration), got "
                           f"{config.scan_unroll}")

@@ -1,6 +1,7 @@
 """Fine-tuning in the shared trainer: start from another workdir's params, keep some of them fixed.
 
-    --config.init_from=runs/dvae        # params of that workdir's newest checkpoint (fresh runs only)
+    --config.init_from=runs/dvae        # weights of that workdir's newest checkpoint (fresh runs only):
+                                        # its EMA when it kept one, unless init_from_raw_weights=True
     --config.frozen=encoder             # comma list of param-path prefixes that get no updates
 
 `frozen` paths are '/'-joined param-tree keys ('encoder', 'decoder/group_4'). Their gradients are
@@ -94,16 +95,19 @@ def check_param_shapes(source: str, shapes, abstract_params) -> None:
                               f"needs {want[path]}")
 
 
-def load_init_params(init_from: str, abstract_params, param_shardings):
-    """The params of `init_from`'s newest checkpoint, placed in the run's shardings; ConfigError
-    naming the first path whose presence or shape differs from this run's model."""
-    from core_jax.checkpoint import load_params, param_shapes
+def load_init_params(init_from: str, abstract_params, param_shardings, raw_weights: bool = False):
+    """(params, whether they are its EMA) of `init_from`'s newest checkpoint, placed in the
+    run's shardings: its EMA when it has one (the weights its evaluations and inference used),
+    unless `raw_weights`; ConfigError naming the first path whose presence or shape differs from
+    this run's model."""
+    from core_jax import checkpoint
 
     try:
-        shapes = param_shapes(init_from)
+        shapes = checkpoint.param_shapes(init_from)
     except FileNotFoundError as e:
         raise ConfigError(f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
                           f"written by a trainer or a converter): {e}") from None
     check_param_shapes(f"config.init_from={init_from!r}", shapes, abstract_params)
-    _, params = load_params(init_from, shardings=param_shardings)
-    return params
+    from_ema = not raw_weights and checkpoint.workdir_has_ema(init_from)
+    _, params = checkpoint.load_params(init_from, shardings=param_shardings, ema=not raw_weights)
+    return params, from_ema

@@ -9,13 +9,15 @@ def make_schedule(optim_config, total_steps: int):
     peak = float(optim_config.learning_rate)
     warmup = int(min(optim_config.warmup_steps, max(total_steps - 1, 0)))
     end = peak * float(optim_config.end_learning_rate_fraction)
+    # The decay (warm-up included) ends after decay_steps, then the rate stays at `end`.
+    decay = int(optim_config.get("decay_steps", 0) or 0) or total_steps
     kind = optim_config.schedule
     if kind == "cosine":
-        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1), end)
+        return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(decay, warmup + 1), end)
     if kind == "linear":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup),
-             optax.linear_schedule(peak, end, max(total_steps - warmup, 1))], [warmup])
+             optax.linear_schedule(peak, end, max(decay - warmup, 1))], [warmup])
     if kind == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])

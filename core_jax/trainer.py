@@ -56,6 +56,39 @@ class TrainState:
     nonfinite_skipped: jax.Array
 
 
+@flax.struct.dataclass
+class EMATrainState(TrainState):
+    """The train state of a run with `config.ema_decay` > 0: `ema` is the exponential moving
+    average of the params, float32 and sharded like them. A run without EMA keeps the plain
+    TrainState, so its checkpoints hold exactly the leaves they always did."""
+    ema: Any
+
+
+def with_ema(state: TrainState, ema) -> EMATrainState:
+    return EMATrainState(step=state.step, params=state.params, opt_state=state.opt_state,
+                         nonfinite_skipped=state.nonfinite_skipped, ema=ema)
+
+
+def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array] | None:
+    """step t (0 for the first update) -> the decay of the EMA update made then; None when off."""
+    decay = float(config.get("ema_decay", 0.0) or 0.0)
+    if not decay:
+        return None
+    if not config.get("ema_warmup", False):
+        return lambda step: jnp.float32(decay)
+    # tf.train.ExponentialMovingAverage(num_updates=t): min(decay, (1 + t) / (10 + t)).
+    return lambda step: jnp.minimum(jnp.float32(decay), (1.0 + step) / (10.0 + step)).astype(jnp.float32)
+
+
+def _ema_copy(params):
+    return jax.tree.map(lambda p: jnp.array(p, jnp.float32, copy=True), params)
+
+
+def _ema_from(params, param_shardings):
+    """A new EMA equal to `params` (its own buffers, so the donated step never sees one twice)."""
+    return jax.jit(_ema_copy, out_shardings=param_shardings)(params)
+
+
 class NonFiniteLoss(RuntimeError):
     pass
 
@@ -105,6 +138,7 @@ def build_train_step(task: Task, tx, schedule, config):
     accum = int(config.grad_accum_steps)
     base_rng = jax.random.key(config.seed)
     frozen = finetune.frozen_prefixes(config)
+    ema_decay = ema_decay_schedule(config)
 
     def grads_of(params, batch, rng, step):
         (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
@@ -146,6 +180,10 @@ def build_train_step(task: Task, tx, schedule, config):
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, state.opt_state),
             nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
+        if ema_decay is not None:  # a skipped step leaves the EMA untouched too
+            d = ema_decay(state.step)
+            new_state = with_ema(new_state, keep(jax.tree.map(
+                lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema, new_params), state.ema))
         out = dict(aux)
         out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
                    nonfinite=(~finite).astype(jnp.int32),
@@ -186,11 +224,15 @@ def state_shardings(task: Task, tx, mesh, config, batch, abstract_boxed=None):
         transform_non_params=lambda _: replicated, is_leaf=masked)
     shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
                            nonfinite_skipped=replicated)
+    ema_on = ema_decay_schedule(config) is not None
+    if ema_on:
+        shardings = with_ema(shardings, param_shardings)
 
     def init_state(rng, batch):
         params = nn.meta.unbox(task.init_fn(rng, batch)["params"])
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                          nonfinite_skipped=jnp.zeros((), jnp.int32))
+        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                           nonfinite_skipped=jnp.zeros((), jnp.int32))
+        return with_ema(state, _ema_copy(params)) if ema_on else state
 
     abstract = _abstract_like(jax.eval_shape(init_state, init_rng, batch), shardings)
     return (lambda batch: init_state(init_rng, batch)), abstract, shardings
@@ -251,7 +293,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         try:
             finetune.check_param_shapes(f"the checkpoint at step {latest} in {workdir}",
                                         checkpoint.param_shapes(workdir, latest), state.params)
-            state, data_state = checkpoint.restore(manager, latest, _abstract_like(state, state_shardings))
+            state, data_state, ema_note = _restore(manager, workdir, latest, state, state_shardings)
         except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             detail = lines[0].rstrip(":")
@@ -272,15 +314,19 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
                                         seed=config.seed + start_step, example_fn=task.example_fn,
                                         train=True)
         batch = next_global_batch(it, task, mesh)
-        log_fn(f"resumed from {workdir} at step {start_step}")
+        log_fn(f"resumed from {workdir} at step {start_step}{ema_note}")
     else:
         log_fn(f"{count_params(state.params):,} parameters on mesh "
                f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)")
         init_from = str(config.get("init_from", "") or "")
         if init_from:
-            state = state.replace(params=finetune.load_init_params(
-                init_from, state.params, state_shardings.params))
-            log_fn(f"params initialised from {init_from}")
+            raw = bool(config.get("init_from_raw_weights", False))
+            params, from_ema = finetune.load_init_params(init_from, state.params, state_shardings.params,
+                                                      raw_weights=raw)
+            state = state.replace(params=params)
+            if isinstance(state, EMATrainState):  # the new run's EMA starts where its params do
+                state = state.replace(ema=_ema_from(params, state_shardings.params))
+            log_fn(f"params initialised from {init_from}" + (" (its EMA weights)" if from_ema else ""))
     if frozen:
         n_frozen, n_params = finetune.check_frozen(state.params, frozen)
         log_fn(f"frozen ({','.join(frozen)}): {n_frozen:,} of {n_params:,} parameters get no updates")
@@ -349,6 +395,31 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     return last_scalars
 
 
+def _restore(manager, workdir, step, state, shardings):
+    """(state, data state, note for the log) of checkpoint `step`, onto `state`'s shardings.
+
+    A checkpoint written without EMA resumed with ema_decay > 0 starts the EMA from the restored
+    params (turning EMA on mid-run); one with EMA resumed with ema_decay = 0 is an error, since
+    the run would silently drop its averaged weights."""
+    saved_ema = checkpoint.workdir_has_ema(workdir, step)
+    want_ema = isinstance(state, EMATrainState)
+    if saved_ema and not want_ema:
+        # train() turns it into "cannot resume: ...; resume with the config it was trained with".
+        raise ValueError(f"the checkpoint at step {step} in {workdir} holds an EMA of the weights "
+                         f"but config.ema_decay=0")
+    if want_ema and not saved_ema:
+        plain = TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
+                           nonfinite_skipped=state.nonfinite_skipped)
+        plain_shardings = TrainState(step=shardings.step, params=shardings.params,
+                                     opt_state=shardings.opt_state,
+                                     nonfinite_skipped=shardings.nonfinite_skipped)
+        restored, data_state = checkpoint.restore(manager, step, _abstract_like(plain, plain_shardings))
+        return (with_ema(restored, _ema_from(restored.params, shardings.params)), data_state,
+                " (the checkpoint has no EMA: it starts from these params)")
+    restored, data_state = checkpoint.restore(manager, step, _abstract_like(state, shardings))
+    return restored, data_state, ""
+
+
 def _handle_metrics(pending, config, writer, log_fn) -> dict:
     step, total, scalars, extra, eta = pending
     scalars = jax.device_get(scalars)
@@ -366,16 +437,18 @@ def _handle_metrics(pending, config, writer, log_fn) -> dict:
 
 
 def _run_evals(task, state, batch, step, writer, log_fn, mesh):
+    # Evaluated on the weights inference loads: the EMA when the run keeps one.
+    weights = state.ema if isinstance(state, EMATrainState) else state.params
     with jax.set_mesh(mesh):
         for ev in task.evaluators:
             t = time.perf_counter()
-            result = {f"eval/{ev.name}/{k}": float(v) for k, v in ev.fn(state.params, step).items()}
+            result = {f"eval/{ev.name}/{k}": float(v) for k, v in ev.fn(weights, step).items()}
             writer.write_scalars(step, result)
             log_fn(f"eval {ev.name} @ {step}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}"
                                                              for k, v in result.items())
                    + f" ({time.perf_counter() - t:.1f}s)")
         if task.image_fn is not None:
-            images = task.image_fn(state.params, batch)
+            images = task.image_fn(weights, batch)
             writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})
 
 

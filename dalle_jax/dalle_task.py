@@ -82,13 +82,14 @@ def resolve_text_vocab(config, tokenizer) -> None:
                           f"{tokenizer.vocab_size} or 0 (= take the tokenizer's)")
 
 
-def load_dvae(config, cfg: model_lib.DalleConfig):
-    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid."""
+def load_dvae(config, cfg: model_lib.DalleConfig, raw_weights: bool = False):
+    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid: its
+    EMA weights when it kept one (so training tokenizes with the weights inference decodes with)."""
     workdir = str(config.get("dvae_workdir", "") or "")
     if not workdir:
         return None
     from dalle_jax.dvae_api import DVAE
-    dvae = DVAE.load(workdir)
+    dvae = DVAE.load(workdir, raw_weights=raw_weights)
     if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
         raise ConfigError(f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "
                           f"{dvae.vocab_size} codes but config.model says image_grid={cfg.image_grid}, "
@@ -100,6 +101,7 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
     from core_jax.data import SkipExample, image_ops
     size = int(config.data.image_size)
     random_crop = train and bool(config.data.random_crop)
+    resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
     # No random flips: captions name left and right ("a circle to the left of ...").
 
     dropout = caption_dropout(config.model) if train else 0.0
@@ -125,7 +127,8 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
             raise ValueError("example has no 'image_tokens' and config.dvae_workdir is empty: set "
                              "dvae_workdir to encode images on the fly, or use pre-encoded data")
         # Encoded per batch by batch_fn (make_batch_fn).
-        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
+        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng,
+                                        resize_range=resize_range)
         return {**out, "image": img}
 
     return example_fn

@@ -33,11 +33,14 @@ class DVAE:
         self._decode = jax.jit(self.decode_fn)
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None, compute_dtype: str | None = None) -> "DVAE":
-        """The newest (or given) checkpoint of a dVAE workdir written by train_dvae or convert_dvae."""
+    def load(cls, workdir: str, step: int | None = None, compute_dtype: str | None = None, *,
+             raw_weights: bool = False) -> "DVAE":
+        """The newest (or given) checkpoint of a dVAE workdir written by train_dvae or convert_dvae:
+        its EMA weights when the run kept one (config.ema_decay > 0), else (or with `raw_weights`)
+        its raw params."""
         from core_jax.checkpoint import load_params
 
-        config, params = load_params(workdir, step)
+        config, params = load_params(workdir, step, ema=not raw_weights)
         if "model" not in config or "vocab_size" not in config.model or "width_multipliers" not in config.model:
             raise ValueError(f"{workdir} does not hold a dVAE (its config.json has no dVAE model keys)")
         return cls(config, params, compute_dtype)

@@ -22,9 +22,10 @@ def _replicated(x):
 
 
 def preprocess(raw_image: np.ndarray, image_size: int, *, random_crop=False, random_flip=False,
-               rng=None) -> np.ndarray:
+               rng=None, resize_range=(1.0, 1.0)) -> np.ndarray:
     """uint8 [H, W, 3] -> mapped float32 [size, size, 3] in [eps, 1 - eps]."""
-    img = image_ops.resize_and_crop(np.asarray(raw_image), image_size, random_crop=random_crop, rng=rng)
+    img = image_ops.resize_and_crop(np.asarray(raw_image), image_size, random_crop=random_crop, rng=rng,
+                                    resize_range=resize_range)
     if random_flip:
         img = image_ops.maybe_flip(img, rng)
     return image_ops.dvae_map_pixels(img)
@@ -205,9 +206,12 @@ def make_task(config, workdir=None):
     size = int(config.data.image_size)
     dvae_lib.grid_size(config.model, size)  # clear error now if the pools do not divide the size
 
+    resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
+
     def example_fn(raw, rng):
         return {"image": preprocess(raw["image"], size, random_crop=bool(config.data.random_crop),
-                                    random_flip=bool(config.data.random_flip), rng=rng)}
+                                    random_flip=bool(config.data.random_flip), rng=rng,
+                                    resize_range=resize_range)}
 
     def eval_example_fn(raw, rng):
         return {"image": preprocess(raw["image"], size)}

@@ -23,6 +23,8 @@ flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.split 
 flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
 flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
 flags.DEFINE_integer("max_examples", -1, "Stop each split after this many examples (-1: all).")
+flags.DEFINE_bool("raw_weights", False, "Encode with the dVAE's raw trained weights, not their EMA "
+                  "(used by default when the run kept one).")
 FLAGS = flags.FLAGS
 
 
@@ -87,7 +89,7 @@ def main(argv):
     from dalle_jax.dvae_api import DVAE
 
     try:
-        vae = DVAE.load(FLAGS.dvae_workdir)
+        vae = DVAE.load(FLAGS.dvae_workdir, raw_weights=FLAGS.raw_weights)
     except (FileNotFoundError, ValueError) as e:
         app_lib.fail(str(e))
     if int(config.data.image_size) != vae.image_size:

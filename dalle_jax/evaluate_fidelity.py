@@ -219,6 +219,9 @@ def main(argv=None, *, pipeline=None, clip=None):
     p.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
                    help="processes for the checker")
     p.add_argument("--dvae_workdir", default=None, help="overrides the DALL-E config's dvae_workdir")
+    p.add_argument("--raw_weights", action="store_true",
+                   help="DALL-E, dVAE and CLIP: load the raw trained "
+                        "weights, not their EMA (used by default when a run kept one)")
     p.add_argument("--out", required=True, help="JSON report")
     p.add_argument("--dvae_ceiling", action="store_true",
                    help="also score dVAE reconstructions of --num_prompts real scenes of the split")
@@ -239,12 +242,13 @@ def main(argv=None, *, pipeline=None, clip=None):
                 raise FileNotFoundError(f"--{name} not found: {path}")
         from dalle_jax.pipeline import Pipeline, default_mesh
         pipe = pipeline or Pipeline.load(args.workdir, dvae_workdir=args.dvae_workdir,
+                                         raw_weights=args.raw_weights,
                                          mesh=default_mesh("auto"))
         if not args.clip_workdir:
             clip = None
         elif clip is None:
             from clip_jax.api import CLIPModel
-            clip = CLIPModel.load(args.clip_workdir)
+            clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
         if args.temperature < 0 or not 0 <= args.top_k <= pipe.cfg.image_vocab_size \
                 or not 0 < args.top_p <= 1:

@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variations", action="store_true")
     p.add_argument("--dvae_workdir", default=None, help="overrides the DALL-E config's dvae_workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    p.add_argument("--raw_weights", action="store_true",
+                   help="DALL-E, dVAE and CLIP: load the raw trained "
+                        "weights, not their EMA (used by default when a run kept one)")
     p.add_argument("--mesh", choices=("auto", "none", "data"), default="auto",
                    help="data = split rows over all devices; auto = data off CPU when >1 device")
     return p
@@ -188,12 +191,13 @@ def main(argv=None, *, pipeline=None, clip=None):
     from dalle_jax.pipeline import Pipeline, default_mesh
     try:
         pipe = pipeline or Pipeline.load(args.workdir, step=args.step, dvae_workdir=args.dvae_workdir,
+                                         raw_weights=args.raw_weights,
                                          mesh=default_mesh(args.mesh))
         if not args.clip_workdir:
             clip = None
         elif clip is None:
             from clip_jax.api import CLIPModel
-            clip = CLIPModel.load(args.clip_workdir)
+            clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         known = None
         if mode == "inpaint":
             known = sampling.rectangle_mask(pipe.grid, *box)

@@ -62,13 +62,16 @@ class Pipeline:
 
     @classmethod
     def load(cls, workdir: str, *, step: int | None = None, dvae_workdir: str | None = None,
-             mesh=None, unroll_layers: bool | None = None) -> "Pipeline":
+             mesh=None, unroll_layers: bool | None = None, raw_weights: bool = False) -> "Pipeline":
         """Loads the newest (or `step`) params; the dVAE from `dvae_workdir`, else the one attached
         by dalle_jax.attach_decoder (WORKDIR/decoder.json), else the run config's.
 
         unroll_layers (default: when num_layers <= MAX_UNROLLED_LAYERS) turns scanned params into
         one subtree per layer once, here, so that sampling does not slice them on every call (see
-        `dalle_jax.sampling` for why decoding runs unrolled)."""
+        `dalle_jax.sampling` for why decoding runs unrolled).
+
+        The transformer and the dVAE load their EMA weights when their runs kept one; `raw_weights`
+        loads the raw params of both."""
         from core_jax.checkpoint import read_config, load_params
         from dalle_jax.attach_decoder import attached_dvae
         from dalle_jax.dalle_task import load_dvae
@@ -91,9 +94,9 @@ class Pipeline:
                 f"{workdir}/{'decoder.json' if attached else 'config.json'}; override with --dvae_workdir"
             raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {source})")
         config.dvae_workdir = dvae_dir
-        dvae = load_dvae(config, cfg)  # checks the grid and codebook against the model
+        dvae = load_dvae(config, cfg, raw_weights)  # checks the grid and codebook against the model
         shardings = _param_shardings(cfg, mesh) if mesh is not None else None
-        _, params = load_params(workdir, step, shardings=shardings)
+        _, params = load_params(workdir, step, shardings=shardings, ema=not raw_weights)
         if unroll_layers is None:
             unroll_layers = cfg.num_layers <= MAX_UNROLLED_LAYERS
         if unroll_layers and cfg.scan_layers:

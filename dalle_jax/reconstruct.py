@@ -22,6 +22,8 @@ flags.DEFINE_string("workdir", None, "dVAE workdir (from train_dvae or convert_d
 flags.DEFINE_string("input_dir", None, "Folder of PNG/JPEG images.")
 flags.DEFINE_string("out_dir", None, "Where reconstructions are written (created if missing).")
 flags.DEFINE_integer("batch_size", 16, "Images per encode/decode call.")
+flags.DEFINE_bool("raw_weights", False, "Load the raw trained weights, not their EMA (used by "
+                  "default when the run kept one).")
 FLAGS = flags.FLAGS
 
 
@@ -110,7 +112,7 @@ def main(argv):
         files = list_images(FLAGS.input_dir)
         if not files:
             fail(f"--input_dir {FLAGS.input_dir} holds no PNG or JPEG images")
-        vae = DVAE.load(FLAGS.workdir)
+        vae = DVAE.load(FLAGS.workdir, raw_weights=FLAGS.raw_weights)
         result = reconstruct_folder(vae, FLAGS.input_dir, FLAGS.out_dir, FLAGS.batch_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))

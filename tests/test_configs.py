@@ -114,3 +114,26 @@ def test_trainer_warns_at_startup(tmp_path):
     logged.clear()
     trainer.train(config, str(tmp_path / "w32"), make_toy_task(config), log_fn=logged.append)
     assert not [l for l in logged if "replicated" in l], logged
+
+
+def test_dvae_openai_follows_the_paper_recipe():
+    """Ramesh et al. 2021, appendix A.2 and Listing 1."""
+    from core_jax.optim import make_schedule
+
+    c = load_config("dvae_openai")
+    lr = make_schedule(c.optim, c.total_steps)
+    assert float(lr(0)) == pytest.approx(1e-4, rel=1e-6)
+    assert float(lr(600_000)) == pytest.approx((1e-4 + 1.25e-6) / 2, rel=1e-5)  # cosine midpoint
+    for step in (1_200_000, 2_000_000, 3_000_000):
+        assert float(lr(step)) == pytest.approx(1.25e-6, rel=1e-5), step
+    assert (c.total_steps, c.batch_size, c.data.image_size) == (3_000_000, 512, 256)
+    assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == \
+        ("adamw", 0.9, 0.999, 1e-8, 1e-4)
+    assert c.ema_decay == 0.999
+    assert c.data.random_crop and c.data.random_flip
+    assert tuple(c.data.random_resize_range) == (9 / 8, 12 / 8)
+    m = c.model
+    assert (m.kl_weight_start, m.kl_weight_end, m.kl_weight_ramp_steps, m.kl_weight_schedule) == \
+        (0.0, 6.6, 5000, "cosine")
+    assert (m.temperature_start, m.temperature_end, m.temperature_anneal_steps,
+            m.temperature_schedule) == (1.0, 1 / 16, 150_000, "cosine")

@@ -254,3 +254,38 @@ def test_missing_paths_fail_before_training(tmp_path):
     cfg.update(dict(source="folder", index_file=str(tmp_path / "nope.csv")))
     with pytest.raises(FileNotFoundError, match="nope.csv"):
         make_iterator(cfg, "train", **kw)
+
+
+def test_random_resized_crop_keeps_the_papers_share_of_the_image():
+    """DALL-E's dVAE augmentation (resize_range (9/8, 12/8)): the 64 px crop covers 64/t of the
+    square's side for t uniform in [72, 96], so between 2/3 and 8/9 of it."""
+    ramp = np.tile(np.linspace(0, 255, 400, dtype=np.float32), (400, 1)).round().astype(np.uint8)
+    img = np.repeat(ramp[:, :, None], 3, axis=-1)
+    spans = []
+    for seed in range(40):
+        out = image_ops.resize_and_crop(img, 64, random_crop=True, rng=np.random.default_rng(seed),
+                                        resize_range=(9 / 8, 12 / 8))
+        assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+        cols = out[:, :, 0].astype(np.float32).mean(0)
+        spans.append((cols[-1] - cols[0]) / 255 * 64 / 63)  # share of the side the crop covers
+    assert 2 / 3 - 0.02 < min(spans) < 0.72 and 0.84 < max(spans) < 8 / 9 + 0.02, (min(spans), max(spans))
+    # (1, 1) is the plain resize + random crop; eval (random_crop=False) ignores the range.
+    rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
+    np.testing.assert_array_equal(
+        image_ops.resize_and_crop(img, 64, random_crop=True, rng=rng_a, resize_range=(1.0, 1.0)),
+        image_ops.resize_and_crop(img, 64, random_crop=True, rng=rng_b))
+    np.testing.assert_array_equal(image_ops.resize_and_crop(img, 64, resize_range=(1.125, 1.5)),
+                                  image_ops.resize_and_crop(img, 64))
+    # Non-square and smaller-than-crop inputs still give the crop size.
+    assert image_ops.random_resized_crop(img[:, :300], 256, (1.125, 1.5)).shape == (256, 256, 3)
+    assert image_ops.random_resized_crop(img[:40, :50], 64, (1.125, 1.5)).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("bad", [(0.5, 1.0), (1.5, 1.2), (1.0,)])
+def test_random_resize_range_is_validated(bad):
+    from core_jax.config import ConfigError, base_config, validate
+
+    c = base_config()
+    c.data.random_resize_range = bad
+    with pytest.raises(ConfigError, match="random_resize_range"):
+        validate(c, 1)

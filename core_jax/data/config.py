@@ -30,6 +30,10 @@ def default_data_config() -> ml_collections.ConfigDict:
         image_size=64,
         random_crop=False,
         random_flip=False,
+        # (lo, hi) with random_crop: the shorter side is resized to a random size in
+        # [lo, hi] * image_size before the random crop (image_ops.random_resized_crop; the DALL-E
+        # dVAE's (1.125, 1.5)); (1, 1) = plain resize to image_size.
+        random_resize_range=(1.0, 1.0),
         num_workers=0,            # decode/augment threads; 0 = in the calling thread
         prefetch=2,               # batches decoded ahead of the step (with num_workers > 0)
         shapes_train_size=100000,

@@ -97,11 +97,15 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def resize_and_crop(img: np.ndarray, size: int, random_crop: bool = False,
-                    rng: np.random.Generator | None = None, resample: str = "bicubic") -> np.ndarray:
+                    rng: np.random.Generator | None = None, resample: str = "bicubic",
+                    resize_range: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """Resize the shorter side to `size`, then take a `size` x `size` centre (or random) crop.
 
-    An image whose shorter side already equals `size` is only cropped, never resampled.
+    An image whose shorter side already equals `size` is only cropped, never resampled. With
+    `random_crop` and a `resize_range` other than (1, 1): `random_resized_crop`.
     """
+    if random_crop and tuple(float(r) for r in resize_range) != (1.0, 1.0):
+        return random_resized_crop(img, size, resize_range, rng, resample)
     h, w = img.shape[:2]
     if (h, w) == (size, size):
         return img
@@ -115,6 +119,31 @@ def resize_and_crop(img: np.ndarray, size: int, random_crop: bool = False,
         top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
     else:
         top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def random_resized_crop(img: np.ndarray, size: int, resize_range: tuple[float, float],
+                        rng: np.random.Generator | None = None,
+                        resample: str = "bicubic") -> np.ndarray:
+    """The dVAE augmentation of the DALL-E paper (Ramesh et al. 2021, appendix A.2, Listing 1;
+    there resize_range = (9/8, 12/8)): a random square crop of the whole shorter side s, resized
+    to t x t with t a uniform integer in [min(s, lo * size), min(s, hi * size)], then a random
+    `size` x `size` crop. The crop so keeps between 1/hi and 1/lo of the square's side, at a
+    random place. Downscaling averages areas (PIL's box filter, the paper's ResizeMethod.AREA);
+    an image smaller than `size` is upscaled to it with `resample`, as resize_and_crop does.
+    """
+    rng = rng if rng is not None else np.random.default_rng()
+    lo, hi = (float(r) for r in resize_range)
+    h, w = img.shape[:2]
+    s = min(h, w)
+    top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+    img = img[top:top + s, left:left + s]
+    t = int(rng.integers(min(s, round(lo * size)), min(s, round(hi * size)) + 1))
+    t = max(t, size)
+    if t != s:
+        filt = Image.Resampling.BOX if t < s else _RESAMPLE[resample]
+        img = np.asarray(Image.fromarray(img).resize((t, t), filt))
+    top, left = int(rng.integers(0, t - size + 1)), int(rng.integers(0, t - size + 1))
     return img[top:top + size, left:left + size]
 
 
