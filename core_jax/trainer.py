@@ -129,6 +129,29 @@ def check_accumulation(task: Task, config) -> None:
                       f"set grad_accum_steps=1")
 
 
+def mean_over_micro_batches(loss_fn, params, batch, rng, step, accum: int):
+    """(loss, aux, grads) as the mean over `accum` equal micro-batches (split_micro) of loss_fn's;
+    the full batch's exactly when loss_fn is a mean of per-example terms. Micro-batch i gets rng
+    fold_in(rng, i)."""
+    grads_of = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = split_micro(batch, accum)
+
+    def body(carry, xs):
+        i, mb = xs
+        (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, i), step)
+        acc_grads, acc_loss, acc_aux = carry
+        return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
+                jax.tree.map(jnp.add, acc_aux, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[1])
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    (grads, loss, aux), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
+    return (loss / accum, jax.tree.map(lambda a: a / accum, aux),
+            jax.tree.map(lambda g: g / accum, grads))
+
+
 def build_grads_fn(task: Task, config):
     """(params, batch, rng, step) -> (loss, aux, grads) of the whole batch, in grad_accum_steps
     micro-batches when that is > 1 (`Task.accumulation` says how)."""
@@ -136,35 +159,13 @@ def build_grads_fn(task: Task, config):
     accum = int(config.grad_accum_steps)
     frozen = finetune.frozen_prefixes(config)
 
-    def grads_of(params, batch, rng, step):
-        (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
-        return loss, aux, grads
-
-    def micro_mean(params, batch, rng, step):
-        micro = split_micro(batch, accum)
-
-        def body(carry, xs):
-            i, mb = xs
-            loss, aux, grads = grads_of(params, mb, jax.random.fold_in(rng, i), step)
-            acc_grads, acc_loss, acc_aux = carry
-            return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
-                    jax.tree.map(jnp.add, acc_aux, aux)), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        aux0 = jax.eval_shape(lambda: grads_of(params, jax.tree.map(lambda x: x[0], micro), rng, step)[1])
-        aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-        (grads, loss, aux), _ = jax.lax.scan(
-            body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
-        return (loss / accum, jax.tree.map(lambda a: a / accum, aux),
-                jax.tree.map(lambda g: g / accum, grads))
-
     def grads_fn(params, batch, rng, step):
         if accum == 1:
-            loss, aux, grads = grads_of(params, batch, rng, step)
+            (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
         elif task.accumulation == "global":
             loss, aux, grads = task.accum_grads_fn(params, batch, rng, step, accum)
         else:
-            loss, aux, grads = micro_mean(params, batch, rng, step)
+            loss, aux, grads = mean_over_micro_batches(task.loss_fn, params, batch, rng, step, accum)
         return loss, aux, finetune.drop_frozen(grads, frozen)
 
     return grads_fn
