@@ -9,7 +9,7 @@ import numpy as np
 
 from core_jax.config import ConfigError
 from core_jax.data import image_ops
-from core_jax.trainer import Evaluator, Task
+from core_jax.trainer import Evaluator, Task, merge_micro, split_micro
 
 from clip_jax import losses
 from clip_jax.model import CLIP, clip_from_config, train_flops_per_example
@@ -54,16 +54,63 @@ def make_example_fns(config, tokenizer):
     return example_fn, lambda raw, rng: example_fn(raw, rng, train=False)
 
 
+def _loss_from_features(loss_kind: str, features: dict):
+    loss, metrics = losses.contrastive_loss(loss_kind, features)
+    metrics = dict(metrics, temperature=features["scale"])
+    if loss_kind.startswith("sigmoid"):
+        metrics["logit_bias"] = features["bias"]
+    return loss, metrics
+
+
 def make_loss_fn(model: CLIP, loss_kind: str):
     def loss_fn(params, batch, rng, step):
         del rng, step  # deterministic model (no dropout)
         features = model.apply({"params": params}, batch["image"], batch["text"])
-        loss, metrics = losses.contrastive_loss(loss_kind, features)
-        metrics = dict(metrics, temperature=features["scale"])
-        if loss_kind.startswith("sigmoid"):
-            metrics["logit_bias"] = features["bias"]
-        return loss, metrics
+        return _loss_from_features(loss_kind, features)
     return loss_fn
+
+
+def make_accum_grads_fn(model: CLIP, loss_kind: str):
+    """Gradient accumulation that keeps the contrastive loss over the whole batch (open_clip's
+    --accum-freq): every negative of the full batch is in every softmax / sigmoid sum.
+
+    Pass 1 embeds each micro-batch without gradients and takes the loss, and its cotangent with
+    respect to the features, over all of them at once (features are [B, E], small next to the
+    towers' activations). Pass 2 runs each micro-batch's towers again with gradients and pulls its
+    slice of that cotangent back to the params. The sum over micro-batches is the full batch's
+    gradient, since the loss depends on the tower params only through the features; the logit
+    scale and bias get theirs once, from the loss. Costs one extra forward per micro-batch.
+    """
+    towers = lambda params, mb: model.apply(  # noqa: E731
+        {"params": params}, mb["image"], mb["text"],
+        method=lambda m, images, tokens: (m.encode_image(images), m.encode_text(tokens)))
+
+    def accum_grads_fn(params, batch, rng, step, accum):
+        del rng, step  # deterministic model (no dropout)
+        micro = split_micro(batch, accum)
+        # Back in the batch's own row order (and its sharding): pairs stay pairs, and the logits
+        # matrix (so the accuracy metrics too) is the full batch's.
+        image, text = merge_micro(jax.lax.map(lambda mb: towers(params, mb), micro))
+
+        def loss_of(image, text, params):
+            scale, bias = model.apply({"params": params},
+                                      method=lambda m: (m.temperature(), m.bias()))
+            return _loss_from_features(loss_kind, {"image": image, "text": text,
+                                                   "scale": scale, "bias": bias})
+
+        loss, pull, metrics = jax.vjp(loss_of, image, text, params, has_aux=True)
+        d_image, d_text, head_grads = pull(jnp.ones_like(loss))
+        cotangents = split_micro((d_image, d_text), accum)
+
+        def body(grads, xs):
+            mb, ct = xs
+            _, pull_mb = jax.vjp(lambda p: towers(p, mb), params)
+            return jax.tree.map(jnp.add, grads, pull_mb(ct)[0]), None
+
+        grads, _ = jax.lax.scan(body, head_grads, (micro, cotangents))
+        return loss, metrics, grads
+
+    return accum_grads_fn
 
 
 def make_evaluators(config, workdir: str) -> list[Evaluator]:
@@ -105,6 +152,8 @@ def make_task(config, workdir: str) -> Task:
     return Task(
         init_fn=init_fn,
         loss_fn=make_loss_fn(model, config.model.loss),
+        accumulation="global",
+        accum_grads_fn=make_accum_grads_fn(model, config.model.loss),
         example_fn=example_fn,
         eval_example_fn=eval_example_fn,
         flops_per_example=train_flops_per_example(model.cfg),

@@ -46,6 +46,15 @@ class Task:
     # ahead-of-time compiles (core_jax.aot).
     batch_spec: Callable[[int], Mapping[str, jax.ShapeDtypeStruct]] | None = None
     extra_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    # How grad_accum_steps > 1 keeps the full batch's objective. "mean": the loss is a mean of
+    # per-example terms, so the mean over equal micro-batches is exact. "global": the loss couples
+    # the examples (e.g. a contrastive loss), and accum_grads_fn computes the full batch's loss and
+    # gradients itself, micro-batch by micro-batch. "refuse": a batch-level term, named by
+    # accumulation_blocker, cannot be split, so the trainer refuses accumulation.
+    accumulation: str = "refuse"
+    # (params, batch, rng, step, accum) -> (loss, aux, grads) over the whole batch (accumulation="global").
+    accum_grads_fn: Callable | None = None
+    accumulation_blocker: str = "this task does not declare how its loss accumulates (Task.accumulation)"
 
 
 @flax.struct.dataclass
@@ -126,7 +135,7 @@ def make_global_batch(mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
     return out
 
 
-def _split_micro(batch, k: int):
+def split_micro(batch, k: int):
     # Micro-batch j takes rows j, j+k, ... so every micro-batch stays spread over all devices.
     def split(x):
         x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
@@ -134,39 +143,75 @@ def _split_micro(batch, k: int):
     return jax.tree.map(split, batch)
 
 
-def build_train_step(task: Task, tx, schedule, config):
+def merge_micro(micro):
+    """The inverse of `split_micro`: [k, B/k, ...] back to the batch's own row order [B, ...]."""
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1).reshape((-1,) + x.shape[2:]), micro)
+
+
+def check_accumulation(task: Task, config) -> None:
     accum = int(config.grad_accum_steps)
-    base_rng = jax.random.key(config.seed)
+    if accum == 1 or task.accumulation == "mean":
+        return
+    if task.accumulation == "global" and task.accum_grads_fn is not None:
+        return
+    if task.accumulation not in ("mean", "global", "refuse"):
+        raise ValueError(f"Task.accumulation must be 'mean', 'global' or 'refuse', got {task.accumulation!r}")
+    blocker = (task.accumulation_blocker if task.accumulation == "refuse"
+               else "the task declares accumulation='global' without an accum_grads_fn")
+    raise ConfigError(f"config.grad_accum_steps={accum} would change this task's loss ({blocker}); "
+                      f"set grad_accum_steps=1")
+
+
+def mean_over_micro_batches(loss_fn, params, batch, rng, step, accum: int):
+    """(loss, aux, grads) as the mean over `accum` equal micro-batches (split_micro) of loss_fn's;
+    the full batch's exactly when loss_fn is a mean of per-example terms. Micro-batch i gets rng
+    fold_in(rng, i)."""
+    grads_of = jax.value_and_grad(loss_fn, has_aux=True)
+    micro = split_micro(batch, accum)
+
+    def body(carry, xs):
+        i, mb = xs
+        (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, i), step)
+        acc_grads, acc_loss, acc_aux = carry
+        return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
+                jax.tree.map(jnp.add, acc_aux, aux)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    aux0 = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[1])
+    aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
+    (grads, loss, aux), _ = jax.lax.scan(
+        body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
+    return (loss / accum, jax.tree.map(lambda a: a / accum, aux),
+            jax.tree.map(lambda g: g / accum, grads))
+
+
+def build_grads_fn(task: Task, config):
+    """(params, batch, rng, step) -> (loss, aux, grads) of the whole batch, in grad_accum_steps
+    micro-batches when that is > 1 (`Task.accumulation` says how)."""
+    check_accumulation(task, config)
+    accum = int(config.grad_accum_steps)
     frozen = finetune.frozen_prefixes(config)
     ema_decay = ema_decay_schedule(config)
 
-    def grads_of(params, batch, rng, step):
-        (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
+    def grads_fn(params, batch, rng, step):
+        if accum == 1:
+            (loss, aux), grads = jax.value_and_grad(task.loss_fn, has_aux=True)(params, batch, rng, step)
+        elif task.accumulation == "global":
+            loss, aux, grads = task.accum_grads_fn(params, batch, rng, step, accum)
+        else:
+            loss, aux, grads = mean_over_micro_batches(task.loss_fn, params, batch, rng, step, accum)
         return loss, aux, finetune.drop_frozen(grads, frozen)
+
+    return grads_fn
+
+
+def build_train_step(task: Task, tx, schedule, config):
+    base_rng = jax.random.key(config.seed)
+    grads_fn = build_grads_fn(task, config)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
-        if accum == 1:
-            loss, aux, grads = grads_of(state.params, batch, rng, state.step)
-        else:
-            micro = _split_micro(batch, accum)
-
-            def body(carry, xs):
-                i, mb = xs
-                loss, aux, grads = grads_of(state.params, mb, jax.random.fold_in(rng, i), state.step)
-                acc_grads, acc_loss, acc_aux = carry
-                return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
-                        jax.tree.map(jnp.add, acc_aux, aux)), None
-
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            aux0 = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro),
-                                                   rng, state.step)[1])
-            aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
-            (grads, loss, aux), _ = jax.lax.scan(
-                body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
-            grads = jax.tree.map(lambda g: g / accum, grads)
-            loss = loss / accum
-            aux = jax.tree.map(lambda a: a / accum, aux)
+        loss, aux, grads = grads_fn(state.params, batch, rng, state.step)
 
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -269,6 +314,7 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     `stop_at_step` ends the run early (as a crash would) after saving nothing extra; tests use it
     to check that resuming reproduces an uninterrupted run. Returns the last logged scalars.
     """
+    check_accumulation(task, config)  # before the workdir is touched
     main_process = jax.process_index() == 0
     if not main_process:
         log_fn = lambda line: None  # noqa: E731  (only process 0 talks)

@@ -169,14 +169,32 @@ def make_loss_fn(cfg: model_lib.DalleConfig, m):
 
     def loss_fn(params, batch, rng, step):
         keep = batch.get("caption_kept")
+        divisor = batch.get("_text_divisor")  # set by accum_grads_fn, the same in every row
         loss, metrics = model_lib.loss_and_metrics(
             params, cfg, batch["text"], batch["image_tokens"], text_row_weight=keep,
-            row_weight=batch.get("_mask"), **weights)
+            row_weight=batch.get("_mask"), text_divisor=None if divisor is None else divisor[0],
+            **weights)
         if keep is not None:
             metrics["captions_dropped"] = 1.0 - keep.astype(jnp.float32).mean()
         return loss, metrics
 
     return loss_fn
+
+
+def make_accum_grads_fn(loss_fn):
+    """Micro-batch accumulation of the full batch's loss. The image term is a mean over rows, but
+    the text term divides by the batch's kept captions, which differ between micro-batches under
+    caption dropout: each micro-batch divides by 1/accum of the whole batch's count instead, so the
+    mean over micro-batches is the full batch's text term."""
+    def accum_grads_fn(params, batch, rng, step, accum):
+        from core_jax.trainer import mean_over_micro_batches
+        keep = batch.get("caption_kept")
+        if keep is not None:
+            rows = keep.astype(jnp.float32) * batch.get("_mask", jnp.ones_like(keep)).astype(jnp.float32)
+            divisor = jnp.maximum(rows.sum(), 1.0) / accum
+            batch = dict(batch, _text_divisor=jnp.full(keep.shape, divisor, jnp.float32))
+        return mean_over_micro_batches(loss_fn, params, batch, rng, step, accum)
+    return accum_grads_fn
 
 
 def _host_rows(x, n):
@@ -301,6 +319,8 @@ def make_task(config, workdir: str | None = None):
     if int(config.model.eval_max_batches) != 0 and not abstract_only:
         evaluators = (make_evaluator(config, cfg, eval_example_fn, batch_fn),)
 
+    loss_fn = make_loss_fn(cfg, config.model)
+
     def batch_spec(batch_size):
         spec = {"text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
                 "image_tokens": jax.ShapeDtypeStruct((batch_size, cfg.num_image_tokens), jnp.int32)}
@@ -310,7 +330,9 @@ def make_task(config, workdir: str | None = None):
 
     return Task(
         init_fn=init_fn,
-        loss_fn=make_loss_fn(cfg, config.model),
+        loss_fn=loss_fn,
+        accumulation="global",
+        accum_grads_fn=make_accum_grads_fn(loss_fn),
         example_fn=example_fn,
         eval_example_fn=eval_example_fn,
         flops_per_example=model_lib.flops_per_example(cfg),

@@ -85,6 +85,15 @@ def check_decoder_finetune(config) -> None:
                           "--config.init_from=<its workdir>")
 
 
+def usage_penalty_on(model_config) -> bool:
+    """Whether the usage penalty has a non-zero weight at some step (decoder fine-tuning drops it)."""
+    m = model_config
+    if train_codes(m) == "argmax":
+        return False
+    end = m.get("usage_weight_end", 0.0) if m.get("usage_weight_schedule", "constant") != "constant" else 0.0
+    return float(m.get("usage_weight", 0.0)) != 0.0 or float(end) != 0.0
+
+
 def make_loss_fn(model, model_config):
     m = model_config
     if m.recon_loss not in dvae_loss.RECON_LOSSES:
@@ -235,4 +244,9 @@ def make_task(config, workdir=None):
         evaluators=() if abstract_only else (make_evaluator(config, model, eval_example_fn),),
         image_fn=make_image_fn(model),
         batch_spec=batch_spec,
+        # Reconstruction and KL are means over images, so micro-batches accumulate them exactly;
+        # the usage penalty is a function of the whole batch's average code distribution.
+        accumulation="refuse" if usage_penalty_on(config.model) else "mean",
+        accumulation_blocker="model.usage_weight: the codebook usage penalty is a function of the "
+                             "whole batch's average code distribution",
     )

@@ -296,11 +296,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 
 def loss_and_metrics(params, cfg: DalleConfig, text, image_tokens, *, text_loss_weight: float,
-                     image_loss_weight: float, text_row_weight=None, row_weight=None):
+                     image_loss_weight: float, text_row_weight=None, row_weight=None,
+                     text_divisor=None):
     """Weighted text + image cross-entropy of a batch (text [B, Lt], image_tokens [B, n_image]).
 
     `text_row_weight` [B] drops rows from the text term (caption-dropped rows predict nothing
-    useful); `row_weight` [B] masks padding rows out of everything (eval batches).
+    useful); `row_weight` [B] masks padding rows out of everything (eval batches). `text_divisor`
+    replaces the text term's divisor (this batch's kept rows), e.g. with a larger batch's count.
     """
     batch = text.shape[0]
     rows = jnp.ones((batch,), jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
@@ -309,7 +311,9 @@ def loss_and_metrics(params, cfg: DalleConfig, text, image_tokens, *, text_loss_
         {"params": params}, input_stream(text, image_tokens))
     text_ce = cross_entropy(text_logits, text).mean(-1)
     image_ce = cross_entropy(image_logits, image_tokens).mean(-1)
-    text_loss = (text_ce * text_rows).sum() / jnp.maximum(text_rows.sum(), 1.0)
+    if text_divisor is None:
+        text_divisor = jnp.maximum(text_rows.sum(), 1.0)
+    text_loss = (text_ce * text_rows).sum() / text_divisor
     image_loss = (image_ce * rows).sum() / jnp.maximum(rows.sum(), 1.0)
     loss = text_loss_weight * text_loss + image_loss_weight * image_loss
     metrics = {"text_loss": text_loss, "image_loss": image_loss,

@@ -283,3 +283,35 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
     np.testing.assert_allclose(metrics["text_loss"], (per_row["text_loss"] * k).sum() / k.sum(), rtol=1e-5)
     np.testing.assert_allclose(metrics["image_loss"], per_row["image_loss"].mean(), rtol=1e-5)
     np.testing.assert_allclose(metrics["captions_dropped"], 1 - k.mean(), rtol=1e-6)
+
+
+def test_grad_accumulation_keeps_the_full_batch_text_term():
+    """Under caption dropout the text term divides by the batch's kept captions, which differ
+    between micro-batches: the accumulated loss and gradients must still be the full batch's."""
+    from core_jax import trainer
+
+    config = load_config("dalle_shapes")
+    m = config.model
+    m.image_grid, m.image_vocab_size, m.text_vocab_size = 2, 16, 20
+    m.text_len = config.text.context_length = 3
+    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, 1, 32
+    m.attention_pattern, m.caption_dropout = "row", 0.5
+    task = dalle_task.make_task(config, None)  # abstract: no tokenizer, no dVAE
+    cfg = DalleConfig.from_config(config)
+    params = random_params(cfg)
+    text, image = batch_for(cfg, batch=8)
+    # Micro-batch j holds rows j, j+k, ...: 4 and 2 kept captions at k=2; 2, 1, 2, 1 at k=4.
+    kept = np.array([1, 0, 1, 0, 1, 1, 1, 1], np.float32)
+    batch = {"text": text, "image_tokens": image, "caption_kept": kept}
+
+    def grads(accum):
+        config.grad_accum_steps = accum
+        return jax.jit(trainer.build_grads_fn(task, config))(params, batch, jax.random.key(0), 0)
+
+    ref_loss, ref_metrics, ref_grads = grads(1)
+    for accum in (2, 4):
+        loss, metrics, g = grads(accum)
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+        for key in ("text_loss", "image_loss", "captions_dropped"):
+            np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, ref_grads)

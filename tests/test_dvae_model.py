@@ -441,3 +441,23 @@ def test_shapes_config_schedules_follow_total_steps():
     m.temperature_anneal_steps = 500  # one schedule overridden alone: nothing else moves
     assert config.total_steps == 9600 and m.kl_weight_ramp_steps == 9600 and m.temperature_anneal_steps == 500
     assert '"temperature_anneal_steps": 500' in config.to_json()
+
+
+def test_grad_accumulation_refused_with_the_usage_penalty():
+    """The usage penalty is a function of the whole batch's average code distribution, so the
+    mean over micro-batches would change it: the trainer refuses, naming the term."""
+    import optax
+
+    from core_jax import trainer
+    from core_jax.config import ConfigError
+    from dalle_jax.dvae_task import make_task
+
+    config = load_config("dvae_shapes")
+    assert config.model.usage_weight > 0
+    config.grad_accum_steps = 2
+    with pytest.raises(ConfigError, match=r"grad_accum_steps=2 .*model.usage_weight.*grad_accum_steps=1"):
+        trainer.build_train_step(make_task(config), optax.sgd(0.1), lambda s: 0.1, config)
+    config.model.usage_weight = config.model.usage_weight_end = 0.0
+    assert make_task(config).accumulation == "mean"  # reconstruction and KL are means over images
+    config.model.usage_weight_end = 0.3  # a schedule that reaches a non-zero weight later
+    assert make_task(config).accumulation == "refuse"

@@ -87,4 +87,4 @@ def make_toy_task(config, workdir=None, poison_step=None, width=32):
 
     flops = 2 * 3 * (768 * width + width * 64 + 64 * width + width * 6)
     return trainer.Task(init_fn=init_fn, loss_fn=loss_fn, example_fn=example_fn, flops_per_example=flops,
-                        batch_spec=batch_spec)
+                        batch_spec=batch_spec, accumulation="mean")
