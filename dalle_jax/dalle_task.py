@@ -16,6 +16,8 @@ the number of processes or on where an example lands in the global batch.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import jax
@@ -269,15 +271,14 @@ def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
 def check_trained_masks(config, workdir: str | None) -> None:
     """Before the trainer loads params, ConfigError if they were trained with other attention masks
     than this run's: the workdir's own checkpoints when it resumes, else config.init_from's."""
-    import os
     from core_jax import checkpoint
     from dalle_jax import masks
 
     init_from = str(config.get("init_from", "") or "")
     if workdir and checkpoint.latest_step(workdir) is not None:
-        source, path = f"the checkpoints in {workdir}", workdir
+        source, path = workdir, workdir
     elif init_from:
-        source, path = f"config.init_from={init_from!r}", init_from
+        source, path = f"{init_from} (config.init_from)", init_from
     else:
         return
     if os.path.isfile(os.path.join(path, "config.json")):  # else the trainer reports what is missing

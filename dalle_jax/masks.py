@@ -193,7 +193,7 @@ def recorded_legacy_masks(model, workdir: str | None = None) -> bool:
 def check_trained_masks(run_config, recorded, source: str) -> None:
     """ConfigError unless a training run (`run_config`) would continue the params recorded by
     `recorded` (the config.json of the workdir it resumes, or of its init_from) with the masks they
-    were trained with. `source` names that workdir in the error, as the user gave it."""
+    were trained with. `source` names that workdir in the error."""
     from core_jax.config import ConfigError
     model = recorded.get("model", None)
     if model is None or "attention_pattern" not in model:
@@ -204,6 +204,6 @@ def check_trained_masks(run_config, recorded, source: str) -> None:
     trained = True if trained is None else bool(trained)  # no key: recorded before the fix
     if trained != bool(run_config.model.get("legacy_masks", False)):
         which = "old (legacy)" if trained else "current"
-        raise ConfigError(f"{source} was trained with the {which} row/column/conv attention masks; "
-                          f"rerun with --config.model.legacy_masks={trained}, or retrain from scratch "
-                          f"in a new --workdir")
+        raise ConfigError(f"the params in {source} were trained with the {which} row/column/conv "
+                          f"attention masks; rerun with --config.model.legacy_masks={trained}, or "
+                          f"retrain from scratch in a new --workdir")

@@ -210,7 +210,7 @@ def test_check_trained_masks(recorded, run, ok):
     if ok:
         masks.check_trained_masks(run_config, recorded_config, "W")
     else:
-        with pytest.raises(ConfigError, match=r"^W was trained with the .* masks; rerun with "
+        with pytest.raises(ConfigError, match=r"^the params in W were trained with the .* masks; rerun with "
                                               r"--config.model.legacy_masks=(True|False), or retrain"):
             masks.check_trained_masks(run_config, recorded_config, "W")
 
