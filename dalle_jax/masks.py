@@ -16,7 +16,8 @@ A mask answers "may the query at position p read the key at position q". Every k
 (positions 0 .. text_len). The kinds differ in which image keys such a query sees, and each is a
 function of the offset d = p - q >= 0 alone, counted from the query's own position (it holds image
 token h = p - text_len - 1 and predicts h + 1) exactly like the Sparse Transformer's strided
-pattern (Child et al. 2019, sec. 4.2: A(1) = {j : i - j < l}, A(2) = {j : (i - j) mod l = 0}):
+pattern with stride l = grid (Child et al. 2019, sec. 4.3: A(1)_i = {t, ..., i} for
+t = max(0, i - l), the query's own position and the l before it; A(2)_i = {j : (i - j) mod l = 0}):
 
     full:    always                        plain causal attention
     row:     d <= grid                     the grid + 1 positions ending at the query's own: a
