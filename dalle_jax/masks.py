@@ -163,8 +163,8 @@ def mask_table(kinds: tuple[str, ...], text_len: int, grid: int, conv_kernel: in
 
 
 # ----------------------------------------------------------------------------- trained workdirs
-# A workdir's config.json records model.legacy_masks from the version that added it on; one written
-# before has no such key and was trained with the legacy masks. Running such params under the
+# A workdir's config.json holds model.legacy_masks when this version or a later one wrote it; one
+# without the key was trained with the legacy masks. Running such params under the
 # current masks would give wrong samples and losses without any error, so every path that loads a
 # DALL-E workdir's params goes through one of the two checks below.
 
