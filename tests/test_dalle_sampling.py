@@ -51,9 +51,9 @@ def test_cache_equals_no_cache_greedy(kind):
     assert len(np.unique(np.asarray(cached))) > 2  # not a degenerate constant sequence
 
 
-@pytest.mark.parametrize("scan", [True, False])
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
 @pytest.mark.parametrize("kinds,legacy", [((kind, kind), False) for kind in masks.KINDS]
-                         + [(("row", "column", "conv"), True)])
+                         + [(("row", "column", "conv"), True)], ids=[*masks.KINDS, "legacy"])
 def test_cached_logits_equal_recomputed(kinds, legacy, scan):
     """Prefill + one-token decode steps through the KV cache give the logits of the full forward at
     every position, scanned layers (the cache as scan state) or unrolled, for every mask kind."""
