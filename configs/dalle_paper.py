@@ -2,10 +2,11 @@
 
 256 BPE text tokens (16384-token vocab, one pad id per position) + 32x32 dVAE tokens (8192 codes);
 column attention in layers (i - 2) mod 4 == 0 (1-based), row attention otherwise, an 11x11
-convolutional mask in the last layer; loss 1/8 text + 7/8 image. Optimiser as in the paper's
-appendix B.2: AdamW (0.9, 0.96, eps 1e-8), weight decay 4.5e-2, gradient clip 4, lr warmed up to
-4.5e-4 over 5000 updates, 430k updates at batch 1024 (we decay the lr with a cosine to 1/32 of
-the peak instead of the paper's five halvings on plateau).
+convolutional mask in the last layer (appendix B.1 and Figure 11; dalle_jax/masks.py); loss 1/8
+text + 7/8 image. Optimiser as in the paper's appendix B.2: AdamW (0.9, 0.96, eps 1e-8), weight
+decay 4.5e-2, gradient clip 4, lr warmed up to 4.5e-4 over 5000 updates, 430k updates at batch
+1024 (we decay the lr with a cosine to 1/32 of the peak instead of the paper's five halvings on
+plateau).
 The paper used no caption dropout; set model.caption_dropout > 0 to train for guidance.
 Point `text.merges_file`, `dvae_workdir` and `data` at your files.
 """
@@ -25,6 +26,7 @@ def get_config(arg=None):
     m.mlp_dim = 4 * 3968
     m.attention_pattern = "paper"
     m.conv_kernel = 11
+    m.legacy_masks = False  # the paper's masks (dalle_jax/masks.py); True only for old checkpoints
     m.caption_dropout = 0.0
     m.eval_max_batches = 10
     c.compute_dtype = "bfloat16"

@@ -19,6 +19,7 @@ def get_config(arg=None):
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 128, 4, 32, 4, 512
     m.attention_pattern = "full"
     m.conv_kernel = 5
+    m.legacy_masks = False  # the paper's masks (dalle_jax/masks.py); True only for old checkpoints
     m.caption_dropout = 0.15
     if arg == "paper_masks":
         m.num_layers = 6

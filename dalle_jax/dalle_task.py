@@ -16,6 +16,8 @@ the number of processes or on where an example lands in the global batch.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 import jax
@@ -40,6 +42,7 @@ def dalle_config():
         d_model=256, num_heads=4, head_dim=64, num_layers=4, mlp_dim=1024,
         attention_pattern="full",  # 'full' | 'paper' | one kind | comma list of full,row,column,conv
         conv_kernel=5,             # odd; the k x k window of 'conv' layers (paper: 11)
+        legacy_masks=False,        # True: the row/column/conv masks of older versions (masks.py)
         text_loss_weight=1.0 / 8,
         image_loss_weight=7.0 / 8,
         caption_dropout=0.1,       # dropped captions become all-pad text (guidance's uncond stream)
@@ -286,12 +289,30 @@ def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
         config.dvae_workdir = str(index["dvae_workdir"])
 
 
+def check_trained_masks(config, workdir: str | None) -> None:
+    """Before the trainer loads params, ConfigError if they were trained with other attention masks
+    than this run's: the workdir's own checkpoints when it resumes, else config.init_from's."""
+    from core_jax import checkpoint
+    from dalle_jax import masks
+
+    init_from = str(config.get("init_from", "") or "")
+    if workdir and checkpoint.latest_step(workdir) is not None:
+        source, path = workdir, workdir
+    elif init_from:
+        source, path = f"{init_from} (config.init_from)", init_from
+    else:
+        return
+    if os.path.isfile(os.path.join(path, "config.json")):  # else the trainer reports what is missing
+        masks.check_trained_masks(config, checkpoint.read_config(path), source)
+
+
 def make_task(config, workdir: str | None = None):
     """Builds the tokenizer (training one into the workdir if text.merges_file is empty), resolves
     model.text_vocab_size, loads the dVAE (if config.dvae_workdir) and returns the Task."""
     from core_jax.text import tokenizer_from_config
     from core_jax.trainer import Task
 
+    check_trained_masks(config, workdir)
     abstract_only = workdir is None and int(config.model.text_vocab_size) > 0
     tokenizer = None
     if not abstract_only:  # core_jax.aot needs shapes only: no tokenizer, no dVAE

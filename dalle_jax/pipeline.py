@@ -82,7 +82,7 @@ class Pipeline:
         if "model" not in config or "text_len" not in config.model:
             raise ValueError(f"{workdir}/config.json is not a DALL-E config (no model.text_len)")
         tokenizer = load_tokenizer(config, workdir)
-        cfg = DalleConfig.from_config(config)
+        cfg = DalleConfig.from_config(config, workdir)  # ConfigError if its masks cannot be told
         trained_with = str(config.get("dvae_workdir", "") or "")
         attached = None if dvae_workdir or not trained_with else attached_dvae(workdir, trained_with)
         dvae_dir = dvae_workdir or attached or trained_with

@@ -41,6 +41,7 @@ class DalleConfig:
     mlp_dim: int
     layer_kinds: tuple[str, ...]  # one attention mask kind per layer (masks.KINDS)
     conv_kernel: int = 11
+    legacy_masks: bool = False  # the row/column/conv masks of older versions (see masks.py)
     dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"
@@ -70,8 +71,9 @@ class DalleConfig:
         return self.text_len + self.num_image_tokens
 
     @classmethod
-    def from_config(cls, config) -> "DalleConfig":
-        """From a full run config (`config.model` plus top-level compute_dtype/scan_layers/remat)."""
+    def from_config(cls, config, workdir: str | None = None) -> "DalleConfig":
+        """From a full run config (`config.model` plus top-level compute_dtype/scan_layers/remat);
+        `workdir`: where a recorded config.json came from, named if its masks cannot be told."""
         m = config.model
         return cls(
             text_len=int(m.text_len), text_vocab_size=int(m.text_vocab_size),
@@ -79,7 +81,9 @@ class DalleConfig:
             d_model=int(m.d_model), num_heads=int(m.num_heads), head_dim=int(m.head_dim),
             num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
             layer_kinds=masks_lib.layer_kinds(m.attention_pattern, int(m.num_layers)),
-            conv_kernel=int(m.conv_kernel), dtype=str(config.compute_dtype),
+            conv_kernel=int(m.conv_kernel),
+            legacy_masks=masks_lib.recorded_legacy_masks(m, workdir),
+            dtype=str(config.compute_dtype),
             scan_layers=bool(config.scan_layers), remat=str(config.remat),
             scan_unroll=int(config.get("scan_unroll", 1)))  # absent in older workdirs' configs
 
@@ -257,7 +261,7 @@ class DalleTransformer(nn.Module):
             raise ValueError(f"heads='split' needs the whole stream of {cfg.seq_len} positions, "
                              f"got {stream_ids.shape[1]}")
         table, index = masks_lib.mask_table(cfg.layer_kinds, cfg.text_len, cfg.image_grid,
-                                            cfg.conv_kernel)
+                                            cfg.conv_kernel, cfg.legacy_masks)
         x = self._embed(stream_ids, start)
         stack = layer_stack(Block, cfg.num_layers, scan=cfg.scan_layers, unroll=cfg.scan_unroll,
                             remat="none" if self.decode else cfg.remat, per_layer_argnums=(1,),

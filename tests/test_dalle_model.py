@@ -85,11 +85,12 @@ def test_shapes_and_loss():
     assert abs(float(loss(cfg, params, other_text, other_image, ones)[0]) - float(total)) > 1e-3
 
 
+@pytest.mark.parametrize("legacy", [False, True])
 @pytest.mark.parametrize("kind", masks.KINDS)
-def test_one_layer_reads_exactly_its_mask(kind):
+def test_one_layer_reads_exactly_its_mask(kind, legacy):
     """Perturbing the input at position q changes the output at p iff the mask lets p read q
     (or p == q, through the residual): the model applies the mask it claims."""
-    cfg = tiny((kind,), image_grid=4)
+    cfg = tiny((kind,), image_grid=4, legacy_masks=legacy)
     params = random_params(cfg)
     text, image = batch_for(cfg, batch=1)
     ids = np.asarray(input_stream(text, image))[0]
@@ -100,7 +101,7 @@ def test_one_layer_reads_exactly_its_mask(kind):
         rows[q + 1, q] = (rows[q + 1, q] + 1) % vocab
     hidden = apply(cfg, params, jnp.asarray(rows), "image")
     changed = np.abs(np.asarray(hidden[1:] - hidden[:1])).max(-1) > 1e-6  # [q, p]
-    expected = masks.stream_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel).T | np.eye(T, dtype=bool)
+    expected = masks.stream_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, legacy).T | np.eye(T, dtype=bool)
     np.testing.assert_array_equal(changed[1:], expected[1:])
 
 
@@ -315,3 +316,37 @@ def test_grad_accumulation_keeps_the_full_batch_text_term():
         for key in ("text_loss", "image_loss", "captions_dropped"):
             np.testing.assert_allclose(metrics[key], ref_metrics[key], rtol=1e-5, err_msg=key)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g, ref_grads)
+
+
+def _old_sparse_workdir(path):
+    """A DALL-E workdir as older versions wrote it: row/column/conv masks, no model.legacy_masks."""
+    import json
+    from core_jax.checkpoint import save_params
+    config = load_config("dalle_shapes", "paper_masks")
+    m = config.model
+    m.image_grid, m.image_vocab_size, m.text_vocab_size = 4, 16, 40
+    m.d_model, m.num_heads, m.head_dim, m.mlp_dim = 16, 2, 8, 32
+    save_params(path, config, random_params(DalleConfig.from_config(config)))
+    recorded = json.load(open(os.path.join(path, "config.json")))
+    del recorded["model"]["legacy_masks"]
+    json.dump(recorded, open(os.path.join(path, "config.json"), "w"))
+    return config
+
+
+def test_resume_and_init_from_refuse_checkpoints_of_the_old_masks(tmp_path):
+    from core_jax.config import ConfigError
+    old = str(tmp_path / "old")
+    config = _old_sparse_workdir(old)
+    assert config.model.legacy_masks is False
+    fix = r"rerun with --config\.model\.legacy_masks=True, or retrain from scratch in a new --workdir$"
+    with pytest.raises(ConfigError, match=rf"^the params in {old} were trained with the old .*; {fix}"):
+        dalle_task.make_task(config, old)  # resuming it: what the trainer's entry point runs first
+    config.init_from = old
+    with pytest.raises(ConfigError, match=rf"^the params in {old} \(config.init_from\) were .*; {fix}"):
+        dalle_task.make_task(config, str(tmp_path / "new"))
+    config.model.legacy_masks = True  # the fix: continue on the masks they were trained with
+    dalle_task.check_trained_masks(config, old)
+    dalle_task.check_trained_masks(config, str(tmp_path / "new"))
+    config.model.attention_pattern = "full"  # a run that does not use the sparse masks: unaffected
+    config.model.legacy_masks = False
+    dalle_task.check_trained_masks(config, old)

@@ -7,13 +7,13 @@ import pytest
 
 from core_jax import sharding
 from dalle_jax import masks, sampling
-from dalle_jax.transformer import DalleConfig, init_params
+from dalle_jax.transformer import DalleConfig, DalleTransformer, init_params, input_stream, unscan_params
 
 
-def tiny(kinds, grid=3):
-    return DalleConfig(text_len=3, text_vocab_size=11, image_grid=grid, image_vocab_size=13, d_model=16,
-                       num_heads=2, head_dim=8, num_layers=len(kinds), mlp_dim=32,
-                       layer_kinds=tuple(kinds), conv_kernel=3)
+def tiny(kinds, grid=3, **kw):
+    return DalleConfig(**dict(dict(text_len=3, text_vocab_size=11, image_grid=grid, image_vocab_size=13,
+                                   d_model=16, num_heads=2, head_dim=8, num_layers=len(kinds),
+                                   mlp_dim=32, layer_kinds=tuple(kinds), conv_kernel=3), **kw))
 
 
 def random_params(cfg, seed=0, scale=0.5):
@@ -49,6 +49,47 @@ def test_cache_equals_no_cache_greedy(kind):
     assert cached.shape == (2, 16) and cached.dtype == jnp.int32
     np.testing.assert_array_equal(cached, recomputed)
     assert len(np.unique(np.asarray(cached))) > 2  # not a degenerate constant sequence
+
+
+@pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
+@pytest.mark.parametrize("kinds,legacy", [((kind, kind), False) for kind in masks.KINDS]
+                         + [(("row", "column", "conv"), True)], ids=[*masks.KINDS, "legacy"])
+def test_cached_logits_equal_recomputed(kinds, legacy, scan):
+    """Prefill + one-token decode steps through the KV cache give the logits of the full forward at
+    every position, scanned layers (the cache as scan state) or unrolled, for every mask kind."""
+    cfg = tiny(kinds, grid=4, conv_kernel=5, scan_layers=scan, legacy_masks=legacy)
+    params = random_params(cfg.replace(scan_layers=True), seed=3)
+    if not scan:
+        params = unscan_params(params, cfg.num_layers)
+    ids = jnp.asarray(input_stream(TEXT[:2], images(cfg, 2)))
+    full = DalleTransformer(cfg).apply({"params": params}, ids, heads="image")
+    model, lt = DalleTransformer(cfg, decode=True), cfg.text_len
+
+    @jax.jit
+    def step(cache, tok, pos):
+        out, variables = model.apply({"params": params, "cache": cache}, tok, pos, heads="image",
+                                     mutable=["cache"])
+        return out, variables["cache"]
+
+    logits, variables = model.apply({"params": params}, ids[:, :lt + 1], 0, heads="image",
+                                    mutable=["cache"])
+    cache, outs = variables["cache"], [logits]
+    for pos in range(lt + 1, cfg.seq_len):
+        out, cache = step(cache, ids[:, pos:pos + 1], jnp.int32(pos))
+        outs.append(out)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_scanned_decode_sampler_equals_no_cache(monkeypatch, legacy):
+    """Models deeper than MAX_UNROLLED_LAYERS decode through the scan: same tokens as recomputing."""
+    monkeypatch.setattr(sampling, "MAX_UNROLLED_LAYERS", 0)  # read when the sampler is traced
+    cfg = tiny(("row", "column", "conv"), grid=4, conv_kernel=5, legacy_masks=legacy)  # traced here only
+    params = random_params(cfg, seed=4)
+    kw = dict(rng=jax.random.key(0), temperature=0)
+    cached = sampling.sample(params, cfg, TEXT[:2], **kw)
+    np.testing.assert_array_equal(cached, sampling.sample_no_cache(params, cfg, TEXT[:2], **kw))
+    assert len(np.unique(np.asarray(cached))) > 2
 
 
 def test_guidance_at_one_equals_conditional_and_cache_matches():

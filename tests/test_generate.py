@@ -26,7 +26,7 @@ def _dvae_workdir(wd):
     tiny_dvae_workdir(wd, SIZE, CODES)
 
 
-def _dalle_workdir(wd, dvae_wd):
+def _dalle_workdir(wd, dvae_wd, pattern="full"):
     from core_jax.checkpoint import save_params
     from core_jax.text import tokenizer_from_config
     from configs.dalle_shapes import get_config
@@ -34,8 +34,8 @@ def _dalle_workdir(wd, dvae_wd):
     from dalle_jax.transformer import DalleConfig, init_params
     c = get_config()
     m = c.model
-    m.image_grid, m.image_vocab_size = GRID, CODES
-    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, 1, 32
+    m.image_grid, m.image_vocab_size, m.attention_pattern = GRID, CODES, pattern
+    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, len(pattern.split(",")), 32
     c.data.image_size = SIZE
     c.dvae_workdir = dvae_wd
     tokenizer = tokenizer_from_config(c.text, wd)  # WORKDIR/tokenizer/merges.txt, as the trainer
@@ -268,3 +268,38 @@ def test_unrolled_sampling_params_give_the_scanned_model(workdirs, pipe):
     b = DalleTransformer(pipe.cfg).apply({"params": pipe.params}, stream, heads="image")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert float(np.abs(a).max()) > 0.1
+
+
+def _drop_legacy_masks_key(wd, value=None):
+    """config.json as older versions wrote it (no model.legacy_masks), or with `value` set."""
+    path = os.path.join(wd, "config.json")
+    config = json.load(open(path))
+    config["model"].pop("legacy_masks", None)
+    if value is not None:
+        config["model"]["legacy_masks"] = value
+    json.dump(config, open(path, "w"))
+
+
+def test_old_sparse_workdir_is_refused_until_marked_legacy(workdirs, tmp_path, capsys):
+    import shutil
+    from core_jax.config import ConfigError
+    old = str(tmp_path / "old")
+    _dalle_workdir(old, str(workdirs["root"] / "dvae"), pattern="row,column,conv")
+    _drop_legacy_masks_key(old)
+    fix = f'add "legacy_masks": true to the "model" section of {old}/config.json'
+    with pytest.raises(ConfigError, match=f"^{old}/config.json has no model.legacy_masks") as e:
+        Pipeline.load(old)
+    assert fix in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # generate (and evaluate_fidelity) go through Pipeline.load
+        generate.main(["--workdir", old, "--prompt", PROMPT, "--out_dir", str(tmp_path / "out"),
+                       "--mesh", "none"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and fix in err and len(err.splitlines()) == 1, err
+    _drop_legacy_masks_key(old, True)  # the fix: the recorded config decides the masks
+    assert Pipeline.load(old).cfg.legacy_masks
+    _drop_legacy_masks_key(old, False)
+    assert not Pipeline.load(old).cfg.legacy_masks
+    full = str(tmp_path / "full")  # a 'full' model recorded without the key: loads as it is
+    shutil.copytree(workdirs["dalle"], full)
+    _drop_legacy_masks_key(full)
+    assert Pipeline.load(full).cfg.layer_kinds == ("full",)
