@@ -268,3 +268,45 @@ def test_unrolled_sampling_params_give_the_scanned_model(workdirs, pipe):
     b = DalleTransformer(pipe.cfg).apply({"params": pipe.params}, stream, heads="image")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     assert float(np.abs(a).max()) > 0.1
+
+
+@pytest.fixture(scope="module")
+def no_dropout_workdir(workdirs):
+    """The same model, its config.json saying it was trained without caption dropout."""
+    import shutil
+    wd = str(workdirs["root"] / "dalle_no_dropout")
+    shutil.copytree(workdirs["dalle"], wd)
+    path = os.path.join(wd, "config.json")
+    config = json.load(open(path))
+    config["model"]["caption_dropout"] = 0.0
+    json.dump(config, open(path, "w"))
+    return wd
+
+
+def test_guidance_refused_on_a_model_trained_without_caption_dropout(no_dropout_workdir, tmp_path,
+                                                                     capsys):
+    from core_jax.config import ConfigError
+    args = ["--workdir", no_dropout_workdir, "--prompt", PROMPT, "--num_samples", str(N),
+            "--seed", "0", "--batch_size", "8", "--mesh", "none"]
+    with pytest.raises(SystemExit) as e:
+        generate.main(args + ["--out_dir", str(tmp_path / "a"), "--cond_scale", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "caption_dropout=0" in err and "--force_guidance" in err
+    with pytest.raises(SystemExit) as e:
+        evaluate_fidelity.main(["--workdir", no_dropout_workdir, "--num_prompts", "2",
+                                "--num_samples", "1", "--out", str(tmp_path / "f.json")])  # s=3
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "caption_dropout=0" in err, err
+    assert not (tmp_path / "f.json").exists()
+    # s = 1 needs no unconditional stream; --force_guidance is the user's explicit choice.
+    generate.main(args + ["--out_dir", str(tmp_path / "b")])
+    generate.main(args + ["--out_dir", str(tmp_path / "c"), "--cond_scale", "3", "--force_guidance"])
+    assert len(np.load(tmp_path / "c" / "tokens.npy")) == N
+    # The Python API: the same check, the same opt-in.
+    pipe = Pipeline.load(no_dropout_workdir)
+    with pytest.raises(ConfigError, match="caption_dropout=0"):
+        pipe.generate([PROMPT], N, seed=0, batch_size=8, cond_scale=3.0)
+    forced = pipe.generate([PROMPT], N, seed=0, batch_size=8, cond_scale=3.0, force_guidance=True)
+    np.testing.assert_array_equal(forced[0], np.load(tmp_path / "c" / "tokens.npy"))
+    assert pipe.generate([PROMPT], N, seed=0, batch_size=8).shape == (1, N, GRID * GRID)
