@@ -92,7 +92,11 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     """`vit_config(name)` trained as in the paper, on webdataset shards (configs/clip_vit_*.py)."""
     c = vit_config(name)
     c.data.source = "webdataset"
-    c.data.random_crop = False
+    # "A random square crop from resized images is the only data augmentation used during
+    # training" (Radford et al. 2021, section 2.5): the shorter side resized to the model's size,
+    # then a square crop at a random offset (image_ops.resize_and_crop); no flips.
+    c.data.random_crop = True
+    c.data.random_flip = False
     c.data.num_workers = POD_HOST_WORKERS  # JPEG decoding in worker threads
     c.batch_size = 32768
     c.total_steps = 32 * 400_000_000 // 32768

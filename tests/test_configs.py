@@ -114,3 +114,33 @@ def test_trainer_warns_at_startup(tmp_path):
     logged.clear()
     trainer.train(config, str(tmp_path / "w32"), make_toy_task(config), log_fn=logged.append)
     assert not [l for l in logged if "replicated" in l], logged
+
+
+@pytest.mark.parametrize("name", ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14"])
+def test_clip_paper_configs_random_square_crop_only(name):
+    """Radford et al. 2021, section 2.5: "A random square crop from resized images is the only data
+    augmentation used during training". Eval keeps the centre crop."""
+    import numpy as np
+    from clip_jax.task import make_example_fns
+
+    config = load_config(name)
+    assert config.data.random_crop and not config.data.random_flip
+
+    class Tokenizer:
+        def encode(self, texts):
+            return np.zeros((len(texts), 77), np.int32)
+
+    train_fn, eval_fn = make_example_fns(config, Tokenizer())
+    size = int(config.model.image_size)
+    # A 2:1 image whose columns are numbered: the crop's offset is its first column's value.
+    wide = np.broadcast_to(np.arange(2 * size, dtype=np.uint8)[None, :, None], (size, 2 * size, 3))
+    raw = {"image": np.ascontiguousarray(wide), "caption": "a cat"}
+    mean, std = 0.48145466 * 255, 0.26862954 * 255  # undo CLIP's red-channel normalisation
+
+    def offset(example):
+        assert example["image"].shape == (size, size, 3)
+        return round(float(example["image"][0, 0, 0]) * std + mean)
+
+    offsets = {offset(train_fn(raw, np.random.default_rng(i))) for i in range(8)}
+    assert len(offsets) > 4 and offsets <= set(range(size + 1))
+    assert offset(eval_fn(raw, np.random.default_rng(0))) == size // 2
