@@ -52,7 +52,9 @@ def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZ
         vocab_size=vocab_size,  # embedding rows; must be >= the tokenizer's vocabulary
         context_length=context_length,
         pad_mode="zeros",
-        train_source="shapes",  # captions for a trained BPE: 'shapes' or a one-caption-per-line file
+        # captions for a trained BPE: 'shapes', a one-caption-per-line file, or '' = 'shapes' when
+        # data.source is 'shapes' (any other source must name its captions or a merges file)
+        train_source="",
     ))
 
 

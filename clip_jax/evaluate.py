@@ -223,7 +223,8 @@ class ParamsEncoder:
         self.image_size = int(self.spec.image_size)
         if tokenizer is None:
             from core_jax.text import tokenizer_from_config
-            tokenizer = tokenizer_from_config(config.text, workdir)
+            tokenizer = tokenizer_from_config(config.text, workdir,
+                                              data_source=config.get("data", {}).get("source"))
         self.tokenizer = tokenizer
         mesh = _mesh_of(params)
         if mesh is None:

@@ -24,7 +24,7 @@ EVALUATORS = {
 
 def make_tokenizer(config, workdir: str | None):
     from core_jax.text import tokenizer_from_config
-    tokenizer = tokenizer_from_config(config.text, workdir)
+    tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
     if tokenizer.vocab_size > int(config.text.vocab_size):
         raise ConfigError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens but "
                           f"config.text.vocab_size={config.text.vocab_size}; raise text.vocab_size")

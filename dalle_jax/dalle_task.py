@@ -50,7 +50,7 @@ def dalle_config():
         vocab_size=512,            # requested BPE size (the shapes captions give fewer tokens)
         context_length=16,         # must equal model.text_len
         pad_mode="per_position",
-        train_source="shapes",
+        train_source="",           # '' = the shapes captions, allowed only with data.source='shapes'
     ))
     c.dvae_workdir = ""            # the dVAE that turns images into tokens (on-the-fly encoding)
     return c
@@ -274,7 +274,7 @@ def make_task(config, workdir: str | None = None):
     abstract_only = workdir is None and int(config.model.text_vocab_size) > 0
     tokenizer = None
     if not abstract_only:  # core_jax.aot needs shapes only: no tokenizer, no dVAE
-        tokenizer = tokenizer_from_config(config.text, workdir)
+        tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
         resolve_text_vocab(config, tokenizer)
     try:
         cfg = model_lib.DalleConfig.from_config(config)

@@ -144,3 +144,14 @@ def test_clip_paper_configs_random_square_crop_only(name):
     offsets = {offset(train_fn(raw, np.random.default_rng(i))) for i in range(8)}
     assert len(offsets) > 4 and offsets <= set(range(size + 1))
     assert offset(eval_fn(raw, np.random.default_rng(0))) == size // 2
+
+
+def test_dalle_paper_never_trains_its_tokenizer_on_shapes_captions(tmp_path):
+    from core_jax.config import ConfigError
+    config = load_config("dalle_paper")
+    assert config.data.source != "shapes" and config.text.merges_file == ""
+    task_module = aot.load_task_module(config)
+    with pytest.raises(ConfigError, match="text.merges_file .*text.train_source") as e:
+        task_module.make_task(config, str(tmp_path / "wd"))
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "wd" / "tokenizer").exists()

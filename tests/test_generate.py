@@ -38,7 +38,7 @@ def _dalle_workdir(wd, dvae_wd):
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, 1, 32
     c.data.image_size = SIZE
     c.dvae_workdir = dvae_wd
-    tokenizer = tokenizer_from_config(c.text, wd)  # WORKDIR/tokenizer/merges.txt, as the trainer
+    tokenizer = tokenizer_from_config(c.text, wd, data_source=c.data.source)  # as the trainer
     resolve_text_vocab(c, tokenizer)
     cfg = DalleConfig.from_config(c)
     save_params(wd, c, random_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), 2, 0.5))
@@ -55,7 +55,7 @@ def _clip_workdir(wd):
     c = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16))
     module = clip_model.clip_from_config(c)
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
-    tokenizer_from_config(c.text, wd)
+    tokenizer_from_config(c.text, wd, data_source=c.data.source)
     save_params(wd, c, random_params(abstract, 3, 0.2))
 
 
