@@ -55,6 +55,7 @@ def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZ
         # captions for a trained BPE: 'shapes', a one-caption-per-line file, or '' = 'shapes' when
         # data.source is 'shapes' (any other source must name its captions or a merges file)
         train_source="",
+        bpe_dropout=0.0,  # BPE dropout on training captions only; 0 = off
     ))
 
 

@@ -36,7 +36,9 @@ def make_tokenizer(config, workdir: str | None):
 
 def make_example_fns(config, tokenizer):
     """(train example_fn, eval example_fn): uint8 image -> CLIP-normalised float32, caption -> ids."""
+    from core_jax.text import training_tokenizer
     size = int(config.model.image_size)
+    tokenizers = {True: training_tokenizer(tokenizer, config.text), False: tokenizer}
 
     def example_fn(raw, rng, train=True):
         image = image_ops.resize_and_crop(raw["image"], size,
@@ -47,7 +49,7 @@ def make_example_fns(config, tokenizer):
         captions = raw.get("captions") or [raw["caption"]]
         caption = captions[int(rng.integers(len(captions)))] if train else raw["caption"]
         return {"image": image_ops.clip_normalize(np.ascontiguousarray(image)),
-                "text": tokenizer.encode([caption])[0]}
+                "text": tokenizers[train].encode([caption])[0]}
 
     return example_fn, lambda raw, rng: example_fn(raw, rng, train=False)
 

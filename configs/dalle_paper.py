@@ -6,8 +6,14 @@ convolutional mask in the last layer; loss 1/8 text + 7/8 image. Optimiser as in
 appendix B.2: AdamW (0.9, 0.96, eps 1e-8), weight decay 4.5e-2, gradient clip 4, lr warmed up to
 4.5e-4 over 5000 updates, 430k updates at batch 1024 (we decay the lr with a cosine to 1/32 of
 the peak instead of the paper's five halvings on plateau).
-The paper used no caption dropout; set model.caption_dropout > 0 to train for guidance.
-Point `text.merges_file`, `dvae_workdir` and `data` at your files.
+Captions: lowercased, BPE with a 16384-token vocabulary and BPE dropout 0.1 on training captions
+(the paper's section 2.2 and appendix B.2; `text.bpe_dropout`).
+The paper used no caption dropout; set model.caption_dropout > 0 to train for guidance
+(`generate --cond_scale` refuses a model trained without it).
+Point `dvae_workdir` and `data` at your files, and the tokenizer at your captions: `text.merges_file`
+(a merges file, e.g. from `python -m core_jax.text.train_bpe --captions_file F --vocab_size 16384`)
+or `text.train_source=F` (trained into the workdir). Left as they are, the run stops with an error
+instead of training a tokenizer on the shapes captions.
 """
 from core_jax.config import lock
 from core_jax.data.config import POD_HOST_WORKERS
@@ -20,6 +26,7 @@ def get_config(arg=None):
     m.text_len = c.text.context_length = 256
     m.text_vocab_size = 16384
     c.text.vocab_size = 16384
+    c.text.bpe_dropout = 0.1  # on training captions (section 2.2 / appendix B.2 of the paper)
     m.image_grid, m.image_vocab_size = 32, 8192
     m.d_model, m.num_heads, m.head_dim, m.num_layers = 3968, 62, 64, 64
     m.mlp_dim = 4 * 3968

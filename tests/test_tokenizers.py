@@ -336,3 +336,49 @@ def test_real_clip_ids():
                                   276, 260, 49407]
   long = tok.encode(['cat ' * 100])[0]
   assert long[0] == 49406 and long[-1] == 49407 and (long[1:-1] == 2368).all()
+
+
+def test_bpe_dropout_only_where_asked(shapes_merges):
+  """BPE dropout (text.bpe_dropout; the DALL-E paper's 0.1) splits words into smaller pieces of
+  the same vocabulary at random. HF's RNG is not seedable, so this is checked statistically: with
+  dropout the pieces vary over encodings and still decode to the caption; without, they never do."""
+  from core_jax.config import ConfigError
+  from core_jax.text import training_tokenizer
+  caption = 'a purple triangle to the left of a yellow circle'
+  plain = BPETokenizer.from_merges(shapes_merges, context_length=32, pad_mode='per_position')
+  assert len({tuple(plain.encode([caption])[0]) for _ in range(50)}) == 1
+  assert training_tokenizer(plain, dict(bpe_dropout=0.0)) is plain
+  dropped = training_tokenizer(plain, ml_collections.ConfigDict(dict(bpe_dropout=0.3)))
+  assert dropped.dropout == 0.3 and plain.dropout == 0.0  # the eval tokenizer is unchanged
+  encodings = [dropped.encode([caption])[0] for _ in range(50)]
+  assert len({tuple(e) for e in encodings}) > 10
+  reference = plain.tokenize([caption])[0]
+  assert all(len(dropped.tokenize([caption])[0]) >= len(reference) for _ in range(20))
+  assert max(len(dropped.tokenize([caption])[0]) for _ in range(20)) > len(reference)
+  assert all(dropped.decode(e) == caption for e in encodings)
+  assert all(e.max() < dropped.total_vocab_size for e in encodings)
+  assert pickle.loads(pickle.dumps(dropped)).dropout == 0.3  # data workers keep it
+  with pytest.raises(ConfigError, match='text.bpe_dropout must be in'):
+    training_tokenizer(plain, dict(bpe_dropout=1.0))
+
+
+def test_dalle_bpe_dropout_on_training_captions_only(shapes_merges):
+  import numpy as np
+  from configs.dalle_paper import get_config as paper_config
+  from configs.dalle_shapes import get_config
+  from dalle_jax import dalle_task
+  from dalle_jax.transformer import DalleConfig
+  assert paper_config().text.bpe_dropout == 0.1 and get_config().text.bpe_dropout == 0.0
+  config = get_config()
+  config.model.caption_dropout = 0.0
+  config.text.bpe_dropout = 0.3
+  tokenizer = BPETokenizer.from_merges(shapes_merges, context_length=16, pad_mode='per_position')
+  dalle_task.resolve_text_vocab(config, tokenizer)
+  cfg = DalleConfig.from_config(config)
+  raw = {'caption': 'a purple triangle to the left of a yellow circle',
+         'image_tokens': np.zeros(cfg.num_image_tokens, np.int32)}
+  texts = {}
+  for train in (True, False):
+    fn = dalle_task.make_example_fn(config, cfg, tokenizer, None, train=train)
+    texts[train] = {tuple(fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  assert len(texts[True]) > 5 and texts[False] == {tuple(tokenizer.encode([raw['caption']])[0])}

@@ -132,7 +132,8 @@ class BPETokenizer:
   """CLIP-format byte-level BPE tokenizer producing fixed-length int32 id arrays."""
 
   def __init__(self, merges: Sequence[tuple[str, str]], eow_chars: str | None = None,
-               context_length: int = 77, pad_mode: str = 'zeros', path: str | None = None):
+               context_length: int = 77, pad_mode: str = 'zeros', path: str | None = None,
+               dropout: float = 0.0):
     if pad_mode not in PAD_MODES:
       raise ValueError(f'pad_mode must be one of {PAD_MODES}, got {pad_mode!r}')
     min_length = 2 if pad_mode == 'zeros' else 1
@@ -160,7 +161,12 @@ class BPETokenizer:
     for c in byte_chars:
       vocab.setdefault(c + EOW, vocab[c])
 
-    model = models.BPE(vocab=vocab, merges=list(merges), end_of_word_suffix=EOW)
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'BPE dropout must be in [0, 1), got {dropout}')
+    # BPE dropout (Provilkov et al. 2020): each merge is skipped with probability `dropout`, so a
+    # word may come out in smaller pieces. HF draws from its own thread RNG: not seedable.
+    model = models.BPE(vocab=vocab, merges=list(merges), end_of_word_suffix=EOW,
+                       dropout=float(dropout) if dropout > 0 else None)
     self._tok = Tokenizer(model)
     self._tok.pre_tokenizer = _pre_tokenizer()
     # Special tokens typed in a caption become the special ids, as in OpenAI's and HF's CLIP.
@@ -178,6 +184,7 @@ class BPETokenizer:
     self.end_id = vocab[END_TOKEN]
     self.context_length = context_length
     self.pad_mode = pad_mode
+    self.dropout = float(dropout)
 
   @classmethod
   def from_merges(cls, path: str, context_length: int = 77, pad_mode: str = 'zeros',
@@ -187,6 +194,14 @@ class BPETokenizer:
       raise FileNotFoundError(f'BPE merges file not found: {path}')
     merges, eow_chars = read_merges(path, max_merges)
     return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
+
+  def with_dropout(self, dropout: float) -> 'BPETokenizer':
+    """The same vocabulary with BPE dropout, for encoding training captions only (the ids of
+    every piece exist already; eval and sampling keep the deterministic tokenizer)."""
+    if float(dropout) == self.dropout:
+      return self
+    return BPETokenizer(self.merges, self.eow_chars, self.context_length, self.pad_mode,
+                        self.path, dropout=float(dropout))
 
   @property
   def total_vocab_size(self) -> int:
@@ -238,14 +253,15 @@ class BPETokenizer:
   # pickling (data workers) rebuilds from the merges instead.
   def __getstate__(self):
     return dict(merges=self.merges, eow_chars=self.eow_chars, context_length=self.context_length,
-                pad_mode=self.pad_mode, path=self.path)
+                pad_mode=self.pad_mode, path=self.path, dropout=self.dropout)
 
   def __setstate__(self, state):
     self.__init__(**state)
 
   def __repr__(self):
     return (f'BPETokenizer(path={self.path!r}, vocab_size={self.vocab_size}, '
-            f'context_length={self.context_length}, pad_mode={self.pad_mode!r})')
+            f'context_length={self.context_length}, pad_mode={self.pad_mode!r}'
+            + (f', dropout={self.dropout}' if self.dropout else '') + ')')
 
 
 def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *,
@@ -299,6 +315,18 @@ def load_captions(source: str) -> list[str]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f'captions file not found: {path}')
   return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
+  """The tokenizer for training captions: `tokenizer` with `text_config.bpe_dropout` (absent or 0 =
+  `tokenizer` itself). Never for eval, generation or zero-shot prompts."""
+  from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  get = text_config.get if hasattr(text_config, 'get') else lambda k, d=None: getattr(
+      text_config, k, d)
+  dropout = float(get('bpe_dropout', 0.0) or 0.0)
+  if not 0.0 <= dropout < 1.0:
+    raise ConfigError(f'config.text.bpe_dropout must be in [0, 1), got {dropout}')
+  return tokenizer.with_dropout(dropout)
 
 
 def _trained_source(source: str) -> str:
