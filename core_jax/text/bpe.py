@@ -326,7 +326,7 @@ def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
   dropout = float(get('bpe_dropout', 0.0) or 0.0)
   if not 0.0 <= dropout < 1.0:
     raise ConfigError(f'config.text.bpe_dropout must be in [0, 1), got {dropout}')
-  return tokenizer.with_dropout(dropout)
+  return tokenizer.with_dropout(dropout) if dropout else tokenizer
 
 
 def _trained_source(source: str) -> str:
