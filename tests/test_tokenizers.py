@@ -382,3 +382,19 @@ def test_dalle_bpe_dropout_on_training_captions_only(shapes_merges):
     fn = dalle_task.make_example_fn(config, cfg, tokenizer, None, train=train)
     texts[train] = {tuple(fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
   assert len(texts[True]) > 5 and texts[False] == {tuple(tokenizer.encode([raw['caption']])[0])}
+
+
+def test_clip_bpe_dropout_on_training_captions_only(shapes_merges):
+  import numpy as np
+  from clip_jax.task import make_example_fns
+  from configs.clip_shapes import get_config
+  config = get_config()
+  assert config.text.bpe_dropout == 0.0
+  config.text.bpe_dropout = 0.3
+  tokenizer = BPETokenizer.from_merges(shapes_merges, context_length=16)
+  train_fn, eval_fn = make_example_fns(config, tokenizer)
+  raw = shapes.make_example('train', 0)
+  raw = {'image': raw['image'], 'caption': 'a purple triangle to the left of a yellow circle'}
+  train = {tuple(train_fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  held = {tuple(eval_fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  assert len(train) > 5 and held == {tuple(tokenizer.encode([raw['caption']])[0])}
