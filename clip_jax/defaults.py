@@ -52,7 +52,10 @@ def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZ
         vocab_size=vocab_size,  # embedding rows; must be >= the tokenizer's vocabulary
         context_length=context_length,
         pad_mode="zeros",
-        train_source="shapes",  # captions for a trained BPE: 'shapes' or a one-caption-per-line file
+        # captions for a trained BPE: 'shapes', a one-caption-per-line file, or '' = 'shapes' when
+        # data.source is 'shapes' (any other source must name its captions or a merges file)
+        train_source="",
+        bpe_dropout=0.0,  # BPE dropout on training captions only; 0 = off
     ))
 
 
@@ -92,7 +95,11 @@ def paper_config(name: str) -> ml_collections.ConfigDict:
     """`vit_config(name)` trained as in the paper, on webdataset shards (configs/clip_vit_*.py)."""
     c = vit_config(name)
     c.data.source = "webdataset"
-    c.data.random_crop = False
+    # "A random square crop from resized images is the only data augmentation used during
+    # training" (Radford et al. 2021, section 2.5): the shorter side resized to the model's size,
+    # then a square crop at a random offset (image_ops.resize_and_crop); no flips.
+    c.data.random_crop = True
+    c.data.random_flip = False
     c.data.num_workers = POD_HOST_WORKERS  # JPEG decoding in worker threads
     c.batch_size = 32768
     c.total_steps = 32 * 400_000_000 // 32768

@@ -37,7 +37,7 @@ def eval_config(evaluators: str = "") -> ml_collections.ConfigDict:
     # '' = from the dataset (shapes names; TFDS label names; ImageNet's WordNet ids become the
     # shipped cleaned names); 'imagenet' = the shipped list; else a file with one name per line.
     c.classnames = ""
-    # '' = default for the source (shapes: 'shapes'; tfds: 'subset7');
+    # '' = default for the source (shapes: 'shapes'; tfds: 'openai80', the CLIP paper's 80);
     # 'openai80' | 'subset7' | 'shapes' | 'photo' | a file with one template ('{}') per line.
     c.templates = ""
     c.retrieval_split = ""  # split of config.data with captions; '' = no retrieval
@@ -223,7 +223,8 @@ class ParamsEncoder:
         self.image_size = int(self.spec.image_size)
         if tokenizer is None:
             from core_jax.text import tokenizer_from_config
-            tokenizer = tokenizer_from_config(config.text, workdir)
+            tokenizer = tokenizer_from_config(config.text, workdir,
+                                              data_source=config.get("data", {}).get("source"))
         self.tokenizer = tokenizer
         mesh = _mesh_of(params)
         if mesh is None:

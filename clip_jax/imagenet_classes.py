@@ -184,7 +184,8 @@ IMAGENET_CLASSNAMES = (
     'toilet paper',
 )
 
-# The 80 templates of the CLIP paper's ImageNet ensemble.
+# The 80 templates of the CLIP paper's ImageNet ensemble (Radford et al. 2021, section 3.1.4; the
+# notebook's `imagenet_templates`, in its order): the zero-shot default for TFDS sources.
 OPENAI_TEMPLATES = (
     'a bad photo of a {}.',
     'a photo of many {}.',

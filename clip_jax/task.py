@@ -24,7 +24,7 @@ EVALUATORS = {
 
 def make_tokenizer(config, workdir: str | None):
     from core_jax.text import tokenizer_from_config
-    tokenizer = tokenizer_from_config(config.text, workdir)
+    tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
     if tokenizer.vocab_size > int(config.text.vocab_size):
         raise ConfigError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens but "
                           f"config.text.vocab_size={config.text.vocab_size}; raise text.vocab_size")
@@ -36,8 +36,10 @@ def make_tokenizer(config, workdir: str | None):
 
 def make_example_fns(config, tokenizer):
     """(train example_fn, eval example_fn): uint8 image -> CLIP-normalised float32, caption -> ids."""
+    from core_jax.text import training_tokenizer
     size = int(config.model.image_size)
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
+    tokenizers = {True: training_tokenizer(tokenizer, config.text), False: tokenizer}
 
     def example_fn(raw, rng, train=True):
         image = image_ops.resize_and_crop(raw["image"], size,
@@ -49,7 +51,7 @@ def make_example_fns(config, tokenizer):
         captions = raw.get("captions") or [raw["caption"]]
         caption = captions[int(rng.integers(len(captions)))] if train else raw["caption"]
         return {"image": image_ops.clip_normalize(np.ascontiguousarray(image)),
-                "text": tokenizer.encode([caption])[0]}
+                "text": tokenizers[train].encode([caption])[0]}
 
     return example_fn, lambda raw, rng: example_fn(raw, rng, train=False)
 

@@ -191,7 +191,6 @@ def build_grads_fn(task: Task, config):
     check_accumulation(task, config)
     accum = int(config.grad_accum_steps)
     frozen = finetune.frozen_prefixes(config)
-    ema_decay = ema_decay_schedule(config)
 
     def grads_fn(params, batch, rng, step):
         if accum == 1:
@@ -208,6 +207,7 @@ def build_grads_fn(task: Task, config):
 def build_train_step(task: Task, tx, schedule, config):
     base_rng = jax.random.key(config.seed)
     grads_fn = build_grads_fn(task, config)
+    ema_decay = ema_decay_schedule(config)
 
     def step_fn(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)

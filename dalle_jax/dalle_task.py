@@ -53,7 +53,8 @@ def dalle_config():
         vocab_size=512,            # requested BPE size (the shapes captions give fewer tokens)
         context_length=16,         # must equal model.text_len
         pad_mode="per_position",
-        train_source="shapes",
+        train_source="",           # '' = the shapes captions, allowed only with data.source='shapes'
+        bpe_dropout=0.0,           # training captions only (the DALL-E paper: 0.1)
     ))
     c.dvae_workdir = ""            # the dVAE that turns images into tokens (on-the-fly encoding)
     return c
@@ -108,6 +109,9 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
     # No random flips: captions name left and right ("a circle to the left of ...").
 
     dropout = caption_dropout(config.model) if train else 0.0
+    if train and tokenizer is not None:
+        from core_jax.text import training_tokenizer
+        tokenizer = training_tokenizer(tokenizer, config.text)  # text.bpe_dropout
     pads = np.asarray(model_lib.unconditional_text(cfg, 1), np.int32)[0]
 
     def example_fn(raw, rng):
@@ -316,7 +320,7 @@ def make_task(config, workdir: str | None = None):
     abstract_only = workdir is None and int(config.model.text_vocab_size) > 0
     tokenizer = None
     if not abstract_only:  # core_jax.aot needs shapes only: no tokenizer, no dVAE
-        tokenizer = tokenizer_from_config(config.text, workdir)
+        tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
         resolve_text_vocab(config, tokenizer)
     try:
         cfg = model_lib.DalleConfig.from_config(config)

@@ -211,6 +211,8 @@ def main(argv=None, *, pipeline=None, clip=None):
     p.add_argument("--num_prompts", type=int, default=200)
     p.add_argument("--num_samples", type=int, default=16)
     p.add_argument("--cond_scale", type=float, default=3.0)
+    p.add_argument("--force_guidance", action="store_true",
+                   help="allow --cond_scale != 1 on a model trained without caption dropout")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=0)
     p.add_argument("--top_p", type=float, default=1.0)
@@ -240,7 +242,10 @@ def main(argv=None, *, pipeline=None, clip=None):
             path = getattr(args, name)
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
-        from dalle_jax.pipeline import Pipeline, default_mesh
+        from core_jax.checkpoint import read_config
+        from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
+        check_guidance(pipeline.config if pipeline else read_config(args.workdir), args.cond_scale,
+                       args.force_guidance)
         pipe = pipeline or Pipeline.load(args.workdir, dvae_workdir=args.dvae_workdir,
                                          raw_weights=args.raw_weights,
                                          mesh=default_mesh("auto"))
@@ -259,7 +264,7 @@ def main(argv=None, *, pipeline=None, clip=None):
     report = evaluate(pipe, captions, num_samples=args.num_samples, cond_scale=args.cond_scale,
                       clip=clip, seed=args.seed, batch_size=args.batch_size, workers=args.workers,
                       log=log, images_dir=args.images_dir, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p)
+                      top_k=args.top_k, top_p=args.top_p, force_guidance=args.force_guidance)
     if args.dvae_ceiling:
         report["dvae_ceiling"] = dvae_ceiling(pipe, args.split, args.num_prompts, args.seed,
                                               args.batch_size, args.workers)

@@ -14,6 +14,8 @@ Editing (all with --image PNG, token-grid units; the prompt conditions the new t
   --inpaint_box top,left,h,w        regenerate only the tokens inside the rectangle
   --variations [--rows_kept N]      variations of the image (keeps a quarter of the rows by
                                     default; the prompt is optional: none = unconditional)
+--cond_scale != 1 needs a model trained with caption dropout (model.caption_dropout > 0 in its
+config.json); --force_guidance guides anyway.
 Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
@@ -45,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip_workdir", default=None, help="CLIP workdir for reranking")
     p.add_argument("--cond_scale", type=float, default=1.0,
                    help="classifier-free guidance scale; 1 = none (conditional sampling)")
+    p.add_argument("--force_guidance", action="store_true",
+                   help="allow --cond_scale != 1 on a model trained without caption dropout")
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
@@ -188,8 +192,12 @@ def main(argv=None, *, pipeline=None, clip=None):
 
     from core_jax.config import ConfigError
     from dalle_jax import sampling
-    from dalle_jax.pipeline import Pipeline, default_mesh
+    from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
     try:
+        from core_jax.checkpoint import read_config
+        # Before loading: a refused guidance scale should not cost a model load first.
+        check_guidance(pipeline.config if pipeline else read_config(args.workdir), args.cond_scale,
+                       args.force_guidance)
         pipe = pipeline or Pipeline.load(args.workdir, step=args.step, dvae_workdir=args.dvae_workdir,
                                          raw_weights=args.raw_weights,
                                          mesh=default_mesh(args.mesh))
@@ -207,7 +215,8 @@ def main(argv=None, *, pipeline=None, clip=None):
             known = sampling.completion_mask(pipe.grid, rows)
         sample_kwargs = dict(seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
                              top_k=args.top_k, top_p=args.top_p,
-                             cond_scale=None if args.cond_scale == 1.0 else args.cond_scale)
+                             cond_scale=None if args.cond_scale == 1.0 else args.cond_scale,
+                             force_guidance=args.force_guidance)
         image_tokens = pipe.encode_images(source[None])[0] if source is not None else None
         start = time.perf_counter()
         tokens = pipe.generate(prompts, args.num_samples, image_tokens=image_tokens,

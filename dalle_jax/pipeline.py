@@ -42,6 +42,24 @@ def load_tokenizer(config, workdir: str):
     return tokenizer
 
 
+def check_guidance(config, cond_scale, force: bool = False) -> None:
+    """Classifier-free guidance contrasts each caption with the all-pad caption, which a model only
+    learns as "no caption" when training dropped captions (model.caption_dropout > 0). Guidance on a
+    model trained without it extrapolates from an input it never saw: refused unless `force`.
+    config.json has recorded caption_dropout since the DALL-E task existed; a config without the
+    key (not written by this trainer) is refused the same way."""
+    if cond_scale is None or float(cond_scale) == 1.0 or force:
+        return
+    from core_jax.config import ConfigError
+    dropout = config.get("model", {}).get("caption_dropout", None)
+    if dropout is None or float(dropout) <= 0:
+        said = "does not record model.caption_dropout" if dropout is None else \
+            f"has model.caption_dropout={float(dropout):g}"
+        raise ConfigError(f"cond_scale={float(cond_scale):g} needs a model trained with caption "
+                          f"dropout but its config.json {said}; sample with cond_scale 1, or pass "
+                          f"--force_guidance (force_guidance=True) to guide anyway")
+
+
 def _param_shardings(cfg: DalleConfig, mesh):
     import flax.linen as nn
     from core_jax import sharding
@@ -151,12 +169,14 @@ class Pipeline:
     def sample_rows(self, text: np.ndarray, *, seed: int = 0, batch_size: int = 64,
                     prefix_tokens: np.ndarray | None = None, known_mask: np.ndarray | None = None,
                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    cond_scale: float | None = None) -> np.ndarray:
+                    cond_scale: float | None = None, force_guidance: bool = False) -> np.ndarray:
         """int32 [R, n_image]: one sample per text row (int [R, text_len]).
 
         prefix_tokens [R, n] with known_mask [n] (True = keep) turns on completion / inpainting.
         cond_scale None = conditional sampling; s = classifier-free guidance (2 streams per row in
-        one forward per step)."""
+        one forward per step), refused on a model trained without caption dropout unless
+        `force_guidance` (see `check_guidance`)."""
+        check_guidance(self.config, cond_scale, force_guidance)
         text = np.asarray(text, np.int32)
         rows = len(text)
         if rows == 0:

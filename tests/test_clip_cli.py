@@ -41,9 +41,10 @@ def workdir(tmp_path_factory):
     rng = np.random.default_rng(0)
     params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32),
                           nn.meta.unbox(abstract))
-    tokenizer_from_config(config.text, wd)  # trains the BPE into WORKDIR/tokenizer
+    source = config.data.source  # shapes: '' train_source means the shapes captions
+    tokenizer_from_config(config.text, wd, data_source=source)  # trains WORKDIR/tokenizer
     save_params(wd, config, params)
-    return wd, Reference(module, params, tokenizer_from_config(config.text, wd))
+    return wd, Reference(module, params, tokenizer_from_config(config.text, wd, data_source=source))
 
 
 class Reference:

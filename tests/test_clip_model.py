@@ -363,13 +363,19 @@ def test_make_task_preprocessing_and_hooks(tmp_path):
         config.data.image_size = 32
     with pytest.raises(ConfigError, match="image_size"):
         make_task(config, str(tmp_path))
+    vocab_size = config.text.vocab_size
     with config.unlocked():
         config.data.image_size = 64
         config.text.vocab_size = 100
     with pytest.raises(ConfigError, match="vocab_size"):
         make_task(config, str(tmp_path))
+    # The workdir's tokenizer was trained for the config's own vocab_size: other values are refused.
     with config.unlocked():
         config.text.vocab_size = 400
+    with pytest.raises(ConfigError, match="trained with vocab_size=386 on 'shapes'"):
+        make_task(config, str(tmp_path))
+    with config.unlocked():
+        config.text.vocab_size = vocab_size
         config.eval.evaluators = "zeroshot,nonsense"
     with pytest.raises(ConfigError, match="nonsense"):
         make_task(config, str(tmp_path))

@@ -215,6 +215,25 @@ def test_shapes_zeroshot_with_an_oracle_encoder_is_perfect():
     assert result == {"top1": 1.0, "top5": 1.0, "num_examples": n}
 
 
+def test_default_templates_imagenet_80_shapes_own():
+    """TFDS (ImageNet) zero-shot defaults to the paper's 80 (open_clip's OPENAI_IMAGENET_TEMPLATES,
+    the notebook's order); the 7 stay selectable; shapes keeps its position templates."""
+    from clip_jax.defaults import vit_config
+    e = ev.with_eval_defaults(_minimal_config()).eval
+    e.zeroshot_source = "tfds"
+    templates = zeroshot.resolve_templates(zeroshot.default_templates(e))
+    assert templates == list(OPENAI_TEMPLATES) and len(templates) == 80
+    assert templates[:2] == ["a bad photo of a {}.", "a photo of many {}."]
+    assert templates[-2:] == ["a photo of a small {}.", "a tattoo of the {}."]
+    assert zeroshot.default_templates(vit_config("ViT-B-32").eval) == "openai80"
+    e.templates = "subset7"
+    assert zeroshot.resolve_templates(zeroshot.default_templates(e)) == list(SUBSET7_TEMPLATES)
+    e.templates, e.zeroshot_source = "", "shapes"
+    assert zeroshot.resolve_templates(zeroshot.default_templates(e)) == [
+        f"a {{}} in the {p}" for p in ("top left", "top right", "bottom left", "bottom right",
+                                       "center")]
+
+
 def _minimal_config():
     import ml_collections
     return ml_collections.ConfigDict({"data": {"source": "shapes"}})

@@ -38,6 +38,8 @@ def _run(*args):
     (["--config.mesh.data=3"], "data*fsdp*tensor"),
     (["--config.data.index_file=/missing/index.csv"], "/missing/index.csv"),
     (["--config=configs/no_such_config.py"], "no_such_config.py"),
+    # The shapes config on other data would train its BPE on the shapes captions: refused.
+    (["--config.data.source=tfds"], "text.train_source"),
 ])
 def test_cli_config_errors_exit_2(tmp_path, args, message):
     r = _run("--workdir", str(tmp_path / "wd"), *args)

@@ -137,3 +137,44 @@ def test_dvae_openai_follows_the_paper_recipe():
         (0.0, 6.6, 5000, "cosine")
     assert (m.temperature_start, m.temperature_end, m.temperature_anneal_steps,
             m.temperature_schedule) == (1.0, 1 / 16, 150_000, "cosine")
+
+
+@pytest.mark.parametrize("name", ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14"])
+def test_clip_paper_configs_random_square_crop_only(name):
+    """Radford et al. 2021, section 2.5: "A random square crop from resized images is the only data
+    augmentation used during training". Eval keeps the centre crop."""
+    import numpy as np
+    from clip_jax.task import make_example_fns
+
+    config = load_config(name)
+    assert config.data.random_crop and not config.data.random_flip
+
+    class Tokenizer:
+        def encode(self, texts):
+            return np.zeros((len(texts), 77), np.int32)
+
+    train_fn, eval_fn = make_example_fns(config, Tokenizer())
+    size = int(config.model.image_size)
+    # A 2:1 image whose columns are numbered: the crop's offset is its first column's value.
+    wide = np.broadcast_to(np.arange(2 * size, dtype=np.uint8)[None, :, None], (size, 2 * size, 3))
+    raw = {"image": np.ascontiguousarray(wide), "caption": "a cat"}
+    mean, std = 0.48145466 * 255, 0.26862954 * 255  # undo CLIP's red-channel normalisation
+
+    def offset(example):
+        assert example["image"].shape == (size, size, 3)
+        return round(float(example["image"][0, 0, 0]) * std + mean)
+
+    offsets = {offset(train_fn(raw, np.random.default_rng(i))) for i in range(8)}
+    assert len(offsets) > 4 and offsets <= set(range(size + 1))
+    assert offset(eval_fn(raw, np.random.default_rng(0))) == size // 2
+
+
+def test_dalle_paper_never_trains_its_tokenizer_on_shapes_captions(tmp_path):
+    from core_jax.config import ConfigError
+    config = load_config("dalle_paper")
+    assert config.data.source != "shapes" and config.text.merges_file == ""
+    task_module = aot.load_task_module(config)
+    with pytest.raises(ConfigError, match="text.merges_file .*text.train_source") as e:
+        task_module.make_task(config, str(tmp_path / "wd"))
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "wd" / "tokenizer").exists()

@@ -38,7 +38,7 @@ def _dalle_workdir(wd, dvae_wd, pattern="full"):
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, len(pattern.split(",")), 32
     c.data.image_size = SIZE
     c.dvae_workdir = dvae_wd
-    tokenizer = tokenizer_from_config(c.text, wd)  # WORKDIR/tokenizer/merges.txt, as the trainer
+    tokenizer = tokenizer_from_config(c.text, wd, data_source=c.data.source)  # as the trainer
     resolve_text_vocab(c, tokenizer)
     cfg = DalleConfig.from_config(c)
     save_params(wd, c, random_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), 2, 0.5))
@@ -55,7 +55,7 @@ def _clip_workdir(wd):
     c = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16))
     module = clip_model.clip_from_config(c)
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
-    tokenizer_from_config(c.text, wd)
+    tokenizer_from_config(c.text, wd, data_source=c.data.source)
     save_params(wd, c, random_params(abstract, 3, 0.2))
 
 
@@ -303,3 +303,45 @@ def test_old_sparse_workdir_is_refused_until_marked_legacy(workdirs, tmp_path, c
     shutil.copytree(workdirs["dalle"], full)
     _drop_legacy_masks_key(full)
     assert Pipeline.load(full).cfg.layer_kinds == ("full",)
+
+
+@pytest.fixture(scope="module")
+def no_dropout_workdir(workdirs):
+    """The same model, its config.json saying it was trained without caption dropout."""
+    import shutil
+    wd = str(workdirs["root"] / "dalle_no_dropout")
+    shutil.copytree(workdirs["dalle"], wd)
+    path = os.path.join(wd, "config.json")
+    config = json.load(open(path))
+    config["model"]["caption_dropout"] = 0.0
+    json.dump(config, open(path, "w"))
+    return wd
+
+
+def test_guidance_refused_on_a_model_trained_without_caption_dropout(no_dropout_workdir, tmp_path,
+                                                                     capsys):
+    from core_jax.config import ConfigError
+    args = ["--workdir", no_dropout_workdir, "--prompt", PROMPT, "--num_samples", str(N),
+            "--seed", "0", "--batch_size", "8", "--mesh", "none"]
+    with pytest.raises(SystemExit) as e:
+        generate.main(args + ["--out_dir", str(tmp_path / "a"), "--cond_scale", "3"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("error: ") and "caption_dropout=0" in err and "--force_guidance" in err
+    with pytest.raises(SystemExit) as e:
+        evaluate_fidelity.main(["--workdir", no_dropout_workdir, "--num_prompts", "2",
+                                "--num_samples", "1", "--out", str(tmp_path / "f.json")])  # s=3
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "caption_dropout=0" in err, err
+    assert not (tmp_path / "f.json").exists()
+    # s = 1 needs no unconditional stream; --force_guidance is the user's explicit choice.
+    generate.main(args + ["--out_dir", str(tmp_path / "b")])
+    generate.main(args + ["--out_dir", str(tmp_path / "c"), "--cond_scale", "3", "--force_guidance"])
+    assert len(np.load(tmp_path / "c" / "tokens.npy")) == N
+    # The Python API: the same check, the same opt-in.
+    pipe = Pipeline.load(no_dropout_workdir)
+    with pytest.raises(ConfigError, match="caption_dropout=0"):
+        pipe.generate([PROMPT], N, seed=0, batch_size=8, cond_scale=3.0)
+    forced = pipe.generate([PROMPT], N, seed=0, batch_size=8, cond_scale=3.0, force_guidance=True)
+    np.testing.assert_array_equal(forced[0], np.load(tmp_path / "c" / "tokens.npy"))
+    assert pipe.generate([PROMPT], N, seed=0, batch_size=8).shape == (1, N, GRID * GRID)

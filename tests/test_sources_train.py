@@ -30,6 +30,7 @@ def common(c, **data):
 
 def clip_config(**data):
     c = common(load_config("clip_shapes"), **data)
+    c.text.train_source = "shapes"  # the files hold shapes captions: opt in to the shapes BPE
     c.model.image_size = c.data.image_size = 16
     # One vision block: the shapes config's colour stem must join at block 0 of it.
     c.model.update(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,

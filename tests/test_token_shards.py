@@ -122,6 +122,7 @@ def dalle_config(data_dir):
     config.eval_every = config.checkpoint_every = 2
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     config.data.source, config.data.data_dir = "tokens", data_dir
+    config.text.train_source = "shapes"  # the shards hold shapes captions
     return config
 
 

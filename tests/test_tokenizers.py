@@ -1,6 +1,7 @@
 """Tests for core_jax.text: CLIP-format BPE loading, encoding layouts, training, config."""
 
 import gzip
+import json
 import os
 import pickle
 import subprocess
@@ -229,11 +230,67 @@ def test_tokenizer_from_config_trains_once(tmp_path):
   assert tok.path == str(path) and tok.context_length == 8
   assert tok.total_vocab_size == tok.vocab_size + 8
   before = path.read_bytes()
-  config.vocab_size = 280  # an existing file wins: a resumed run keeps its ids
+  # An existing file is reused (a resumed run keeps its ids), not retrained.
   assert tokenizer_from_config(config, str(tmp_path / 'wd')).vocab_size == tok.vocab_size
   assert path.read_bytes() == before
   direct = tokenizer_from_config(dict(merges_file=str(path), context_length=8))
   assert direct.pad_mode == 'zeros' and direct.vocab_size == tok.vocab_size
+
+
+def test_workdir_tokenizer_checked_against_the_config(tmp_path):
+  """A merges file left in a workdir (by a failed run, say) is reused only when it was trained
+  from what the config asks for: its merges.json record, else the workdir's config.json."""
+  from core_jax.config import ConfigError
+  captions = tmp_path / 'caps.txt'
+  captions.write_text('a red cube\na blue ball\n' * 10, encoding='utf-8')
+  other = tmp_path / 'other.txt'
+  other.write_text('a green cone\n' * 10, encoding='utf-8')
+  config = ml_collections.ConfigDict(dict(merges_file='', context_length=8, vocab_size=300,
+                                          train_source=str(captions)))
+  wd = tmp_path / 'wd'
+  tokenizer_from_config(config, str(wd))
+  path = wd / 'tokenizer' / 'merges.txt'
+  before = path.read_bytes()
+  config.vocab_size = 280
+  with pytest.raises(ConfigError, match=r'trained with vocab_size=300 on .*caps.txt.* asks for '
+                     r'vocab_size=280') as e:
+    tokenizer_from_config(config, str(wd))
+  assert len(str(e.value).splitlines()) == 1 and 'delete' in str(e.value)
+  config.vocab_size, config.train_source = 300, str(other)
+  with pytest.raises(ConfigError, match='other.txt'):
+    tokenizer_from_config(config, str(wd))
+  assert path.read_bytes() == before  # never retrained behind the user's back
+  # Without a record (a workdir from before them), the workdir's config.json is the reference.
+  os.remove(wd / 'tokenizer' / 'merges.json')
+  (wd / 'config.json').write_text(json.dumps({'text': {'merges_file': '', 'vocab_size': 300,
+                                                       'train_source': str(other)}}))
+  assert tokenizer_from_config(config, str(wd)).vocab_size > 256
+  config.vocab_size = 290
+  with pytest.raises(ConfigError, match='trained with vocab_size=300'):
+    tokenizer_from_config(config, str(wd))
+  # A copy of a merges file the previous run named, now asked to be trained here.
+  (wd / 'config.json').write_text(json.dumps({'text': {'merges_file': '/data/m.txt'}}))
+  with pytest.raises(ConfigError, match="copy of text.merges_file='/data/m.txt'"):
+    tokenizer_from_config(config, str(wd))
+
+
+def test_tokenizer_defaults_are_never_silent(tmp_path):
+  """train_source '' trains on the shapes captions only for data.source='shapes'; any other source
+  must name its captions (or a merges file), before anything is trained."""
+  from core_jax.config import ConfigError
+  config = dict(merges_file='', vocab_size=400, context_length=16)
+  for source in ('webdataset', 'tokens', None):
+    with pytest.raises(ConfigError, match=r"text.merges_file .*text.train_source") as e:
+      tokenizer_from_config(config, str(tmp_path / 'a'), data_source=source)
+    assert len(str(e.value).splitlines()) == 1
+  assert not (tmp_path / 'a').exists()
+  tok = tokenizer_from_config(config, str(tmp_path / 'b'), data_source='shapes')
+  assert json.loads((tmp_path / 'b' / 'tokenizer' / 'merges.json').read_text()) == {
+      'vocab_size': 400, 'train_source': 'shapes'}
+  # Naming the shapes captions is an explicit choice, allowed with any source.
+  again = tokenizer_from_config(dict(config, train_source='shapes'), str(tmp_path / 'b'),
+                                data_source='webdataset')
+  assert again.merges == tok.merges
 
 
 def test_tokenizer_from_config_missing_files(tmp_path, monkeypatch):
@@ -279,3 +336,65 @@ def test_real_clip_ids():
                                   276, 260, 49407]
   long = tok.encode(['cat ' * 100])[0]
   assert long[0] == 49406 and long[-1] == 49407 and (long[1:-1] == 2368).all()
+
+
+def test_bpe_dropout_only_where_asked(shapes_merges):
+  """BPE dropout (text.bpe_dropout; the DALL-E paper's 0.1) splits words into smaller pieces of
+  the same vocabulary at random. HF's RNG is not seedable, so this is checked statistically: with
+  dropout the pieces vary over encodings and still decode to the caption; without, they never do."""
+  from core_jax.config import ConfigError
+  from core_jax.text import training_tokenizer
+  caption = 'a purple triangle to the left of a yellow circle'
+  plain = BPETokenizer.from_merges(shapes_merges, context_length=32, pad_mode='per_position')
+  assert len({tuple(plain.encode([caption])[0]) for _ in range(50)}) == 1
+  assert training_tokenizer(plain, dict(bpe_dropout=0.0)) is plain
+  dropped = training_tokenizer(plain, ml_collections.ConfigDict(dict(bpe_dropout=0.3)))
+  assert dropped.dropout == 0.3 and plain.dropout == 0.0  # the eval tokenizer is unchanged
+  encodings = [dropped.encode([caption])[0] for _ in range(50)]
+  assert len({tuple(e) for e in encodings}) > 10
+  reference = plain.tokenize([caption])[0]
+  assert all(len(dropped.tokenize([caption])[0]) >= len(reference) for _ in range(20))
+  assert max(len(dropped.tokenize([caption])[0]) for _ in range(20)) > len(reference)
+  assert all(dropped.decode(e) == caption for e in encodings)
+  assert all(e.max() < dropped.total_vocab_size for e in encodings)
+  assert pickle.loads(pickle.dumps(dropped)).dropout == 0.3  # data workers keep it
+  with pytest.raises(ConfigError, match='text.bpe_dropout must be in'):
+    training_tokenizer(plain, dict(bpe_dropout=1.0))
+
+
+def test_dalle_bpe_dropout_on_training_captions_only(shapes_merges):
+  import numpy as np
+  from configs.dalle_paper import get_config as paper_config
+  from configs.dalle_shapes import get_config
+  from dalle_jax import dalle_task
+  from dalle_jax.transformer import DalleConfig
+  assert paper_config().text.bpe_dropout == 0.1 and get_config().text.bpe_dropout == 0.0
+  config = get_config()
+  config.model.caption_dropout = 0.0
+  config.text.bpe_dropout = 0.3
+  tokenizer = BPETokenizer.from_merges(shapes_merges, context_length=16, pad_mode='per_position')
+  dalle_task.resolve_text_vocab(config, tokenizer)
+  cfg = DalleConfig.from_config(config)
+  raw = {'caption': 'a purple triangle to the left of a yellow circle',
+         'image_tokens': np.zeros(cfg.num_image_tokens, np.int32)}
+  texts = {}
+  for train in (True, False):
+    fn = dalle_task.make_example_fn(config, cfg, tokenizer, None, train=train)
+    texts[train] = {tuple(fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  assert len(texts[True]) > 5 and texts[False] == {tuple(tokenizer.encode([raw['caption']])[0])}
+
+
+def test_clip_bpe_dropout_on_training_captions_only(shapes_merges):
+  import numpy as np
+  from clip_jax.task import make_example_fns
+  from configs.clip_shapes import get_config
+  config = get_config()
+  assert config.text.bpe_dropout == 0.0
+  config.text.bpe_dropout = 0.3
+  tokenizer = BPETokenizer.from_merges(shapes_merges, context_length=16)
+  train_fn, eval_fn = make_example_fns(config, tokenizer)
+  raw = shapes.make_example('train', 0)
+  raw = {'image': raw['image'], 'caption': 'a purple triangle to the left of a yellow circle'}
+  train = {tuple(train_fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  held = {tuple(eval_fn(raw, np.random.default_rng(i))['text']) for i in range(30)}
+  assert len(train) > 5 and held == {tuple(tokenizer.encode([raw['caption']])[0])}

@@ -8,9 +8,10 @@ from core_jax.text.bpe import (
     load_captions,
     tokenizer_from_config,
     train_bpe,
+    training_tokenizer,
 )
 
 __all__ = [
     'BPETokenizer', 'bytes_to_unicode', 'clean_text', 'find_open_clip_merges', 'load_captions',
-    'tokenizer_from_config', 'train_bpe',
+    'tokenizer_from_config', 'train_bpe', 'training_tokenizer',
 ]

@@ -132,7 +132,8 @@ class BPETokenizer:
   """CLIP-format byte-level BPE tokenizer producing fixed-length int32 id arrays."""
 
   def __init__(self, merges: Sequence[tuple[str, str]], eow_chars: str | None = None,
-               context_length: int = 77, pad_mode: str = 'zeros', path: str | None = None):
+               context_length: int = 77, pad_mode: str = 'zeros', path: str | None = None,
+               dropout: float = 0.0):
     if pad_mode not in PAD_MODES:
       raise ValueError(f'pad_mode must be one of {PAD_MODES}, got {pad_mode!r}')
     min_length = 2 if pad_mode == 'zeros' else 1
@@ -160,7 +161,12 @@ class BPETokenizer:
     for c in byte_chars:
       vocab.setdefault(c + EOW, vocab[c])
 
-    model = models.BPE(vocab=vocab, merges=list(merges), end_of_word_suffix=EOW)
+    if not 0.0 <= dropout < 1.0:
+      raise ValueError(f'BPE dropout must be in [0, 1), got {dropout}')
+    # BPE dropout (Provilkov et al. 2020): each merge is skipped with probability `dropout`, so a
+    # word may come out in smaller pieces. HF draws from its own thread RNG: not seedable.
+    model = models.BPE(vocab=vocab, merges=list(merges), end_of_word_suffix=EOW,
+                       dropout=float(dropout) if dropout > 0 else None)
     self._tok = Tokenizer(model)
     self._tok.pre_tokenizer = _pre_tokenizer()
     # Special tokens typed in a caption become the special ids, as in OpenAI's and HF's CLIP.
@@ -178,6 +184,7 @@ class BPETokenizer:
     self.end_id = vocab[END_TOKEN]
     self.context_length = context_length
     self.pad_mode = pad_mode
+    self.dropout = float(dropout)
 
   @classmethod
   def from_merges(cls, path: str, context_length: int = 77, pad_mode: str = 'zeros',
@@ -187,6 +194,14 @@ class BPETokenizer:
       raise FileNotFoundError(f'BPE merges file not found: {path}')
     merges, eow_chars = read_merges(path, max_merges)
     return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
+
+  def with_dropout(self, dropout: float) -> 'BPETokenizer':
+    """The same vocabulary with BPE dropout, for encoding training captions only (the ids of
+    every piece exist already; eval and sampling keep the deterministic tokenizer)."""
+    if float(dropout) == self.dropout:
+      return self
+    return BPETokenizer(self.merges, self.eow_chars, self.context_length, self.pad_mode,
+                        self.path, dropout=float(dropout))
 
   @property
   def total_vocab_size(self) -> int:
@@ -238,14 +253,15 @@ class BPETokenizer:
   # pickling (data workers) rebuilds from the merges instead.
   def __getstate__(self):
     return dict(merges=self.merges, eow_chars=self.eow_chars, context_length=self.context_length,
-                pad_mode=self.pad_mode, path=self.path)
+                pad_mode=self.pad_mode, path=self.path, dropout=self.dropout)
 
   def __setstate__(self, state):
     self.__init__(**state)
 
   def __repr__(self):
     return (f'BPETokenizer(path={self.path!r}, vocab_size={self.vocab_size}, '
-            f'context_length={self.context_length}, pad_mode={self.pad_mode!r})')
+            f'context_length={self.context_length}, pad_mode={self.pad_mode!r}'
+            + (f', dropout={self.dropout}' if self.dropout else '') + ')')
 
 
 def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *,
@@ -301,8 +317,71 @@ def load_captions(source: str) -> list[str]:
   return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
 
-def tokenizer_from_config(text_config, workdir: str | None = None) -> BPETokenizer:
-  """Builds the tokenizer `config.text` describes, training one into the workdir if needed."""
+def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
+  """The tokenizer for training captions: `tokenizer` with `text_config.bpe_dropout` (absent or 0 =
+  `tokenizer` itself). Never for eval, generation or zero-shot prompts."""
+  from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  get = text_config.get if hasattr(text_config, 'get') else lambda k, d=None: getattr(
+      text_config, k, d)
+  dropout = float(get('bpe_dropout', 0.0) or 0.0)
+  if not 0.0 <= dropout < 1.0:
+    raise ConfigError(f'config.text.bpe_dropout must be in [0, 1), got {dropout}')
+  return tokenizer.with_dropout(dropout) if dropout else tokenizer
+
+
+def _trained_source(source: str) -> str:
+  return source if source == 'shapes' else os.path.abspath(os.path.expanduser(source))
+
+
+def _write_json(path: str, record: dict) -> None:
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix='.merges-', suffix='.tmp')
+  with os.fdopen(fd, 'w', encoding='utf-8') as f:
+    json.dump(record, f, indent=1)
+  os.replace(tmp, path)  # atomic: processes training into one shared workdir write the same
+
+
+def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
+  """A merges file already in the workdir (a resumed run, or one a failed run left) must be what
+  the config asks for: its record (merges.json, written when it was trained) or, for files without
+  one, the workdir's config.json. A mismatch is one ConfigError line; nothing to compare, no check."""
+  from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
+  record_path = os.path.splitext(path)[0] + '.json'
+  if os.path.isfile(record_path):
+    with open(record_path, encoding='utf-8') as f:
+      had = json.load(f)
+    had = {k: had.get(k) for k in wanted}
+  else:
+    config_path = os.path.join(workdir, 'config.json')
+    if not os.path.isfile(config_path):
+      return
+    with open(config_path, encoding='utf-8') as f:
+      old = json.load(f)
+    text = old.get('text', {})
+    if text.get('merges_file'):
+      raise ConfigError(f'{path} is a copy of text.merges_file={text["merges_file"]!r} (the '
+                        f"workdir's config.json) but text.merges_file is '' now; set it back, or "
+                        f'delete {os.path.dirname(path)} to train a new tokenizer')
+    source = text.get('train_source') or (
+        'shapes' if old.get('data', {}).get('source', 'shapes') == 'shapes' else None)
+    had = dict(vocab_size=text.get('vocab_size'),
+               train_source=_trained_source(source) if source else None)
+  if had != wanted:
+    raise ConfigError(
+        f'{path} was trained with vocab_size={had["vocab_size"]} on {had["train_source"]!r} but '
+        f'config.text asks for vocab_size={wanted["vocab_size"]} on {wanted["train_source"]!r}; '
+        f'set text.vocab_size / text.train_source back, or delete {os.path.dirname(path)} to '
+        f'train a new tokenizer')
+
+
+def tokenizer_from_config(text_config, workdir: str | None = None, *,
+                          data_source: str | None = None) -> BPETokenizer:
+  """Builds the tokenizer `config.text` describes, training one into the workdir if needed.
+
+  With text.merges_file '' the BPE is trained on text.train_source; train_source '' means the
+  shapes captions when `data_source` (config.data.source) is 'shapes' and is an error otherwise,
+  so that no run on other data trains its tokenizer on the shapes captions by default.
+  `bpe_dropout` is not applied here: see `BPETokenizer.with_dropout`, for training batches only.
+  """
   def get(key, default=None):
     if hasattr(text_config, 'get'):
       return text_config.get(key, default)
@@ -320,17 +399,32 @@ def tokenizer_from_config(text_config, workdir: str | None = None) -> BPETokeniz
     if not os.path.isfile(path):
       raise FileNotFoundError(f'text.merges_file not found: {path}')
   else:
+    from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
     if workdir is None:
       raise ValueError('text.merges_file is empty, so a workdir is needed to train one into')
+    source = get('train_source', '') or ('shapes' if data_source == 'shapes' else '')
+    if not source:
+      raise ConfigError(
+          "text.merges_file and text.train_source are both '', which trains the tokenizer on the "
+          f'shapes captions only for data.source=shapes (this run: {data_source!r}); set '
+          "text.merges_file to a merges file ('open_clip' for CLIP's) or text.train_source to a "
+          "file of your captions, one a line ('shapes' to train on the shapes captions anyway)")
+    vocab_size = get('vocab_size')
+    if not vocab_size:
+      raise ValueError('text.vocab_size is needed to train a BPE (text.merges_file is empty)')
     path = os.path.join(workdir, 'tokenizer', 'merges.txt')
-    # An existing file wins over the config: a resumed run must keep the ids it trained with.
-    if not os.path.isfile(path):
-      vocab_size = get('vocab_size')
-      if not vocab_size:
-        raise ValueError('text.vocab_size is needed to train a BPE (text.merges_file is empty)')
-      source = get('train_source', 'shapes') or 'shapes'
+    wanted = dict(vocab_size=int(vocab_size), train_source=_trained_source(source))
+    # An existing file wins over retraining (a resumed run must keep the ids it trained with),
+    # but only when it was trained from what the config asks for.
+    if os.path.isfile(path):
+      _check_workdir_merges(path, workdir, wanted)
+    else:
       log.info('training a %d-token BPE on %s into %s', vocab_size, source, path)
-      train_bpe(load_captions(source), int(vocab_size), path)
+      captions = load_captions(source)
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      # The record first: a crash between the two leaves no merges file without its record.
+      _write_json(os.path.splitext(path)[0] + '.json', wanted)
+      train_bpe(captions, int(vocab_size), path)
   tokenizer = BPETokenizer.from_merges(
       path, context_length=int(get('context_length', 77)), pad_mode=get('pad_mode', 'zeros'),
       max_merges=get('max_merges', None))
