@@ -138,10 +138,9 @@ def make_task(config, workdir: str) -> Task:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     abstract_only = workdir is None  # core_jax.aot: shapes only, no tokenizer or eval data
-    example_fn = eval_example_fn = None
+    example_fn = None
     if not abstract_only:
-        tokenizer = make_tokenizer(config, workdir)
-        example_fn, eval_example_fn = make_example_fns(config, tokenizer)
+        example_fn, _ = make_example_fns(config, make_tokenizer(config, workdir))
 
     def init_fn(rng, batch):
         return model.init({"params": rng}, batch["image"][:1], batch["text"][:1])
@@ -157,7 +156,6 @@ def make_task(config, workdir: str) -> Task:
         accumulation="global",
         accum_grads_fn=make_accum_grads_fn(model, config.model.loss),
         example_fn=example_fn,
-        eval_example_fn=eval_example_fn,
         flops_per_example=train_flops_per_example(model.cfg),
         evaluators=[] if abstract_only else make_evaluators(config, workdir),
         batch_spec=batch_spec,

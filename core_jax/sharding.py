@@ -45,9 +45,6 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_channels", None),
 )
 
-BATCH_AXES = ("act_batch",)
-
-
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     """Resolves `config.mesh` (-1 = the rest) to concrete (data, fsdp, tensor) sizes."""
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
@@ -123,21 +120,11 @@ def logical_sharding(mesh: Mesh, logical_axes, shape) -> NamedSharding:
     return NamedSharding(mesh, spec_for(logical_axes, shape, mesh))
 
 
-def _current_mesh() -> Mesh | None:
-    for getter in ("get_abstract_mesh",):
-        fn = getattr(jax.sharding, getter, None)
-        if fn is not None:
-            m = fn()
-            if m is not None and not getattr(m, "empty", True):
-                return m
-    try:
-        from jax._src import mesh as mesh_lib
-        m = mesh_lib.thread_resources.env.physical_mesh
-        if not m.empty:
-            return m
-    except Exception:
-        pass
-    return None
+def _current_mesh():
+    """The mesh set by `jax.set_mesh` (an AbstractMesh under jit), or None. The deprecated
+    `with mesh:` context is not seen: every caller here uses jax.set_mesh."""
+    m = jax.sharding.get_abstract_mesh()
+    return None if m is None or m.empty else m
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
@@ -147,15 +134,6 @@ def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
         return x
     spec = spec_for(logical_axes, x.shape, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec) if isinstance(mesh, Mesh) else spec)
-
-
-def params_logical_axes(boxed_tree) -> Any:
-    """Tree of logical-axis tuples (None for unannotated leaves) from a tree of nn.Partitioned."""
-    def axes(leaf):
-        if isinstance(leaf, nn.Partitioned):
-            return tuple(leaf.names)
-        return None
-    return jax.tree.map(axes, boxed_tree, is_leaf=lambda l: isinstance(l, nn.Partitioned))
 
 
 def _entry_axes(entry) -> tuple[str, ...]:

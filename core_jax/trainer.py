@@ -35,7 +35,6 @@ class Task:
     init_fn: Callable[[jax.Array, dict], Any]
     loss_fn: Callable[[Any, dict, jax.Array, jax.Array], tuple[jax.Array, dict]]
     example_fn: Callable[[dict, np.random.Generator], dict]
-    eval_example_fn: Callable | None = None
     flops_per_example: float | None = None
     evaluators: Sequence[Evaluator] = ()
     image_fn: Callable | None = None  # (params, batch) -> {name: uint8 [H, W, 3]}
@@ -100,10 +99,6 @@ def _ema_from(params, param_shardings):
 
 class NonFiniteLoss(RuntimeError):
     pass
-
-
-def _boxed_shardings(mesh, abstract_boxed):
-    return sharding.tree_shardings(mesh, abstract_boxed)
 
 
 def next_global_batch(it, task: Task, mesh, timings: dict | None = None) -> dict:
@@ -257,7 +252,7 @@ def state_shardings(task: Task, tx, mesh, config, batch, abstract_boxed=None):
     init_rng = _init_rng(config)
     if abstract_boxed is None:
         abstract_boxed = abstract_boxed_params(task, config, batch)
-    param_shardings = _boxed_shardings(mesh, abstract_boxed)
+    param_shardings = sharding.tree_shardings(mesh, abstract_boxed)
     abstract_params = nn.meta.unbox(abstract_boxed)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     replicated = NamedSharding(mesh, P())
@@ -468,14 +463,11 @@ def _restore(manager, workdir, step, state, shardings):
 
 def _handle_metrics(pending, config, writer, log_fn) -> dict:
     step, total, scalars, extra, eta = pending
-    scalars = jax.device_get(scalars)
-    if extra is None:  # abort-mode check only
-        if int(scalars["nonfinite"]):
-            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=abort)")
-        return {}
-    scalars = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    scalars = {k: float(np.asarray(v)) for k, v in jax.device_get(scalars).items()}
     if config.nan_policy == "abort" and scalars.get("nonfinite"):
         raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=abort)")
+    if extra is None:  # a step between log lines: only its abort check
+        return {}
     scalars.update(extra)
     writer.write_scalars(step, scalars)
     log_fn(metrics_lib.progress_line(step, total, scalars, eta))

@@ -359,7 +359,6 @@ def make_task(config, workdir: str | None = None):
         accumulation="global",
         accum_grads_fn=make_accum_grads_fn(loss_fn),
         example_fn=example_fn,
-        eval_example_fn=eval_example_fn,
         flops_per_example=model_lib.flops_per_example(cfg),
         evaluators=evaluators,
         image_fn=make_image_fn(cfg, dvae) if dvae is not None else None,

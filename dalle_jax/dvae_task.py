@@ -238,7 +238,6 @@ def make_task(config, workdir=None):
         init_fn=init_fn,
         loss_fn=make_loss_fn(model, config.model),
         example_fn=example_fn,
-        eval_example_fn=eval_example_fn,
         # forward + backward (2x forward); decoder fine-tuning runs the encoder forward only
         flops_per_example=(enc if train_codes(config.model) == "argmax" else 3.0 * enc) + 3.0 * dec,
         evaluators=() if abstract_only else (make_evaluator(config, model, eval_example_fn),),

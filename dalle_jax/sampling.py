@@ -21,7 +21,6 @@ cond + (s - 1) * (cond - uncond) so that s = 1 reproduces the conditional logits
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -251,45 +250,3 @@ def variations(params, model_config, text_tokens, image_tokens, *, num: int, row
     text = jnp.repeat(jnp.asarray(text_tokens), num, axis=0)
     images = jnp.repeat(jnp.asarray(image_tokens), num, axis=0)
     return complete(params, model_config, text, images, rows_kept, **kwargs)
-
-
-# ----------------------------------------------------------------------------- benchmark
-
-def benchmark(grid: int = 16, batch: int = 4, d_model: int = 128, num_layers: int = 4,
-              pattern: str = "full", repeats: int = 2) -> dict:
-    """Image tokens/s of `sample` and `sample_no_cache` on a small random model (compile excluded)."""
-    import flax.linen as nn
-    from dalle_jax.masks import layer_kinds
-    from dalle_jax.transformer import init_params
-    cfg = DalleConfig(text_len=16, text_vocab_size=512, image_grid=grid, image_vocab_size=512,
-                      d_model=d_model, num_heads=d_model // 64, head_dim=64, num_layers=num_layers,
-                      mlp_dim=4 * d_model, layer_kinds=layer_kinds(pattern, num_layers), conv_kernel=5)
-    params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
-    text = np.random.default_rng(0).integers(0, 512, (batch, cfg.text_len), dtype=np.int32)
-    result = {"image_tokens": cfg.num_image_tokens, "batch": batch, "d_model": d_model,
-              "num_layers": num_layers, "pattern": pattern, "device": jax.devices()[0].platform}
-    for name, fn in (("cache", sample), ("no_cache", sample_no_cache)):
-        fn(params, cfg, text, rng=jax.random.key(1)).block_until_ready()  # compile
-        t = time.perf_counter()
-        for r in range(repeats):
-            fn(params, cfg, text, rng=jax.random.key(2 + r)).block_until_ready()
-        seconds = (time.perf_counter() - t) / repeats
-        result[f"{name}_seconds"] = seconds
-        result[f"{name}_tokens_per_sec"] = batch * cfg.num_image_tokens / seconds
-    result["speedup"] = result["no_cache_seconds"] / result["cache_seconds"]
-    return result
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-    parser = argparse.ArgumentParser(description="KV-cache vs no-cache sampling speed.")
-    parser.add_argument("--grid", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--d_model", type=int, default=128)
-    parser.add_argument("--num_layers", type=int, default=4)
-    parser.add_argument("--pattern", default="full")
-    parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
-    print(json.dumps(benchmark(args.grid, args.batch, args.d_model, args.num_layers, args.pattern,
-                               args.repeats), indent=2))

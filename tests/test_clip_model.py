@@ -338,7 +338,7 @@ def test_api_loads_a_saved_workdir(tmp_path):
 
 
 def test_make_task_preprocessing_and_hooks(tmp_path):
-    from clip_jax.task import make_task
+    from clip_jax.task import make_example_fns, make_task, make_tokenizer
     from core_jax.config import ConfigError
     from core_jax.data.shapes import make_example
 
@@ -353,7 +353,8 @@ def test_make_task_preprocessing_and_hooks(tmp_path):
     assert ex["text"].shape == (config.text.context_length,) and ex["text"].dtype == np.int32
     assert ex["text"].max() < config.text.vocab_size and ex["text"][0] == ex["text"].max() - 1
     assert task.flops_per_example > 0
-    np.testing.assert_array_equal(task.eval_example_fn(raw, rng)["text"], ex["text"])
+    _, eval_example_fn = make_example_fns(config, make_tokenizer(config, str(tmp_path)))
+    np.testing.assert_array_equal(eval_example_fn(raw, rng)["text"], ex["text"])
     abstract = make_task(config, None)  # core_jax.aot: shapes only, no tokenizer or data
     assert abstract.example_fn is None and not abstract.evaluators
     spec = abstract.batch_spec(8)

@@ -249,6 +249,7 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
     batch: the same record is dropped or kept wherever it lands, dropped rows carry the all-pad
     text and leave the text term, and eval examples are never dropped."""
     from core_jax.data import shapes
+    from core_jax.text import tokenizer_from_config
 
     config = load_config("dalle_shapes")
     config.model.image_grid, config.model.image_vocab_size = 4, 16
@@ -269,7 +270,10 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
         np.testing.assert_array_equal(shuffled[i]["text"], first[i]["text"])
         assert (first[i]["text"] == pads).all() == (kept[i] == 0)
     assert 30 <= (kept == 0).sum() <= 90  # Binomial(200, 0.3): mean 60, sd 6.5
-    assert "caption_kept" not in task.eval_example_fn(raws[0], np.random.default_rng(0))
+    tokenizer = tokenizer_from_config(config.text, str(tmp_path / "run"), data_source="shapes")
+    eval_example_fn = dalle_task.make_example_fn(config, DalleConfig.from_config(config), tokenizer,
+                                                 dalle_task.image_tokens_fn(FakeDVAE()), train=False)
+    assert "caption_kept" not in eval_example_fn(raws[0], np.random.default_rng(0))
     assert "caption_kept" in task.batch_spec(8)
 
     # The text term averages over kept rows only; the image term over all rows.

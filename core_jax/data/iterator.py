@@ -385,8 +385,7 @@ def make_iterator(data_config, split, *, global_batch_size, seed, example_fn, tr
         raise sources._config_error(f"global batch size {global_batch_size} is not a positive "
                                     f"multiple of the number of processes {process_count}")
     cfg = with_defaults(data_config)
-    src = sources.build_source(cfg, split, train=train, seed=seed, process_index=process_index,
-                               process_count=process_count)
+    src = sources.build_source(cfg, split, train=train)
     where = dict(train=train, seed=seed, process_index=process_index, process_count=process_count)
     if isinstance(src, sources.WebDatasetSource):
         stream = TarShardStream(src, **where)

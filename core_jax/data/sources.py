@@ -377,7 +377,7 @@ def _shapes(cfg, split, **_):
                         one_object_fraction=fraction, train_pairs=cfg.shapes_train_pairs)
 
 
-def _tfds(cfg, split, *, train, **_):
+def _tfds(cfg, split, *, train):
     if not cfg.name:
         raise _config_error("data.source='tfds' needs data.name (a TFDS builder, e.g. coco_captions)")
     return TfdsSource(cfg.name, split, cfg.data_dir, train=train, opts=_opts(cfg))
@@ -417,9 +417,8 @@ SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _w
            "tokens": _tokens}
 
 
-def build_source(cfg, split, *, train, seed, process_index, process_count):
+def build_source(cfg, split, *, train):
     """A random-access source (`len` + `load(i, rng)` or `[i]`) or a WebDatasetSource."""
     if cfg.source not in SOURCES:
         raise _config_error(f"data.source={cfg.source!r}; choose one of {sorted(SOURCES)}")
-    return SOURCES[cfg.source](cfg, split, train=train, seed=seed, process_index=process_index,
-                               process_count=process_count)
+    return SOURCES[cfg.source](cfg, split, train=train)
