@@ -12,7 +12,6 @@ Exit code 2: bad arguments, an empty class-name file, no (readable) images.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,7 @@ import numpy as np
 
 from clip_jax import evaluate as ev
 from clip_jax import zeroshot
+from core_jax.app import ArgumentParser, fail
 
 
 def list_image_files(input_dir: str) -> list[str]:
@@ -86,14 +86,9 @@ def classify_images(model, named_images, classnames, templates, batch_size: int 
     return predictions
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.classify",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m clip_jax.classify",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
     parser.add_argument("--input_dir", required=True, help="directory of images (not recursive)")
     parser.add_argument("--classnames_file", required=True, help="one class name per line")
@@ -119,19 +114,19 @@ def main(argv=None):
         templates = zeroshot.resolve_templates(args.templates_file)
         names = list_image_files(args.input_dir)
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
 
     from clip_jax.api import CLIPModel
     try:
         model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     skipped = {}
     named_images = read_image_files(args.input_dir, names, skipped, log=log)
     predictions = classify_images(model, named_images, classnames, templates, args.batch_size)
     num_skipped = sum(skipped.values())
     if not predictions:
-        _fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
+        fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
     with open(args.out, "w") as f:
         json.dump(predictions, f, indent=1)
     log(f"classified {len(predictions)} images into {len(classnames)} classes "

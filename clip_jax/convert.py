@@ -14,15 +14,14 @@ Layouts (reference-facts.md): torch Linear weights are (out, in) and become (in,
 """
 from __future__ import annotations
 
-import argparse
 import os
 import re
-import sys
 import zipfile
 
 import numpy as np
 
 from clip_jax import defaults
+from core_jax.app import ArgumentParser, fail
 
 # Keys of OpenAI's TorchScript archives and open_clip buffers that carry no weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -315,7 +314,7 @@ def convert(checkpoint: str, *, source: str, model: str, workdir: str, merges_fi
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", required=True, choices=SOURCES)
     parser.add_argument("--checkpoint", required=True, help="state_dict / TorchScript / .safetensors / .npz")
     parser.add_argument("--model", required=True,
@@ -332,8 +331,7 @@ def main(argv=None):
         convert(args.checkpoint, source=args.source, model=args.model, workdir=args.workdir,
                 merges_file=args.merges_file, trust_pickle=args.trust_pickle)
     except (ConversionError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

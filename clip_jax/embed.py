@@ -10,13 +10,13 @@ Exit code 2: neither --input_dir nor --texts_file, an empty directory or texts f
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
 from clip_jax import evaluate as ev
 from clip_jax.classify import chunks, list_image_files, read_image_files
+from core_jax.app import ArgumentParser, fail
 
 
 def embed_image_files(model, input_dir: str, names: list[str], batch_size: int = 64, log=print):
@@ -29,14 +29,9 @@ def embed_image_files(model, input_dir: str, names: list[str], batch_size: int =
     return emb.astype(np.float32), kept, skipped
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m clip_jax.embed",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m clip_jax.embed",
+                            description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
     parser.add_argument("--input_dir", default="", help="directory of images (not recursive)")
     parser.add_argument("--texts_file", default="", help="one text per line")
@@ -50,25 +45,25 @@ def main(argv=None):
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     if not args.input_dir and not args.texts_file:
-        _fail("give --input_dir (images), --texts_file (one text per line), or both")
+        fail("give --input_dir (images), --texts_file (one text per line), or both")
     try:
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
         names = list_image_files(args.input_dir) if args.input_dir else []
         texts = ev.read_lines(args.texts_file, "texts") if args.texts_file else []
     except ValueError as e:
-        _fail(str(e))
+        fail(str(e))
 
     from clip_jax.api import CLIPModel
     try:
         model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
     except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     arrays, summary = {}, []
     if names:
         emb, kept, skipped = embed_image_files(model, args.input_dir, names, args.batch_size, log)
         if not kept:
-            _fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
+            fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
         arrays["image_embeddings"], arrays["image_files"] = emb, np.asarray(kept)
         summary.append(f"{len(kept)} images (skipped {sum(skipped.values())} unreadable)")
     if texts:

@@ -13,7 +13,6 @@ a global, batch-sharded array) and `gather(array)` (the reverse). `clip_jax.api.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import math
@@ -23,6 +22,8 @@ from typing import Callable, Iterable, Iterator
 
 import ml_collections
 import numpy as np
+
+from core_jax.app import ArgumentParser, fail
 
 
 def eval_config(evaluators: str = "") -> ml_collections.ConfigDict:
@@ -348,13 +349,8 @@ def close_batches(batches) -> None:
         close()
 
 
-def _fail(message: str):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m clip_jax.evaluate",
         description="Zero-shot classification and image-text retrieval of a CLIP workdir.",
         epilog="Any other --config.KEY=VALUE overrides WORKDIR/config.json, e.g. "
@@ -391,7 +387,7 @@ def main(argv=None):
         results = run_evaluations(config, encoder, args.workdir,
                                   log=lambda m: print(m, file=sys.stderr, flush=True))
     except (ValueError, ConfigError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
     import jax
     if jax.process_index() == 0:
         out = args.out or os.path.join(args.workdir, "eval_results.json")

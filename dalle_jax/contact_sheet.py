@@ -9,7 +9,6 @@ pairs never in training); other captions are shown without a verdict.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -17,6 +16,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from core_jax.app import ArgumentParser
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import fidelity
 
@@ -71,7 +71,7 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], scale: int = 2) -> I
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples_dir", required=True, help="--out_dir of a generate --prompts_file run")
     p.add_argument("--out", required=True, help="PNG to write")
     p.add_argument("--scale", type=int, default=2, help="upscaling of each image (nearest)")

@@ -20,7 +20,6 @@ Bad input: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,14 +27,10 @@ import time
 
 import numpy as np
 
-
-def _fail(message: str):
-    from core_jax.app import fail
-    fail(message)
+from core_jax.app import ArgumentParser, fail
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from core_jax.app import ArgumentParser
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m dalle_jax.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
     p.add_argument("--out_dir", required=True)
@@ -188,7 +183,7 @@ def main(argv=None, *, pipeline=None, clip=None):
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
     except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        fail(str(e))
 
     from core_jax.config import ConfigError
     from dalle_jax import sampling
@@ -222,7 +217,7 @@ def main(argv=None, *, pipeline=None, clip=None):
         tokens = pipe.generate(prompts, args.num_samples, image_tokens=image_tokens,
                                known_mask=known, **sample_kwargs)
     except (ValueError, FileNotFoundError, KeyError, ConfigError) as e:
-        _fail(str(e))
+        fail(str(e))
     images = pipe.decode(tokens.reshape(-1, pipe.num_image_tokens), args.batch_size)
     images = images.reshape(tokens.shape[:2] + images.shape[1:])
     seconds = time.perf_counter() - start

@@ -12,14 +12,15 @@ import time
 import types
 from typing import Sequence
 
+from core_jax.app import ArgumentParser
 from core_jax.text.bpe import BPETokenizer, load_captions, train_bpe
 
 __all__ = ['main', 'train_bpe']
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog='python -m core_jax.text.train_bpe', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = ArgumentParser(prog='python -m core_jax.text.train_bpe', description=__doc__,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
   source = parser.add_mutually_exclusive_group(required=True)
   source.add_argument('--source', choices=['shapes'], help='built-in caption source')
   source.add_argument('--captions_file', help='UTF-8 text file (may be gzipped), one caption a line')
