@@ -7,7 +7,13 @@
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+
+from clip_jax import model as clip_model
+from clip_jax.task import make_tokenizer
+from core_jax.checkpoint import load_params
+from core_jax.data.image_ops import clip_normalize, resize_and_crop
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -20,9 +26,6 @@ class CLIPModel:
     """Params + tokenizer of one workdir, with jitted encoders (one compile per batch size)."""
 
     def __init__(self, config, params, tokenizer):
-        import jax
-        from clip_jax import model as clip_model
-
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
@@ -36,8 +39,6 @@ class CLIPModel:
     def load(cls, workdir: str, step: int | None = None, *, raw_weights: bool = False) -> "CLIPModel":
         """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with; its
         EMA weights when the run kept one, else (or with `raw_weights`) its raw params."""
-        from core_jax.checkpoint import load_params
-        from clip_jax.task import make_tokenizer
 
         config, params = load_params(workdir, step, ema=not raw_weights)
         return cls(config, params, make_tokenizer(config, workdir))
@@ -48,7 +49,6 @@ class CLIPModel:
         Images already S x S are only normalised; others get a shorter-side bicubic resize and a
         centre crop, as OpenAI's preprocessing.
         """
-        from core_jax.data.image_ops import clip_normalize, resize_and_crop
 
         if isinstance(images_uint8, np.ndarray) and images_uint8.ndim == 3:
             raise ValueError(f"preprocess_images: expected a batch [N, H, W, 3], got {images_uint8.shape}")
@@ -87,5 +87,4 @@ class CLIPModel:
 
     def logit_scale(self) -> float:
         """The learned temperature exp(logit_scale), clamped at 100 as in training."""
-        from clip_jax import model as clip_model
         return float(clip_model.logit_scale(self.module, self.params))

@@ -19,14 +19,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from clip_jax import evaluate as ev
+from clip_jax import eval_common as ev
 from clip_jax import zeroshot
-from core_jax.app import ArgumentParser, fail
+from clip_jax.api import CLIPModel
+from core_jax.cli import ArgumentParser, fail
+from core_jax.data.decode import IMAGE_EXTS, SkipExample, decode_image
 
 
 def list_image_files(input_dir: str) -> list[str]:
     """Sorted names of the image files (by extension) directly inside `input_dir`."""
-    from core_jax.data.decode import IMAGE_EXTS
     if not os.path.isdir(input_dir):
         raise ValueError(f"input directory not found: {input_dir}")
     names = sorted(n for n in os.listdir(input_dir)
@@ -40,7 +41,6 @@ def list_image_files(input_dir: str) -> list[str]:
 
 def read_image_files(input_dir: str, names: list[str], skipped: dict, log=print):
     """Yields (name, uint8 [H, W, 3]); unreadable files are logged and counted in `skipped`."""
-    from core_jax.data.decode import SkipExample, decode_image
     for name in names:
         try:
             with open(os.path.join(input_dir, name), "rb") as f:
@@ -116,7 +116,6 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
 
-    from clip_jax.api import CLIPModel
     try:
         model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
     except (FileNotFoundError, ValueError) as e:

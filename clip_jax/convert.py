@@ -18,18 +18,23 @@ import os
 import re
 import zipfile
 
+import flax
+import flax.linen as nn
+import jax
 import numpy as np
 
 from clip_jax import defaults
-from core_jax.app import ArgumentParser, fail
+from clip_jax.model import abstract_params, clip_from_config
+from clip_jax.task import make_tokenizer
+from core_jax.checkpoint import save_params
+from core_jax.cli import ArgumentParser, fail
+from core_jax.errors import ConfigError, ConversionError
 
 # Keys of OpenAI's TorchScript archives and open_clip buffers that carry no weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 SOURCES = ("openai", "open_clip")
 
 
-class ConversionError(ValueError):
-    """A checkpoint that cannot be converted; the CLI prints it as one line."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -46,7 +51,7 @@ def _is_torchscript(path: str) -> bool:
 
 def _require_torch():
     try:
-        import torch
+        import torch  # lazy: optional extra, for converting only
     except ImportError:
         raise ConversionError("reading a torch checkpoint needs torch (pip install torch); "
                               ".safetensors and .npz files convert without it") from None
@@ -80,7 +85,7 @@ def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
     if not os.path.isfile(path):
         raise ConversionError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load_file  # lazy: optional, comes with the torch extra
         return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v
                 for k, v in load_file(path).items()}
     if path.endswith(".npz"):
@@ -219,7 +224,6 @@ def _stack(sd: dict, prefix: str, layers: int, heads: int, scan: bool) -> dict:
     blocks = [_block(sd, f"{prefix}{i}.", heads) for i in range(layers)]
     if not scan:
         return {f"layer_{i}": b for i, b in enumerate(blocks)}
-    import jax
     return {"scan": {"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}}
 
 
@@ -272,9 +276,6 @@ def convert_state_dict(sd: dict, config) -> dict:
 
 def check_against_model(params: dict, config) -> None:
     """Converted tree == the Flax init tree of `config` (names and shapes), else ConversionError."""
-    import flax
-    import flax.linen as nn
-    from clip_jax.model import abstract_params, clip_from_config
 
     expected = flax.traverse_util.flatten_dict(nn.meta.unbox(abstract_params(clip_from_config(config))))
     got = flax.traverse_util.flatten_dict(params)
@@ -292,14 +293,12 @@ def check_against_model(params: dict, config) -> None:
 def convert(checkpoint: str, *, source: str, model: str, workdir: str, merges_file: str = "open_clip",
             trust_pickle: bool = False, check_tokenizer: bool = True, log=print):
     """Reads `checkpoint`, writes `workdir` (config.json + step-0 params). Returns the config."""
-    from core_jax.checkpoint import save_params
 
     sd = load_state_dict(checkpoint, trust_pickle=trust_pickle)
     config = build_config(sd, source=source, model=model, merges_file=merges_file)
     params = convert_state_dict(sd, config)
     check_against_model(params, config)
     if check_tokenizer:
-        from clip_jax.task import make_tokenizer
         tokenizer = make_tokenizer(config, workdir)
         if tokenizer.vocab_size != config.text.vocab_size:
             raise ConversionError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens "
@@ -326,7 +325,6 @@ def main(argv=None):
     parser.add_argument("--trust_pickle", action="store_true",
                         help="allow TorchScript archives and full-pickle saves (they run code)")
     args = parser.parse_args(argv)
-    from core_jax.config import ConfigError
     try:
         convert(args.checkpoint, source=args.source, model=args.model, workdir=args.workdir,
                 merges_file=args.merges_file, trust_pickle=args.trust_pickle)

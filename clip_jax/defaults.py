@@ -5,10 +5,9 @@ import math
 
 import ml_collections
 
+from clip_jax.eval_common import eval_config
 from core_jax.config import base_config
 from core_jax.data.config import POD_HOST_WORKERS
-
-from clip_jax.evaluate import eval_config
 
 # OpenAI's released ViT sizes (reference-facts.md); heads are width / 64 in both towers.
 VIT_SIZES = {

@@ -14,9 +14,10 @@ import sys
 
 import numpy as np
 
-from clip_jax import evaluate as ev
+from clip_jax import eval_common as ev
+from clip_jax.api import CLIPModel
 from clip_jax.classify import chunks, list_image_files, read_image_files
-from core_jax.app import ArgumentParser, fail
+from core_jax.cli import ArgumentParser, fail
 
 
 def embed_image_files(model, input_dir: str, names: list[str], batch_size: int = 64, log=print):
@@ -54,7 +55,6 @@ def main(argv=None):
     except ValueError as e:
         fail(str(e))
 
-    from clip_jax.api import CLIPModel
     try:
         model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
     except (FileNotFoundError, ValueError) as e:

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from clip_jax import evaluate as ev
+from clip_jax import eval_common as ev
+from core_jax import data as data_lib
+from core_jax.data.config import with_defaults
+from core_jax.data.decode import SkipExample
 
 RECALL_KS = (1, 5, 10)
 CAPTION_BYTES = 400  # per caption, UTF-8; far beyond CLIP's 77-token context
@@ -70,7 +73,6 @@ def decode_captions(rows: np.ndarray, count: int) -> list[str]:
 
 def retrieval_example_fn(image_size: int, max_captions: int):
     def example_fn(raw, rng=None):
-        from core_jax.data.decode import SkipExample
         captions = list(raw.get("captions") or []) or [raw.get("caption", "")]
         rows, count = encode_captions(captions, max_captions)
         if count == 0:
@@ -81,8 +83,6 @@ def retrieval_example_fn(image_size: int, max_captions: int):
 
 
 def retrieval_data(config, image_size: int, batch_size: int):
-    from core_jax import data as data_lib
-    from core_jax.data.config import with_defaults
     e = config.eval
     data_cfg = with_defaults(config.data)  # a copy with every key
     data_cfg.eval_split = e.retrieval_split

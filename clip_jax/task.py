@@ -7,12 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core_jax.config import ConfigError
-from core_jax.data import image_ops
-from core_jax.trainer import Evaluator, Task, merge_micro, split_micro
-
 from clip_jax import losses
 from clip_jax.model import CLIP, clip_from_config, train_flops_per_example
+from core_jax.data import image_ops
+from core_jax.errors import ConfigError
+from core_jax.text import tokenizer_from_config, training_tokenizer
+from core_jax.trainer import Evaluator, Task, merge_micro, split_micro
 
 # config.eval.evaluators names -> "module:Class"; each class is built as Class(config, workdir) and
 # exposes `.name` and `.fn(params, step) -> dict`. Imported lazily: evaluators may need extra data.
@@ -23,7 +23,6 @@ EVALUATORS = {
 
 
 def make_tokenizer(config, workdir: str | None):
-    from core_jax.text import tokenizer_from_config
     tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
     if tokenizer.vocab_size > int(config.text.vocab_size):
         raise ConfigError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens but "
@@ -36,7 +35,6 @@ def make_tokenizer(config, workdir: str | None):
 
 def make_example_fns(config, tokenizer):
     """(train example_fn, eval example_fn): uint8 image -> CLIP-normalised float32, caption -> ids."""
-    from core_jax.text import training_tokenizer
     size = int(config.model.image_size)
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
     tokenizers = {True: training_tokenizer(tokenizer, config.text), False: tokenizer}

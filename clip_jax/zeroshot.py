@@ -13,10 +13,14 @@ import re
 from typing import Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from clip_jax import evaluate as ev
+from clip_jax import eval_common as ev
 from clip_jax.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SUBSET7_TEMPLATES
+from core_jax import data as data_lib
+from core_jax.data.config import with_defaults
+from core_jax.data.shapes import CLASS_NAMES, POSITIONS, ShapesSource
 
 ZEROSHOT_LOGIT_SCALE = 100.0
 TOPK = (1, 5)
@@ -25,7 +29,6 @@ TOPK = (1, 5)
 def _shapes_templates() -> tuple[str, ...]:
     # The shapes captions name a position ("a red circle in the top left"); averaging over the five
     # positions matches the training captions' form while leaving the position out of the class.
-    from core_jax.data.shapes import POSITIONS
     return tuple(f"a {{}} in the {p}" for p in POSITIONS)
 
 
@@ -92,7 +95,6 @@ def topk_hits(image_emb, class_weights, labels, mask, ks: tuple[int, ...] = TOPK
 
     k larger than the number of classes is clamped (top-5 of 3 classes is always a hit).
     """
-    import jax.numpy as jnp
 
     logits = ZEROSHOT_LOGIT_SCALE * jnp.einsum("be,ce->bc", image_emb.astype(jnp.float32),
                                                class_weights.astype(jnp.float32))
@@ -183,7 +185,6 @@ def zeroshot_data(config, image_size: int, batch_size: int):
     e = config.eval
     example_fn = _image_label_example_fn(image_size)
     if e.zeroshot_source == "shapes":
-        from core_jax.data.shapes import CLASS_NAMES, ShapesSource
         source = ShapesSource(e.zeroshot_split, one_object_only=True)
         n = min(len(source), int(e.max_examples)) if e.max_examples else len(source)
         batches = ev.padded_batches(n, lambda i: example_fn(source[i]), batch_size,
@@ -191,8 +192,6 @@ def zeroshot_data(config, image_size: int, batch_size: int):
                                     process_count=jax.process_count())
         return batches, list(CLASS_NAMES)
     if e.zeroshot_source == "tfds":
-        from core_jax import data as data_lib
-        from core_jax.data.config import with_defaults
         data_cfg = with_defaults(config.data)  # a copy with every key
         data_cfg.source, data_cfg.name = "tfds", e.zeroshot_name
         data_cfg.split = data_cfg.eval_split = e.zeroshot_split
@@ -207,7 +206,7 @@ def zeroshot_data(config, image_size: int, batch_size: int):
 
 def tfds_label_names(name: str, data_dir: str, label_key: str) -> list[str] | None:
     """The builder's label names (info.features[label_key].names); None when it has none."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: heavy, and only TFDS data needs it
     try:
         feature = tfds.builder(name, data_dir=data_dir or None).info.features[label_key]
     except KeyError:

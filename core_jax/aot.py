@@ -19,9 +19,14 @@ import time
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a stale lockfile must not block a compile
 
-from absl import flags  # noqa: E402
+import jax
+from absl import app as absl_app
+from absl import flags
+from jax.experimental import topologies
 
-from core_jax import app  # noqa: E402
+from core_jax import app, finetune, sharding, trainer
+from core_jax.config import ConfigError, validate
+from core_jax.optim import make_optimizer
 
 GIB = 1024 ** 3
 
@@ -87,8 +92,6 @@ def parse_topology(name: str) -> tuple[Chip, tuple[int, ...]]:
 
 
 def tpu_devices(chip: Chip, shape: tuple[int, ...], num_slices: int = 1):
-    from jax.experimental import topologies
-
     topo = "x".join(str(s) for s in shape)
     bounds = (min(shape[0], 2), min(shape[1], 2), 1)
     desc = topologies.get_topology_desc(
@@ -107,10 +110,6 @@ def load_task_module(config):
 def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
     """Lowers and compiles the train step for `devices`; returns memory and FLOP figures.
     `log` (if given) gets the sharding warning, if any, before the compile starts."""
-    import jax
-
-    from core_jax import finetune, sharding, trainer
-    from core_jax.optim import make_optimizer
 
     task = load_task_module(config).make_task(config, None)
     if task.batch_spec is None:
@@ -195,7 +194,6 @@ def main(argv):
     except Exception as e:  # libtpu missing or too old
         app.fail(f"cannot describe TPU {FLAGS.topology} (install the 'tpu' extra: "
                  f"pip install -e '.[tpu]'): {e}")
-    from core_jax.config import ConfigError, validate
     config = FLAGS.config
     try:
         validate(config, len(devices), 1)
@@ -222,5 +220,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
     flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
     app.define_config_flags(None, workdir_required=False)
-    from absl import app as absl_app
     absl_app.run(main, flags_parser=app._flags_parser)

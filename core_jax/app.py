@@ -5,14 +5,21 @@ everywhere: one line on stderr and exit code 2, before anything compiles.
 """
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import os
 import sys
 from typing import Callable
 
+import jax
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
+
+from core_jax import distributed, trainer
+
+# Re-exported: core_jax.app.ArgumentParser / fail are how tools and docs have reached them.
+from core_jax.cli import ArgumentParser, fail  # noqa: F401
+from core_jax.config import ConfigError, validate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -26,7 +33,6 @@ def config_path(name: str) -> str:
 def load_config(name: str, arg=None):
     """`get_config(arg)` of a config file, loaded as `--config` loads it: NAME is configs/NAME.py
     or a path to a .py file (resolved like config_path)."""
-    import importlib.util
 
     path = config_path(name if name.endswith(".py") else os.path.join("configs", f"{name}.py"))
     stem = os.path.splitext(os.path.basename(path))[0]
@@ -34,19 +40,6 @@ def load_config(name: str, arg=None):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
-
-
-def fail(message: str, code: int = 2):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse for the commands that are not absl apps: a bad flag is one `error: ...` line and
-    exit 2, like `fail`, instead of the whole usage."""
-
-    def error(self, message):
-        fail(message)
 
 
 def _flags_parser(argv):
@@ -83,7 +76,6 @@ def define_config_flags(default_config: str | None, workdir_required: bool = Tru
     if "workdir" not in FLAGS:
         flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, images.",
                             required=workdir_required)
-    from core_jax import distributed
     distributed.define_flags()
 
 
@@ -110,11 +102,7 @@ def run_trainer(make_task: Callable, default_config: str):
     def main(argv):
         if len(argv) > 1:
             fail(f"unexpected arguments: {' '.join(argv[1:])}")
-        from core_jax import distributed
         distributed.maybe_initialize()
-        import jax
-        from core_jax import trainer
-        from core_jax.config import ConfigError, validate
 
         config = loaded_config()
         workdir = FLAGS.workdir

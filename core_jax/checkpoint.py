@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 from core_jax.config import from_json_file, to_json
 
@@ -18,7 +19,14 @@ def _register_array_handler():
     # Replica-parallel saving slices every replicated array with a freshly compiled op per shape:
     # worth it for large arrays on a pod, pure overhead (seconds per save) for small ones.
     handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2 ** 20)
-    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    # orbax warns on every override, this deliberate one included; said at import time, that
+    # warning would precede a command's one-line `error:` (now that commands import this at load).
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+    finally:
+        absl_logging.set_verbosity(level)
 
 
 _register_array_handler()

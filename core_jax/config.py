@@ -6,16 +6,17 @@ import os
 
 import ml_collections
 
-from core_jax.sharding import MESH_AXES
+from core_jax.data import default_data_config
 
-
-class ConfigError(ValueError):
-    """A config that cannot run; entry points print it as one line and exit with code 2."""
+# ConfigError lives in the leaf core_jax.errors (importable from anywhere without a circle);
+# `from core_jax.config import ConfigError` keeps working.
+from core_jax.errors import ConfigError
+from core_jax.modeling import REMAT_POLICIES
+from core_jax.sharding import MESH_AXES, mesh_shape
 
 
 def base_config() -> ml_collections.ConfigDict:
     """Keys shared by the dVAE, DALL-E and CLIP trainers. Model configs add `model` (and more)."""
-    from core_jax.data import default_data_config
 
     c = ml_collections.ConfigDict()
     # Module whose make_task(config, workdir) builds the Task (used by core_jax.aot).
@@ -71,7 +72,6 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def validate(config, num_devices: int, process_count: int = 1) -> None:
     """Raises ConfigError with one clear sentence for the first problem found."""
-    from core_jax.sharding import mesh_shape
 
     for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "eval_every",
                 "keep_checkpoints", "grad_accum_steps"):
@@ -113,7 +113,6 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if int(config.get("scan_unroll", 1)) < 1:
         raise ConfigError(f"config.scan_unroll must be >= 1 (layers per scan iteration), got "
                           f"{config.scan_unroll}")
-    from core_jax.modeling import REMAT_POLICIES
     if config.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     check_paths(config)

@@ -26,6 +26,7 @@ import os
 import re
 from typing import Any, Mapping
 
+import jax
 from absl import flags
 
 ENV_SWITCH = "CORE_JAX_DISTRIBUTED"
@@ -186,7 +187,6 @@ def enable_cpu_collectives() -> str | None:
     Harmless on GPU/TPU, where only the CPU client reads it. A value the user chose (e.g. 'mpi')
     is kept.
     """
-    import jax
 
     for name, value in _CPU_COLLECTIVES_OPTIONS:
         try:
@@ -208,7 +208,6 @@ def maybe_initialize(flag_values: Any = None, env: Mapping[str, str] | None = No
     up after the call (whether this call or an earlier one started it).
     """
     global _initialized_here
-    import jax
 
     if _initialized_here or jax.distributed.is_initialized():
         return True
@@ -231,6 +230,5 @@ def maybe_initialize(flag_values: Any = None, env: Mapping[str, str] | None = No
 
 def is_main_process() -> bool:
     """True on process 0, the one that writes logs, metrics and images (all processes checkpoint)."""
-    import jax
 
     return jax.process_index() == 0

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from core_jax.config import ConfigError
+from core_jax import checkpoint
+from core_jax.errors import ConfigError
 
 
 def frozen_prefixes(config) -> tuple[str, ...]:
@@ -100,7 +101,6 @@ def load_init_params(init_from: str, abstract_params, param_shardings, raw_weigh
     run's shardings: its EMA when it has one (the weights its evaluations and inference used),
     unless `raw_weights`; ConfigError naming the first path whose presence or shape differs from
     this run's model."""
-    from core_jax import checkpoint
 
     try:
         shapes = checkpoint.param_shapes(init_from)

@@ -8,7 +8,10 @@ import sys
 import time
 from typing import Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 # Dense bf16 peak per chip, for MFU on accelerators. CPUs are measured instead (see peak_flops).
 PEAK_FLOPS_PER_CHIP = {
@@ -19,8 +22,6 @@ PEAK_FLOPS_PER_CHIP = {
 
 def measure_matmul_flops(dtype="float32", n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a large matrix product through JAX on the default device (the machine's peak here)."""
-    import jax
-    import jax.numpy as jnp
 
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
@@ -64,7 +65,7 @@ class MetricsWriter:
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                from tensorboardX import SummaryWriter  # lazy: optional, see the except below
                 self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
@@ -85,7 +86,6 @@ class MetricsWriter:
         """uint8 [H, W, 3] images -> WORKDIR/images/<name>_<step>.png and TensorBoard."""
         if not self.enabled:
             return
-        from PIL import Image
 
         d = os.path.join(self.workdir, "images")
         os.makedirs(d, exist_ok=True)

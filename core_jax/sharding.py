@@ -11,7 +11,9 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -72,7 +74,6 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     try:
-        from jax.experimental import mesh_utils
         grid = mesh_utils.create_device_mesh(shape, devices=devices, allow_split_physical_axes=True)
     except Exception:  # CPU / odd topologies: plain row-major order is fine
         grid = np.asarray(devices).reshape(shape)

@@ -17,10 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from core_jax import checkpoint, data as data_lib, finetune, metrics as metrics_lib, sharding
-from core_jax.config import ConfigError
+from core_jax import checkpoint, finetune, sharding
+from core_jax import data as data_lib
+from core_jax import metrics as metrics_lib
+from core_jax.errors import ConfigError
 from core_jax.optim import make_optimizer
 
 

@@ -15,25 +15,13 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 
-DECODER_FILE = "decoder.json"
-
-
-def attached_dvae(workdir: str, trained_with: str) -> str | None:
-    """The dVAE workdir attached to a DALL-E workdir (None if none is). `trained_with` is config.json's
-    dvae_workdir: an attachment made for another one is stale and an error, not silently used."""
-    path = os.path.join(workdir, DECODER_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        record = json.load(f)
-    if os.path.abspath(record["tokens_from"]) != os.path.abspath(trained_with):
-        raise ValueError(f"{path} attaches {record['dvae_workdir']} to tokens of "
-                         f"{record['tokens_from']}, but {workdir}/config.json now says the DALL-E "
-                         f"was trained on {trained_with}'s: run dalle_jax.attach_decoder again or "
-                         f"delete {path}")
-    return str(record["dvae_workdir"])
+from core_jax.checkpoint import read_config
+from core_jax.cli import ArgumentParser, fail
+from dalle_jax.dvae_api import DVAE
+from dalle_jax.loading import DECODER_FILE
 
 
 def encoder_mismatch(trained, candidate) -> str | None:
@@ -42,7 +30,6 @@ def encoder_mismatch(trained, candidate) -> str | None:
         a, b = getattr(trained, name), getattr(candidate, name)
         if a != b:
             return f"{name} {b}, not {a}"
-    import jax
     flat = lambda p: {jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
                       for k, v in jax.tree_util.tree_leaves_with_path(p["encoder"])}
     a, b = flat(trained.params), flat(candidate.params)
@@ -56,8 +43,6 @@ def encoder_mismatch(trained, candidate) -> str | None:
 
 def attach(workdir: str, dvae_workdir: str) -> dict:
     """Checks and writes WORKDIR/decoder.json; returns the record."""
-    from core_jax.checkpoint import read_config
-    from dalle_jax.dvae_api import DVAE
 
     for name, path in (("--workdir", workdir), ("--dvae_workdir", dvae_workdir)):
         if not os.path.isdir(path):
@@ -82,8 +67,6 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
 
 
 def main(argv=None):
-    from core_jax.app import ArgumentParser, fail
-
     p = ArgumentParser(prog="python -m dalle_jax.attach_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
     p.add_argument("--dvae_workdir", required=True,

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from core_jax.app import ArgumentParser
+from core_jax.cli import ArgumentParser
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import fidelity
 

@@ -14,13 +14,16 @@ import os
 import re
 from typing import Mapping
 
+import flax.linen as nn
+import jax
 import numpy as np
 from absl import app, flags
 
-
-class ConversionError(ValueError):
-    pass
-
+from core_jax import checkpoint
+from core_jax.app import load_config
+from core_jax.cli import fail
+from core_jax.errors import ConversionError
+from dalle_jax.dvae import default_model_config, grid_size, make_dvae
 
 _BLOCK = re.compile(r"^blocks\.group_(\d+)\.block_(\d+)\.(id_path|res_path\.conv_(\d+))\.([wb])$")
 _EDGE = {"blocks.input.w": ("input", "kernel"), "blocks.input.b": ("input", "bias"),
@@ -65,7 +68,6 @@ def _to_flax(sd: Mapping[str, np.ndarray], which: str) -> dict:
 
 def infer_model_config(encoder: dict, decoder: dict):
     """config.model for the weights (Flax trees from `_to_flax`)."""
-    from dalle_jax.dvae import default_model_config
 
     try:
         hidden = encoder["input"]["kernel"].shape[-1]
@@ -95,10 +97,6 @@ def convert_state_dicts(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mappin
     """(model_config, params) from OpenAI encoder/decoder state_dicts (numpy arrays, OIHW).
 
     The params tree is checked against the Flax model's own init tree: same names, same shapes."""
-    import jax
-    import flax.linen as nn
-
-    from dalle_jax.dvae import make_dvae
 
     params = {"encoder": _to_flax(encoder_sd, "encoder"), "decoder": _to_flax(decoder_sd, "decoder")}
     m = infer_model_config(params["encoder"], params["decoder"])
@@ -126,7 +124,7 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
     try:
-        import torch
+        import torch  # lazy: optional extra, for converting only
     except ImportError:
         raise ConversionError("reading PyTorch weight files needs torch, an optional extra: "
                               "pip install torch (or pass .npz files)") from None
@@ -154,7 +152,6 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
 
 def openai_config(model_config, image_size: int = 256):
     """configs/dvae_openai.py with the model sizes of the converted weights."""
-    from core_jax.app import load_config
 
     config = load_config("dvae_openai")
     with config.unlocked():
@@ -164,13 +161,10 @@ def openai_config(model_config, image_size: int = 256):
 
 
 def convert(encoder_path: str, decoder_path: str, workdir: str, *, trust_pickle=False, image_size=256):
-    from core_jax import checkpoint
-
     if checkpoint.latest_step(workdir) is not None:
         raise ConversionError(f"{workdir} already holds a checkpoint; choose an empty workdir")
     m, params = convert_state_dicts(load_weights(encoder_path, trust_pickle), load_weights(decoder_path, trust_pickle))
     config = openai_config(m, image_size)
-    from dalle_jax.dvae import grid_size
     grid_size(m, image_size)
     checkpoint.save_params(workdir, config, params, step=0)
     return config
@@ -184,8 +178,6 @@ flags.DEFINE_integer("image_size", 256, "Input size recorded in the workdir's co
 
 
 def main(argv):
-    from core_jax.app import fail
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     for name in ("encoder", "decoder", "workdir"):

@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
-from core_jax.config import ConfigError
+from core_jax import checkpoint
+from core_jax import data as data_lib
+from core_jax.config import base_config
+from core_jax.data import SkipExample, image_ops
+from core_jax.data.token_shards import read_index
+from core_jax.errors import ConfigError
+from core_jax.metrics import image_grid
+from core_jax.text import tokenizer_from_config, training_tokenizer
+from core_jax.trainer import Evaluator, Task, make_global_batch, mean_over_micro_batches
+from dalle_jax import masks, sampling
 from dalle_jax import transformer as model_lib
+from dalle_jax.loading import load_dvae, resolve_text_vocab
 
 
 def dalle_config():
     """base_config() + DALL-E's sections with defaults (unlocked; config files lock it)."""
-    import ml_collections
-    from core_jax.config import base_config
 
     c = base_config()
     c.task = "dalle_jax.dalle_task"
@@ -69,40 +78,7 @@ def image_tokens_fn(dvae):
     return encode
 
 
-def resolve_text_vocab(config, tokenizer) -> None:
-    """`model.text_vocab_size` 0 = the tokenizer's vocabulary (written back, so config.json holds
-    it); otherwise it must match, since the pad ids `vocab + i` depend on it."""
-    if str(config.text.get("pad_mode", "")) != "per_position":
-        raise ConfigError(f"config.text.pad_mode must be 'per_position' for DALL-E, got "
-                          f"{config.text.get('pad_mode')!r}")
-    if int(config.text.context_length) != int(config.model.text_len):
-        raise ConfigError(f"config.text.context_length={config.text.context_length} must equal "
-                          f"config.model.text_len={config.model.text_len}")
-    if int(config.model.text_vocab_size) == 0:
-        config.model.text_vocab_size = int(tokenizer.vocab_size)
-    elif int(config.model.text_vocab_size) != tokenizer.vocab_size:
-        raise ConfigError(f"config.model.text_vocab_size={config.model.text_vocab_size} but the "
-                          f"tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens; set it to "
-                          f"{tokenizer.vocab_size} or 0 (= take the tokenizer's)")
-
-
-def load_dvae(config, cfg: model_lib.DalleConfig, raw_weights: bool = False):
-    """The dVAE of `config.dvae_workdir` (None when unset), checked against the model's grid: its
-    EMA weights when it kept one (so training tokenizes with the weights inference decodes with)."""
-    workdir = str(config.get("dvae_workdir", "") or "")
-    if not workdir:
-        return None
-    from dalle_jax.dvae_api import DVAE
-    dvae = DVAE.load(workdir, raw_weights=raw_weights)
-    if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
-        raise ConfigError(f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "
-                          f"{dvae.vocab_size} codes but config.model says image_grid={cfg.image_grid}, "
-                          f"image_vocab_size={cfg.image_vocab_size}")
-    return dvae
-
-
 def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, train: bool):
-    from core_jax.data import SkipExample, image_ops
     size = int(config.data.image_size)
     random_crop = train and bool(config.data.random_crop)
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
@@ -110,7 +86,6 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
 
     dropout = caption_dropout(config.model) if train else 0.0
     if train and tokenizer is not None:
-        from core_jax.text import training_tokenizer
         tokenizer = training_tokenizer(tokenizer, config.text)  # text.bpe_dropout
     pads = np.asarray(model_lib.unconditional_text(cfg, 1), np.int32)[0]
 
@@ -194,7 +169,6 @@ def make_accum_grads_fn(loss_fn):
     caption dropout: each micro-batch divides by 1/accum of the whole batch's count instead, so the
     mean over micro-batches is the full batch's text term."""
     def accum_grads_fn(params, batch, rng, step, accum):
-        from core_jax.trainer import mean_over_micro_batches
         keep = batch.get("caption_kept")
         if keep is not None:
             rows = keep.astype(jnp.float32) * batch.get("_mask", jnp.ones_like(keep)).astype(jnp.float32)
@@ -208,7 +182,6 @@ def _host_rows(x, n):
     """The first n rows of a (possibly multi-host) global array, as numpy on every process."""
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))[:n]
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
 
 
@@ -216,15 +189,12 @@ def _global_batch(params, local: dict) -> dict:
     """Process-local numpy rows -> arrays on the params' mesh (plain arrays off a mesh)."""
     sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
     if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.devices.size > 1:
-        from core_jax.trainer import make_global_batch
         return make_global_batch(sh.mesh, local)
     return {k: jnp.asarray(v) for k, v in local.items()}
 
 
 def make_image_fn(cfg, dvae, num_images: int = 8):
     """Samples one image per caption of the first rows of the batch, decoded with the dVAE."""
-    from core_jax.metrics import image_grid
-    from dalle_jax import sampling
 
     def image_fn(params, batch):
         text = _host_rows(batch["text"], 4 * num_images)
@@ -242,8 +212,6 @@ def make_image_fn(cfg, dvae, num_images: int = 8):
 def make_evaluator(config, cfg, example_fn, batch_fn):
     """Text/image loss and image bits per token over `config.model.eval_max_batches` batches of the
     eval split (no caption dropout)."""
-    from core_jax import data as data_lib
-    from core_jax.trainer import Evaluator
 
     m = config.model
     weights = dict(text_loss_weight=float(m.text_loss_weight), image_loss_weight=float(m.image_loss_weight))
@@ -279,7 +247,6 @@ def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
     """Pre-encoded shards must match the model's grid and codebook. Their dVAE (index.json's
     `dvae_workdir`) becomes config.dvae_workdir when that is empty, so sample grids, the workdir's
     config.json and `generate` all decode with the dVAE the tokens came from."""
-    from core_jax.data.token_shards import read_index
     try:
         index = read_index(str(config.data.data_dir))
     except (FileNotFoundError, ValueError) as e:
@@ -296,8 +263,6 @@ def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
 def check_trained_masks(config, workdir: str | None) -> None:
     """Before the trainer loads params, ConfigError if they were trained with other attention masks
     than this run's: the workdir's own checkpoints when it resumes, else config.init_from's."""
-    from core_jax import checkpoint
-    from dalle_jax import masks
 
     init_from = str(config.get("init_from", "") or "")
     if workdir and checkpoint.latest_step(workdir) is not None:
@@ -313,8 +278,6 @@ def check_trained_masks(config, workdir: str | None) -> None:
 def make_task(config, workdir: str | None = None):
     """Builds the tokenizer (training one into the workdir if text.merges_file is empty), resolves
     model.text_vocab_size, loads the dVAE (if config.dvae_workdir) and returns the Task."""
-    from core_jax.text import tokenizer_from_config
-    from core_jax.trainer import Task
 
     check_trained_masks(config, workdir)
     abstract_only = workdir is None and int(config.model.text_vocab_size) > 0

@@ -16,10 +16,11 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
-from core_jax.config import ConfigError  # a ValueError that the CLIs print as one line
 from core_jax.data.image_ops import map_pixels, unmap_pixels
+from core_jax.errors import ConfigError
 from core_jax.modeling import constrain, dense, dtype_of, remat_policy
 
 ENCODER_KERNELS = (3, 3, 3, 1)
@@ -475,7 +476,6 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
 
 def default_model_config():
     """`config.model` for the dVAE with OpenAI's sizes and the paper's training schedules."""
-    import ml_collections
 
     return ml_collections.ConfigDict(dict(
         vocab_size=8192,

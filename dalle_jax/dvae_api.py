@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core_jax.checkpoint import load_params
 from core_jax.data import image_ops
 from dalle_jax import dvae as dvae_lib
 from dalle_jax import dvae_loss
@@ -38,7 +39,6 @@ class DVAE:
         """The newest (or given) checkpoint of a dVAE workdir written by train_dvae or convert_dvae:
         its EMA weights when the run kept one (config.ema_decay > 0), else (or with `raw_weights`)
         its raw params."""
-        from core_jax.checkpoint import load_params
 
         config, params = load_params(workdir, step, ema=not raw_weights)
         if "model" not in config or "vocab_size" not in config.model or "width_multipliers" not in config.model:

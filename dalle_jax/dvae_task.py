@@ -8,8 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
+from core_jax import data as data_lib
 from core_jax import sharding
 from core_jax.data import image_ops
+from core_jax.errors import ConfigError
+from core_jax.finetune import frozen_prefixes
+from core_jax.metrics import image_grid
+from core_jax.trainer import Evaluator, Task, make_global_batch
 from dalle_jax import dvae as dvae_lib
 from dalle_jax import dvae_loss
 
@@ -54,7 +59,6 @@ def _global_batch(params, local: dict) -> dict:
     leaf = jax.tree.leaves(params)[0]
     sh = getattr(leaf, "sharding", None)
     if isinstance(sh, NamedSharding) and sh.mesh.devices.size > 1:
-        from core_jax.trainer import make_global_batch
         return make_global_batch(sh.mesh, local)
     return {k: jnp.asarray(v) for k, v in local.items()}
 
@@ -72,8 +76,6 @@ def train_codes(model_config) -> str:
 def check_decoder_finetune(config) -> None:
     """model.train_codes='argmax' gives the encoder no gradient: it only makes sense on a trained
     dVAE's params with the encoder frozen (so the tokens stay the ones its transformer learned)."""
-    from core_jax.config import ConfigError
-    from core_jax.finetune import frozen_prefixes
 
     if train_codes(config.model) != "argmax":
         return
@@ -140,7 +142,6 @@ def make_image_fn(model, num_images: int = 8):
         return _replicated(to_uint8(orig)), _replicated(to_uint8(rec))
 
     def image_fn(params, batch):
-        from core_jax.metrics import image_grid
         n = min(num_images, batch["image"].shape[0])
         orig, rec = jax.device_get(pair(params, batch["image"], n))
         # Row 1: originals; row 2: their reconstructions from argmax codes.
@@ -170,8 +171,6 @@ def make_evaluator(config, model, example_fn):
     """PSNR over the eval split (argmax codes, as at inference) and codebook usage: the count of
     codes no position of the whole pass picked (`dead_codes`) and the fraction used; for a product
     codebook also the fraction of its digit rows some used code is made of."""
-    from core_jax import data as data_lib
-    from core_jax.trainer import Evaluator
 
     step_fn = make_eval_step(model)
     max_batches = int(config.model.get("eval_max_batches", -1))
@@ -208,8 +207,6 @@ def make_evaluator(config, model, example_fn):
 
 
 def make_task(config, workdir=None):
-    from core_jax.trainer import Task
-
     check_decoder_finetune(config)
     model = model_from_config(config)
     size = int(config.data.image_size)

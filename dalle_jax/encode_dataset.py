@@ -16,6 +16,9 @@ import numpy as np
 from absl import flags
 
 from core_jax import app as app_lib
+from core_jax.data import make_iterator
+from core_jax.data.image_ops import resize_and_crop, to_float01
+from dalle_jax.dvae_api import DVAE
 
 flags.DEFINE_string("dvae_workdir", None, "dVAE workdir (from train_dvae or convert_dvae).")
 flags.DEFINE_string("out_dir", None, "Output folder for the token shards and index.json.")
@@ -31,8 +34,6 @@ FLAGS = flags.FLAGS
 def encode_split(vae, data_config, split: str, out_dir: str, *, shard_size: int, batch_size: int,
                  max_examples: int = -1, seed: int = 0, log=print) -> dict:
     """Encodes one split; returns {'examples': n, 'shards': [file names]}."""
-    from core_jax.data import make_iterator
-    from core_jax.data.image_ops import resize_and_crop, to_float01
 
     size = vae.image_size
 
@@ -86,7 +87,6 @@ def main(argv):
         app_lib.fail("--shard_size and --batch_size must be positive")
     config = FLAGS.config
     splits = FLAGS.splits or list(dict.fromkeys([config.data.split, config.data.eval_split]))
-    from dalle_jax.dvae_api import DVAE
 
     try:
         vae = DVAE.load(FLAGS.dvae_workdir, raw_weights=FLAGS.raw_weights)

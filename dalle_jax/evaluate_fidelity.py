@@ -18,12 +18,26 @@ The issue's targets are on the headline number (clip_best at s when CLIP is give
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import time
 
 import numpy as np
+from PIL import Image
+
+from clip_jax.api import CLIPModel
+from core_jax.checkpoint import read_config
+from core_jax.cli import ArgumentParser, fail
+from core_jax.data import shapes
+from core_jax.data.shapes_checker import caption_fidelity
+from core_jax.errors import ConfigError
+from core_jax.metrics import image_grid
+from dalle_jax import rerank
+from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
+from dalle_jax.rerank import best_index
 
 TARGETS = {"test_seen": 0.9, "test_unseen": 0.6}
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -34,7 +48,6 @@ def choose_captions(split: str, num_prompts: int, seed: int = 0,
     """`num_prompts` captions of `split`: round(fraction * N) one-object captions, the rest
     two-object, each drawn without replacement from `all_captions(split)` (cycling through a fresh
     permutation when a kind has fewer captions than asked), then shuffled. Fixed for a seed."""
-    from core_jax.data import shapes
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     if num_prompts < 1:
@@ -54,7 +67,6 @@ def choose_captions(split: str, num_prompts: int, seed: int = 0,
 
 
 def _score_chunk(pairs):
-    from core_jax.data.shapes_checker import caption_fidelity
     return [caption_fidelity(image, caption) for image, caption in pairs]
 
 
@@ -67,8 +79,6 @@ def fidelity_scores(images: np.ndarray, captions: list[str], workers: int = 1) -
     if workers <= 1 or len(pairs) < 64:
         flat = _score_chunk(pairs)
     else:
-        import concurrent.futures
-        import multiprocessing
         size = -(-len(pairs) // (4 * workers))
         chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
         # spawn, not fork: the parent holds jax's threads
@@ -83,7 +93,6 @@ def summarize(fid: np.ndarray, clip_scores: np.ndarray | None) -> dict:
     out = {"first": float(fid[:, 0].mean()), "mean": float(fid.mean()),
            "any": float(fid.max(axis=1).mean())}
     if clip_scores is not None:
-        from dalle_jax.rerank import best_index
         best = best_index(clip_scores)
         out["clip_best"] = float(fid[np.arange(len(fid)), best].mean())
     return out
@@ -92,9 +101,6 @@ def summarize(fid: np.ndarray, clip_scores: np.ndarray | None) -> dict:
 def save_grids(images_dir: str, name: str, images: np.ndarray, scores: np.ndarray | None,
                max_prompts: int = 64) -> None:
     """<name>_first.png (and <name>_clip_best.png): one image per caption, captions in report order."""
-    from PIL import Image
-    from core_jax.metrics import image_grid
-    from dalle_jax.rerank import best_index
     os.makedirs(images_dir, exist_ok=True)
     images = images[:max_prompts]
     Image.fromarray(image_grid(images[:, 0])).save(os.path.join(images_dir, f"{name}_first.png"))
@@ -108,8 +114,6 @@ def evaluate(pipe, captions: list[str], *, num_samples: int, cond_scale: float, 
              seed: int = 0, batch_size: int = 256, workers: int = 1, log=print,
              images_dir: str | None = None, **sample_kwargs) -> dict:
     """Fidelity at guidance `cond_scale` and at s = 1; returns the report dict (see module doc)."""
-    from core_jax.data import shapes
-    from dalle_jax import rerank
 
     settings = [("guided", float(cond_scale))] if cond_scale != 1.0 else []
     settings.append(("unguided", 1.0))
@@ -155,7 +159,6 @@ def dvae_ceiling(pipe, split: str, num_images: int, seed: int = 0, batch_size: i
                  workers: int = 1) -> dict:
     """Fidelity of dVAE reconstructions (decode(encode(x))) of `num_images` real scenes of the
     split: how much of the target the image tokenizer alone allows."""
-    from core_jax.data import shapes
     examples = [shapes.make_example(split, i, seed) for i in range(num_images)]
     originals = np.stack([e["image"] for e in examples])
     tokens = np.concatenate([pipe.encode_images(originals[i:i + batch_size])
@@ -203,7 +206,6 @@ def format_table(report: dict) -> str:
 
 def main(argv=None, *, pipeline=None, clip=None):
     """The command; `pipeline` / `clip` (already loaded from the workdirs) skip loading."""
-    from core_jax.app import ArgumentParser
     p = ArgumentParser(prog="python -m dalle_jax.evaluate_fidelity", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="DALL-E workdir trained on the shapes suite")
     p.add_argument("--clip_workdir", default=None, help="CLIP workdir: also report CLIP-best of S")
@@ -232,8 +234,6 @@ def main(argv=None, *, pipeline=None, clip=None):
     args = p.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
-    from core_jax.app import fail
-    from core_jax.config import ConfigError
     try:
         if args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--num_samples and --batch_size must be >= 1")
@@ -242,8 +242,6 @@ def main(argv=None, *, pipeline=None, clip=None):
             path = getattr(args, name)
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
-        from core_jax.checkpoint import read_config
-        from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
         check_guidance(pipeline.config if pipeline else read_config(args.workdir), args.cond_scale,
                        args.force_guidance)
         pipe = pipeline or Pipeline.load(args.workdir, dvae_workdir=args.dvae_workdir,
@@ -252,7 +250,6 @@ def main(argv=None, *, pipeline=None, clip=None):
         if not args.clip_workdir:
             clip = None
         elif clip is None:
-            from clip_jax.api import CLIPModel
             clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
         if args.temperature < 0 or not 0 <= args.top_k <= pipe.cfg.image_vocab_size \

@@ -26,8 +26,16 @@ import sys
 import time
 
 import numpy as np
+from PIL import Image
 
-from core_jax.app import ArgumentParser, fail
+from clip_jax.api import CLIPModel
+from core_jax.checkpoint import read_config
+from core_jax.cli import ArgumentParser, fail
+from core_jax.data.decode import SkipExample, decode_image
+from core_jax.errors import ConfigError
+from core_jax.metrics import image_grid
+from dalle_jax import rerank, sampling
+from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh, default_variation_rows
 
 
 def build_parser() -> ArgumentParser:
@@ -81,7 +89,6 @@ def read_prompts_file(path: str) -> list[str]:
 
 
 def read_image(path: str) -> np.ndarray:
-    from core_jax.data.decode import SkipExample, decode_image
     try:
         with open(path, "rb") as f:
             return decode_image(f.read(), min_side=1)
@@ -145,9 +152,6 @@ def check_args(args) -> tuple[list, str]:
 def write_prompt_dir(out_dir: str, prompt, images: np.ndarray, tokens: np.ndarray,
                      clip_scores: np.ndarray | None, keep: int, meta: dict) -> dict:
     """Writes NNN.png best first, grid.png, tokens.npy and scores.json; returns the scores dict."""
-    from PIL import Image
-    from core_jax.metrics import image_grid
-    from dalle_jax import rerank
 
     os.makedirs(out_dir, exist_ok=True)
     order = rerank.rank(clip_scores)[:keep] if clip_scores is not None else np.arange(keep)
@@ -185,11 +189,7 @@ def main(argv=None, *, pipeline=None, clip=None):
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
 
-    from core_jax.config import ConfigError
-    from dalle_jax import sampling
-    from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
     try:
-        from core_jax.checkpoint import read_config
         # Before loading: a refused guidance scale should not cost a model load first.
         check_guidance(pipeline.config if pipeline else read_config(args.workdir), args.cond_scale,
                        args.force_guidance)
@@ -199,13 +199,11 @@ def main(argv=None, *, pipeline=None, clip=None):
         if not args.clip_workdir:
             clip = None
         elif clip is None:
-            from clip_jax.api import CLIPModel
             clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         known = None
         if mode == "inpaint":
             known = sampling.rectangle_mask(pipe.grid, *box)
         elif mode in ("complete", "variations"):
-            from dalle_jax.pipeline import default_variation_rows
             rows = args.rows_kept if args.rows_kept is not None else default_variation_rows(pipe.grid)
             known = sampling.completion_mask(pipe.grid, rows)
         sample_kwargs = dict(seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
@@ -223,7 +221,6 @@ def main(argv=None, *, pipeline=None, clip=None):
     seconds = time.perf_counter() - start
     clip_scores = None
     if clip is not None:
-        from dalle_jax import rerank
         clip_scores = rerank.group_scores(clip, images, prompts, batch_size=args.batch_size)
 
     keep = args.top_k_rerank or args.num_samples

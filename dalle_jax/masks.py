@@ -63,6 +63,8 @@ import functools
 
 import numpy as np
 
+from core_jax.errors import ConfigError
+
 KINDS = ("full", "row", "column", "conv")
 SPARSE_KINDS = ("row", "column", "conv")  # the kinds whose meaning legacy_masks changes
 
@@ -178,7 +180,6 @@ def recorded_legacy_masks(model, workdir: str | None = None) -> bool:
 
     A config without the key was recorded before the masks were fixed: harmless for a 'full' model
     (False), a ConfigError naming `workdir` and the fix when it uses row/column/conv masks."""
-    from core_jax.config import ConfigError
     legacy = model.get("legacy_masks", None)
     if legacy is not None:
         return bool(legacy)
@@ -195,7 +196,6 @@ def check_trained_masks(run_config, recorded, source: str) -> None:
     """ConfigError unless a training run (`run_config`) would continue the params recorded by
     `recorded` (the config.json of the workdir it resumes, or of its init_from) with the masks they
     were trained with. `source` names that workdir in the error."""
-    from core_jax.config import ConfigError
     model = recorded.get("model", None)
     if model is None or "attention_pattern" not in model:
         return  # not a DALL-E workdir: the trainer's own checks report it

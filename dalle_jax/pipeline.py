@@ -15,17 +15,30 @@ import dataclasses
 import os
 from typing import Any, Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 
+from core_jax import sharding
+from core_jax.checkpoint import load_params, read_config
+from core_jax.data.image_ops import resize_and_crop
+from core_jax.errors import ConfigError
+from core_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+from core_jax.text import BPETokenizer
 from dalle_jax import sampling
-from dalle_jax.transformer import MAX_UNROLLED_LAYERS, DalleConfig, unconditional_text, unscan_params
+from dalle_jax.loading import attached_dvae, load_dvae, resolve_text_vocab
+from dalle_jax.transformer import (
+    MAX_UNROLLED_LAYERS,
+    DalleConfig,
+    init_params,
+    unconditional_text,
+    unscan_params,
+)
 
 
 def load_tokenizer(config, workdir: str):
     """The tokenizer a DALL-E workdir was trained with: WORKDIR/tokenizer/merges.txt (the trainer
     copies it there whatever text.merges_file said), else text.merges_file. Never trains one."""
-    from core_jax.text import BPETokenizer
 
     path = os.path.join(workdir, "tokenizer", "merges.txt")
     if not os.path.isfile(path):
@@ -37,7 +50,6 @@ def load_tokenizer(config, workdir: str):
     tokenizer = BPETokenizer.from_merges(
         path, context_length=int(config.text.context_length), pad_mode="per_position",
         max_merges=config.text.get("max_merges", None))
-    from dalle_jax.dalle_task import resolve_text_vocab
     resolve_text_vocab(config, tokenizer)  # same checks as training; fills text_vocab_size 0
     return tokenizer
 
@@ -50,7 +62,6 @@ def check_guidance(config, cond_scale, force: bool = False) -> None:
     key (not written by this trainer) is refused the same way."""
     if cond_scale is None or float(cond_scale) == 1.0 or force:
         return
-    from core_jax.config import ConfigError
     dropout = config.get("model", {}).get("caption_dropout", None)
     if dropout is None or float(dropout) <= 0:
         said = "does not record model.caption_dropout" if dropout is None else \
@@ -61,9 +72,6 @@ def check_guidance(config, cond_scale, force: bool = False) -> None:
 
 
 def _param_shardings(cfg: DalleConfig, mesh):
-    import flax.linen as nn
-    from core_jax import sharding
-    from dalle_jax.transformer import init_params
     boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     return nn.meta.unbox(sharding.tree_shardings(mesh, boxed))
 
@@ -90,9 +98,6 @@ class Pipeline:
 
         The transformer and the dVAE load their EMA weights when their runs kept one; `raw_weights`
         loads the raw params of both."""
-        from core_jax.checkpoint import read_config, load_params
-        from dalle_jax.attach_decoder import attached_dvae
-        from dalle_jax.dalle_task import load_dvae
 
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"DALL-E workdir not found: {workdir}")
@@ -148,7 +153,6 @@ class Pipeline:
 
     def encode_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 [B, H, W, 3] of any size -> int32 [B, n_image] (centre crop to the dVAE's size)."""
-        from core_jax.data.image_ops import resize_and_crop
         images = np.stack([resize_and_crop(np.asarray(im), self.image_size) for im in images])
         tokens = np.asarray(self.dvae.encode(images))
         return tokens.reshape(len(images), -1).astype(np.int32)
@@ -185,7 +189,6 @@ class Pipeline:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         chunk = min(batch_size, rows)
         if self.mesh is not None:
-            from core_jax.sharding import data_parallel_size
             dp = data_parallel_size(self.mesh)
             chunk = -(-chunk // dp) * dp  # padded rows are dropped; the split needs a multiple
         known = None if known_mask is None else np.asarray(known_mask, bool).reshape(-1)
@@ -206,7 +209,6 @@ class Pipeline:
             kwargs.update(prefix_image_tokens=prefix, known_mask=known)
         if self.mesh is None:
             return np.asarray(sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs))
-        from core_jax.sharding import batch_sharding
         text = jax.device_put(text, batch_sharding(self.mesh, 2))
         with jax.set_mesh(self.mesh):
             tokens = sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs)
@@ -265,7 +267,6 @@ def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
 def data_parallel_mesh():
     """A mesh over every device with all of them on the data axis (inference: params replicated
     where they fit, rows split)."""
-    from core_jax.sharding import make_mesh
     return make_mesh(dict(data=-1, fsdp=1, tensor=1))
 
 

@@ -15,6 +15,11 @@ import sys
 
 import numpy as np
 from absl import app, flags
+from PIL import Image
+
+from core_jax.cli import fail
+from core_jax.data import image_ops
+from dalle_jax.dvae_api import DVAE
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -43,9 +48,6 @@ def output_names(files: list[str]) -> dict[str, str]:
 
 
 def read_image(path: str, size: int) -> np.ndarray:
-    from PIL import Image
-
-    from core_jax.data import image_ops
 
     with Image.open(path) as img:
         img = image_ops.exif_transpose(img)
@@ -61,7 +63,6 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, log=print) -> dict:
     """Returns {'written': n, 'skipped': n, 'mean_psnr': dB}."""
-    from PIL import Image
 
     files = list_images(input_dir)
     if not files:
@@ -97,8 +98,6 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
 
 
 def main(argv):
-    from core_jax.app import fail
-
     if len(argv) > 1:
         fail(f"unexpected arguments: {' '.join(argv[1:])}")
     for name in ("workdir", "input_dir", "out_dir"):
@@ -106,7 +105,6 @@ def main(argv):
             fail(f"--{name} is required")
     if FLAGS.batch_size <= 0:
         fail(f"--batch_size must be positive, got {FLAGS.batch_size}")
-    from dalle_jax.dvae_api import DVAE
 
     try:
         files = list_images(FLAGS.input_dir)

@@ -1,10 +1,6 @@
 """Trains the DALL-E transformer: python -m dalle_jax.train --config configs/dalle_shapes.py --workdir DIR"""
 from core_jax.app import run_trainer
-
-
-def make_task(config, workdir):
-    from dalle_jax.dalle_task import make_task as make
-    return make(config, workdir)
+from dalle_jax.dalle_task import make_task
 
 
 def main():

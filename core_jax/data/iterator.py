@@ -23,6 +23,7 @@ import numpy as np
 from core_jax.data import sources
 from core_jax.data.config import with_defaults
 from core_jax.data.decode import NoUsableExamples, SkipExample
+from core_jax.errors import ConfigError
 
 _END = object()
 
@@ -40,7 +41,7 @@ class IndexStream:
     (per-epoch reshuffled, repeated) grain index map goes to process p as its k-th record."""
 
     def __init__(self, source, *, train, seed, process_index, process_count, name=None):
-        import grain
+        import grain  # lazy: grain loads JAX (~2 s); core_jax.data stays host-only for train_bpe and contact_sheet
 
         self.name = name or getattr(source, "name", type(source).__name__)
         self._n = len(source)
@@ -92,7 +93,7 @@ class TarShardStream:
         self._ids = list(range(process_index, len(source.shards), process_count))
         self._window = max(1, int(source.shuffle_buffer)) if train else 1
         if train and not self._ids:
-            raise sources._config_error(
+            raise ConfigError(
                 f"{self.name}: {len(source.shards)} shard(s) cannot be split over "
                 f"{process_count} processes; each process needs at least one")
 
@@ -225,10 +226,10 @@ class DataIterator:
                "process_index": self._proc[0], "process_count": self._proc[1]}
         if self._proc[1] == 1:
             return own
-        import jax
+        import jax  # lazy: multi-process runs only (see IndexStream.__init__)
+        from jax.experimental import multihost_utils  # lazy: as jax
         if jax.process_count() != self._proc[1]:  # simulated processes (tests): nothing to gather
             return own
-        from jax.experimental import multihost_utils
         data = np.frombuffer(json.dumps(own).encode(), np.uint8)
         sizes = multihost_utils.process_allgather(np.int32(data.size))
         padded = np.zeros(int(np.max(sizes)), np.uint8)
@@ -378,12 +379,12 @@ def make_iterator(data_config, split, *, global_batch_size, seed, example_fn, tr
                   process_index=None, process_count=None) -> DataIterator:
     """Builds the source named by `data_config.source` and returns this process's iterator."""
     if process_index is None or process_count is None:
-        import jax
+        import jax  # lazy: a host-only caller passes both (see IndexStream.__init__)
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count or global_batch_size <= 0:
-        raise sources._config_error(f"global batch size {global_batch_size} is not a positive "
-                                    f"multiple of the number of processes {process_count}")
+        raise ConfigError(f"global batch size {global_batch_size} is not a positive "
+                          f"multiple of the number of processes {process_count}")
     cfg = with_defaults(data_config)
     src = sources.build_source(cfg, split, train=train)
     where = dict(train=train, seed=seed, process_index=process_index, process_count=process_count)

@@ -19,10 +19,15 @@ import posixpath
 import tarfile
 import zlib
 
+import fsspec
 import numpy as np
+from braceexpand import braceexpand
 
 from core_jax.data import decode
 from core_jax.data.decode import SkipExample
+from core_jax.data.shapes import ShapesSource, check_fraction, check_train_pairs
+from core_jax.data.token_shards import TokenShardSource
+from core_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,18 +39,12 @@ class DecodeOptions:
     max_pixels: int | None = decode.DEFAULT_MAX_PIXELS
 
 
-def _config_error(msg):
-    from core_jax.config import ConfigError  # lazy: core_jax.config imports this package
-    return ConfigError(msg)
-
-
 def _is_remote(path: str) -> bool:
     return "://" in path and not path.startswith("file://")
 
 
 def _open_binary(path: str):
     if _is_remote(path):
-        import fsspec
         return fsspec.open(path, "rb").open()
     return open(path.removeprefix("file://"), "rb")
 
@@ -59,11 +58,11 @@ def _not_found(message: str, path: str) -> FileNotFoundError:
 
 def _tfds_data_source(name: str, split: str, data_dir: str):
     """The one call into TFDS (tests replace it to feed examples without TensorFlow)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: heavy, and only TFDS data needs it
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except tfds.core.DatasetNotFoundError:
-        raise _config_error(f"data.name={name!r} is not a registered TFDS builder") from None
+        raise ConfigError(f"data.name={name!r} is not a registered TFDS builder") from None
     except (NotImplementedError, AssertionError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
@@ -151,11 +150,11 @@ def _read_index(path: str) -> list[dict]:
                         rows.append({"_bad": e.reason})
         return rows
     if ext == "parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # lazy: heavy, and only parquet index files need it
         with _open_binary(path) as f:
             return pq.read_table(f).to_pylist()
     if ext not in ("csv", "tsv"):
-        raise _config_error(f"data.index_file {path!r}: use .csv, .tsv, .jsonl or .parquet")
+        raise ConfigError(f"data.index_file {path!r}: use .csv, .tsv, .jsonl or .parquet")
     with _open_binary(path) as f, io.TextIOWrapper(f, "utf-8", "surrogateescape", newline="") as t:
         return list(csv.DictReader(t, delimiter="\t" if ext == "tsv" else ","))
 
@@ -176,11 +175,11 @@ class FolderSource:
         path_col = next((c for c in ("path", "file", opts.image_key) if c in columns), None)
         cap_col = next((c for c in (opts.caption_key, "caption", "text") if c and c in columns), None)
         if rows and path_col is None:
-            raise _config_error(f"{index_file}: no image path column (looked for 'path', 'file', "
-                                f"{opts.image_key!r}); columns are {sorted(columns)}")
+            raise ConfigError(f"{index_file}: no image path column (looked for 'path', 'file', "
+                              f"{opts.image_key!r}); columns are {sorted(columns)}")
         if rows and opts.caption_key and cap_col is None:
-            raise _config_error(f"{index_file}: no caption column (looked for {opts.caption_key!r}, "
-                                f"'caption', 'text'); set data.caption_key='' to go without")
+            raise ConfigError(f"{index_file}: no caption column (looked for {opts.caption_key!r}, "
+                              f"'caption', 'text'); set data.caption_key='' to go without")
         if "split" in columns:
             rows = [r for r in rows if "_bad" in r or str(r.get("split")) == split]
         self._rows = rows
@@ -244,16 +243,14 @@ def _split_top_level(text: str) -> list[str]:
 
 def resolve_shards(urls: str) -> list[str]:
     """Brace patterns, globs and comma lists -> shard paths; anything missing fails here, by name."""
-    from braceexpand import braceexpand
     if not urls or not urls.strip():
-        raise _config_error("data.source='webdataset' needs data.urls (a brace pattern or a "
-                            "comma-separated list of .tar shards)")
+        raise ConfigError("data.source='webdataset' needs data.urls (a brace pattern or a "
+                          "comma-separated list of .tar shards)")
     shards = []
     for pattern in _split_top_level(urls):
         for path in braceexpand(pattern):
             if any(c in path for c in "*?["):
                 if _is_remote(path):
-                    import fsspec
                     fs, _ = fsspec.core.url_to_fs(path)
                     matches = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
                 else:
@@ -269,7 +266,6 @@ def resolve_shards(urls: str) -> list[str]:
             raise _not_found("webdataset shard not found", p)
     remote = [p for p in shards if _is_remote(p)]
     if remote:
-        import fsspec
         fs, _ = fsspec.core.url_to_fs(remote[0])
         for p in remote[:1] + remote[-1:]:  # one request per shard would stall big bucket lists
             if not fs.exists(p):
@@ -364,7 +360,6 @@ def _opts(cfg) -> DecodeOptions:
 
 
 def _shapes(cfg, split, **_):
-    from core_jax.data.shapes import ShapesSource, check_fraction, check_train_pairs
     if split != "train":  # test splits keep their fixed mix, so evals stay comparable
         return ShapesSource(split=split)
     fraction = float(cfg.shapes_one_object_fraction)
@@ -372,14 +367,14 @@ def _shapes(cfg, split, **_):
         check_fraction(fraction, name="data.shapes_one_object_fraction")
         check_train_pairs(cfg.shapes_train_pairs, name="data.shapes_train_pairs")
     except ValueError as e:
-        raise _config_error(str(e)) from None
+        raise ConfigError(str(e)) from None
     return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
                         one_object_fraction=fraction, train_pairs=cfg.shapes_train_pairs)
 
 
 def _tfds(cfg, split, *, train):
     if not cfg.name:
-        raise _config_error("data.source='tfds' needs data.name (a TFDS builder, e.g. coco_captions)")
+        raise ConfigError("data.source='tfds' needs data.name (a TFDS builder, e.g. coco_captions)")
     return TfdsSource(cfg.name, split, cfg.data_dir, train=train, opts=_opts(cfg))
 
 
@@ -395,8 +390,8 @@ def _folder(cfg, split, **_):
         candidates = [os.path.join(cfg.data_dir, f"index.{e}") for e in ("csv", "jsonl", "parquet")]
         index_file = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     if not index_file:
-        raise _config_error("data.source='folder' needs data.index_file (CSV/JSONL/Parquet of "
-                            "path,caption)")
+        raise ConfigError("data.source='folder' needs data.index_file (CSV/JSONL/Parquet of "
+                          "path,caption)")
     return FolderSource(index_file, split, opts=_opts(cfg))
 
 
@@ -406,10 +401,9 @@ def _webdataset(cfg, split, **_):
 
 
 def _tokens(cfg, split, **_):
-    from core_jax.data.token_shards import TokenShardSource
     if not cfg.data_dir:
-        raise _config_error("data.source='tokens' needs data.data_dir (a folder written by "
-                            "python -m dalle_jax.encode_dataset)")
+        raise ConfigError("data.source='tokens' needs data.data_dir (a folder written by "
+                          "python -m dalle_jax.encode_dataset)")
     return TokenShardSource(cfg.data_dir, split)
 
 
@@ -420,5 +414,5 @@ SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _w
 def build_source(cfg, split, *, train):
     """A random-access source (`len` + `load(i, rng)` or `[i]`) or a WebDatasetSource."""
     if cfg.source not in SOURCES:
-        raise _config_error(f"data.source={cfg.source!r}; choose one of {sorted(SOURCES)}")
+        raise ConfigError(f"data.source={cfg.source!r}; choose one of {sorted(SOURCES)}")
     return SOURCES[cfg.source](cfg, split, train=train)

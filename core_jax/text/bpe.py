@@ -24,6 +24,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 
+from core_jax.data import shapes
+from core_jax.errors import ConfigError
+
 try:  # CLIP runs ftfy first; without it we fall back to NFC, as HF's CLIPTokenizerFast does.
   import ftfy
 except ImportError:  # pragma: no cover - depends on the environment
@@ -309,7 +312,6 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *,
 def load_captions(source: str) -> list[str]:
   """Captions to train on: 'shapes' (its train split) or a file with one caption per line."""
   if source == 'shapes':
-    from core_jax.data import shapes  # pylint: disable=g-import-not-at-top
     return list(shapes.all_captions('train'))
   path = os.path.expanduser(source)
   if not os.path.isfile(path):
@@ -320,7 +322,6 @@ def load_captions(source: str) -> list[str]:
 def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
   """The tokenizer for training captions: `tokenizer` with `text_config.bpe_dropout` (absent or 0 =
   `tokenizer` itself). Never for eval, generation or zero-shot prompts."""
-  from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   get = text_config.get if hasattr(text_config, 'get') else lambda k, d=None: getattr(
       text_config, k, d)
   dropout = float(get('bpe_dropout', 0.0) or 0.0)
@@ -344,7 +345,6 @@ def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
   """A merges file already in the workdir (a resumed run, or one a failed run left) must be what
   the config asks for: its record (merges.json, written when it was trained) or, for files without
   one, the workdir's config.json. A mismatch is one ConfigError line; nothing to compare, no check."""
-  from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
   record_path = os.path.splitext(path)[0] + '.json'
   if os.path.isfile(record_path):
     with open(record_path, encoding='utf-8') as f:
@@ -399,7 +399,6 @@ def tokenizer_from_config(text_config, workdir: str | None = None, *,
     if not os.path.isfile(path):
       raise FileNotFoundError(f'text.merges_file not found: {path}')
   else:
-    from core_jax.config import ConfigError  # pylint: disable=g-import-not-at-top
     if workdir is None:
       raise ValueError('text.merges_file is empty, so a workdir is needed to train one into')
     source = get('train_source', '') or ('shapes' if data_source == 'shapes' else '')

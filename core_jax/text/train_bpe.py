@@ -12,7 +12,7 @@ import time
 import types
 from typing import Sequence
 
-from core_jax.app import ArgumentParser
+from core_jax.cli import ArgumentParser
 from core_jax.text.bpe import BPETokenizer, load_captions, train_bpe
 
 __all__ = ['main', 'train_bpe']
