@@ -9,7 +9,7 @@ import dataclasses
 import os
 import shutil
 import time
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -131,6 +131,32 @@ def make_global_batch(mesh, local_batch: Mapping[str, np.ndarray]) -> dict:
         spec = sharding.spec_for(("act_batch",) + (None,) * (v.ndim - 1), (global_rows,) + v.shape[1:], mesh)
         out[k] = jax.make_array_from_process_local_data(NamedSharding(mesh, spec), v)
     return out
+
+
+def params_global_batch(params, local_batch: Mapping[str, np.ndarray]) -> dict:
+    """Process-local rows -> arrays on the mesh `params` live on (plain device arrays off a mesh):
+    what an evaluator, which gets only params, feeds its jitted step."""
+    sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
+    if isinstance(sh, NamedSharding) and sh.mesh.devices.size > 1:
+        return make_global_batch(sh.mesh, local_batch)
+    return {k: jnp.asarray(v) for k, v in local_batch.items()}
+
+
+def eval_batches(config, params, example_fn, *, max_batches: int = -1,
+                 batch_fn: Callable[[dict], dict] | None = None) -> Iterator[dict]:
+    """The global batches of `config.data.eval_split` for an evaluator, in order and without
+    augmentation: at most `max_batches` (< 0: the whole split), each on the params' mesh with the
+    iterator's `_mask` (False on the rows padding the last batch). `batch_fn` runs on the host
+    first, like Task.batch_fn."""
+    it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
+                                seed=config.seed, example_fn=example_fn, train=False)
+    try:
+        for i, local in enumerate(it):
+            if 0 <= max_batches <= i:
+                break
+            yield params_global_batch(params, local if batch_fn is None else batch_fn(local))
+    finally:
+        it.close()
 
 
 def split_micro(batch, k: int):

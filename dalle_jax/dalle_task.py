@@ -25,14 +25,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from core_jax import checkpoint
-from core_jax import data as data_lib
 from core_jax.config import base_config
 from core_jax.data import SkipExample, image_ops
 from core_jax.data.token_shards import read_index
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from core_jax.text import tokenizer_from_config, training_tokenizer
-from core_jax.trainer import Evaluator, Task, make_global_batch, mean_over_micro_batches
+from core_jax.trainer import Evaluator, Task, eval_batches, mean_over_micro_batches
 from dalle_jax import masks, sampling
 from dalle_jax import transformer as model_lib
 from dalle_jax.loading import load_dvae, resolve_text_vocab
@@ -185,14 +184,6 @@ def _host_rows(x, n):
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
 
 
-def _global_batch(params, local: dict) -> dict:
-    """Process-local numpy rows -> arrays on the params' mesh (plain arrays off a mesh)."""
-    sh = getattr(jax.tree.leaves(params)[0], "sharding", None)
-    if isinstance(sh, jax.sharding.NamedSharding) and sh.mesh.devices.size > 1:
-        return make_global_batch(sh.mesh, local)
-    return {k: jnp.asarray(v) for k, v in local.items()}
-
-
 def make_image_fn(cfg, dvae, num_images: int = 8):
     """Samples one image per caption of the first rows of the batch, decoded with the dVAE."""
 
@@ -224,15 +215,8 @@ def make_evaluator(config, cfg, example_fn, batch_fn):
         return jax.tree.map(lambda v: v * rows, dict(metrics, loss=loss)), rows
 
     def fn(params, step):
-        it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
-                                    seed=config.seed, example_fn=example_fn, train=False)
         totals, count = None, 0.0
-        for i, local in enumerate(it):
-            if 0 <= max_batches <= i:
-                break
-            local = batch_fn(local)
-            local["_mask"] = local.get("_mask", np.ones(local["text"].shape[0], bool))
-            b = _global_batch(params, local)
+        for b in eval_batches(config, params, example_fn, max_batches=max_batches, batch_fn=batch_fn):
             sums, rows = jax.device_get(eval_step(params, b["text"], b["image_tokens"], b["_mask"]))
             totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
             count += float(rows)

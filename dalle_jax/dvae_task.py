@@ -6,15 +6,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
-from core_jax import data as data_lib
 from core_jax import sharding
 from core_jax.data import image_ops
 from core_jax.errors import ConfigError
 from core_jax.finetune import frozen_prefixes
 from core_jax.metrics import image_grid
-from core_jax.trainer import Evaluator, Task, make_global_batch
+from core_jax.trainer import Evaluator, Task, eval_batches
 from dalle_jax import dvae as dvae_lib
 from dalle_jax import dvae_loss
 
@@ -52,15 +50,6 @@ def reconstruct_fn(model):
 
 def to_uint8(x01):
     return jnp.round(jnp.clip(x01, 0.0, 1.0) * 255.0).astype(jnp.uint8)
-
-
-def _global_batch(params, local: dict) -> dict:
-    """Process-local numpy rows -> arrays on the params' mesh (plain device arrays off a mesh)."""
-    leaf = jax.tree.leaves(params)[0]
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, NamedSharding) and sh.mesh.devices.size > 1:
-        return make_global_batch(sh.mesh, local)
-    return {k: jnp.asarray(v) for k, v in local.items()}
 
 
 TRAIN_CODES = ("relaxed", "argmax")
@@ -177,15 +166,9 @@ def make_evaluator(config, model, example_fn):
     factors = dvae_lib.codebook_digits(config.model)
 
     def fn(params, step):
-        it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
-                                    seed=config.seed, example_fn=example_fn, train=False)
         totals = None
-        for i, local in enumerate(it):
-            if 0 <= max_batches <= i:
-                break
-            mask = local.pop("_mask", np.ones(local["image"].shape[0], bool))
-            batch = _global_batch(params, {"image": local["image"], "mask": mask})
-            out = jax.device_get(step_fn(params, batch["image"], batch["mask"]))
+        for batch in eval_batches(config, params, example_fn, max_batches=max_batches):
+            out = jax.device_get(step_fn(params, batch["image"], batch["_mask"]))
             totals = out if totals is None else jax.tree.map(np.add, totals, out)
         if totals is None or totals["count"] == 0:
             raise RuntimeError(f"dVAE evaluator: split {config.data.eval_split!r} gave no examples")

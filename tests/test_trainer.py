@@ -98,3 +98,24 @@ def test_metrics_and_workdir_layout(full_run):
     assert json.load(open(os.path.join(wd, "config.json")))["batch_size"] == 16
     assert os.listdir(os.path.join(wd, "tensorboard"))
     assert sorted(os.listdir(os.path.join(wd, "checkpoints")))[-1] == "6"
+
+
+def test_eval_batches_follow_the_params_mesh_and_stop_at_max_batches():
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from core_jax import sharding
+
+    config = toy_config()
+    example_fn = lambda raw, rng: {"label": np.int32(len(raw["caption"]))}  # noqa: E731
+    add_one = lambda local: dict(local, label=local["label"] + 1)  # noqa: E731
+    mesh = sharding.make_mesh(config.mesh)
+    sharded = {"w": jax.device_put(np.zeros((8, 2), np.float32), NamedSharding(mesh, P("data")))}
+    batches = list(trainer.eval_batches(config, sharded, example_fn, max_batches=2, batch_fn=add_one))
+    assert len(batches) == 2 and set(batches[0]) == {"label", "_mask"}
+    assert batches[0]["label"].shape == (16,) and batches[0]["label"].sharding.mesh.shape == mesh.shape
+    plain = list(trainer.eval_batches(config, {"w": np.zeros(2)}, example_fn, max_batches=2))
+    assert not isinstance(plain[0]["label"].sharding, NamedSharding)  # off a mesh: plain arrays
+    for b, p in zip(batches, plain):
+        np.testing.assert_array_equal(np.asarray(b["label"]), np.asarray(p["label"]) + 1)
+        assert np.asarray(b["_mask"]).all()
+    assert list(trainer.eval_batches(config, sharded, example_fn, max_batches=0)) == []
