@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+# quick_gelu / exact_gelu: CLIP's two activations (config.model.activation 'quick_gelu' / 'gelu').
+from core_jax.layers import MLP, Attention, exact_gelu, flax_layer_norm, param, quick_gelu  # noqa: F401
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
@@ -29,94 +31,6 @@ _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 _LUMA = (0.299, 0.587, 0.114)
 LUMA_EPS = 1e-4
 CHROMA_EPS = 1e-3
-
-
-def quick_gelu(x):
-    """OpenAI's sigmoid approximation of GELU; its weights were trained with it."""
-    return x * jax.nn.sigmoid(1.702 * x)
-
-
-def exact_gelu(x):
-    """open_clip's nn.GELU: erf-based (flax's nn.gelu defaults to the tanh approximation)."""
-    return nn.gelu(x, approximate=False)
-
-
-def activation_fn(name: str):
-    if name == "quick_gelu":
-        return quick_gelu
-    if name == "gelu":
-        return exact_gelu
-    raise ValueError(f"model.activation: unknown activation {name!r}; choose one of {ACTIVATIONS}")
-
-
-def _param(module: nn.Module, name: str, init, shape, axes):
-    return module.param(name, nn.with_logical_partitioning(init, axes), shape, jnp.float32)
-
-
-def _layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
-    return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
-        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
-
-
-class Attention(nn.Module):
-    """Multi-head self-attention with explicit [embed, heads, kv] kernels (shardable by name)."""
-    num_heads: int
-    causal: bool
-    out_std: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        if width % self.num_heads:
-            raise ValueError(f"attention: width {width} is not divisible by {self.num_heads} heads")
-        head_dim = width // self.num_heads
-        in_init = nn.initializers.normal(width ** -0.5)
-
-        def project(name):
-            kernel = _param(self, f"{name}_kernel", in_init, (width, self.num_heads, head_dim),
-                            ("embed", "heads", "kv"))
-            bias = _param(self, f"{name}_bias", nn.initializers.zeros, (self.num_heads, head_dim),
-                          ("heads", "kv"))
-            y = dense(x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
-            return constrain(y, ("act_batch", "act_length", "act_heads", "act_kv"))
-
-        q, k, v = project("q"), project("k"), project("v")
-        logits = jnp.einsum("bqhk,bshk->bhqs", q, k).astype(jnp.float32) * head_dim ** -0.5
-        if self.causal:
-            length = x.shape[1]
-            mask = jnp.tril(jnp.ones((length, length), bool))
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqs,bshk->bqhk", probs, v)
-        out = constrain(out, ("act_batch", "act_length", "act_heads", "act_kv"))
-        out_kernel = _param(self, "out_kernel", nn.initializers.normal(self.out_std),
-                            (self.num_heads, head_dim, width), ("heads", "kv", "embed"))
-        out_bias = _param(self, "out_bias", nn.initializers.zeros, (width,), ("norm",))
-        y = dense(out, out_kernel.astype(self.dtype), in_dims=2)
-        return y + out_bias.astype(self.dtype)
-
-
-class MLP(nn.Module):
-    mlp_dim: int
-    activation: str
-    out_std: float
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        width = x.shape[-1]
-        fc_kernel = _param(self, "fc_kernel", nn.initializers.normal((2 * width) ** -0.5),
-                           (width, self.mlp_dim), ("embed", "mlp"))
-        fc_bias = _param(self, "fc_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
-        h = dense(x, fc_kernel.astype(self.dtype)) + fc_bias.astype(self.dtype)
-        h = constrain(activation_fn(self.activation)(h), ("act_batch", "act_length", "act_mlp"))
-        proj_kernel = _param(self, "proj_kernel", nn.initializers.normal(self.out_std),
-                             (self.mlp_dim, width), ("mlp", "embed"))
-        proj_bias = _param(self, "proj_bias", nn.initializers.zeros, (width,), ("norm",))
-        return dense(h, proj_kernel.astype(self.dtype)) + proj_bias.astype(self.dtype)
 
 
 class ResidualBlock(nn.Module):
@@ -134,10 +48,12 @@ class ResidualBlock(nn.Module):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         width = x.shape[-1]
         out_std = width ** -0.5 * (2 * self.depth) ** -0.5
-        h = _layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
-        x = x + Attention(self.num_heads, self.causal, out_std, self.dtype, name="attn")(h)
-        h = _layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
-        x = x + MLP(self.mlp_dim, self.activation, out_std, self.dtype, name="mlp")(h)
+        h = flax_layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
+        x = x + Attention(num_heads=self.num_heads, out_std=out_std, causal=self.causal,
+                          dtype=self.dtype, name="attn")(h)
+        h = flax_layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
+        x = x + MLP(mlp_dim=self.mlp_dim, activation=self.activation, in_std=(2 * width) ** -0.5,
+                    out_std=out_std, dtype=self.dtype, name="mlp")(h)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
@@ -171,17 +87,17 @@ class VisionTower(nn.Module):
             # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
             patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
             patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
-            patch_kernel = _param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
+            patch_kernel = param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
                                   (p * p * 3, width), ("patch", "embed"))
             x = dense(patches, patch_kernel.astype(dtype))
-        class_embedding = _param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
+        class_embedding = param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
                                  (width,), ("norm",))
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        positions = _param(self, "positional_embedding", nn.initializers.normal(width ** -0.5),
+        positions = param(self, "positional_embedding", nn.initializers.normal(width ** -0.5),
                            (g * g + 1, width), ("length", "embed"))
         x = x + positions.astype(dtype)[None]
-        x = _layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
+        x = flax_layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
         if colour is None:
             x = _transformer(cfg, cfg.vision_layers, cfg.vision_heads, width, False, dtype)(x)
         else:
@@ -192,8 +108,8 @@ class VisionTower(nn.Module):
             x = x + jnp.pad(colour, ((0, 0), (1, 0), (0, 0)))
             x = _transformer(cfg, cfg.vision_layers - k, cfg.vision_heads, width, False, dtype,
                              depth=cfg.vision_layers, name="transformer_late")(x)
-        pooled = _layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
-        proj = _param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
+        pooled = flax_layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
+        proj = param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
                       ("embed", None))
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
 
@@ -218,9 +134,9 @@ class VisionTower(nn.Module):
         colour = (weights * rgb).sum(-2) / (weights.sum(-2) + CHROMA_EPS * p * p)
         colour = (colour - mean) / std
         pattern = constrain(pattern, ("act_batch", "act_length", None))
-        luma_kernel = _param(self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5),
+        luma_kernel = param(self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5),
                              (p * p, width), ("patch", "embed"))
-        chroma_kernel = _param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
+        chroma_kernel = param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
                                (3, width), (None, "embed"))
         return (dense(pattern, luma_kernel.astype(dtype)), dense(colour, chroma_kernel.astype(dtype)))
 
@@ -236,17 +152,17 @@ class TextTower(nn.Module):
             raise ValueError(f"encode_text: expected int tokens [B, L<={cfg.context_length}], got "
                              f"{tokens.shape}")
         width = cfg.text_width
-        embedding = _param(self, "token_embedding", nn.initializers.normal(0.02),
+        embedding = param(self, "token_embedding", nn.initializers.normal(0.02),
                            (cfg.vocab_size, width), ("vocab", "embed"))
         x = jnp.take(embedding.astype(dtype), tokens, axis=0)
-        positions = _param(self, "positional_embedding", nn.initializers.normal(0.01),
+        positions = param(self, "positional_embedding", nn.initializers.normal(0.01),
                            (cfg.context_length, width), ("length", "embed"))
         x = x + positions.astype(dtype)[None, :tokens.shape[1]]
         x = _transformer(cfg, cfg.text_layers, cfg.text_heads, width, True, dtype)(x)
-        x = _layer_norm(cfg.ln_eps, dtype, "ln_final")(x)
+        x = flax_layer_norm(cfg.ln_eps, dtype, "ln_final")(x)
         eot = jnp.argmax(tokens, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        proj = _param(self, "text_projection", nn.initializers.normal(width ** -0.5),
+        proj = param(self, "text_projection", nn.initializers.normal(width ** -0.5),
                       (width, cfg.embed_dim), ("embed", None))
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
 

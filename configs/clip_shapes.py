@@ -9,9 +9,8 @@ from clip_jax.defaults import clip_config, model_config, text_config
 
 def get_config(arg=None):
     # luma_chroma: the first 3 of 4 vision blocks see only each patch's contrast-normalised
-    # luminance, so an outline is read the same way in every colour; the colour joins later. With
-    # OpenAI's RGB patch conv the tower codes shape together with colour and misreads the held-out
-    # pairs (docs/clip.md: 74% against 99.7% on test_unseen at 400 steps).
+    # luminance, so an outline reads the same in every colour; RGB patches misread held-out pairs
+    # (docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded).
     model = model_config(
         name="shapes", image_size=64, patch_size=8, vision_width=128, vision_layers=4,
         vision_heads=4, text_width=128, text_layers=4, text_heads=4, embed_dim=128,
@@ -25,13 +24,11 @@ def get_config(arg=None):
     # Zero-shot on one-object scenes of the 4 colour-shape pairs never seen in training.
     c.eval.zeroshot_source = "shapes"
     c.eval.zeroshot_split = "test_unseen"
-    # Both 4-layer towers unrolled inside their scans: same params and init as the scan, a CPU
-    # train step ~10% faster (bench.bench_demo_steps, README "Train-step speed on CPU").
+    # Both towers unrolled inside their scans: same params and init, a ~10% faster CPU step.
     c.scan_unroll = c.model.get_ref("vision_layers") * 1  # follows its override (text: as many)
     c.batch_size = 64
-    # ~0.45 s/step at batch 64 on 2 idle CPU cores: 400 steps, compile and the one evaluation fit
-    # in 4 minutes (docs/clip.md). `make demo` trains 250 (zero-shot 0.956): it reranks the demo's
-    # DALL-E as well, a seed-2 DALL-E's unseen samples worse (docs/generate.md, "The demo's budget").
+    # 400 steps, compile and the one evaluation fit in 4 minutes on 2 CPU cores; `make demo` trains
+    # 250 (docs/results.md, "The demo's budget: decoder batch and CLIP steps").
     c.total_steps = 400
     c.log_every = 50
     c.eval_every = 400

@@ -14,8 +14,7 @@ def get_config(arg=None):
     m = c.model
     m.text_len = c.text.context_length = 16  # shapes captions are <= 11 BPE tokens with the end token
     m.image_grid, m.image_vocab_size = 8, 224  # the shapes dVAE: 8x8 tokens, 32 x 7 codes
-    # Width 128 (1.0M params): the run's 48k examples take ~12 min on a 2-core AVX2 CPU (64-77
-    # ex/s, dVAE encoding included); width 256 was 3x the time per example.
+    # Width 128 (1.0M params): the run takes ~12 min on 2 CPU cores; width 256 was 3x the time.
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 128, 4, 32, 4, 512
     m.attention_pattern = "full"
     m.conv_kernel = 5
@@ -26,22 +25,17 @@ def get_config(arg=None):
         m.attention_pattern = "paper"
     elif arg:
         raise ValueError(f"configs/dalle_shapes.py: unknown preset {arg!r} (use 'paper_masks')")
-    # Four layers unrolled inside the scan: the scan's params and init, none of its per-step
-    # stacking of saved activations (CPU train step 406 -> 318 ms, bench.bench_demo_steps).
+    # Unrolled inside the scan: the scan's params and init, a faster CPU step (bench.bench_demo_steps).
     c.scan_unroll = m.get_ref("num_layers") * 1  # follows --config.model.num_layers
     c.data.source = "shapes"
     c.data.image_size = 64
     c.data.eval_split = "test_unseen"
-    # Three in four training scenes hold two objects (the suite's default is half): one-object
-    # captions are learnt early, two-object ones are what fidelity misses. On one dVAE's tokens with
-    # the batch-8 fine-tuned decoder (96 prompts x 16 samples, s=3, top_p 0.7), CLIP-best seen /
-    # unseen went 0.885 / 0.594 -> 0.906 / 0.604 on seed 0, 0.719 / 0.438 -> 0.802 / 0.469 on
-    # seed 1 and 0.844 / 0.500 -> 0.896 / 0.646 on seed 2 (docs/dalle.md, "The train mix").
+    # Three in four training scenes hold two objects (the suite's default is half): two-object
+    # captions are what fidelity misses; better on three seeds
+    # (docs/results.md#dall-e-the-train-mix-two-object-scenes-2-core-amd-epyc-2026-11-30).
     c.data.shapes_one_object_fraction = 0.25
-    # Two-object captions are learnt late and the run's seed decides how well: on one dVAE's tokens
-    # (96 prompts x 16 samples, s=3, top_p 0.7; CLIP-best seen / unseen, seeds 0 ; 1) 1500 steps
-    # of batch 32 gave 0.781 / 0.469 ; 0.615 / 0.396, the same 48k examples as 3000 steps of
-    # batch 16 0.885 / 0.594 ; 0.719 / 0.438, for ~8% more time (65 vs 71 ex/s; docs/dalle.md).
+    # 48k examples as 3000 steps of batch 16 rather than 1500 of 32: better fidelity on two seeds
+    # for ~8% more time (docs/results.md, "DALL-E: the shapes training budget").
     c.total_steps = 3000
     c.batch_size = 16
     c.log_every = 100
@@ -49,12 +43,8 @@ def get_config(arg=None):
     c.checkpoint_every = 1000
     c.optim.learning_rate = 2e-3
     c.optim.warmup_steps = 100
-    # Weight decay 0.1 (was 0.01): on one dVAE's tokens (96 prompts x 16 samples, s=3, top_p 0.7)
-    # the eval image loss fell on every seed tried and the mean fidelity of a sample rose (seen
-    # +0.06 / +0.07 / +0.04, unseen +0.19 / +0.07 / +0.09 on seeds 0 / 1 / 2); CLIP-best seen /
-    # unseen went 0.906 / 0.604 -> 0.927 / 0.708 on seed 0, 0.802 / 0.469 -> 0.823 / 0.417 on
-    # seed 1 and 0.896 / 0.646 -> 0.948 / 0.740 on seed 2 (docs/dalle.md, "Weight decay 0.1").
-    # 0.3 raised the eval loss on all three seeds and lowered seen CLIP-best (same section).
+    # Weight decay 0.1 (not 0.01 or 0.3): lowest eval loss and better mean fidelity on three seeds
+    # (docs/results.md#dall-e-weight-decay-01-2-core-amd-epyc-2026-11-30).
     c.optim.weight_decay = 0.1
     c.optim.end_learning_rate_fraction = 0.05
     return lock(c)

@@ -21,11 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from core_jax.layers import MLP, Attention, LayerNorm, normal, param
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 from dalle_jax import masks as masks_lib
-
-NEG_INF = -1e30  # finite, so a fully masked row (never happens: text is always visible) stays finite
-
 
 @dataclasses.dataclass(frozen=True)
 class DalleConfig:
@@ -103,97 +101,6 @@ def unconditional_text(cfg: DalleConfig, batch: int) -> jax.Array:
     return jnp.broadcast_to(row, (batch, cfg.text_len))
 
 
-def _param(module, name, init, names, shape):
-    return module.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
-
-
-def _normal(std):
-    return nn.initializers.normal(stddev=std)
-
-
-class LayerNorm(nn.Module):
-    dtype: str
-
-    @nn.compact
-    def __call__(self, x):
-        scale = _param(self, "scale", nn.initializers.ones, ("norm",), (x.shape[-1],))
-        bias = _param(self, "bias", nn.initializers.zeros, ("norm",), (x.shape[-1],))
-        x32 = x.astype(jnp.float32)  # statistics in float32 whatever the compute dtype
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
-        return y.astype(dtype_of(self.dtype))
-
-
-class Attention(nn.Module):
-    cfg: DalleConfig
-    decode: bool = False
-
-    @nn.compact
-    def __call__(self, x, mask_table, kind, start):
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        d, h, k = cfg.d_model, cfg.num_heads, cfg.head_dim
-        init = _normal(1.0 / math.sqrt(d))
-        out_init = _normal(1.0 / math.sqrt(h * k) / math.sqrt(2 * cfg.num_layers))
-        heads = ("act_batch", "act_length", "act_heads", "act_kv")
-
-        def project(name):
-            w = _param(self, f"{name}_kernel", init, ("embed", "heads", "kv"), (d, h, k))
-            b = _param(self, f"{name}_bias", nn.initializers.zeros, ("heads", "kv"), (h, k))
-            y = dense(x, w.astype(dtype)) + b.astype(dtype)
-            return constrain(y, heads)
-
-        q, key, value = project("query"), project("key"), project("value")
-        length = x.shape[1]
-        if self.decode:
-            # The cache is [B, heads, T, head_dim]: the layout the attention dots want, so a step
-            # only transposes its own S new rows, never the whole cache.
-            cache_names = ("act_batch", "act_heads", "act_length", "act_kv")
-            shape = (x.shape[0], h, cfg.seq_len, k)
-            cached_key = self.variable("cache", "key", jnp.zeros, shape, dtype)
-            cached_value = self.variable("cache", "value", jnp.zeros, shape, dtype)
-
-            def write(cache, new):
-                new = new.astype(dtype).transpose(0, 2, 1, 3)
-                return constrain(jax.lax.dynamic_update_slice(cache.value, new, (0, 0, start, 0)),
-                                 cache_names)
-
-            cached_key.value = write(cached_key, key)
-            cached_value.value = write(cached_value, value)
-            key_spec, key, value = "bhtk", cached_key.value, cached_value.value
-            mask = jax.lax.dynamic_slice(mask_table[kind], (start, 0), (length, cfg.seq_len))
-        else:
-            key_spec = "bthk"
-            mask = mask_table[kind][:length, :length]  # no cache: the call covers positions 0..S-1
-
-        logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key,
-                            preferred_element_type=jnp.float32) / math.sqrt(k)
-        logits = jnp.where(mask[None, None], logits, NEG_INF)
-        weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-        out = constrain(jnp.einsum(f"bhqt,{key_spec}->bqhk", weights, value), heads)
-        w_out = _param(self, "out_kernel", out_init, ("heads", "kv", "embed"), (h, k, d))
-        b_out = _param(self, "out_bias", nn.initializers.zeros, ("norm",), (d,))
-        return dense(out, w_out.astype(dtype), in_dims=2) + b_out.astype(dtype)
-
-
-class Mlp(nn.Module):
-    cfg: DalleConfig
-
-    @nn.compact
-    def __call__(self, x):
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        w_in = _param(self, "in_kernel", _normal(1.0 / math.sqrt(cfg.d_model)), ("embed", "mlp"),
-                      (cfg.d_model, cfg.mlp_dim))
-        b_in = _param(self, "in_bias", nn.initializers.zeros, ("mlp",), (cfg.mlp_dim,))
-        w_out = _param(self, "out_kernel",
-                       _normal(1.0 / math.sqrt(cfg.mlp_dim) / math.sqrt(2 * cfg.num_layers)),
-                       ("mlp", "embed"), (cfg.mlp_dim, cfg.d_model))
-        b_out = _param(self, "out_bias", nn.initializers.zeros, ("norm",), (cfg.d_model,))
-        hidden = nn.gelu(dense(x, w_in.astype(dtype)) + b_in.astype(dtype))
-        hidden = constrain(hidden, ("act_batch", "act_length", "act_mlp"))
-        return dense(hidden, w_out.astype(dtype)) + b_out.astype(dtype)
-
-
 class Block(nn.Module):
     """Pre-LayerNorm attention + MLP; `kind` (int32 scalar) picks this layer's mask."""
     cfg: DalleConfig
@@ -201,11 +108,20 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask_table, kind, start):
+        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         names = ("act_batch", "act_length", "act_embed")
-        x = x + Attention(self.cfg, self.decode, name="attn")(
-            LayerNorm(self.cfg.dtype, name="ln_attn")(x), mask_table, kind, start)
+        depth = math.sqrt(2 * cfg.num_layers)  # residual-branch outputs start smaller in deep stacks
+        attn = Attention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, names=("query", "key", "value"),
+                         in_std=1.0 / math.sqrt(cfg.d_model),
+                         out_std=1.0 / math.sqrt(cfg.num_heads * cfg.head_dim) / depth,
+                         float32_logits=True, cache_length=cfg.seq_len if self.decode else 0,
+                         dtype=dtype, name="attn")
+        x = x + attn(LayerNorm(dtype, name="ln_attn")(x), mask_table[kind], start)
         x = constrain(x, names)
-        x = x + Mlp(self.cfg, name="mlp")(LayerNorm(self.cfg.dtype, name="ln_mlp")(x))
+        mlp = MLP(mlp_dim=cfg.mlp_dim, activation="gelu_tanh", names=("in", "out"),
+                  in_std=1.0 / math.sqrt(cfg.d_model),
+                  out_std=1.0 / math.sqrt(cfg.mlp_dim) / depth, dtype=dtype, name="mlp")
+        x = x + mlp(LayerNorm(dtype, name="ln_mlp")(x))
         return constrain(x, names)
 
 
@@ -223,13 +139,13 @@ class DalleTransformer(nn.Module):
     def _embed(self, stream_ids, start):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         d, lt, grid = cfg.d_model, cfg.text_len, cfg.image_grid
-        emb_init = _normal(0.02)
-        text_table = _param(self, "text_embedding", emb_init, ("vocab", "embed"), (cfg.total_text_vocab, d))
-        image_table = _param(self, "image_embedding", emb_init, ("vocab", "embed"), (cfg.image_vocab_size, d))
-        bos = _param(self, "bos", emb_init, ("embed",), (d,))
-        text_pos = _param(self, "text_position", emb_init, ("length", "embed"), (lt + 1, d))
-        row_pos = _param(self, "image_row_position", emb_init, ("length", "embed"), (grid, d))
-        col_pos = _param(self, "image_column_position", emb_init, ("length", "embed"), (grid, d))
+        emb_init = normal(0.02)
+        text_table = param(self, "text_embedding", emb_init, (cfg.total_text_vocab, d), ("vocab", "embed"))
+        image_table = param(self, "image_embedding", emb_init, (cfg.image_vocab_size, d), ("vocab", "embed"))
+        bos = param(self, "bos", emb_init, (d,), ("embed",))
+        text_pos = param(self, "text_position", emb_init, (lt + 1, d), ("length", "embed"))
+        row_pos = param(self, "image_row_position", emb_init, (grid, d), ("length", "embed"))
+        col_pos = param(self, "image_column_position", emb_init, (grid, d), ("length", "embed"))
 
         pos = start + jnp.arange(stream_ids.shape[1])
         is_text = (pos <= lt)[None, :, None]
@@ -244,8 +160,8 @@ class DalleTransformer(nn.Module):
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
     def _head(self, name, x, vocab):
-        w = _param(self, f"{name}_kernel", _normal(0.02), ("embed", "vocab"), (self.cfg.d_model, vocab))
-        b = _param(self, f"{name}_bias", nn.initializers.zeros, ("vocab",), (vocab,))
+        w = param(self, f"{name}_kernel", normal(0.02), (self.cfg.d_model, vocab), ("embed", "vocab"))
+        b = param(self, f"{name}_bias", nn.initializers.zeros, (vocab,), ("vocab",))
         logits = dense(x, w.astype(x.dtype)) + b.astype(x.dtype)
         return constrain(logits.astype(jnp.float32), ("act_batch", "act_length", "act_vocab"))
 
@@ -267,7 +183,7 @@ class DalleTransformer(nn.Module):
                             remat="none" if self.decode else cfg.remat, per_layer_argnums=(1,),
                             cfg=cfg, decode=self.decode)
         x = stack(x, jnp.asarray(table), jnp.asarray(index), jnp.asarray(start, jnp.int32))
-        x = LayerNorm(cfg.dtype, name="ln_final")(x)
+        x = LayerNorm(dtype_of(cfg.dtype), name="ln_final")(x)
         if heads == "image":
             return self._head("image_head", x, cfg.image_vocab_size)
         return (self._head("text_head", x[:, :cfg.text_len], cfg.total_text_vocab),
