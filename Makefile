@@ -30,9 +30,11 @@ $(TEST_STAMP): $(STAMP)
 test: lint
 	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
-# ruff (pyflakes, pycodestyle, bugbear; rules in ruff.toml) comes with the test extra.
+# ruff (pyflakes, pycodestyle, bugbear; rules in ruff.toml) and its formatter come with the test
+# extra; `$(VENV)/bin/ruff format .` applies the format this checks.
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 demo: $(STAMP)
 	bash launch/demo.sh

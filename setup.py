@@ -1,4 +1,5 @@
 """dalle_jax + clip_jax + core_jax: DALL-E, its dVAE and CLIP in JAX/Flax, from one CPU to a TPU pod."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -28,8 +29,12 @@ setup(
     ],
     extras_require={
         # libtpu lets the aot test compile for a TPU slice on CPU (deviceless).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "ruff>=0.6",
-                 "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'"],
+        "test": [
+            "pytest>=8.0",
+            "pytest-xdist>=3.5",
+            "ruff>=0.6",
+            "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        ],
         # Weight converters and parity tests only; never needed to train.
         "torch": ["torch>=2.1"],
         "tpu": ["jax[tpu]>=0.10.2"],

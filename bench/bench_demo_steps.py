@@ -9,6 +9,7 @@ changes the configs to compare a variant (this machine's speed drifts by 10-20%:
 alternating). The demo's stage times are these steps times the configs' step counts, plus
 compiling, evaluations and data (README, "make demo").
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,30 +43,45 @@ def measure(model: str, overrides: dict, steps: int) -> dict:
         batch = first_batch(config, make_task(model, config, workdir))
         result, _ = pure_step(model, config, workdir, "float32", batch, steps)
         t = result["timing"]
-        return {"model": model, "batch_size": int(config.batch_size), "steps": int(config.total_steps),
-                "best_ms": 1e3 * t["best"], "median_ms": 1e3 * t["median"],
-                "examples_per_sec": int(config.batch_size) / t["median"],
-                "stage_step_minutes": t["median"] * int(config.total_steps) / 60}
+        return {
+            "model": model,
+            "batch_size": int(config.batch_size),
+            "steps": int(config.total_steps),
+            "best_ms": 1e3 * t["best"],
+            "median_ms": 1e3 * t["median"],
+            "examples_per_sec": int(config.batch_size) / t["median"],
+            "stage_step_minutes": t["median"] * int(config.total_steps) / 60,
+        }
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 def markdown(rows) -> str:
-    lines = ["| model | batch | step ms (best / median) | examples/s | config steps x median step |",
-             "| --- | --- | --- | --- | --- |"]
+    lines = [
+        "| model | batch | step ms (best / median) | examples/s | config steps x median step |",
+        "| --- | --- | --- | --- | --- |",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['batch_size']} | {r['best_ms']:.0f} / {r['median_ms']:.0f} | "
-                     f"{r['examples_per_sec']:.1f} | {r['steps']} x = {r['stage_step_minutes']:.1f} min |")
+        lines.append(
+            f"| {r['model']} | {r['batch_size']} | {r['best_ms']:.0f} / {r['median_ms']:.0f} | "
+            f"{r['examples_per_sec']:.1f} | {r['steps']} x = {r['stage_step_minutes']:.1f} min |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     import argparse
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default=",".join(DEMO_MODELS), help="comma list of dvae, clip, dalle")
     ap.add_argument("--steps", type=int, default=20, help="timed steps per model (after one warm-up)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override for every model, e.g. scan_unroll=1 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every model, e.g. scan_unroll=1 (repeatable)",
+    )
     args = ap.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     unknown = sorted(set(models) - set(DEMO_MODELS))

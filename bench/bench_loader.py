@@ -3,6 +3,7 @@ CLIP-normalise through make_iterator, for several worker counts. Prints one JSON
 
     .venv/bin/python bench/bench_loader.py --shards 4 --per_shard 256 --workers 0,1,2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,15 +43,15 @@ def write_shards(root: str, shards: int, per_shard: int, size: int) -> str:
 
 def measure(urls, workers, image_size, batch, batches):
     cfg = default_data_config()
-    cfg.update(dict(source="webdataset", urls=urls, num_workers=workers, prefetch=2,
-                    shuffle_buffer=256))
+    cfg.update(dict(source="webdataset", urls=urls, num_workers=workers, prefetch=2, shuffle_buffer=256))
 
     def example_fn(raw, rng):
         img = image_ops.resize_and_crop(raw["image"], image_size, True, rng)
         return {"image": image_ops.clip_normalize(image_ops.maybe_flip(img, rng))}
 
-    it = make_iterator(cfg, "train", global_batch_size=batch, seed=0, example_fn=example_fn,
-                       process_index=0, process_count=1)
+    it = make_iterator(
+        cfg, "train", global_batch_size=batch, seed=0, example_fn=example_fn, process_index=0, process_count=1
+    )
     next(it)  # threads started, pool warm
     start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(batches):
@@ -58,11 +59,14 @@ def measure(urls, workers, image_size, batch, batches):
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     it.close()
     rate = batches * batch / seconds
-    return {"workers": workers, "images_per_s": round(rate, 1),
-            "images_per_s_per_worker": round(rate / max(workers, 1), 1),
-            "seconds": round(seconds, 2),
-            # Process CPU time (all threads) per image: comparable on a busy, shared machine.
-            "cpu_ms_per_image": round(1000 * cpu / (batches * batch), 2)}
+    return {
+        "workers": workers,
+        "images_per_s": round(rate, 1),
+        "images_per_s_per_worker": round(rate / max(workers, 1), 1),
+        "seconds": round(seconds, 2),
+        # Process CPU time (all threads) per image: comparable on a busy, shared machine.
+        "cpu_ms_per_image": round(1000 * cpu / (batches * batch), 2),
+    }
 
 
 def main():
@@ -78,14 +82,23 @@ def main():
     with tempfile.TemporaryDirectory() as root:
         urls = write_shards(root, args.shards, args.per_shard, args.source_size)
         shard_mb = sum(os.path.getsize(os.path.join(root, f)) for f in os.listdir(root)) / 2**20
-        results = [measure(urls, int(w), args.image_size, args.batch, args.batches)
-                   for w in args.workers.split(",")]
-    print(json.dumps({"source": f"webdataset {args.shards}x{args.per_shard} "
-                      f"{args.source_size}px JPEG ({shard_mb:.1f} MiB)",
-                      "pipeline": f"decode + resize/random crop {args.image_size} + flip + "
-                      "CLIP normalise", "batch": args.batch, "cpu_count": os.cpu_count(),
-                      "load_avg_1m": round(os.getloadavg()[0], 1),
-                      "python": platform.python_version(), "results": results}))
+        results = [
+            measure(urls, int(w), args.image_size, args.batch, args.batches) for w in args.workers.split(",")
+        ]
+    print(
+        json.dumps(
+            {
+                "source": f"webdataset {args.shards}x{args.per_shard} "
+                f"{args.source_size}px JPEG ({shard_mb:.1f} MiB)",
+                "pipeline": f"decode + resize/random crop {args.image_size} + flip + CLIP normalise",
+                "batch": args.batch,
+                "cpu_count": os.cpu_count(),
+                "load_avg_1m": round(os.getloadavg()[0], 1),
+                "python": platform.python_version(),
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

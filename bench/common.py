@@ -5,6 +5,7 @@ Every bench module has `run(size) -> dict` (size: 'full' | 'quick' | 'toy', pres
 each module) and `markdown(result) -> str`. A result dict always holds `name`, `size`, `seconds`
 (wall time of the bench) and `targets` (a list of `target(...)` rows, possibly empty).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -27,6 +28,7 @@ def check_size(size: str) -> str:
 
 
 # ----------------------------------------------------------------------------- the machine
+
 
 def cpu_model() -> str:
     try:
@@ -108,12 +110,17 @@ def with_fake_devices(xla_flags: str, count: int = 8) -> str:
 
 # ----------------------------------------------------------------------------- timing
 
+
 def summarize(times: Sequence[float]) -> dict:
     """best (min: noise only ever adds time), median and all samples, in seconds."""
     if not times:
         raise ValueError("no timings to summarize")
-    return {"best": min(times), "median": statistics.median(times), "n": len(times),
-            "samples": [round(t, 6) for t in times]}
+    return {
+        "best": min(times),
+        "median": statistics.median(times),
+        "n": len(times),
+        "samples": [round(t, 6) for t in times],
+    }
 
 
 def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
@@ -130,6 +137,7 @@ def time_calls(fn: Callable[[], object], repeats: int, warmup: int = 1) -> dict:
 
 def block(tree):
     import jax
+
     return jax.block_until_ready(tree)
 
 
@@ -147,9 +155,14 @@ def peak_matmul_flops(dtype: str = "float32", n: int = 2048, repeats: int = 5) -
     b = jax.random.normal(jax.random.fold_in(key, 1), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x, y: x @ y)
     timing = time_calls(lambda: f(a, b).block_until_ready(), repeats, warmup=1)
-    flops = 2.0 * n ** 3
-    return {"dtype": dtype, "n": n, "best_flops": flops / timing["best"],
-            "median_flops": flops / timing["median"], "timing": timing}
+    flops = 2.0 * n**3
+    return {
+        "dtype": dtype,
+        "n": n,
+        "best_flops": flops / timing["best"],
+        "median_flops": flops / timing["median"],
+        "timing": timing,
+    }
 
 
 def best_peak(measurements: Sequence[dict]) -> dict:
@@ -157,12 +170,17 @@ def best_peak(measurements: Sequence[dict]) -> dict:
     times = [t for m in measurements for t in m["timing"]["samples"]]
     flops = 2.0 * measurements[0]["n"] ** 3
     timing = summarize(times)
-    return {"dtype": measurements[0]["dtype"], "n": measurements[0]["n"],
-            "best_flops": flops / timing["best"], "median_flops": flops / timing["median"],
-            "timing": timing}
+    return {
+        "dtype": measurements[0]["dtype"],
+        "n": measurements[0]["n"],
+        "best_flops": flops / timing["best"],
+        "median_flops": flops / timing["median"],
+        "timing": timing,
+    }
 
 
 # ----------------------------------------------------------------------------- compiled steps
+
 
 def cost_flops(compiled) -> float:
     """FLOPs XLA counts for a compiled computation (a while/scan body is counted once)."""
@@ -173,8 +191,10 @@ def cost_flops(compiled) -> float:
 
 def memory_bytes(compiled) -> dict:
     mem = compiled.memory_analysis()
-    out = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-           for k in ("argument", "output", "alias", "temp", "generated_code")}
+    out = {
+        k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+        for k in ("argument", "output", "alias", "temp", "generated_code")
+    }
     return out
 
 
@@ -205,8 +225,9 @@ def compiled_train_step(task, config, mesh, batch: dict, fast_compile: bool = Fa
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     global_batch = trainer.make_global_batch(mesh, batch)
     _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, global_batch)
-    step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
-                                  jax.tree.map(lambda x: x.sharding, global_batch))
+    step = trainer.jit_train_step(
+        task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, global_batch)
+    )
     t = time.perf_counter()
     with jax.set_mesh(mesh):
         compiled = compile_lowered(step.lower(abstract, global_batch), fast_compile)
@@ -245,8 +266,12 @@ def initial_state(task, config, mesh, global_batch):
     params = random_params(abstract.params)
 
     def build(params):
-        return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                                  nonfinite_skipped=jnp.zeros((), jnp.int32))
+        return trainer.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            nonfinite_skipped=jnp.zeros((), jnp.int32),
+        )
 
     with jax.set_mesh(mesh):
         return jax.jit(build, out_shardings=shardings)(params)
@@ -255,6 +280,7 @@ def initial_state(task, config, mesh, global_batch):
 def copy_tree(tree):
     """A copy whose buffers a donating step may consume without touching the original."""
     import jax
+
     return jax.tree.map(lambda x: x.copy(), tree)
 
 
@@ -273,6 +299,7 @@ def time_train_step(compiled, state, batch, mesh, steps: int, warmup: int = 1):
 
 
 # ----------------------------------------------------------------------------- targets and tables
+
 
 def target(name: str, value, goal: str, met: bool | None, *, unit: str = "", why: str = "") -> dict:
     """One row of the targets table. `met=None`: not measured (e.g. a peer is not installed)."""
@@ -297,7 +324,7 @@ def fmt(x, digits: int = 3) -> str:
         return str(x)
     if x == 0:
         return "0"
-    if abs(x) >= 10 ** digits:
+    if abs(x) >= 10**digits:
         return f"{x:,.0f}"
     return f"{x:.{max(digits - 1 - int(math.floor(math.log10(abs(x)))), 0)}f}"
 
@@ -307,11 +334,11 @@ def pct(x) -> str:
 
 
 def gib(b) -> str:
-    return "-" if b is None else f"{b / 2 ** 30:.3f} GiB"
+    return "-" if b is None else f"{b / 2**30:.3f} GiB"
 
 
 def mib(b) -> str:
-    return "-" if b is None else f"{b / 2 ** 20:.1f} MiB"
+    return "-" if b is None else f"{b / 2**20:.1f} MiB"
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

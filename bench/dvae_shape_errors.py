@@ -9,6 +9,7 @@ shape) pairs that differ, `missing` when the reconstruction shows no object at a
 squared error sits: its share on edge pixels (colour differs from a 4-neighbour in the original)
 and the PSNR the reconstructions would have if every edge pixel were exact.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,6 +33,7 @@ def edge_pixels(images: np.ndarray) -> np.ndarray:
 
 def shape_errors(originals: np.ndarray, recons: np.ndarray, captions: list[str]) -> dict:
     from core_jax.data import shapes_checker as chk
+
     objects, wrong, passed = collections.Counter(), collections.Counter(), 0
     for original, recon, caption in zip(originals, recons, captions):
         found = chk.detect_objects(recon)
@@ -41,8 +43,9 @@ def shape_errors(originals: np.ndarray, recons: np.ndarray, captions: list[str])
             if not found:
                 wrong[f"{obj['shape']}->missing"] += 1
                 continue
-            dist = [np.hypot(f["centre"][0] - obj["centre"][0], f["centre"][1] - obj["centre"][1])
-                    for f in found]
+            dist = [
+                np.hypot(f["centre"][0] - obj["centre"][0], f["centre"][1] - obj["centre"][1]) for f in found
+            ]
             read = found[int(np.argmin(dist))]["shape"]
             if read != obj["shape"]:
                 wrong[f"{obj['shape']}->{read}"] += 1
@@ -50,14 +53,20 @@ def shape_errors(originals: np.ndarray, recons: np.ndarray, captions: list[str])
     mse = sq.mean(axis=(1, 2)) / 3
     edges = edge_pixels(originals)
     edge_mse = np.where(edges, 0.0, sq).mean() / 3  # as if every edge pixel were exact
-    return {"scenes": len(captions), "ceiling": passed / len(captions),
-            "psnr_per_image_mean": float(np.mean(10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-10)))),
-            "edge_pixels_per_image": float(edges.sum(axis=(1, 2)).mean()),
-            "squared_error_share_at_edges": round(float(sq[edges].sum() / max(sq.sum(), 1e-10)), 3),
-            "psnr_if_edges_exact": float(10 * np.log10(255.0 ** 2 / max(edge_mse, 1e-10))),
-            "objects": dict(objects), "wrong": dict(sorted(wrong.items())),
-            "wrong_fraction": {s: round(sum(v for k, v in wrong.items() if k.startswith(s + "->"))
-                                        / n, 3) for s, n in objects.items()}}
+    return {
+        "scenes": len(captions),
+        "ceiling": passed / len(captions),
+        "psnr_per_image_mean": float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10)))),
+        "edge_pixels_per_image": float(edges.sum(axis=(1, 2)).mean()),
+        "squared_error_share_at_edges": round(float(sq[edges].sum() / max(sq.sum(), 1e-10)), 3),
+        "psnr_if_edges_exact": float(10 * np.log10(255.0**2 / max(edge_mse, 1e-10))),
+        "objects": dict(objects),
+        "wrong": dict(sorted(wrong.items())),
+        "wrong_fraction": {
+            s: round(sum(v for k, v in wrong.items() if k.startswith(s + "->")) / n, 3)
+            for s, n in objects.items()
+        },
+    }
 
 
 def main(argv=None):
@@ -69,12 +78,17 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from core_jax.data import shapes
     from dalle_jax.dvae_api import DVAE
+
     vae = DVAE.load(args.dvae_workdir)
     for split in args.splits.split(","):
         examples = [shapes.make_example(split, i) for i in range(args.num_scenes)]
         originals = np.stack([e["image"] for e in examples])
-        recons = np.concatenate([np.asarray(vae.decode(vae.encode(originals[i:i + args.batch_size])))
-                                 for i in range(0, len(originals), args.batch_size)])
+        recons = np.concatenate(
+            [
+                np.asarray(vae.decode(vae.encode(originals[i : i + args.batch_size])))
+                for i in range(0, len(originals), args.batch_size)
+            ]
+        )
         row = shape_errors(originals, recons, [e["caption"] for e in examples])
         print(json.dumps({"split": split, "dvae_workdir": args.dvae_workdir, **row}), flush=True)
 

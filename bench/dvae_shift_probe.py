@@ -13,6 +13,7 @@ reconstruction's distance from the scene it encodes over the distance between th
 averaged over both scenes of every pair (0: each edge drawn at its pixel; 0.5: halfway, a blur
 over both positions; 1: drawn at the other scene's position).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,6 +30,7 @@ def moved_pairs(num_scenes: int, split: str = "test_unseen"):
     one pixel right ('x') or down ('y'), or one pixel larger ('size'), in turn; a move that would
     leave the image is skipped."""
     from core_jax.data import shapes
+
     originals, moved, kinds = [], [], []
     last = shapes.IMAGE_SIZE - 1
     for i in range(num_scenes):
@@ -64,11 +66,16 @@ def probe(vae, decoder, num_scenes: int) -> list[dict]:
     rows = []
     for kind in MOVES:
         m = kinds == kind
-        rows.append({"move": kind, "pairs": int(m.sum()),
-                     "identical_codes": round(float((tokens_changed[m] == 0).mean()), 3),
-                     "tokens_changed": round(float(tokens_changed[m].mean()), 2),
-                     "pixels_changed": round(float(np.any(originals[m] != moved[m], -1).sum((1, 2)).mean()), 1),
-                     "edge_error": round(float(error[m].mean()), 3)})
+        rows.append(
+            {
+                "move": kind,
+                "pairs": int(m.sum()),
+                "identical_codes": round(float((tokens_changed[m] == 0).mean()), 3),
+                "tokens_changed": round(float(tokens_changed[m].mean()), 2),
+                "pixels_changed": round(float(np.any(originals[m] != moved[m], -1).sum((1, 2)).mean()), 1),
+                "edge_error": round(float(error[m].mean()), 3),
+            }
+        )
     return rows
 
 
@@ -81,6 +88,7 @@ def main(argv=None):
     if args.num_scenes < len(MOVES):
         parser.error(f"--num_scenes must be >= {len(MOVES)} (one scene per kind of move)")
     from dalle_jax.dvae_api import DVAE
+
     vae = DVAE.load(args.dvae_workdir)
     decoder = DVAE.load(args.decoder_workdir) if args.decoder_workdir else vae
     if (decoder.grid_size, decoder.vocab_size) != (vae.grid_size, vae.vocab_size):

@@ -8,6 +8,7 @@ run against its reference, so it holds on a noisy machine. See bench/README.md.
     python -m bench.run_all --quick              # smaller/fewer measurements; writes runs/bench_quick/
     python -m bench.run_all --only mfu,sampling  # some benches, merged into the existing results
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,12 +30,25 @@ QUICK_DIR = os.path.join(REPO, "runs", "bench_quick")
 LOADER_PRESETS = {
     "full": ["--shards", "4", "--per_shard", "128", "--batch", "32", "--batches", "16", "--workers", "1,2"],
     "quick": ["--shards", "2", "--per_shard", "64", "--batch", "32", "--batches", "4", "--workers", "1,2"],
-    "toy": ["--shards", "1", "--per_shard", "8", "--batch", "4", "--batches", "1", "--workers", "1",
-            "--image_size", "64"],
+    "toy": [
+        "--shards",
+        "1",
+        "--per_shard",
+        "8",
+        "--batch",
+        "4",
+        "--batches",
+        "1",
+        "--workers",
+        "1",
+        "--image_size",
+        "64",
+    ],
 }
 
 
 # ----------------------------------------------------------------------------- the input pipeline
+
 
 def run_loader(size: str = "full") -> dict:
     """bench/bench_loader.py (the data pipeline's own bench) in a subprocess: images/s per worker for
@@ -42,47 +56,79 @@ def run_loader(size: str = "full") -> dict:
     t0 = time.perf_counter()
     args = LOADER_PRESETS[common.check_size(size)]
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "bench", "bench_loader.py"), *args],
-                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          timeout=1200)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "bench", "bench_loader.py"), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=1200,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"bench_loader.py failed ({proc.returncode}): {proc.stderr[-2000:]}")
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"name": "loader", "size": size, "args": args, "report": report, "targets": [],
-            "seconds": time.perf_counter() - t0}
+    return {
+        "name": "loader",
+        "size": size,
+        "args": args,
+        "report": report,
+        "targets": [],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def loader_markdown(out: dict) -> str:
     r = out["report"]
-    lines = [f"### Input pipeline ({out['size']})", "",
-             f"{r['source']}; {r['pipeline']}; batch {r['batch']}; {r['cpu_count']} CPUs, load "
-             f"{r['load_avg_1m']} at the end (bench/bench_loader.py).", ""]
-    rows = [[x["workers"], common.fmt(x["images_per_s"]), common.fmt(x["images_per_s_per_worker"]),
-             common.fmt(x["cpu_ms_per_image"])] for x in r["results"]]
+    lines = [
+        f"### Input pipeline ({out['size']})",
+        "",
+        f"{r['source']}; {r['pipeline']}; batch {r['batch']}; {r['cpu_count']} CPUs, load "
+        f"{r['load_avg_1m']} at the end (bench/bench_loader.py).",
+        "",
+    ]
+    rows = [
+        [
+            x["workers"],
+            common.fmt(x["images_per_s"]),
+            common.fmt(x["images_per_s_per_worker"]),
+            common.fmt(x["cpu_ms_per_image"]),
+        ]
+        for x in r["results"]
+    ]
     lines.append(common.md_table(["workers", "images/s", "images/s per worker", "CPU ms per image"], rows))
-    lines += ["", "CPU ms per image is process CPU time per image: the figure that holds on a busy "
-              "machine (images/s per core = 1000 / it). Whether the trainers wait for data is in the "
-              "MFU section's breakdown (data wait)."]
+    lines += [
+        "",
+        "CPU ms per image is process CPU time per image: the figure that holds on a busy "
+        "machine (images/s per core = 1000 / it). Whether the trainers wait for data is in the "
+        "MFU section's breakdown (data wait).",
+    ]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- running
 
+
 def run_one(name: str, size: str, openclip_python: str | None) -> dict:
     if name == "mfu":
         from bench import bench_mfu
+
         return bench_mfu.run(size)
     if name == "clip_vs_openclip":
         from bench import bench_clip_vs_openclip
+
         return bench_clip_vs_openclip.run(size, openclip_python)
     if name == "sampling":
         from bench import bench_sampling
+
         return bench_sampling.run(size)
     if name == "memory":
         from bench import bench_memory
+
         return bench_memory.run_subprocess(size)
     if name == "compile":
         from bench import bench_compile
+
         return bench_compile.run(size)
     if name == "loader":
         return run_loader(size)
@@ -114,19 +160,29 @@ def targets_table(benches: dict) -> str:
 
 def render(results: dict) -> str:
     m = results["machine"]
-    lines = ["# Benchmark results", "",
-             f"**Machine**: {m['cpu_model']}" + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
-             + f", {m['cores']} cores ({m['isa'] or 'no AVX-512'}), load average {m['load_avg_1m']} at "
-             f"the start, {m.get('load_avg_1m_end', '?')} at the end; jax {m['jax']} (jaxlib {m['jaxlib']}, "
-             f"{m['backend']}), Python {m['python']}; {m['date']}.", "",
-             f"Made by `{results['command']}` in {results['seconds'] / 60:.1f} min"
-             + (" (QUICK: smaller and fewer measurements)" if results["size"] == "quick" else "")
-             + ". Each ratio's two sides were measured in the same run; how to read the tables: "
-             "[bench/README.md](README.md).", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"**Machine**: {m['cpu_model']}"
+        + (f" ({m['cpu_id']})" if m.get("cpu_id") else "")
+        + f", {m['cores']} cores ({m['isa'] or 'no AVX-512'}), load average {m['load_avg_1m']} at "
+        f"the start, {m.get('load_avg_1m_end', '?')} at the end; jax {m['jax']} (jaxlib {m['jaxlib']}, "
+        f"{m['backend']}), Python {m['python']}; {m['date']}.",
+        "",
+        f"Made by `{results['command']}` in {results['seconds'] / 60:.1f} min"
+        + (" (QUICK: smaller and fewer measurements)" if results["size"] == "quick" else "")
+        + ". Each ratio's two sides were measured in the same run; how to read the tables: "
+        "[bench/README.md](README.md).",
+        "",
+    ]
     runs = {n: r.get("machine", {}).get("run") for n, r in results["benches"].items()}
     if len(set(runs.values())) > 1:
-        lines += ["Benches from different runs (`--only`), by the start of their run: "
-                  + ", ".join(f"{n} {d}" for n, d in runs.items()) + ".", ""]
+        lines += [
+            "Benches from different runs (`--only`), by the start of their run: "
+            + ", ".join(f"{n} {d}" for n, d in runs.items())
+            + ".",
+            "",
+        ]
     lines += ["## Targets", "", targets_table(results["benches"]), ""]
     for name in BENCHES:
         if name in results["benches"]:
@@ -168,15 +224,26 @@ def write(results: dict, out: str, md: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Runs the benchmark suite (see bench/README.md).")
-    ap.add_argument("--quick", action="store_true", help="smaller configs and fewer steps (a few minutes); "
-                    "writes to runs/bench_quick/ unless --out/--md are given")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller configs and fewer steps (a few minutes); "
+        "writes to runs/bench_quick/ unless --out/--md are given",
+    )
     ap.add_argument("--only", default="", help=f"comma list of benches: {','.join(BENCHES)}")
-    ap.add_argument("--openclip_python", default=None,
-                    help="python with torch + open_clip for the CLIP comparison (default: search)")
+    ap.add_argument(
+        "--openclip_python",
+        default=None,
+        help="python with torch + open_clip for the CLIP comparison (default: search)",
+    )
     ap.add_argument("--out", default=None, help="results JSON path")
     ap.add_argument("--md", default=None, help="markdown table path")
-    ap.add_argument("--render", action="store_true", help="measure nothing: rebuild the markdown (and "
-                    "the targets' verdicts) from the results JSON with the current report code")
+    ap.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: rebuild the markdown (and "
+        "the targets' verdicts) from the results JSON with the current report code",
+    )
     args = ap.parse_args(argv)
     if args.render:
         return rerender(args.out or DEFAULT_OUT, args.md or DEFAULT_MD)
@@ -191,8 +258,10 @@ def main(argv=None) -> int:
     md = args.md or (os.path.join(QUICK_DIR, "RESULTS.md") if args.quick else DEFAULT_MD)
 
     machine = common.machine_info()
-    common.log(f"machine: {machine['cpu_model']}, {machine['cores']} cores, load {machine['load_avg_1m']}, "
-               f"jax {machine['jax']}; running {', '.join(only)} ({size})")
+    common.log(
+        f"machine: {machine['cpu_model']}, {machine['cores']} cores, load {machine['load_avg_1m']}, "
+        f"jax {machine['jax']}; running {', '.join(only)} ({size})"
+    )
     previous = {}
     if len(only) < len(BENCHES) and os.path.exists(out):
         with open(out) as f:
@@ -210,9 +279,14 @@ def main(argv=None) -> int:
         res["machine"] = {"run": machine["date"], "date": start["date"], "load_avg_1m": start["load_avg_1m"]}
         benches[name] = res
         common.log(f"=== {name} done in {res.get('seconds', 0):.0f}s")
-    results = {"machine": machine, "size": size, "seconds": time.perf_counter() - t0,
-               "command": "python -m bench.run_all" + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
-               "benches": {n: benches[n] for n in BENCHES if n in benches}}
+    results = {
+        "machine": machine,
+        "size": size,
+        "seconds": time.perf_counter() - t0,
+        "command": "python -m bench.run_all"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        "benches": {n: benches[n] for n in BENCHES if n in benches},
+    }
     results["machine"]["load_avg_1m_end"] = round(os.getloadavg()[0], 2)
     write(results, out, md)
     common.log(f"wrote {out} and {md} ({results['seconds'] / 60:.1f} min)")

@@ -1,10 +1,11 @@
 """Load a CLIP workdir (trained or converted) for inference on one host.
 
-    clip = CLIPModel.load("/tmp/clip_shapes")
-    image_emb = clip.embed_images(images_uint8)        # [N, E], L2-normalised
-    text_emb = clip.embed_texts(["a red circle in the center"])
-    logits = clip.logit_scale() * image_emb @ text_emb.T
+clip = CLIPModel.load("/tmp/clip_shapes")
+image_emb = clip.embed_images(images_uint8)        # [N, E], L2-normalised
+text_emb = clip.embed_texts(["a red circle in the center"])
+logits = clip.logit_scale() * image_emb @ text_emb.T
 """
+
 from __future__ import annotations
 
 import jax
@@ -56,8 +57,9 @@ class CLIPModel:
         for i, image in enumerate(images_uint8):
             image = np.asarray(image)
             if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-                raise ValueError(f"preprocess_images: image {i} must be uint8 [H, W, 3], got "
-                                 f"{image.dtype} {image.shape}")
+                raise ValueError(
+                    f"preprocess_images: image {i} must be uint8 [H, W, 3], got {image.dtype} {image.shape}"
+                )
             out[i] = clip_normalize(resize_and_crop(image, self.image_size))
         return out
 
@@ -66,10 +68,10 @@ class CLIPModel:
         n = len(images_uint8)
         out = np.zeros((n, self.embed_dim), np.float32)
         for start in range(0, n, batch_size):
-            chunk = self.preprocess_images(images_uint8[start:start + batch_size])
+            chunk = self.preprocess_images(images_uint8[start : start + batch_size])
             # Padding the last chunk keeps one compiled shape per batch size.
             emb = self._image_fn(self.params, _pad_rows(chunk, min(batch_size, n)))
-            out[start:start + len(chunk)] = np.asarray(emb)[:len(chunk)]
+            out[start : start + len(chunk)] = np.asarray(emb)[: len(chunk)]
         return out
 
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -80,9 +82,9 @@ class CLIPModel:
         n = len(texts)
         out = np.zeros((n, self.embed_dim), np.float32)
         for start in range(0, n, batch_size):
-            tokens = np.asarray(self.tokenizer.encode(texts[start:start + batch_size]), np.int32)
+            tokens = np.asarray(self.tokenizer.encode(texts[start : start + batch_size]), np.int32)
             emb = self._text_fn(self.params, _pad_rows(tokens, min(batch_size, n)))
-            out[start:start + len(tokens)] = np.asarray(emb)[:len(tokens)]
+            out[start : start + len(tokens)] = np.asarray(emb)[: len(tokens)]
         return out
 
     def logit_scale(self) -> float:

@@ -10,6 +10,7 @@ subset; a set name such as `openai80` or `shapes` also works). Output:
 softmax(100 * cosine similarity). Unreadable images are skipped with a message and counted.
 Exit code 2: bad arguments, an empty class-name file, no (readable) images.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,9 +31,11 @@ def list_image_files(input_dir: str) -> list[str]:
     """Sorted names of the image files (by extension) directly inside `input_dir`."""
     if not os.path.isdir(input_dir):
         raise ValueError(f"input directory not found: {input_dir}")
-    names = sorted(n for n in os.listdir(input_dir)
-                   if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS
-                   and os.path.isfile(os.path.join(input_dir, n)))
+    names = sorted(
+        n
+        for n in os.listdir(input_dir)
+        if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and os.path.isfile(os.path.join(input_dir, n))
+    )
     if not names:
         patterns = ", ".join("*." + e for e in IMAGE_EXTS)
         raise ValueError(f"no image files ({patterns}) in {input_dir}")
@@ -66,8 +69,9 @@ def chunks(items: Iterable, size: int) -> Iterator[list]:
 
 def probabilities(image_emb: np.ndarray, class_weights: np.ndarray) -> np.ndarray:
     """softmax(100 * cos) over classes, [N, C], computed in float64 so it sums to 1."""
-    logits = zeroshot.ZEROSHOT_LOGIT_SCALE * (np.asarray(image_emb, np.float64)
-                                              @ np.asarray(class_weights, np.float64).T)
+    logits = zeroshot.ZEROSHOT_LOGIT_SCALE * (
+        np.asarray(image_emb, np.float64) @ np.asarray(class_weights, np.float64).T
+    )
     logits -= logits.max(axis=-1, keepdims=True)
     p = np.exp(logits)
     return p / p.sum(axis=-1, keepdims=True)
@@ -81,25 +85,31 @@ def classify_images(model, named_images, classnames, templates, batch_size: int 
         names, images = zip(*chunk)
         probs = probabilities(model.embed_images(list(images), batch_size=batch_size), weights)
         for name, p in zip(names, probs):
-            predictions[name] = {"label": classnames[int(np.argmax(p))],
-                                 "probs": {c: float(v) for c, v in zip(classnames, p)}}
+            predictions[name] = {
+                "label": classnames[int(np.argmax(p))],
+                "probs": {c: float(v) for c, v in zip(classnames, p)},
+            }
     return predictions
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m clip_jax.classify",
-                            description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m clip_jax.classify", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
     parser.add_argument("--input_dir", required=True, help="directory of images (not recursive)")
     parser.add_argument("--classnames_file", required=True, help="one class name per line")
-    parser.add_argument("--templates_file", default="subset7",
-                        help="one template per line with '{}', or openai80|subset7|shapes|photo")
+    parser.add_argument(
+        "--templates_file",
+        default="subset7",
+        help="one template per line with '{}', or openai80|subset7|shapes|photo",
+    )
     parser.add_argument("--out", required=True, help="predictions JSON")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--raw_weights", action="store_true",
-                        help="load the raw trained weights, not their EMA "
-                             "(used by default when the run kept one)")
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
+    )
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -128,9 +138,12 @@ def main(argv=None):
         fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
     with open(args.out, "w") as f:
         json.dump(predictions, f, indent=1)
-    log(f"classified {len(predictions)} images into {len(classnames)} classes "
+    log(
+        f"classified {len(predictions)} images into {len(classnames)} classes "
         f"({len(templates)} templates); skipped {num_skipped} unreadable"
-        + (f" {skipped}" if skipped else "") + f" -> {args.out}")
+        + (f" {skipped}" if skipped else "")
+        + f" -> {args.out}"
+    )
     return predictions
 
 

@@ -1,4 +1,5 @@
 """CLIP config building blocks shared by configs/clip_*.py and the weight converter."""
+
 from __future__ import annotations
 
 import math
@@ -11,12 +12,33 @@ from core_jax.data.config import POD_HOST_WORKERS
 
 # OpenAI's released ViT sizes (reference-facts.md); heads are width / 64 in both towers.
 VIT_SIZES = {
-    "ViT-B-32": dict(image_size=224, patch_size=32, vision_width=768, vision_layers=12,
-                     embed_dim=512, text_width=512, text_layers=12),
-    "ViT-B-16": dict(image_size=224, patch_size=16, vision_width=768, vision_layers=12,
-                     embed_dim=512, text_width=512, text_layers=12),
-    "ViT-L-14": dict(image_size=224, patch_size=14, vision_width=1024, vision_layers=24,
-                     embed_dim=768, text_width=768, text_layers=12),
+    "ViT-B-32": dict(
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+    ),
+    "ViT-B-16": dict(
+        image_size=224,
+        patch_size=16,
+        vision_width=768,
+        vision_layers=12,
+        embed_dim=512,
+        text_width=512,
+        text_layers=12,
+    ),
+    "ViT-L-14": dict(
+        image_size=224,
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        embed_dim=768,
+        text_width=768,
+        text_layers=12,
+    ),
 }
 CLIP_VOCAB_SIZE = 49408
 CLIP_CONTEXT_LENGTH = 77
@@ -26,8 +48,15 @@ def model_config(**sizes) -> ml_collections.ConfigDict:
     """`config.model` with OpenAI's defaults for everything not given."""
     m = dict(
         name="custom",
-        image_size=224, patch_size=32, vision_width=768, vision_layers=12, vision_heads=None,
-        text_width=512, text_layers=12, text_heads=None, embed_dim=512,
+        image_size=224,
+        patch_size=32,
+        vision_width=768,
+        vision_layers=12,
+        vision_heads=None,
+        text_width=512,
+        text_layers=12,
+        text_heads=None,
+        embed_dim=512,
         mlp_ratio=4.0,
         activation="quick_gelu",  # quick_gelu (OpenAI) | gelu (exact erf GELU, open_clip)
         ln_eps=1e-5,
@@ -44,22 +73,28 @@ def model_config(**sizes) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(m)
 
 
-def text_config(merges_file: str = "open_clip", vocab_size: int = CLIP_VOCAB_SIZE,
-                context_length: int = CLIP_CONTEXT_LENGTH) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(
-        merges_file=merges_file,  # '' trains a BPE into the workdir; 'open_clip' = OpenAI's file
-        vocab_size=vocab_size,  # embedding rows; must be >= the tokenizer's vocabulary
-        context_length=context_length,
-        pad_mode="zeros",
-        # captions for a trained BPE: 'shapes', a one-caption-per-line file, or '' = 'shapes' when
-        # data.source is 'shapes' (any other source must name its captions or a merges file)
-        train_source="",
-        bpe_dropout=0.0,  # BPE dropout on training captions only; 0 = off
-    ))
+def text_config(
+    merges_file: str = "open_clip",
+    vocab_size: int = CLIP_VOCAB_SIZE,
+    context_length: int = CLIP_CONTEXT_LENGTH,
+) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        dict(
+            merges_file=merges_file,  # '' trains a BPE into the workdir; 'open_clip' = OpenAI's file
+            vocab_size=vocab_size,  # embedding rows; must be >= the tokenizer's vocabulary
+            context_length=context_length,
+            pad_mode="zeros",
+            # captions for a trained BPE: 'shapes', a one-caption-per-line file, or '' = 'shapes' when
+            # data.source is 'shapes' (any other source must name its captions or a merges file)
+            train_source="",
+            bpe_dropout=0.0,  # BPE dropout on training captions only; 0 = off
+        )
+    )
 
 
-def clip_config(model: ml_collections.ConfigDict, text: ml_collections.ConfigDict,
-                evaluators: str = "") -> ml_collections.ConfigDict:
+def clip_config(
+    model: ml_collections.ConfigDict, text: ml_collections.ConfigDict, evaluators: str = ""
+) -> ml_collections.ConfigDict:
     """base_config() + CLIP's sections (unlocked; config files lock it)."""
     c = base_config()
     c.task = "clip_jax.task"

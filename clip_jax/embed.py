@@ -8,6 +8,7 @@ checking converted weights against a reference: images already at the model's re
 only normalised, never resampled. Unreadable images are skipped with a message and counted.
 Exit code 2: neither --input_dir nor --texts_file, an empty directory or texts file.
 """
+
 from __future__ import annotations
 
 import sys
@@ -31,17 +32,18 @@ def embed_image_files(model, input_dir: str, names: list[str], batch_size: int =
 
 
 def main(argv=None):
-    parser = ArgumentParser(prog="python -m clip_jax.embed",
-                            description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m clip_jax.embed", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
     parser.add_argument("--input_dir", default="", help="directory of images (not recursive)")
     parser.add_argument("--texts_file", default="", help="one text per line")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--raw_weights", action="store_true",
-                        help="load the raw trained weights, not their EMA "
-                             "(used by default when the run kept one)")
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
+    )
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 

@@ -7,6 +7,7 @@ An *encoder* is anything with `embed_images(uint8 [B, S, S, 3]) -> [B, E]` and
 a global, batch-sharded array) and `gather(array)` (the reverse). `clip_jax.api.CLIPModel` is one
 (single process, arrays stay numpy); `ParamsEncoder` is the sharded one built from params.
 """
+
 from __future__ import annotations
 
 import functools
@@ -85,14 +86,13 @@ def apply_overrides(config, overrides: Iterable[str]) -> ml_collections.ConfigDi
     """Applies `--config.a.b=value` items to `config` (in place); unknown keys are an error."""
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
-            raise ValueError(f"unexpected argument {item!r}; overrides look like "
-                             f"--config.eval.KEY=VALUE")
-        dotted, text = item[len("--config."):].split("=", 1)
+            raise ValueError(f"unexpected argument {item!r}; overrides look like --config.eval.KEY=VALUE")
+        dotted, text = item[len("--config.") :].split("=", 1)
         *parents, leaf = dotted.split(".")
         node = config
         for i, part in enumerate(parents):
             if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-                section = ".".join(parents[:i + 1])
+                section = ".".join(parents[: i + 1])
                 raise ValueError(f"--config.{dotted}: config has no section {section}")
             node = node[part]
         if leaf not in node:
@@ -106,9 +106,15 @@ def apply_overrides(config, overrides: Iterable[str]) -> ml_collections.ConfigDi
 # Batching for sources the data iterator does not cover (the shapes one-object scenes).
 
 
-def padded_batches(num_examples: int, load: Callable[[int], dict], batch_size: int, *,
-                   process_index: int = 0, process_count: int = 1,
-                   skipped: dict | None = None) -> Iterator[dict]:
+def padded_batches(
+    num_examples: int,
+    load: Callable[[int], dict],
+    batch_size: int,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    skipped: dict | None = None,
+) -> Iterator[dict]:
     """One pass over examples 0..n-1 as this process's rows of global batches of `batch_size`.
 
     Global batch t holds examples [t*B, (t+1)*B); process p takes rows [p*b, (p+1)*b) of it
@@ -211,13 +217,15 @@ class ParamsEncoder:
     process's rows, `gather` returns all rows to every process.
     """
 
-    def __init__(self, config, params, workdir: str | None = None, *, tokenizer=None,
-                 text_batch_size: int = 256):
+    def __init__(
+        self, config, params, workdir: str | None = None, *, tokenizer=None, text_batch_size: int = 256
+    ):
         self.spec = clip_model.spec_from_config(config)
         self.image_size = int(self.spec.image_size)
         if tokenizer is None:
-            tokenizer = tokenizer_from_config(config.text, workdir,
-                                              data_source=config.get("data", {}).get("source"))
+            tokenizer = tokenizer_from_config(
+                config.text, workdir, data_source=config.get("data", {}).get("source")
+            )
         self.tokenizer = tokenizer
         mesh = _mesh_of(params)
         if mesh is None:
@@ -257,7 +265,7 @@ class ParamsEncoder:
         out = []
         with jax.set_mesh(self.mesh):
             for start in range(0, len(padded), b):
-                chunk = self.put(padded[start + lo:start + lo + local])
+                chunk = self.put(padded[start + lo : start + lo + local])
                 out.append(self.gather(self._texts_fn(self.params, chunk)))
         return np.concatenate(out)[:n] if out else np.zeros((0, self.spec.embed_dim), np.float32)
 
@@ -273,8 +281,7 @@ def load_replicated_params(workdir: str, config, step: int | None, mesh, raw_wei
     address)."""
 
     module = clip_model.clip_from_config(config)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda k: clip_model.init_params(module, k),
-                                            jax.random.key(0)))
+    abstract = nn.meta.unbox(jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0)))
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     return checkpoint.load_params(workdir, step, shardings=replicated, ema=not raw_weights)[1]
 

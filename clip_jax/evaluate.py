@@ -9,6 +9,7 @@ Eval keys missing from an older workdir config take the defaults of `eval_config
 The shared pieces (`eval_config`, `ParamsEncoder`, `padded_batches`, ...) live in
 clip_jax.eval_common and stay importable from here.
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,9 @@ def run_evaluations(config, encoder, workdir: str | None = None, log=print) -> d
         for k, v in retrieval.run_retrieval(config, encoder, log=log).items():
             results[f"retrieval/{k}"] = v
     if not results:
-        raise ValueError("nothing to evaluate: config.eval.zeroshot_source and "
-                         "config.eval.retrieval_split are both empty")
+        raise ValueError(
+            "nothing to evaluate: config.eval.zeroshot_source and config.eval.retrieval_split are both empty"
+        )
     return results
 
 
@@ -63,34 +65,42 @@ def main(argv=None):
         prog="python -m clip_jax.evaluate",
         description="Zero-shot classification and image-text retrieval of a CLIP workdir.",
         epilog="Any other --config.KEY=VALUE overrides WORKDIR/config.json, e.g. "
-               "--config.eval.zeroshot_source=tfds --config.eval.classnames=imagenet")
+        "--config.eval.zeroshot_source=tfds --config.eval.classnames=imagenet",
+    )
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--raw_weights", action="store_true",
-                        help="load the raw trained weights, not their EMA "
-                             "(used by default when the run kept one)")
-    parser.add_argument("--out", default="",
-                        help="results JSON (default: WORKDIR/eval_results.json)")
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
+    )
+    parser.add_argument("--out", default="", help="results JSON (default: WORKDIR/eval_results.json)")
     # Several hosts (TPU pods, GPU clusters) evaluate together, as the trainer does.
     parser.add_argument("--coordinator_address", default=None)
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     args, overrides = parser.parse_known_args(argv)
 
-    distributed.maybe_initialize({"coordinator_address": args.coordinator_address,
-                                  "num_processes": args.num_processes,
-                                  "process_id": args.process_id})
+    distributed.maybe_initialize(
+        {
+            "coordinator_address": args.coordinator_address,
+            "num_processes": args.num_processes,
+            "process_id": args.process_id,
+        }
+    )
 
     try:
         config = with_eval_defaults(checkpoint.read_config(args.workdir))
         apply_overrides(config, overrides)
         # Everything that can be checked without the model is checked before loading it.
         zeroshot.check_eval_config(config)
-        params = load_replicated_params(args.workdir, config, args.step, data_parallel_mesh(),
-                                        args.raw_weights)
+        params = load_replicated_params(
+            args.workdir, config, args.step, data_parallel_mesh(), args.raw_weights
+        )
         encoder = ParamsEncoder(config, params, args.workdir)
-        results = run_evaluations(config, encoder, args.workdir,
-                                  log=lambda m: print(m, file=sys.stderr, flush=True))
+        results = run_evaluations(
+            config, encoder, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True)
+        )
     except (ValueError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
     if jax.process_index() == 0:

@@ -6,6 +6,7 @@ single-device loss on the same batch. `sigmoid_loss_chunked` gives the same valu
 materialising the [B, B] logits: each device keeps its image rows and passes its text rows around
 the ring of batch shards with ppermute, one [b, b] block at a time.
 """
+
 from __future__ import annotations
 
 import functools
@@ -32,8 +33,7 @@ def _in_batch_accuracies(logits):
 
 def pairwise_logits(image_features, text_features, scale, bias=0.0):
     """scale * image . text^T + bias, rows sharded like the batch (each device keeps its rows)."""
-    logits = jnp.einsum("ie,te->it", image_features, text_features,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("ie,te->it", image_features, text_features, preferred_element_type=jnp.float32)
     return constrain(logits * scale + bias, ("act_batch", None))
 
 
@@ -92,8 +92,9 @@ def sigmoid_loss_chunked(image_features, text_features, scale, bias, mesh=None):
     num_shards = math.prod(mesh.shape[a] for a in axes)
     row_spec = P(axes if len(axes) > 1 else axes[0])
 
-    @functools.partial(_shard_map, mesh=mesh, in_specs=(row_spec, row_spec, P(), P()),
-                       out_specs=(P(), P(), P()))
+    @functools.partial(
+        _shard_map, mesh=mesh, in_specs=(row_spec, row_spec, P(), P()), out_specs=(P(), P(), P())
+    )
     def ring(img, txt, scale, bias):
         # Shard k sends its text rows to shard k+1, so after j hops device k holds shard k-j's.
         perm = [(k, (k + 1) % num_shards) for k in range(num_shards)]
@@ -117,14 +118,21 @@ def sigmoid_loss_chunked(image_features, text_features, scale, bias, mesh=None):
             txt_block, col_max = send(txt_block), send(col_max)
             logits = block_logits(txt_block)
             total = total - jnp.sum(jax.nn.log_sigmoid(-logits))
-            return (txt_block, jnp.maximum(col_max, logits.max(axis=0)),
-                    jnp.maximum(row_max, logits.max(axis=1)), total), None
+            return (
+                txt_block,
+                jnp.maximum(col_max, logits.max(axis=0)),
+                jnp.maximum(row_max, logits.max(axis=1)),
+                total,
+            ), None
 
         (_, col_max, row_max, total), _ = jax.lax.scan(
-            hop, (txt, col_max, row_max, total), None, length=num_shards - 1)
+            hop, (txt, col_max, row_max, total), None, length=num_shards - 1
+        )
         col_max = send(col_max)  # one more hop brings each text block's max home
-        correct = lambda best_negative: jax.lax.psum(
-            jnp.sum((positive > jax.lax.stop_gradient(best_negative)).astype(jnp.float32)), axes) / batch
+        correct = lambda best_negative: (
+            jax.lax.psum(jnp.sum((positive > jax.lax.stop_gradient(best_negative)).astype(jnp.float32)), axes)
+            / batch
+        )
         return jax.lax.psum(total, axes) / batch, correct(row_max), correct(col_max)
 
     loss, i2t, t2i = ring(image_features, text_features, scale, bias)

@@ -5,6 +5,7 @@ pre-LN residual blocks, a bias-free patch projection, features at the class toke
 the end-of-text token (texts, the argmax of the token ids), bias-free output projections, and a
 learnable temperature stored as a log.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,6 +36,7 @@ CHROMA_EPS = 1e-3
 
 class ResidualBlock(nn.Module):
     """Pre-LN transformer block (OpenAI's ResidualAttentionBlock)."""
+
     num_heads: int
     mlp_dim: int
     activation: str
@@ -47,26 +49,53 @@ class ResidualBlock(nn.Module):
     def __call__(self, x):
         x = constrain(x, ("act_batch", "act_length", "act_embed"))
         width = x.shape[-1]
-        out_std = width ** -0.5 * (2 * self.depth) ** -0.5
+        out_std = width**-0.5 * (2 * self.depth) ** -0.5
         h = flax_layer_norm(self.ln_eps, self.dtype, "ln_1")(x)
-        x = x + Attention(num_heads=self.num_heads, out_std=out_std, causal=self.causal,
-                          dtype=self.dtype, name="attn")(h)
+        x = x + Attention(
+            num_heads=self.num_heads, out_std=out_std, causal=self.causal, dtype=self.dtype, name="attn"
+        )(h)
         h = flax_layer_norm(self.ln_eps, self.dtype, "ln_2")(x)
-        x = x + MLP(mlp_dim=self.mlp_dim, activation=self.activation, in_std=(2 * width) ** -0.5,
-                    out_std=out_std, dtype=self.dtype, name="mlp")(h)
+        x = x + MLP(
+            mlp_dim=self.mlp_dim,
+            activation=self.activation,
+            in_std=(2 * width) ** -0.5,
+            out_std=out_std,
+            dtype=self.dtype,
+            name="mlp",
+        )(h)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
 
-def _transformer(cfg, num_layers: int, num_heads: int, width: int, causal: bool, dtype,
-                 depth: int | None = None, name: str = "transformer"):
+def _transformer(
+    cfg,
+    num_layers: int,
+    num_heads: int,
+    width: int,
+    causal: bool,
+    dtype,
+    depth: int | None = None,
+    name: str = "transformer",
+):
     return layer_stack(
-        ResidualBlock, num_layers, scan=cfg.scan_layers, remat=cfg.remat, unroll=cfg.scan_unroll,
-        name=name, num_heads=num_heads, mlp_dim=int(width * cfg.mlp_ratio), activation=cfg.activation,
-        causal=causal, ln_eps=cfg.ln_eps, depth=depth or num_layers, dtype=dtype)
+        ResidualBlock,
+        num_layers,
+        scan=cfg.scan_layers,
+        remat=cfg.remat,
+        unroll=cfg.scan_unroll,
+        name=name,
+        num_heads=num_heads,
+        mlp_dim=int(width * cfg.mlp_ratio),
+        activation=cfg.activation,
+        causal=causal,
+        ln_eps=cfg.ln_eps,
+        depth=depth or num_layers,
+        dtype=dtype,
+    )
 
 
 class VisionTower(nn.Module):
     """ViT: patches -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class) -> proj."""
+
     cfg: Any  # CLIPSpec
 
     @nn.compact
@@ -75,8 +104,10 @@ class VisionTower(nn.Module):
         b, h, w, c = images.shape
         p, width = cfg.patch_size, cfg.vision_width
         if (h, w, c) != (cfg.image_size, cfg.image_size, 3):
-            raise ValueError(f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
-                             f"got {images.shape}")
+            raise ValueError(
+                f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
+                f"got {images.shape}"
+            )
         g = cfg.image_size // p
         colour = None  # luma_chroma: per-patch colour tokens, added at layer cfg.chroma_layer
         if cfg.patch_embed == "luma_chroma":
@@ -85,17 +116,30 @@ class VisionTower(nn.Module):
                 x, colour = x + colour, None
         else:
             # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
-            patches = images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
+            patches = (
+                images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
+            )
             patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
-            patch_kernel = param(self, "patch_kernel", nn.initializers.normal((p * p * 3) ** -0.5),
-                                  (p * p * 3, width), ("patch", "embed"))
+            patch_kernel = param(
+                self,
+                "patch_kernel",
+                nn.initializers.normal((p * p * 3) ** -0.5),
+                (p * p * 3, width),
+                ("patch", "embed"),
+            )
             x = dense(patches, patch_kernel.astype(dtype))
-        class_embedding = param(self, "class_embedding", nn.initializers.normal(width ** -0.5),
-                                 (width,), ("norm",))
+        class_embedding = param(
+            self, "class_embedding", nn.initializers.normal(width**-0.5), (width,), ("norm",)
+        )
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        positions = param(self, "positional_embedding", nn.initializers.normal(width ** -0.5),
-                           (g * g + 1, width), ("length", "embed"))
+        positions = param(
+            self,
+            "positional_embedding",
+            nn.initializers.normal(width**-0.5),
+            (g * g + 1, width),
+            ("length", "embed"),
+        )
         x = x + positions.astype(dtype)[None]
         x = flax_layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
         if colour is None:
@@ -106,13 +150,21 @@ class VisionTower(nn.Module):
             k = cfg.chroma_layer
             x = _transformer(cfg, k, cfg.vision_heads, width, False, dtype, depth=cfg.vision_layers)(x)
             x = x + jnp.pad(colour, ((0, 0), (1, 0), (0, 0)))
-            x = _transformer(cfg, cfg.vision_layers - k, cfg.vision_heads, width, False, dtype,
-                             depth=cfg.vision_layers, name="transformer_late")(x)
+            x = _transformer(
+                cfg,
+                cfg.vision_layers - k,
+                cfg.vision_heads,
+                width,
+                False,
+                dtype,
+                depth=cfg.vision_layers,
+                name="transformer_late",
+            )(x)
         pooled = flax_layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
-        proj = param(self, "proj", nn.initializers.normal(width ** -0.5), (width, cfg.embed_dim),
-                      ("embed", None))
+        proj = param(
+            self, "proj", nn.initializers.normal(width**-0.5), (width, cfg.embed_dim), ("embed", None)
+        )
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
-
 
     def _luma_chroma_embed(self, images, g, p, width, dtype):
         """Patch tokens from the patch's contrast-normalised luminance plus its colour.
@@ -134,36 +186,51 @@ class VisionTower(nn.Module):
         colour = (weights * rgb).sum(-2) / (weights.sum(-2) + CHROMA_EPS * p * p)
         colour = (colour - mean) / std
         pattern = constrain(pattern, ("act_batch", "act_length", None))
-        luma_kernel = param(self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5),
-                             (p * p, width), ("patch", "embed"))
-        chroma_kernel = param(self, "chroma_kernel", nn.initializers.normal(3 ** -0.5),
-                               (3, width), (None, "embed"))
+        luma_kernel = param(
+            self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5), (p * p, width), ("patch", "embed")
+        )
+        chroma_kernel = param(
+            self, "chroma_kernel", nn.initializers.normal(3**-0.5), (3, width), (None, "embed")
+        )
         return (dense(pattern, luma_kernel.astype(dtype)), dense(colour, chroma_kernel.astype(dtype)))
 
 
 class TextTower(nn.Module):
     """Causal transformer over BPE ids; the feature is read at the end-of-text token (max id)."""
+
     cfg: Any
 
     @nn.compact
     def __call__(self, tokens):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
-            raise ValueError(f"encode_text: expected int tokens [B, L<={cfg.context_length}], got "
-                             f"{tokens.shape}")
+            raise ValueError(
+                f"encode_text: expected int tokens [B, L<={cfg.context_length}], got {tokens.shape}"
+            )
         width = cfg.text_width
-        embedding = param(self, "token_embedding", nn.initializers.normal(0.02),
-                           (cfg.vocab_size, width), ("vocab", "embed"))
+        embedding = param(
+            self, "token_embedding", nn.initializers.normal(0.02), (cfg.vocab_size, width), ("vocab", "embed")
+        )
         x = jnp.take(embedding.astype(dtype), tokens, axis=0)
-        positions = param(self, "positional_embedding", nn.initializers.normal(0.01),
-                           (cfg.context_length, width), ("length", "embed"))
-        x = x + positions.astype(dtype)[None, :tokens.shape[1]]
+        positions = param(
+            self,
+            "positional_embedding",
+            nn.initializers.normal(0.01),
+            (cfg.context_length, width),
+            ("length", "embed"),
+        )
+        x = x + positions.astype(dtype)[None, : tokens.shape[1]]
         x = _transformer(cfg, cfg.text_layers, cfg.text_heads, width, True, dtype)(x)
         x = flax_layer_norm(cfg.ln_eps, dtype, "ln_final")(x)
         eot = jnp.argmax(tokens, axis=-1)
         pooled = jnp.take_along_axis(x, eot[:, None, None], axis=1)[:, 0]
-        proj = param(self, "text_projection", nn.initializers.normal(width ** -0.5),
-                      (width, cfg.embed_dim), ("embed", None))
+        proj = param(
+            self,
+            "text_projection",
+            nn.initializers.normal(width**-0.5),
+            (width, cfg.embed_dim),
+            ("embed", None),
+        )
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
 
 
@@ -180,13 +247,18 @@ class CLIP(nn.Module):
         sigmoid = self.cfg.loss.startswith("sigmoid")
         scale_init = self.cfg.sigmoid_scale_init if sigmoid else self.cfg.logit_scale_init
         self.logit_scale = self.param(
-            "logit_scale", nn.with_logical_partitioning(nn.initializers.constant(scale_init), ()),
-            (), jnp.float32)
+            "logit_scale",
+            nn.with_logical_partitioning(nn.initializers.constant(scale_init), ()),
+            (),
+            jnp.float32,
+        )
         if sigmoid:
             self.logit_bias = self.param(
                 "logit_bias",
                 nn.with_logical_partitioning(nn.initializers.constant(self.cfg.sigmoid_bias_init), ()),
-                (), jnp.float32)
+                (),
+                jnp.float32,
+            )
 
     def encode_image(self, images, normalize: bool = True):
         features = self.visual(images)
@@ -205,22 +277,42 @@ class CLIP(nn.Module):
 
     def __call__(self, images, tokens):
         """L2-normalised image and text features, the clamped scale and (sigmoid losses) the bias."""
-        return {"image": self.encode_image(images), "text": self.encode_text(tokens),
-                "scale": self.temperature(), "bias": self.bias()}
+        return {
+            "image": self.encode_image(images),
+            "text": self.encode_text(tokens),
+            "scale": self.temperature(),
+            "bias": self.bias(),
+        }
 
 
 # ----------------------------------------------------------------------------------------------
 # Building from a config and pure functions over params.
 
-_SPEC_KEYS = ("image_size", "patch_size", "vision_width", "vision_layers", "vision_heads",
-              "text_width", "text_layers", "text_heads", "embed_dim", "mlp_ratio", "activation",
-              "ln_eps", "loss", "logit_scale_init", "sigmoid_scale_init", "sigmoid_bias_init")
+_SPEC_KEYS = (
+    "image_size",
+    "patch_size",
+    "vision_width",
+    "vision_layers",
+    "vision_heads",
+    "text_width",
+    "text_layers",
+    "text_heads",
+    "embed_dim",
+    "mlp_ratio",
+    "activation",
+    "ln_eps",
+    "loss",
+    "logit_scale_init",
+    "sigmoid_scale_init",
+    "sigmoid_bias_init",
+)
 LOSSES = ("softmax", "sigmoid", "sigmoid_chunked")
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPSpec:
     """The config fields the module needs, frozen (linen module fields must be hashable)."""
+
     image_size: int
     patch_size: int
     vision_width: int
@@ -258,29 +350,39 @@ def spec_from_config(config) -> CLIPSpec:
     if m.loss not in LOSSES:
         raise ValueError(f"config.model.loss must be one of {LOSSES}, got {m.loss!r}")
     if m.image_size % m.patch_size:
-        raise ValueError(f"config.model.image_size={m.image_size} is not a multiple of "
-                         f"patch_size={m.patch_size}")
-    for width, heads, tower in ((m.vision_width, m.vision_heads, "vision"),
-                                (m.text_width, m.text_heads, "text")):
+        raise ValueError(
+            f"config.model.image_size={m.image_size} is not a multiple of patch_size={m.patch_size}"
+        )
+    for width, heads, tower in (
+        (m.vision_width, m.vision_heads, "vision"),
+        (m.text_width, m.text_heads, "text"),
+    ):
         if width % heads:
-            raise ValueError(f"config.model.{tower}_width={width} is not divisible by "
-                             f"{tower}_heads={heads}")
+            raise ValueError(f"config.model.{tower}_width={width} is not divisible by {tower}_heads={heads}")
     # Optional key: workdirs written before it existed (and converted weights) are "rgb".
     patch_embed = str(m.get("patch_embed", "rgb"))
     if patch_embed not in PATCH_EMBEDS:
         raise ValueError(f"config.model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
     chroma_layer = int(m.get("chroma_layer", 0))
     if not 0 <= chroma_layer < m.vision_layers or (chroma_layer and patch_embed != "luma_chroma"):
-        raise ValueError(f"config.model.chroma_layer={chroma_layer}: needs patch_embed='luma_chroma' "
-                         f"and 0 <= chroma_layer < vision_layers={m.vision_layers}")
+        raise ValueError(
+            f"config.model.chroma_layer={chroma_layer}: needs patch_embed='luma_chroma' "
+            f"and 0 <= chroma_layer < vision_layers={m.vision_layers}"
+        )
     values = {k: m[k] for k in _SPEC_KEYS}
     values["mlp_ratio"] = float(values["mlp_ratio"])
     values["ln_eps"] = float(values["ln_eps"])
-    return CLIPSpec(**values, vocab_size=int(config.text.vocab_size),
-                    context_length=int(config.text.context_length),
-                    dtype=str(config.compute_dtype), patch_embed=patch_embed, chroma_layer=chroma_layer,
-                    scan_layers=bool(config.scan_layers), remat=str(config.remat),
-                    scan_unroll=int(config.get("scan_unroll", 1)))  # absent in older workdirs' configs
+    return CLIPSpec(
+        **values,
+        vocab_size=int(config.text.vocab_size),
+        context_length=int(config.text.context_length),
+        dtype=str(config.compute_dtype),
+        patch_embed=patch_embed,
+        chroma_layer=chroma_layer,
+        scan_layers=bool(config.scan_layers),
+        remat=str(config.remat),
+        scan_unroll=int(config.get("scan_unroll", 1)),
+    )  # absent in older workdirs' configs
 
 
 def clip_from_config(config) -> CLIP:
@@ -317,13 +419,15 @@ def logit_scale(model: CLIP, params):
 
 def train_flops_per_example(spec: CLIPSpec) -> float:
     """Forward+backward matmul FLOPs for one image-text pair (3x forward; attention included)."""
+
     def tower(tokens, width, layers, mlp_ratio):
         dense = 2 * tokens * (4 * width * width + 2 * width * int(width * mlp_ratio))
         attention = 2 * 2 * tokens * tokens * width
         return layers * (dense + attention)
+
     g = spec.image_size // spec.patch_size
     vision = tower(g * g + 1, spec.vision_width, spec.vision_layers, spec.mlp_ratio)
-    vision += 2 * g * g * spec.patch_size ** 2 * 3 * spec.vision_width + 2 * spec.vision_width * spec.embed_dim
+    vision += 2 * g * g * spec.patch_size**2 * 3 * spec.vision_width + 2 * spec.vision_width * spec.embed_dim
     text = tower(spec.context_length, spec.text_width, spec.text_layers, spec.mlp_ratio)
     text += 2 * spec.text_width * spec.embed_dim
     return 3.0 * (vision + text)

@@ -4,6 +4,7 @@ Image -> text: an image counts as a hit at k if ANY of its captions ranks in the
 captions. Text -> image: every caption is one query whose one correct answer is its own image.
 Ranks count the candidates scoring strictly higher than the (best) correct one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,8 +18,9 @@ RECALL_KS = (1, 5, 10)
 CAPTION_BYTES = 400  # per caption, UTF-8; far beyond CLIP's 77-token context
 
 
-def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray,
-                ks=RECALL_KS, chunk: int = 1024) -> dict:
+def recall_at_k(
+    image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndarray, ks=RECALL_KS, chunk: int = 1024
+) -> dict:
     """{'i2t_r{k}', 't2i_r{k}'} as fractions. `text_image[j]` is the image index of caption j.
 
     Images without any caption are left out of image->text (they have no correct answer).
@@ -29,20 +31,22 @@ def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, text_image: np.ndar
     text_image = np.asarray(text_image, np.int64)
     n, m = len(image_emb), len(text_emb)
     if text_image.shape != (m,) or (m and (text_image.min() < 0 or text_image.max() >= n)):
-        raise ValueError(f"text_image must hold one image index in [0, {n}) per caption "
-                         f"({m}), got shape {text_image.shape}")
+        raise ValueError(
+            f"text_image must hold one image index in [0, {n}) per caption "
+            f"({m}), got shape {text_image.shape}"
+        )
     i2t_rank = np.full(n, np.iinfo(np.int64).max)
     for lo in range(0, n, chunk):
-        sim = image_emb[lo:lo + chunk] @ text_emb.T  # [c, M]
+        sim = image_emb[lo : lo + chunk] @ text_emb.T  # [c, M]
         own = text_image[None, :] == np.arange(lo, lo + len(sim))[:, None]
         best = np.where(own, sim, -np.inf).max(axis=1)
         has = own.any(axis=1)
-        i2t_rank[lo:lo + len(sim)][has] = (sim > best[:, None]).sum(axis=1)[has]
+        i2t_rank[lo : lo + len(sim)][has] = (sim > best[:, None]).sum(axis=1)[has]
     t2i_rank = np.empty(m, np.int64)
     for lo in range(0, m, chunk):
-        sim = image_emb @ text_emb[lo:lo + chunk].T  # [N, c]
-        own = sim[text_image[lo:lo + chunk], np.arange(sim.shape[1])]
-        t2i_rank[lo:lo + chunk] = (sim > own[None, :]).sum(axis=0)
+        sim = image_emb @ text_emb[lo : lo + chunk].T  # [N, c]
+        own = sim[text_image[lo : lo + chunk], np.arange(sim.shape[1])]
+        t2i_rank[lo : lo + chunk] = (sim > own[None, :]).sum(axis=0)
     with_captions = i2t_rank != np.iinfo(np.int64).max
     out = {}
     for k in ks:
@@ -62,13 +66,13 @@ def encode_captions(captions, max_captions: int, width: int = CAPTION_BYTES):
     kept = [c for c in captions if c and c.strip()][:max_captions]
     for i, c in enumerate(kept):
         data = c.strip().encode("utf-8")[:width]
-        out[i, :len(data)] = np.frombuffer(data, np.uint8)
+        out[i, : len(data)] = np.frombuffer(data, np.uint8)
     return out, len(kept)
 
 
 def decode_captions(rows: np.ndarray, count: int) -> list[str]:
     # A multi-byte character cut by the width limit is dropped, not turned into an error.
-    return [bytes(r).rstrip(b"\0").decode("utf-8", errors="ignore") for r in rows[:int(count)]]
+    return [bytes(r).rstrip(b"\0").decode("utf-8", errors="ignore") for r in rows[: int(count)]]
 
 
 def retrieval_example_fn(image_size: int, max_captions: int):
@@ -77,8 +81,12 @@ def retrieval_example_fn(image_size: int, max_captions: int):
         rows, count = encode_captions(captions, max_captions)
         if count == 0:
             raise SkipExample("empty_caption")
-        return {"image": ev.sized_image(raw["image"], image_size), "captions": rows,
-                "num_captions": np.int32(count)}
+        return {
+            "image": ev.sized_image(raw["image"], image_size),
+            "captions": rows,
+            "num_captions": np.int32(count),
+        }
+
     return example_fn
 
 
@@ -87,8 +95,9 @@ def retrieval_data(config, image_size: int, batch_size: int):
     data_cfg = with_defaults(config.data)  # a copy with every key
     data_cfg.eval_split = e.retrieval_split
     example_fn = retrieval_example_fn(image_size, int(e.retrieval_max_captions))
-    return data_lib.make_iterator(data_cfg, e.retrieval_split, global_batch_size=batch_size,
-                                  seed=0, example_fn=example_fn, train=False)
+    return data_lib.make_iterator(
+        data_cfg, e.retrieval_split, global_batch_size=batch_size, seed=0, example_fn=example_fn, train=False
+    )
 
 
 def embed_dataset(encoder, batches, max_examples: int = 0):
@@ -99,8 +108,11 @@ def embed_dataset(encoder, batches, max_examples: int = 0):
         emb = ev.gather_rows(encoder, encoder.embed_images(batch["image"]))
         # Captions and masks are host-local rows: every process needs all of them, in the same
         # process-major order as `gather` returns the embeddings.
-        rows, counts, mask = (ev.all_rows(batch["captions"]), ev.all_rows(batch["num_captions"]),
-                              ev.all_rows(mask))
+        rows, counts, mask = (
+            ev.all_rows(batch["captions"]),
+            ev.all_rows(batch["num_captions"]),
+            ev.all_rows(mask),
+        )
         for i in np.flatnonzero(mask):
             if max_examples and len(image_emb) >= max_examples:
                 break
@@ -130,9 +142,11 @@ def run_retrieval(config, encoder, log=print) -> dict:
     skipped = dict(getattr(batches, "skipped", {}) or {})
     if skipped:
         log(f"retrieval: skipped examples {skipped}")
-    log(f"retrieval {config.data.source}:{e.retrieval_split}: {len(image_emb)} images, "
-        f"{len(captions)} captions: " + " ".join(f"{k}={result[k]:.4f}" for k in sorted(result)
-                                                 if k.startswith(("i2t", "t2i"))))
+    log(
+        f"retrieval {config.data.source}:{e.retrieval_split}: {len(image_emb)} images, "
+        f"{len(captions)} captions: "
+        + " ".join(f"{k}={result[k]:.4f}" for k in sorted(result) if k.startswith(("i2t", "t2i")))
+    )
     return result
 
 
@@ -144,8 +158,9 @@ class RetrievalEvaluator:
     def __init__(self, config, workdir: str | None = None, tokenizer=None):
         self.config = ev.with_eval_defaults(config)
         if not self.config.eval.retrieval_split:
-            raise ValueError("RetrievalEvaluator needs config.eval.retrieval_split (a split of "
-                             "config.data with captions)")
+            raise ValueError(
+                "RetrievalEvaluator needs config.eval.retrieval_split (a split of config.data with captions)"
+            )
         self.workdir, self.tokenizer = workdir, tokenizer
 
     def fn(self, params, step: int) -> dict:

@@ -1,4 +1,5 @@
 """CLIP as a trainer Task: preprocessing, init, the contrastive loss and the evaluator hook."""
+
 from __future__ import annotations
 
 import importlib
@@ -25,11 +26,15 @@ EVALUATORS = {
 def make_tokenizer(config, workdir: str | None):
     tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
     if tokenizer.vocab_size > int(config.text.vocab_size):
-        raise ConfigError(f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens but "
-                          f"config.text.vocab_size={config.text.vocab_size}; raise text.vocab_size")
+        raise ConfigError(
+            f"the tokenizer ({tokenizer.path}) has {tokenizer.vocab_size} tokens but "
+            f"config.text.vocab_size={config.text.vocab_size}; raise text.vocab_size"
+        )
     if tokenizer.pad_mode != "zeros":
-        raise ConfigError(f"CLIP reads features at the largest token id, so text.pad_mode must be "
-                          f"'zeros', got {tokenizer.pad_mode!r}")
+        raise ConfigError(
+            f"CLIP reads features at the largest token id, so text.pad_mode must be "
+            f"'zeros', got {tokenizer.pad_mode!r}"
+        )
     return tokenizer
 
 
@@ -40,16 +45,22 @@ def make_example_fns(config, tokenizer):
     tokenizers = {True: training_tokenizer(tokenizer, config.text), False: tokenizer}
 
     def example_fn(raw, rng, train=True):
-        image = image_ops.resize_and_crop(raw["image"], size,
-                                          random_crop=train and bool(config.data.random_crop), rng=rng,
-                                          resize_range=resize_range)
+        image = image_ops.resize_and_crop(
+            raw["image"],
+            size,
+            random_crop=train and bool(config.data.random_crop),
+            rng=rng,
+            resize_range=resize_range,
+        )
         if train and config.data.random_flip:
             # Flips are off by default: they break captions that say "left of" / "right of".
             image = image_ops.maybe_flip(image, rng)
         captions = raw.get("captions") or [raw["caption"]]
         caption = captions[int(rng.integers(len(captions)))] if train else raw["caption"]
-        return {"image": image_ops.clip_normalize(np.ascontiguousarray(image)),
-                "text": tokenizers[train].encode([caption])[0]}
+        return {
+            "image": image_ops.clip_normalize(np.ascontiguousarray(image)),
+            "text": tokenizers[train].encode([caption])[0],
+        }
 
     return example_fn, lambda raw, rng: example_fn(raw, rng, train=False)
 
@@ -67,6 +78,7 @@ def make_loss_fn(model: CLIP, loss_kind: str):
         del rng, step  # deterministic model (no dropout)
         features = model.apply({"params": params}, batch["image"], batch["text"])
         return _loss_from_features(loss_kind, features)
+
     return loss_fn
 
 
@@ -82,8 +94,11 @@ def make_accum_grads_fn(model: CLIP, loss_kind: str):
     scale and bias get theirs once, from the loss. Costs one extra forward per micro-batch.
     """
     towers = lambda params, mb: model.apply(  # noqa: E731
-        {"params": params}, mb["image"], mb["text"],
-        method=lambda m, images, tokens: (m.encode_image(images), m.encode_text(tokens)))
+        {"params": params},
+        mb["image"],
+        mb["text"],
+        method=lambda m, images, tokens: (m.encode_image(images), m.encode_text(tokens)),
+    )
 
     def accum_grads_fn(params, batch, rng, step, accum):
         del rng, step  # deterministic model (no dropout)
@@ -93,10 +108,10 @@ def make_accum_grads_fn(model: CLIP, loss_kind: str):
         image, text = merge_micro(jax.lax.map(lambda mb: towers(params, mb), micro))
 
         def loss_of(image, text, params):
-            scale, bias = model.apply({"params": params},
-                                      method=lambda m: (m.temperature(), m.bias()))
-            return _loss_from_features(loss_kind, {"image": image, "text": text,
-                                                   "scale": scale, "bias": bias})
+            scale, bias = model.apply({"params": params}, method=lambda m: (m.temperature(), m.bias()))
+            return _loss_from_features(
+                loss_kind, {"image": image, "text": text, "scale": scale, "bias": bias}
+            )
 
         loss, pull, metrics = jax.vjp(loss_of, image, text, params, has_aux=True)
         d_image, d_text, head_grads = pull(jnp.ones_like(loss))
@@ -118,8 +133,9 @@ def make_evaluators(config, workdir: str) -> list[Evaluator]:
     out = []
     for name in names:
         if name not in EVALUATORS:
-            raise ConfigError(f"config.eval.evaluators: unknown evaluator {name!r}; "
-                              f"known: {sorted(EVALUATORS)}")
+            raise ConfigError(
+                f"config.eval.evaluators: unknown evaluator {name!r}; known: {sorted(EVALUATORS)}"
+            )
         module_name, cls_name = EVALUATORS[name].split(":")
         evaluator = getattr(importlib.import_module(module_name), cls_name)(config, workdir)
         out.append(Evaluator(name=evaluator.name, fn=evaluator.fn))
@@ -129,8 +145,10 @@ def make_evaluators(config, workdir: str) -> list[Evaluator]:
 def make_task(config, workdir: str) -> Task:
     if int(config.data.image_size) != int(config.model.image_size):
         # The data pipeline and the model would silently disagree about the resolution.
-        raise ConfigError(f"config.data.image_size={config.data.image_size} differs from "
-                          f"config.model.image_size={config.model.image_size}")
+        raise ConfigError(
+            f"config.data.image_size={config.data.image_size} differs from "
+            f"config.model.image_size={config.model.image_size}"
+        )
     try:
         model = clip_from_config(config)
     except ValueError as e:
@@ -145,8 +163,10 @@ def make_task(config, workdir: str) -> Task:
 
     def batch_spec(batch_size):
         size, length = int(config.model.image_size), int(config.text.context_length)
-        return {"image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
-                "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32)}
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            "text": jax.ShapeDtypeStruct((batch_size, length), jnp.int32),
+        }
 
     return Task(
         init_fn=init_fn,
@@ -158,4 +178,3 @@ def make_task(config, workdir: str) -> Task:
         evaluators=[] if abstract_only else make_evaluators(config, workdir),
         batch_spec=batch_spec,
     )
-

@@ -5,6 +5,7 @@ renormalised; logits = 100 * image . W; top-1 and top-5 (ties broken towards the
 as torch.topk / lax.top_k do). Runs on the shapes suite (one-object scenes, 18 colour-shape classes)
 or on any TFDS classification dataset (ImageNet: `zeroshot_name=imagenet2012`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -52,8 +53,7 @@ def resolve_templates(spec: str) -> list[str]:
         raise ValueError(f"templates={spec!r} is neither one of {sorted(TEMPLATE_SETS)} nor a file")
     for t in templates:
         if t.count("{}") != 1:
-            raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the class "
-                             f"name goes)")
+            raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the class name goes)")
     return templates
 
 
@@ -68,9 +68,11 @@ def resolve_classnames(spec: str, dataset_names: Sequence[str] | None = None) ->
     if spec:
         return ev.read_lines(spec, "classnames")
     if not dataset_names:
-        raise ValueError("classnames='' takes the names from the dataset, but it has none; "
-                         "set config.eval.classnames to 'imagenet' or a file with one name per "
-                         "line")
+        raise ValueError(
+            "classnames='' takes the names from the dataset, but it has none; "
+            "set config.eval.classnames to 'imagenet' or a file with one name per "
+            "line"
+        )
     names = [str(n) for n in dataset_names]
     if len(names) == len(IMAGENET_CLASSNAMES) and all(_WORDNET_ID.match(n) for n in names):
         return list(IMAGENET_CLASSNAMES)
@@ -96,19 +98,26 @@ def topk_hits(image_emb, class_weights, labels, mask, ks: tuple[int, ...] = TOPK
     k larger than the number of classes is clamped (top-5 of 3 classes is always a hit).
     """
 
-    logits = ZEROSHOT_LOGIT_SCALE * jnp.einsum("be,ce->bc", image_emb.astype(jnp.float32),
-                                               class_weights.astype(jnp.float32))
+    logits = ZEROSHOT_LOGIT_SCALE * jnp.einsum(
+        "be,ce->bc", image_emb.astype(jnp.float32), class_weights.astype(jnp.float32)
+    )
     kmax = min(max(ks), logits.shape[-1])
     _, top = jax.lax.top_k(logits, kmax)
     hit = top == labels[:, None].astype(top.dtype)
     out = {"count": jnp.sum(mask.astype(jnp.int32))}
     for k in ks:
-        out[f"top{k}"] = jnp.sum(jnp.any(hit[:, :min(k, kmax)], axis=-1) & mask)
+        out[f"top{k}"] = jnp.sum(jnp.any(hit[:, : min(k, kmax)], axis=-1) & mask)
     return out
 
 
-def evaluate_batches(encoder, batches: Iterable[dict], class_weights: np.ndarray, *,
-                     max_examples: int = 0, ks: tuple[int, ...] = TOPK) -> dict:
+def evaluate_batches(
+    encoder,
+    batches: Iterable[dict],
+    class_weights: np.ndarray,
+    *,
+    max_examples: int = 0,
+    ks: tuple[int, ...] = TOPK,
+) -> dict:
     """Top-k accuracies (fractions) over the real (`_mask`) rows of `batches` ({'image', 'label'}).
 
     `max_examples` caps the examples counted: each process counts at most
@@ -128,8 +137,9 @@ def evaluate_batches(encoder, batches: Iterable[dict], class_weights: np.ndarray
             raise ValueError("zero-shot needs labelled images, but the dataset yields label -1")
         local_seen += int(mask.sum())
         emb = encoder.embed_images(batch["image"])
-        hits = topk_hits(emb, class_weights, ev.put_rows(encoder, labels),
-                         ev.put_rows(encoder, mask), ks=tuple(ks))
+        hits = topk_hits(
+            emb, class_weights, ev.put_rows(encoder, labels), ev.put_rows(encoder, mask), ks=tuple(ks)
+        )
         hits = jax.device_get(hits)
         count += int(hits["count"])
         for key in totals:
@@ -151,8 +161,9 @@ def check_eval_config(config) -> None:
     """The eval settings that can be checked without a model or data (clear errors up front)."""
     e = config.eval
     if e.zeroshot_source not in ("", "shapes", "tfds"):
-        raise ValueError(f"config.eval.zeroshot_source must be 'shapes', 'tfds' or '', got "
-                         f"{e.zeroshot_source!r}")
+        raise ValueError(
+            f"config.eval.zeroshot_source must be 'shapes', 'tfds' or '', got {e.zeroshot_source!r}"
+        )
     if e.zeroshot_source:
         resolve_templates(default_templates(e))
         if e.classnames and e.classnames != "imagenet":
@@ -172,8 +183,8 @@ def default_templates(eval_cfg) -> str:
 
 def _image_label_example_fn(image_size: int):
     def example_fn(raw, rng=None):
-        return {"image": ev.sized_image(raw["image"], image_size),
-                "label": np.int32(raw["label"])}
+        return {"image": ev.sized_image(raw["image"], image_size), "label": np.int32(raw["label"])}
+
     return example_fn
 
 
@@ -187,9 +198,13 @@ def zeroshot_data(config, image_size: int, batch_size: int):
     if e.zeroshot_source == "shapes":
         source = ShapesSource(e.zeroshot_split, one_object_only=True)
         n = min(len(source), int(e.max_examples)) if e.max_examples else len(source)
-        batches = ev.padded_batches(n, lambda i: example_fn(source[i]), batch_size,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
+        batches = ev.padded_batches(
+            n,
+            lambda i: example_fn(source[i]),
+            batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
         return batches, list(CLASS_NAMES)
     if e.zeroshot_source == "tfds":
         data_cfg = with_defaults(config.data)  # a copy with every key
@@ -198,8 +213,14 @@ def zeroshot_data(config, image_size: int, batch_size: int):
         data_cfg.data_dir = e.zeroshot_data_dir or data_cfg.data_dir
         data_cfg.label_key, data_cfg.caption_key = e.zeroshot_label_key, ""
         names = tfds_label_names(e.zeroshot_name, data_cfg.data_dir, e.zeroshot_label_key)
-        it = data_lib.make_iterator(data_cfg, e.zeroshot_split, global_batch_size=batch_size,
-                                    seed=0, example_fn=example_fn, train=False)
+        it = data_lib.make_iterator(
+            data_cfg,
+            e.zeroshot_split,
+            global_batch_size=batch_size,
+            seed=0,
+            example_fn=example_fn,
+            train=False,
+        )
         return it, names
     raise ValueError(f"config.eval.zeroshot_source={e.zeroshot_source!r}; use 'shapes' or 'tfds'")
 
@@ -207,11 +228,13 @@ def zeroshot_data(config, image_size: int, batch_size: int):
 def tfds_label_names(name: str, data_dir: str, label_key: str) -> list[str] | None:
     """The builder's label names (info.features[label_key].names); None when it has none."""
     import tensorflow_datasets as tfds  # lazy: heavy, and only TFDS data needs it
+
     try:
         feature = tfds.builder(name, data_dir=data_dir or None).info.features[label_key]
     except KeyError:
-        raise ValueError(f"TFDS {name} has no feature {label_key!r} "
-                         f"(set config.eval.zeroshot_label_key)") from None
+        raise ValueError(
+            f"TFDS {name} has no feature {label_key!r} (set config.eval.zeroshot_label_key)"
+        ) from None
     return list(getattr(feature, "names", None) or []) or None
 
 
@@ -233,9 +256,11 @@ def run_zeroshot(config, encoder, log=print) -> dict:
     skipped = dict(getattr(batches, "skipped", {}) or {})
     if skipped:
         log(f"zeroshot: skipped examples {skipped}")
-    log(f"zeroshot {e.zeroshot_source}:{e.zeroshot_split}: {len(classnames)} classes x "
+    log(
+        f"zeroshot {e.zeroshot_source}:{e.zeroshot_split}: {len(classnames)} classes x "
         f"{len(templates)} templates, {result['num_examples']} images: "
-        f"top1={result['top1']:.4f} top5={result['top5']:.4f}")
+        f"top1={result['top1']:.4f} top5={result['top5']:.4f}"
+    )
     return result
 
 

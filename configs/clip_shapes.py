@@ -2,6 +2,7 @@
 
 python -m clip_jax.train --config configs/clip_shapes.py --workdir /tmp/clip_shapes
 """
+
 from core_jax.config import lock
 
 from clip_jax.defaults import clip_config, model_config, text_config
@@ -12,13 +13,27 @@ def get_config(arg=None):
     # luminance, so an outline reads the same in every colour; RGB patches misread held-out pairs
     # (docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded).
     model = model_config(
-        name="shapes", image_size=64, patch_size=8, vision_width=128, vision_layers=4,
-        vision_heads=4, text_width=128, text_layers=4, text_heads=4, embed_dim=128,
-        activation="gelu", patch_embed="luma_chroma", chroma_layer=3)
+        name="shapes",
+        image_size=64,
+        patch_size=8,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        text_width=128,
+        text_layers=4,
+        text_heads=4,
+        embed_dim=128,
+        activation="gelu",
+        patch_embed="luma_chroma",
+        chroma_layer=3,
+    )
     # merges_file '' trains a small BPE on the shapes captions into the workdir. The longest
     # caption is 12 tokens with it, so a context of 16 loses nothing and saves text-tower time.
-    c = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64,
-                                       context_length=16), evaluators="zeroshot")
+    c = clip_config(
+        model,
+        text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16),
+        evaluators="zeroshot",
+    )
     c.data.source = "shapes"
     c.data.eval_split = "test_unseen"
     # Zero-shot on one-object scenes of the 4 colour-shape pairs never seen in training.

@@ -3,6 +3,7 @@
 Training: python -m clip_jax.train --config configs/clip_vit_b16.py --workdir W --config.data.source=...
 Released weights: python -m clip_jax.convert --source openai --checkpoint P --model ViT-B-16 --workdir W
 """
+
 from core_jax.config import lock
 
 from clip_jax.defaults import paper_config

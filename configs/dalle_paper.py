@@ -20,6 +20,7 @@ Point `dvae_workdir` and `data` at your files, and the tokenizer at your caption
 or `text.train_source=F` (trained into the workdir). Left as they are, the run stops with an error
 instead of training a tokenizer on the shapes captions.
 """
+
 from core_jax.config import lock
 from core_jax.data.config import POD_HOST_WORKERS
 from dalle_jax.dalle_task import dalle_config

@@ -5,6 +5,7 @@ Train the dVAE first (configs/dvae_shapes.py), then
       --config.dvae_workdir /tmp/dvae_shapes
 `--config configs/dalle_shapes.py:paper_masks` uses the paper's row/column/conv layer pattern.
 """
+
 from core_jax.config import lock
 from dalle_jax.dalle_task import dalle_config
 

@@ -4,6 +4,7 @@ Every number below is from Ramesh et al. 2021, "Zero-Shot Text-to-Image Generati
 (arXiv 2102.12092), appendix A.2 "Training" and its Listing 1 (the dVAE's data augmentation).
 Point `data` at your images (webdataset / folder / tfds) with --config.data.* overrides.
 """
+
 from core_jax.config import base_config, lock
 from core_jax.data.config import POD_HOST_WORKERS
 from dalle_jax.dvae import default_model_config

@@ -5,6 +5,7 @@ Target: PSNR >= 30 dB with >= 90% of the codebook used, reached after configs/dv
 The measurements behind each value: docs/results.md ("Shapes configs: the measurements behind
 their values").
 """
+
 from core_jax.config import base_config, lock
 from dalle_jax.dvae import default_model_config
 
@@ -28,7 +29,7 @@ def get_config(arg=None):
     # spreads codes over the batch, the negative kl_weight makes each position confident; docs/dvae.md,
     # "Objective"). Its strength trades PSNR for codebook use; both fade to a tenth over the run,
     # since collapse threatens early only (docs/results.md#dvae-the-shapes-configs-history-2026-11-28-to-2026-12-01).
-    c.model.encoder_logit_norm = True         # LayerNorm before the logit conv (not in OpenAI's model)
+    c.model.encoder_logit_norm = True  # LayerNorm before the logit conv (not in OpenAI's model)
     c.model.usage_weight = 3.0
     # 9600 images as many small steps: batch 4 beat batches 2 and 8 for the same time on 2 CPU cores.
     c.total_steps = 2400

@@ -9,6 +9,7 @@ so a DALL-E trained on the original dVAE's tokens samples the same tokens, and
 `--dvae_workdir runs/dvae_dec` on generate / evaluate_fidelity decodes them with the new decoder.
 How to use it: docs/dvae.md, "Decoder fine-tuning"; measurements: docs/results.md.
 """
+
 from core_jax.app import load_config
 from core_jax.config import lock
 

@@ -6,6 +6,7 @@ Uses the same task, mesh rules and jitted step as training, for devices describe
 (the `tpu` extra) rather than present. Prints per-device memory against the chip's HBM and the
 FLOPs of one step; exit code 3 when it does not fit.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +29,7 @@ from core_jax import app, finetune, sharding, trainer
 from core_jax.config import ConfigError, validate
 from core_jax.optim import make_optimizer
 
-GIB = 1024 ** 3
+GIB = 1024**3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,15 +96,20 @@ def tpu_devices(chip: Chip, shape: tuple[int, ...], num_slices: int = 1):
     topo = "x".join(str(s) for s in shape)
     bounds = (min(shape[0], 2), min(shape[1], 2), 1)
     desc = topologies.get_topology_desc(
-        platform="tpu", topology_name=f"{chip.topology_prefix}:{topo}", chip_config_name=chip.chip_config,
-        chips_per_host_bounds=bounds, num_slices=num_slices)
+        platform="tpu",
+        topology_name=f"{chip.topology_prefix}:{topo}",
+        chip_config_name=chip.chip_config,
+        chips_per_host_bounds=bounds,
+        num_slices=num_slices,
+    )
     return desc.devices
 
 
 def load_task_module(config):
     if not config.get("task"):
-        raise ValueError("config.task is empty: it must name the module with make_task "
-                         "(e.g. dalle_jax.dalle_task)")
+        raise ValueError(
+            "config.task is empty: it must name the module with make_task (e.g. dalle_jax.dalle_task)"
+        )
     return importlib.import_module(config.task)
 
 
@@ -123,8 +129,9 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
     tx = finetune.freeze(tx, finetune.frozen_prefixes(config))  # no optimizer moments when frozen
     abstract_boxed = trainer.abstract_boxed_params(task, config, batch)
     _, abstract, shardings = trainer.state_shardings(task, tx, mesh, config, batch, abstract_boxed)
-    step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
-                                  jax.tree.map(lambda x: x.sharding, batch))
+    step = trainer.jit_train_step(
+        task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, batch)
+    )
     t = time.perf_counter()
     n_params = trainer.count_params(abstract.params)
     warning = sharding.undivided_warning(mesh, abstract_boxed)
@@ -137,9 +144,16 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         detail = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
-        return {"devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
-                "fits": False, "hbm_bytes": hbm_bytes, "compile_error": detail,
-                "compile_seconds": time.perf_counter() - t, "sharding_warning": warning}
+        return {
+            "devices": len(devices),
+            "mesh": dict(mesh.shape),
+            "params": n_params,
+            "fits": False,
+            "hbm_bytes": hbm_bytes,
+            "compile_error": detail,
+            "compile_seconds": time.perf_counter() - t,
+            "sharding_warning": warning,
+        }
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
@@ -151,14 +165,25 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
     peak = args + out - alias + temp + code
     return {
-        "devices": len(devices), "mesh": dict(mesh.shape), "params": n_params,
-        "argument_bytes": args, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
-        "peak_bytes": peak, "hbm_bytes": hbm_bytes, "fits": peak <= hbm_bytes,
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "params": n_params,
+        "argument_bytes": args,
+        "output_bytes": out,
+        "alias_bytes": alias,
+        "temp_bytes": temp,
+        "peak_bytes": peak,
+        "hbm_bytes": hbm_bytes,
+        "fits": peak <= hbm_bytes,
         # XLA counts the body of a scanned layer stack once, so prefer the task's analytic count.
         "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "flops_per_step_per_device": (task.flops_per_example * int(config.batch_size) / len(devices)
-                                      if task.flops_per_example else
-                                      float(cost.get("flops", 0.0)) if cost else 0.0),
+        "flops_per_step_per_device": (
+            task.flops_per_example * int(config.batch_size) / len(devices)
+            if task.flops_per_example
+            else float(cost.get("flops", 0.0))
+            if cost
+            else 0.0
+        ),
         "compile_seconds": compile_s,
         "sharding_warning": warning,
     }
@@ -167,18 +192,22 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
 def format_report(name: str, r: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"
     if "compile_error" in r:
-        return (f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params\n"
-                f"  DOES NOT FIT: {r['compile_error']}")
-    return "\n".join([
-        f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params",
-        f"  per device: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])} "
-        f"(aliased {g(r['alias_bytes'])}), temporaries {g(r['temp_bytes'])}",
-        f"  peak {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM "
-        f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%) -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
-        f"  {r['flops_per_step_per_device'] / 1e12:.2f} TFLOPs per step per device "
-        f"(model FLOPs; XLA's cost analysis: {r['xla_flops_per_step_per_device'] / 1e12:.2f}, "
-        f"a scanned layer counted once); compiled in {r['compile_seconds']:.1f}s",
-    ])
+        return (
+            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params\n"
+            f"  DOES NOT FIT: {r['compile_error']}"
+        )
+    return "\n".join(
+        [
+            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params",
+            f"  per device: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])} "
+            f"(aliased {g(r['alias_bytes'])}), temporaries {g(r['temp_bytes'])}",
+            f"  peak {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM "
+            f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%) -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
+            f"  {r['flops_per_step_per_device'] / 1e12:.2f} TFLOPs per step per device "
+            f"(model FLOPs; XLA's cost analysis: {r['xla_flops_per_step_per_device'] / 1e12:.2f}, "
+            f"a scanned layer counted once); compiled in {r['compile_seconds']:.1f}s",
+        ]
+    )
 
 
 def main(argv):
@@ -192,8 +221,9 @@ def main(argv):
     try:
         devices = tpu_devices(chip, shape, FLAGS.num_slices)
     except Exception as e:  # libtpu missing or too old
-        app.fail(f"cannot describe TPU {FLAGS.topology} (install the 'tpu' extra: "
-                 f"pip install -e '.[tpu]'): {e}")
+        app.fail(
+            f"cannot describe TPU {FLAGS.topology} (install the 'tpu' extra: pip install -e '.[tpu]'): {e}"
+        )
     config = FLAGS.config
     try:
         validate(config, len(devices), 1)
@@ -206,17 +236,24 @@ def main(argv):
         with open(FLAGS.json_out, "w") as f:
             json.dump(result, f, indent=2)
     if not result["fits"]:
-        need = (f"needs {result['peak_bytes'] / GIB:.2f} GiB per device" if "peak_bytes" in result
-                else "ran out of memory while compiling")
-        print(f"error: the train step {need}; a {chip.generation} chip has "
-              f"{chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower batch_size, or set "
-              f"remat=full", file=sys.stderr)
+        need = (
+            f"needs {result['peak_bytes'] / GIB:.2f} GiB per device"
+            if "peak_bytes" in result
+            else "ran out of memory while compiling"
+        )
+        print(
+            f"error: the train step {need}; a {chip.generation} chip has "
+            f"{chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower batch_size, or set "
+            f"remat=full",
+            file=sys.stderr,
+        )
         sys.exit(3)
 
 
 if __name__ == "__main__":
-    flags.DEFINE_string("topology", None, "e.g. v4-256, v5litepod-16, v5p-128, v5e:4x4, v4:4x4x8",
-                        required=True)
+    flags.DEFINE_string(
+        "topology", None, "e.g. v4-256, v5litepod-16, v5p-128, v5e:4x4, v4:4x4x8", required=True
+    )
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
     flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
     app.define_config_flags(None, workdir_required=False)

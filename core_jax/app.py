@@ -3,6 +3,7 @@
 Every command that takes a config goes through `parse_config_flags`, so a bad config reads the same
 everywhere: one line on stderr and exit code 2, before anything compiles.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -56,7 +57,7 @@ def _flags_parser(argv):
 
 
 def _override_keys(argv) -> list[str]:
-    return [a.split("=", 1)[0][len("--config."):] for a in argv if a.startswith("--config.")]
+    return [a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")]
 
 
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
@@ -65,17 +66,20 @@ def define_config_flags(default_config: str | None, workdir_required: bool = Tru
         try:
             # ml_collections loads the file and applies --config.KEY overrides right here.
             config_flags.DEFINE_config_file(
-                "config", config_path(default_config) if default_config else None,
+                "config",
+                config_path(default_config) if default_config else None,
                 "Config file (configs/*.py[:arg]); override keys with --config.KEY=VALUE.",
-                lock_config=True)
+                lock_config=True,
+            )
         except (AttributeError, KeyError) as e:
             keys = ", ".join(_override_keys(sys.argv)) or "?"
             fail(f"unknown config key in overrides ({keys}): {str(e).strip(chr(34) + chr(39))}")
         except (flags.Error, ValueError, TypeError, OSError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if "workdir" not in FLAGS:
-        flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, images.",
-                            required=workdir_required)
+        flags.DEFINE_string(
+            "workdir", None, "Run directory: checkpoints, metrics, images.", required=workdir_required
+        )
     distributed.define_flags()
 
 

@@ -1,4 +1,5 @@
 """Orbax checkpoints of the train state plus the data iterator position; params-only loading."""
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,7 @@ CHECKPOINT_DIR = "checkpoints"
 def _register_array_handler():
     # Replica-parallel saving slices every replicated array with a freshly compiled op per shape:
     # worth it for large arrays on a pod, pure overhead (seconds per save) for small ones.
-    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2 ** 20)
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=16 * 2**20)
     # orbax warns on every override, this deliberate one included; said at import time, that
     # warning would precede a command's one-line `error:` (now that commands import this at load).
     level = absl_logging.get_verbosity()
@@ -38,13 +39,17 @@ def checkpoint_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, *, keep: int | None, save_interval_steps: int = 1) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_interval_steps, create=True,
-        enable_async_checkpointing=True)
+        max_to_keep=keep,
+        save_interval_steps=save_interval_steps,
+        create=True,
+        enable_async_checkpointing=True,
+    )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None,
-         force: bool = False) -> bool:
+def save(
+    manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict | None, force: bool = False
+) -> bool:
     items = {"state": ocp.args.StandardSave(state)}
     items["data"] = ocp.args.JsonSave(data_state or {})
     return manager.save(step, args=ocp.args.Composite(**items), force=force)
@@ -52,8 +57,10 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any):
     """Restores onto `abstract_state`'s shardings (so a different mesh reshards on load)."""
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()),
+    )
     return restored["state"], restored["data"]
 
 
@@ -66,8 +73,9 @@ def write_config(workdir: str, config) -> None:
 def read_config(workdir: str):
     path = os.path.join(workdir, "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{workdir} holds no config.json: not a workdir written by a trainer "
-                                f"or converter")
+        raise FileNotFoundError(
+            f"{workdir} holds no config.json: not a workdir written by a trainer or converter"
+        )
     return from_json_file(path)
 
 
@@ -79,11 +87,16 @@ def save_params(workdir: str, config, params: Any, step: int = 0) -> None:
     """
     write_config(workdir, config)
     params = jax.tree.map(np.asarray, params)
-    with ocp.CheckpointManager(checkpoint_dir(workdir),
-                               options=ocp.CheckpointManagerOptions(create=True)) as manager:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"params": params}),
-            data=ocp.args.JsonSave({"converted": True})), force=True)
+    with ocp.CheckpointManager(
+        checkpoint_dir(workdir), options=ocp.CheckpointManagerOptions(create=True)
+    ) as manager:
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params}), data=ocp.args.JsonSave({"converted": True})
+            ),
+            force=True,
+        )
         manager.wait_until_finished()
 
 
@@ -149,17 +162,27 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None, *,
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(
-                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), params_meta)
+                lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), params_meta
+            )
         else:
-            target = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
-                                  params_meta, shardings)
-        restored = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.PyTreeRestore(
-                item={key: target},
-                restore_args=jax.tree.map(
-                    lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding, global_shape=t.shape,
-                                                   dtype=t.dtype), {key: target}),
-                partial_restore=True)))
+            target = jax.tree.map(
+                lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s), params_meta, shardings
+            )
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item={key: target},
+                    restore_args=jax.tree.map(
+                        lambda t: ocp.ArrayRestoreArgs(
+                            sharding=t.sharding, global_shape=t.shape, dtype=t.dtype
+                        ),
+                        {key: target},
+                    ),
+                    partial_restore=True,
+                )
+            ),
+        )
     return config, restored["state"][key]
 
 

@@ -3,6 +3,7 @@
 A leaf (argparse and sys only), so a tool that only needs these loads neither JAX nor the trainer
 before parsing its flags; core_jax.app re-exports both for the trainers.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """The keys every trainer understands, and the checks run before anything compiles."""
+
 from __future__ import annotations
 
 import json
@@ -55,10 +56,21 @@ def base_config() -> ml_collections.ConfigDict:
     c.init_from_raw_weights = False
     # decay_steps: steps (warm-up included) over which the rate decays to
     # learning_rate * end_learning_rate_fraction and then stays there; 0 = total_steps.
-    c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", learning_rate=3e-4, schedule="cosine", warmup_steps=100,
-        end_learning_rate_fraction=0.0, decay_steps=0, weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8,
-        grad_clip_norm=1.0))
+    c.optim = ml_collections.ConfigDict(
+        dict(
+            name="adamw",
+            learning_rate=3e-4,
+            schedule="cosine",
+            warmup_steps=100,
+            end_learning_rate_fraction=0.0,
+            decay_steps=0,
+            weight_decay=0.0,
+            b1=0.9,
+            b2=0.999,
+            eps=1e-8,
+            grad_clip_norm=1.0,
+        )
+    )
     c.data = default_data_config()
     c.model = ml_collections.ConfigDict()
     return c
@@ -73,8 +85,15 @@ def lock(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def validate(config, num_devices: int, process_count: int = 1) -> None:
     """Raises ConfigError with one clear sentence for the first problem found."""
 
-    for key in ("total_steps", "batch_size", "log_every", "checkpoint_every", "eval_every",
-                "keep_checkpoints", "grad_accum_steps"):
+    for key in (
+        "total_steps",
+        "batch_size",
+        "log_every",
+        "checkpoint_every",
+        "eval_every",
+        "keep_checkpoints",
+        "grad_accum_steps",
+    ):
         if key in config and int(config[key]) <= 0:
             raise ConfigError(f"config.{key} must be positive, got {config[key]}")
     try:
@@ -86,41 +105,57 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if config.batch_size % data_parallel:
         raise ConfigError(
             f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
-            f"mesh.data*mesh.fsdp={data_parallel}")
+            f"mesh.data*mesh.fsdp={data_parallel}"
+        )
     if config.batch_size % process_count:
-        raise ConfigError(f"config.batch_size={config.batch_size} is not divisible by the "
-                          f"number of processes {process_count}")
+        raise ConfigError(
+            f"config.batch_size={config.batch_size} is not divisible by the "
+            f"number of processes {process_count}"
+        )
     micro = config.batch_size // config.grad_accum_steps
     if config.batch_size % config.grad_accum_steps or micro % data_parallel:
         raise ConfigError(
             f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} "
-            f"must give a micro-batch divisible by mesh.data*mesh.fsdp={data_parallel}")
+            f"must give a micro-batch divisible by mesh.data*mesh.fsdp={data_parallel}"
+        )
     if config.nan_policy not in ("skip", "abort"):
         raise ConfigError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
     if int(config.optim.get("decay_steps", 0) or 0) < 0:
-        raise ConfigError(f"config.optim.decay_steps must be >= 0 (0 = total_steps), got "
-                          f"{config.optim.decay_steps}")
+        raise ConfigError(
+            f"config.optim.decay_steps must be >= 0 (0 = total_steps), got {config.optim.decay_steps}"
+        )
     ema_decay = float(config.get("ema_decay", 0.0))
     if not 0.0 <= ema_decay < 1.0:
-        raise ConfigError(f"config.ema_decay must be in [0, 1) (0 = no EMA of the weights, e.g. "
-                          f"0.999), got {config.ema_decay}")
+        raise ConfigError(
+            f"config.ema_decay must be in [0, 1) (0 = no EMA of the weights, e.g. "
+            f"0.999), got {config.ema_decay}"
+        )
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
     if len(resize_range) != 2 or not 1.0 <= float(resize_range[0]) <= float(resize_range[1]):
-        raise ConfigError(f"config.data.random_resize_range must be (lo, hi) with 1 <= lo <= hi "
-                          f"(multiples of image_size, e.g. (1.125, 1.5)), got {resize_range}")
+        raise ConfigError(
+            f"config.data.random_resize_range must be (lo, hi) with 1 <= lo <= hi "
+            f"(multiples of image_size, e.g. (1.125, 1.5)), got {resize_range}"
+        )
     if int(config.get("scan_unroll", 1)) < 1:
-        raise ConfigError(f"config.scan_unroll must be >= 1 (layers per scan iteration), got "
-                          f"{config.scan_unroll}")
+        raise ConfigError(
+            f"config.scan_unroll must be >= 1 (layers per scan iteration), got {config.scan_unroll}"
+        )
     if config.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     check_paths(config)
 
 
 # Keys (dotted) that name a file or directory which must exist when set.
-PATH_KEYS = ("data.index_file", "data.data_dir", "dvae_workdir", "clip_workdir", "text.merges_file",
-             "init_from")
+PATH_KEYS = (
+    "data.index_file",
+    "data.data_dir",
+    "dvae_workdir",
+    "clip_workdir",
+    "text.merges_file",
+    "init_from",
+)
 
 
 def _get(config, dotted):
@@ -150,4 +185,3 @@ def to_json(config) -> str:
 def from_json_file(path: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
-

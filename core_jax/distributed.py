@@ -20,6 +20,7 @@ environment (`detect_cluster`), so tests drive it with fake environments:
 
 Anything else is a single-process run and JAX is left alone.
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ _OFF = ("0", "false", "off", "no", "none")
 # The names of the CPU collectives option across JAX versions (newest first). Both jax 0.10 and
 # 0.12 have `jax_cpu_collectives_implementation` (default already 'gloo'); older releases only had
 # the boolean one.
-_CPU_COLLECTIVES_OPTIONS = (("jax_cpu_collectives_implementation", "gloo"),
-                            ("jax_cpu_enable_gloo_collectives", True))
+_CPU_COLLECTIVES_OPTIONS = (
+    ("jax_cpu_collectives_implementation", "gloo"),
+    ("jax_cpu_enable_gloo_collectives", True),
+)
 
 _initialized_here = False
 
@@ -45,15 +48,20 @@ _initialized_here = False
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     """Registers the three process flags; safe to call from several modules and several times."""
     if "coordinator_address" not in flag_values:
-        flags.DEFINE_string("coordinator_address", None,
-                            "host:port of process 0 for a multi-process run (GPU clusters, CPU).",
-                            flag_values=flag_values)
+        flags.DEFINE_string(
+            "coordinator_address",
+            None,
+            "host:port of process 0 for a multi-process run (GPU clusters, CPU).",
+            flag_values=flag_values,
+        )
     if "num_processes" not in flag_values:
-        flags.DEFINE_integer("num_processes", None, "Number of processes in a multi-process run.",
-                             flag_values=flag_values)
+        flags.DEFINE_integer(
+            "num_processes", None, "Number of processes in a multi-process run.", flag_values=flag_values
+        )
     if "process_id" not in flag_values:
-        flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).",
-                             flag_values=flag_values)
+        flags.DEFINE_integer(
+            "process_id", None, "This process's index in [0, num_processes).", flag_values=flag_values
+        )
 
 
 def _flag(flag_values: Any, name: str):
@@ -100,12 +108,17 @@ def _slurm_port(env: Mapping[str, str]) -> int:
 
 
 def _explicit(coordinator, num_processes, process_id) -> dict | None:
-    given = {"--coordinator_address": coordinator, "--num_processes": num_processes,
-             "--process_id": process_id}
+    given = {
+        "--coordinator_address": coordinator,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
+    }
     missing = [k for k, v in given.items() if v is None]
     if missing:
-        raise ValueError(f"a multi-process run needs --coordinator_address, --num_processes and "
-                         f"--process_id together; missing {', '.join(missing)}")
+        raise ValueError(
+            f"a multi-process run needs --coordinator_address, --num_processes and "
+            f"--process_id together; missing {', '.join(missing)}"
+        )
     if num_processes < 1:
         raise ValueError(f"--num_processes must be >= 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
@@ -114,9 +127,17 @@ def _explicit(coordinator, num_processes, process_id) -> dict | None:
         raise ValueError(f"--coordinator_address must be host:port, got {coordinator!r}")
     if num_processes == 1:
         return None
-    return dict(kind="explicit", num_processes=num_processes, process_id=process_id,
-                init_kwargs=dict(coordinator_address=coordinator, num_processes=num_processes,
-                                 process_id=process_id, cluster_detection_method="deactivate"))
+    return dict(
+        kind="explicit",
+        num_processes=num_processes,
+        process_id=process_id,
+        init_kwargs=dict(
+            coordinator_address=coordinator,
+            num_processes=num_processes,
+            process_id=process_id,
+            cluster_detection_method="deactivate",
+        ),
+    )
 
 
 def detect_cluster(env: Mapping[str, str], flag_values: Any = None) -> dict | None:
@@ -132,8 +153,11 @@ def detect_cluster(env: Mapping[str, str], flag_values: Any = None) -> dict | No
     if any(v is not None for v in (coordinator, num_processes, process_id)):
         return _explicit(coordinator or env.get("JAX_COORDINATOR_ADDRESS"), num_processes, process_id)
     if env.get("JAX_COORDINATOR_ADDRESS") and "JAX_NUM_PROCESSES" in env:
-        return _explicit(env["JAX_COORDINATOR_ADDRESS"], _int_env(env, "JAX_NUM_PROCESSES"),
-                         _int_env(env, "JAX_PROCESS_ID"))
+        return _explicit(
+            env["JAX_COORDINATOR_ADDRESS"],
+            _int_env(env, "JAX_NUM_PROCESSES"),
+            _int_env(env, "JAX_PROCESS_ID"),
+        )
 
     switch = env.get(ENV_SWITCH, "").strip().lower()
     if switch in _OFF and switch:
@@ -143,8 +167,9 @@ def detect_cluster(env: Mapping[str, str], flag_values: Any = None) -> dict | No
     if switch:
         return dict(kind="forced", num_processes=None, process_id=None, init_kwargs={})
 
-    hosts = max(_host_count(env.get("TPU_WORKER_HOSTNAMES")),
-                _host_count(env.get("TPU_PROCESS_ADDRESSES")), 1)
+    hosts = max(
+        _host_count(env.get("TPU_WORKER_HOSTNAMES")), _host_count(env.get("TPU_PROCESS_ADDRESSES")), 1
+    )
     slices = _int_env(env, "MEGASCALE_NUM_SLICES") or 1
     if hosts > 1 or slices > 1 or env.get("MEGASCALE_COORDINATOR_ADDRESS"):
         return dict(kind="tpu", num_processes=hosts * slices, process_id=None, init_kwargs={})
@@ -155,8 +180,12 @@ def detect_cluster(env: Mapping[str, str], flag_values: Any = None) -> dict | No
 
     ompi_size = _int_env(env, "OMPI_COMM_WORLD_SIZE")
     if ompi_size is not None and ompi_size > 1:
-        return dict(kind="ompi", num_processes=ompi_size,
-                    process_id=_int_env(env, "OMPI_COMM_WORLD_RANK"), init_kwargs={})
+        return dict(
+            kind="ompi",
+            num_processes=ompi_size,
+            process_id=_int_env(env, "OMPI_COMM_WORLD_RANK"),
+            init_kwargs={},
+        )
     if env.get("JAX_COORDINATOR_ADDRESS"):
         return dict(kind="jax_env", num_processes=None, process_id=None, init_kwargs={})
     return None
@@ -211,8 +240,9 @@ def maybe_initialize(flag_values: Any = None, env: Mapping[str, str] | None = No
 
     if _initialized_here or jax.distributed.is_initialized():
         return True
-    info = detect_cluster(os.environ if env is None else env,
-                          flags.FLAGS if flag_values is None else flag_values)
+    info = detect_cluster(
+        os.environ if env is None else env, flags.FLAGS if flag_values is None else flag_values
+    )
     if info is None:
         return False
     enable_cpu_collectives()
@@ -222,7 +252,8 @@ def maybe_initialize(flag_values: Any = None, env: Mapping[str, str] | None = No
         if "before" in str(e) or "backend" in str(e).lower():
             raise RuntimeError(
                 "core_jax.distributed.maybe_initialize() must run before any JAX call that touches "
-                f"devices (found a {info['kind']} multi-process run): {e}") from e
+                f"devices (found a {info['kind']} multi-process run): {e}"
+            ) from e
         raise
     _initialized_here = True
     return True

@@ -10,6 +10,7 @@ moments for them (optax.multi_transform; weight decay does not touch them either
 stays bit-identical however long the run. A run that resumes from its own checkpoint never reads
 `init_from` again.
 """
+
 from __future__ import annotations
 
 import jax
@@ -32,8 +33,10 @@ def _path_str(path) -> str:
 
 def _shapes_by_path(tree, is_leaf=None) -> dict[str, tuple]:
     """'/'-joined path -> shape of every leaf (arrays, ShapeDtypeStructs, or shape tuples)."""
-    return {_path_str(p): tuple(getattr(x, "shape", x))
-            for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)}
+    return {
+        _path_str(p): tuple(getattr(x, "shape", x))
+        for p, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=is_leaf)
+    }
 
 
 def _is_frozen(path: str, prefixes) -> bool:
@@ -43,7 +46,8 @@ def _is_frozen(path: str, prefixes) -> bool:
 def param_labels(params, prefixes) -> dict:
     """'frozen' / 'train' per leaf of `params`."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: "frozen" if _is_frozen(_path_str(path), prefixes) else "train", params)
+        lambda path, _: "frozen" if _is_frozen(_path_str(path), prefixes) else "train", params
+    )
 
 
 def check_frozen(abstract_params, prefixes) -> tuple[int, int]:
@@ -53,8 +57,10 @@ def check_frozen(abstract_params, prefixes) -> tuple[int, int]:
     for prefix in prefixes:
         if not any(_is_frozen(path, (prefix,)) for path, _ in paths):
             tops = sorted({path.split("/")[0] for path, _ in paths})
-            raise ConfigError(f"config.frozen: no parameter path starts with {prefix!r} (top-level "
-                              f"params: {', '.join(tops)})")
+            raise ConfigError(
+                f"config.frozen: no parameter path starts with {prefix!r} (top-level "
+                f"params: {', '.join(tops)})"
+            )
     frozen = sum(n for path, n in paths if _is_frozen(path, prefixes))
     total = sum(n for _, n in paths)
     if prefixes and frozen == total:
@@ -68,15 +74,17 @@ def drop_frozen(grads, prefixes):
     if not prefixes:
         return grads
     return jax.tree_util.tree_map_with_path(
-        lambda path, g: jnp.zeros_like(g) if _is_frozen(_path_str(path), prefixes) else g, grads)
+        lambda path, g: jnp.zeros_like(g) if _is_frozen(_path_str(path), prefixes) else g, grads
+    )
 
 
 def freeze(tx: optax.GradientTransformation, prefixes) -> optax.GradientTransformation:
     """`tx` for the trainable params, zero updates (and no optimizer state) for the frozen ones."""
     if not prefixes:
         return tx
-    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()},
-                                 lambda params: param_labels(params, prefixes))
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()}, lambda params: param_labels(params, prefixes)
+    )
 
 
 def check_param_shapes(source: str, shapes, abstract_params) -> None:
@@ -86,14 +94,17 @@ def check_param_shapes(source: str, shapes, abstract_params) -> None:
     have = _shapes_by_path(shapes, is_leaf=lambda s: isinstance(s, tuple))
     for path in sorted(set(want) | set(have)):
         if path not in have:
-            raise ConfigError(f"{source} has no parameter {path!r} that this model needs "
-                              f"(a different model or config?)")
+            raise ConfigError(
+                f"{source} has no parameter {path!r} that this model needs (a different model or config?)"
+            )
         if path not in want:
-            raise ConfigError(f"{source} has a parameter {path!r} this model does not "
-                              f"(a different model or config?)")
+            raise ConfigError(
+                f"{source} has a parameter {path!r} this model does not (a different model or config?)"
+            )
         if have[path] != want[path]:
-            raise ConfigError(f"{source}: parameter {path!r} has shape {have[path]}, this model "
-                              f"needs {want[path]}")
+            raise ConfigError(
+                f"{source}: parameter {path!r} has shape {have[path]}, this model needs {want[path]}"
+            )
 
 
 def load_init_params(init_from: str, abstract_params, param_shardings, raw_weights: bool = False):
@@ -105,8 +116,10 @@ def load_init_params(init_from: str, abstract_params, param_shardings, raw_weigh
     try:
         shapes = checkpoint.param_shapes(init_from)
     except FileNotFoundError as e:
-        raise ConfigError(f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
-                          f"written by a trainer or a converter): {e}") from None
+        raise ConfigError(
+            f"config.init_from={init_from!r} holds no checkpoint (expected a workdir "
+            f"written by a trainer or a converter): {e}"
+        ) from None
     check_param_shapes(f"config.init_from={init_from!r}", shapes, abstract_params)
     from_ema = not raw_weights and checkpoint.workdir_has_ema(init_from)
     _, params = checkpoint.load_params(init_from, shardings=param_shardings, ema=not raw_weights)

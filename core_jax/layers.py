@@ -6,6 +6,7 @@ CLIP (clip_jax/model.py) builds q/k/v attention with flax's LayerNorm, the DALL-
 (dalle_jax/transformer.py) query/key/value attention with a KV cache and per-layer masks and the
 float32-statistics LayerNorm. A model's block wires them (pre-LN residuals) under its own names.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,14 +49,19 @@ ACTIVATIONS: dict[str, Callable] = {"quick_gelu": quick_gelu, "gelu": exact_gelu
 def flax_layer_norm(eps: float, dtype, name: str) -> nn.LayerNorm:
     """flax's LayerNorm (params scale/bias, float32) with logical names: CLIP's, OpenAI's layout."""
     return nn.LayerNorm(
-        epsilon=eps, dtype=dtype, param_dtype=jnp.float32, name=name,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        name=name,
         scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+    )
 
 
 class LayerNorm(nn.Module):
     """LayerNorm with float32 statistics whatever the compute dtype and a two-pass variance (the
     DALL-E transformer's; its rounding differs from flax's one-pass LayerNorm)."""
+
     dtype: Any = jnp.float32
     eps: float = 1e-5
 
@@ -81,6 +87,7 @@ class Attention(nn.Module):
     prefill (start 0) and one-token steps are the same code. Without a cache the call covers
     positions 0 .. S-1.
     """
+
     num_heads: int
     out_std: float  # the output kernel's
     causal: bool = False
@@ -100,7 +107,7 @@ class Attention(nn.Module):
         if self.head_dim is None and width % self.num_heads:
             raise ValueError(f"attention: width {width} is not divisible by {self.num_heads} heads")
         h, k, dtype = self.num_heads, self.head_dim or width // self.num_heads, self.dtype
-        in_init = normal(width ** -0.5 if self.in_std is None else self.in_std)
+        in_init = normal(width**-0.5 if self.in_std is None else self.in_std)
 
         def project(name):
             kernel = param(self, f"{name}_kernel", in_init, (width, h, k), ("embed", "heads", "kv"))
@@ -117,8 +124,9 @@ class Attention(nn.Module):
 
             def write(cache, new):
                 new = new.astype(dtype).transpose(0, 2, 1, 3)
-                return constrain(jax.lax.dynamic_update_slice(cache.value, new, (0, 0, start, 0)),
-                                 cache_names)
+                return constrain(
+                    jax.lax.dynamic_update_slice(cache.value, new, (0, 0, start, 0)), cache_names
+                )
 
             cached_key.value = write(cached_key, key)
             cached_value.value = write(cached_value, value)
@@ -137,22 +145,23 @@ class Attention(nn.Module):
                 mask = tril if mask is None else mask & tril
 
         if self.float32_logits:
-            logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key,
-                                preferred_element_type=jnp.float32) / math.sqrt(k)
+            logits = jnp.einsum(
+                f"bqhk,{key_spec}->bhqt", q, key, preferred_element_type=jnp.float32
+            ) / math.sqrt(k)
         else:
-            logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key).astype(jnp.float32) * k ** -0.5
+            logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key).astype(jnp.float32) * k**-0.5
         if mask is not None:
             logits = jnp.where(mask[None, None], logits, NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = constrain(jnp.einsum(f"bhqt,{key_spec}->bqhk", probs, value), HEADS)
-        out_kernel = param(self, "out_kernel", normal(self.out_std), (h, k, width),
-                           ("heads", "kv", "embed"))
+        out_kernel = param(self, "out_kernel", normal(self.out_std), (h, k, width), ("heads", "kv", "embed"))
         out_bias = param(self, "out_bias", nn.initializers.zeros, (width,), ("norm",))
         return dense(out, out_kernel.astype(dtype), in_dims=2) + out_bias.astype(dtype)
 
 
 class MLP(nn.Module):
     """width -> mlp_dim -> activation -> width; `names` are the two layers' param prefixes."""
+
     mlp_dim: int
     activation: str  # a key of ACTIVATIONS
     in_std: float
@@ -164,14 +173,15 @@ class MLP(nn.Module):
     def __call__(self, x):
         width, dtype = x.shape[-1], self.dtype
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"mlp: unknown activation {self.activation!r}; choose one of "
-                             f"{tuple(ACTIVATIONS)}")
+            raise ValueError(
+                f"mlp: unknown activation {self.activation!r}; choose one of {tuple(ACTIVATIONS)}"
+            )
         fc, proj = self.names
-        in_kernel = param(self, f"{fc}_kernel", normal(self.in_std), (width, self.mlp_dim),
-                          ("embed", "mlp"))
+        in_kernel = param(self, f"{fc}_kernel", normal(self.in_std), (width, self.mlp_dim), ("embed", "mlp"))
         in_bias = param(self, f"{fc}_bias", nn.initializers.zeros, (self.mlp_dim,), ("mlp",))
-        out_kernel = param(self, f"{proj}_kernel", normal(self.out_std), (self.mlp_dim, width),
-                           ("mlp", "embed"))
+        out_kernel = param(
+            self, f"{proj}_kernel", normal(self.out_std), (self.mlp_dim, width), ("mlp", "embed")
+        )
         out_bias = param(self, f"{proj}_bias", nn.initializers.zeros, (width,), ("norm",))
         h = ACTIVATIONS[self.activation](dense(x, in_kernel.astype(dtype)) + in_bias.astype(dtype))
         h = constrain(h, ("act_batch", "act_length", "act_mlp"))

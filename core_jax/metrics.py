@@ -1,4 +1,5 @@
 """Where metrics go: metrics.jsonl, TensorBoard, PNG images, and a console progress line."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,16 @@ from PIL import Image
 
 # Dense bf16 peak per chip, for MFU on accelerators. CPUs are measured instead (see peak_flops).
 PEAK_FLOPS_PER_CHIP = {
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-    "TPU v6 lite": 918e12, "TPU v6e": 918e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v6e": 918e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
 }
 
 
@@ -31,7 +40,7 @@ def measure_matmul_flops(dtype="float32", n: int = 2048, repeats: int = 3) -> fl
         t = time.perf_counter()
         f(a, a).block_until_ready()
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def peak_flops(devices, compute_dtype: str = "float32") -> float:
@@ -66,6 +75,7 @@ class MetricsWriter:
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # lazy: optional, see the except below
+
                 self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
@@ -111,7 +121,9 @@ def image_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.
     grid = np.zeros((rows * (h + pad) + pad, cols * (w + pad) + pad, c), np.uint8)
     for i in range(n):
         r, k = divmod(i, cols)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + k * (w + pad):pad + k * (w + pad) + w] = images[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = (
+            images[i]
+        )
     return grid
 
 
@@ -124,8 +136,12 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(step: int, total: int, scalars: Mapping[str, float], eta_seconds: float) -> str:
     parts = [f"step {step}/{total}"]
-    for key, fmt in (("loss", "{:.4f}"), ("learning_rate", "lr {:.2e}"),
-                     ("examples_per_sec", "{:.1f} ex/s"), ("mfu", "mfu {:.1%}")):
+    for key, fmt in (
+        ("loss", "{:.4f}"),
+        ("learning_rate", "lr {:.2e}"),
+        ("examples_per_sec", "{:.1f} ex/s"),
+        ("mfu", "mfu {:.1%}"),
+    ):
         if key in scalars and scalars[key] is not None:
             text = fmt.format(scalars[key])
             parts.append(f"loss {text}" if key == "loss" else text)

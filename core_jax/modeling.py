@@ -1,4 +1,5 @@
 """Small pieces every model uses: activation constraints, remat policies, stacked layers."""
+
 from __future__ import annotations
 
 import math
@@ -37,10 +38,11 @@ def dense(x: jax.Array, kernel: jax.Array, in_dims: int = 1) -> jax.Array:
     minor dims, where a reshape of e.g. 50 tokens or 64-wide heads could cost a relayout copy.
     """
     in_shape = kernel.shape[:in_dims]
-    if x.shape[x.ndim - in_dims:] != in_shape:
-        raise ValueError(f"dense: input dims {x.shape[x.ndim - in_dims:]} do not match the "
-                         f"kernel's {in_shape}")
-    lead, out_shape = x.shape[:x.ndim - in_dims], kernel.shape[in_dims:]
+    if x.shape[x.ndim - in_dims :] != in_shape:
+        raise ValueError(
+            f"dense: input dims {x.shape[x.ndim - in_dims :]} do not match the kernel's {in_shape}"
+        )
+    lead, out_shape = x.shape[: x.ndim - in_dims], kernel.shape[in_dims:]
     if jax.default_backend() != "cpu":
         contract = (tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims)))
         return jax.lax.dot_general(x, kernel, (contract, ((), ())))
@@ -58,6 +60,7 @@ def dtype_of(name: str):
 
 class _ScanBody(nn.Module):
     """Adapts a block `x -> x` to nn.scan's `(carry, _) -> (carry, None)` form."""
+
     block_cls: Any
     block_kwargs: dict
 
@@ -69,6 +72,7 @@ class _ScanBody(nn.Module):
 class LayerStack(nn.Module):
     """`num_layers` copies of a block, scanned (one compiled body, params get a `layers` axis) or
     unrolled (one param subtree per layer), each optionally rematerialised."""
+
     block_cls: Any
     num_layers: int
     block_kwargs: dict
@@ -88,14 +92,17 @@ class LayerStack(nn.Module):
         if self.scan:
             body = _ScanBody
             if self.remat != "none":
-                body = nn.remat(body, policy=policy, prevent_cse=False,
-                                static_argnums=tuple(2 + i for i in self.static_argnums))
+                body = nn.remat(
+                    body,
+                    policy=policy,
+                    prevent_cse=False,
+                    static_argnums=tuple(2 + i for i in self.static_argnums),
+                )
             scanned = nn.scan(
                 body,
                 variable_axes={"params": 0, "cache": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=tuple(0 if i in self.per_layer_argnums else nn.broadcast
-                              for i in range(len(args))),
+                in_axes=tuple(0 if i in self.per_layer_argnums else nn.broadcast for i in range(len(args))),
                 length=self.num_layers,
                 unroll=max(1, min(int(self.unroll), self.num_layers)),
                 metadata_params={nn.PARTITION_NAME: "layers"},
@@ -104,17 +111,38 @@ class LayerStack(nn.Module):
             return x
         block = self.block_cls
         if self.remat != "none":
-            block = nn.remat(block, policy=policy, prevent_cse=True,
-                             static_argnums=tuple(2 + i for i in self.static_argnums))
+            block = nn.remat(
+                block,
+                policy=policy,
+                prevent_cse=True,
+                static_argnums=tuple(2 + i for i in self.static_argnums),
+            )
         for i in range(self.num_layers):
             layer_args = [a[i] if j in self.per_layer_argnums else a for j, a in enumerate(args)]
             x = block(**self.block_kwargs, name=f"layer_{i}")(x, *layer_args)
         return x
 
 
-def layer_stack(block_cls, num_layers: int, *, scan: bool, remat: str = "none", name: str = "layers",
-                static_argnums: tuple[int, ...] = (), per_layer_argnums: tuple[int, ...] = (),
-                unroll: int = 1, **block_kwargs) -> LayerStack:
-    return LayerStack(block_cls=block_cls, num_layers=num_layers, block_kwargs=block_kwargs,
-                      scan=scan, remat=remat, unroll=unroll, static_argnums=static_argnums,
-                      per_layer_argnums=per_layer_argnums, name=name)
+def layer_stack(
+    block_cls,
+    num_layers: int,
+    *,
+    scan: bool,
+    remat: str = "none",
+    name: str = "layers",
+    static_argnums: tuple[int, ...] = (),
+    per_layer_argnums: tuple[int, ...] = (),
+    unroll: int = 1,
+    **block_kwargs,
+) -> LayerStack:
+    return LayerStack(
+        block_cls=block_cls,
+        num_layers=num_layers,
+        block_kwargs=block_kwargs,
+        scan=scan,
+        remat=remat,
+        unroll=unroll,
+        static_argnums=static_argnums,
+        per_layer_argnums=per_layer_argnums,
+        name=name,
+    )

@@ -1,4 +1,5 @@
 """The optax optimizer and learning-rate schedule named by `config.optim`."""
+
 from __future__ import annotations
 
 import jax
@@ -16,11 +17,16 @@ def make_schedule(optim_config, total_steps: int):
         return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(decay, warmup + 1), end)
     if kind == "linear":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, warmup),
-             optax.linear_schedule(peak, end, max(decay - warmup, 1))], [warmup])
+            [
+                optax.linear_schedule(0.0, peak, warmup),
+                optax.linear_schedule(peak, end, max(decay - warmup, 1)),
+            ],
+            [warmup],
+        )
     if kind == "constant":
         return optax.join_schedules(
-            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup])
+            [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
+        )
     raise ValueError(f"optim.schedule: unknown schedule {kind!r} (cosine, linear, constant)")
 
 
@@ -34,8 +40,14 @@ def make_optimizer(optim_config, total_steps: int):
     schedule = make_schedule(optim_config, total_steps)
     name = optim_config.name
     if name == "adamw":
-        core = optax.adamw(schedule, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
-                           weight_decay=optim_config.weight_decay, mask=_decay_mask)
+        core = optax.adamw(
+            schedule,
+            b1=optim_config.b1,
+            b2=optim_config.b2,
+            eps=optim_config.eps,
+            weight_decay=optim_config.weight_decay,
+            mask=_decay_mask,
+        )
     elif name == "adafactor":
         core = optax.adafactor(schedule, weight_decay_rate=optim_config.weight_decay or None)
     elif name == "sgd":

@@ -3,6 +3,7 @@
 Models name their axes (`embed`, `heads`, `act_batch`, ...) and never mention mesh axes; this module
 is the only place that decides how a name is laid out on `data` / `fsdp` / `tensor`.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,6 +48,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("act_channels", None),
 )
 
+
 def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
     """Resolves `config.mesh` (-1 = the rest) to concrete (data, fsdp, tensor) sizes."""
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
@@ -60,12 +62,13 @@ def mesh_shape(mesh_config, num_devices: int) -> tuple[int, int, int]:
         if num_devices % known:
             raise ValueError(
                 f"mesh: {dict(zip(MESH_AXES, sizes))} cannot fill {num_devices} devices "
-                f"({num_devices} is not divisible by {known})")
+                f"({num_devices} is not divisible by {known})"
+            )
         sizes[unknown[0]] = num_devices // known
     if math.prod(sizes) != num_devices:
         raise ValueError(
-            f"mesh: data*fsdp*tensor = {math.prod(sizes)} {tuple(sizes)} but there are "
-            f"{num_devices} devices")
+            f"mesh: data*fsdp*tensor = {math.prod(sizes)} {tuple(sizes)} but there are {num_devices} devices"
+        )
     return tuple(sizes)
 
 
@@ -84,8 +87,9 @@ def _rules_dict():
     return dict(LOGICAL_AXIS_RULES)
 
 
-def spec_for(logical_axes: Sequence[str | None], shape: Sequence[int] | None = None,
-             mesh: Mesh | None = None) -> P:
+def spec_for(
+    logical_axes: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> P:
     """PartitionSpec for logical axes; mesh axes that do not divide a dimension are dropped."""
     rules = _rules_dict()
     used: set[str] = set()
@@ -142,8 +146,9 @@ def _entry_axes(entry) -> tuple[str, ...]:
     return () if entry is None else entry if isinstance(entry, tuple) else (entry,)
 
 
-def undivided_axes(logical_axes: Sequence[str | None], shape: Sequence[int],
-                   mesh) -> dict[str, tuple[str, int]]:
+def undivided_axes(
+    logical_axes: Sequence[str | None], shape: Sequence[int], mesh
+) -> dict[str, tuple[str, int]]:
     """Mesh axes (of size > 1) the rules give an array but its sharding cannot use, because they
     do not divide the dimension they would split: {mesh axis: (logical axis, dimension)}. The
     array is replicated over those axes. `mesh` needs only `.shape` (a Mesh or an AbstractMesh)."""
@@ -188,29 +193,44 @@ def undivided_warning(mesh, abstract_boxed_tree) -> str | None:
     lost = sum(math.prod(shape) for _, shape, _ in weights)
     if not weights or lost < UNDIVIDED_WARN_FRACTION * total:
         return None
-    pairs = sorted({f"{ax}={mesh.shape[ax]} on {name}={dim}"
-                    for _, _, axes in weights for ax, (name, dim) in axes.items()})
+    pairs = sorted(
+        {
+            f"{ax}={mesh.shape[ax]} on {name}={dim}"
+            for _, _, axes in weights
+            for ax, (name, dim) in axes.items()
+        }
+    )
     shown = ", ".join(pairs[:4]) + (f" and {len(pairs) - 4} more" if len(pairs) > 4 else "")
     path, shape, _ = max(weights, key=lambda w: math.prod(w[1]))
-    return (f"warning: {lost:,} of {total:,} parameters ({100 * lost / max(total, 1):.1f}%, in "
-            f"{len(weights)} arrays) are replicated over a mesh axis that does not divide them "
-            f"({shown}); the largest is {path} {shape}. Mesh sizes that divide those dimensions "
-            f"shard them.")
+    return (
+        f"warning: {lost:,} of {total:,} parameters ({100 * lost / max(total, 1):.1f}%, in "
+        f"{len(weights)} arrays) are replicated over a mesh axis that does not divide them "
+        f"({shown}); the largest is {path} {shape}. Mesh sizes that divide those dimensions "
+        f"shard them."
+    )
 
 
 def tree_shardings(mesh: Mesh, abstract_boxed_tree) -> Any:
     """NamedSharding for every leaf of a (possibly boxed) abstract tree; unannotated leaves replicate."""
+
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
             return logical_sharding(mesh, leaf.names, leaf.value.shape)
         return NamedSharding(mesh, P())
+
     return jax.tree.map(one, abstract_boxed_tree, is_leaf=lambda l: isinstance(l, nn.Partitioned))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int | None = None) -> NamedSharding:
     """Batch arrays are split on their leading axis over (data, fsdp)."""
-    return NamedSharding(mesh, spec_for(("act_batch",) + (None,) * (ndim - 1),
-                                        None if leading is None else (leading,) + (1,) * (ndim - 1), mesh))
+    return NamedSharding(
+        mesh,
+        spec_for(
+            ("act_batch",) + (None,) * (ndim - 1),
+            None if leading is None else (leading,) + (1,) * (ndim - 1),
+            mesh,
+        ),
+    )
 
 
 def data_parallel_size(mesh: Mesh) -> int:

@@ -3,6 +3,7 @@
 A model package hands over a `Task` (init, loss, per-example preprocessing, evaluators); this module
 owns the mesh, the sharded train state, the jitted update step, checkpoints and metrics.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,12 +73,18 @@ class EMATrainState(TrainState):
     """The train state of a run with `config.ema_decay` > 0: `ema` is the exponential moving
     average of the params, float32 and sharded like them. A run without EMA keeps the plain
     TrainState, so its checkpoints hold exactly the leaves they always did."""
+
     ema: Any
 
 
 def with_ema(state: TrainState, ema) -> EMATrainState:
-    return EMATrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                         nonfinite_skipped=state.nonfinite_skipped, ema=ema)
+    return EMATrainState(
+        step=state.step,
+        params=state.params,
+        opt_state=state.opt_state,
+        nonfinite_skipped=state.nonfinite_skipped,
+        ema=ema,
+    )
 
 
 def ema_decay_schedule(config) -> Callable[[jax.Array], jax.Array] | None:
@@ -142,14 +149,21 @@ def params_global_batch(params, local_batch: Mapping[str, np.ndarray]) -> dict:
     return {k: jnp.asarray(v) for k, v in local_batch.items()}
 
 
-def eval_batches(config, params, example_fn, *, max_batches: int = -1,
-                 batch_fn: Callable[[dict], dict] | None = None) -> Iterator[dict]:
+def eval_batches(
+    config, params, example_fn, *, max_batches: int = -1, batch_fn: Callable[[dict], dict] | None = None
+) -> Iterator[dict]:
     """The global batches of `config.data.eval_split` for an evaluator, in order and without
     augmentation: at most `max_batches` (< 0: the whole split), each on the params' mesh with the
     iterator's `_mask` (False on the rows padding the last batch). `batch_fn` runs on the host
     first, like Task.batch_fn."""
-    it = data_lib.make_iterator(config.data, config.data.eval_split, global_batch_size=config.batch_size,
-                                seed=config.seed, example_fn=example_fn, train=False)
+    it = data_lib.make_iterator(
+        config.data,
+        config.data.eval_split,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        example_fn=example_fn,
+        train=False,
+    )
     try:
         for i, local in enumerate(it):
             if 0 <= max_batches <= i:
@@ -164,6 +178,7 @@ def split_micro(batch, k: int):
     def split(x):
         x = x.reshape((x.shape[0] // k, k) + x.shape[1:])
         return jnp.moveaxis(x, 1, 0)
+
     return jax.tree.map(split, batch)
 
 
@@ -180,10 +195,14 @@ def check_accumulation(task: Task, config) -> None:
         return
     if task.accumulation not in ("mean", "global", "refuse"):
         raise ValueError(f"Task.accumulation must be 'mean', 'global' or 'refuse', got {task.accumulation!r}")
-    blocker = (task.accumulation_blocker if task.accumulation == "refuse"
-               else "the task declares accumulation='global' without an accum_grads_fn")
-    raise ConfigError(f"config.grad_accum_steps={accum} would change this task's loss ({blocker}); "
-                      f"set grad_accum_steps=1")
+    blocker = (
+        task.accumulation_blocker
+        if task.accumulation == "refuse"
+        else "the task declares accumulation='global' without an accum_grads_fn"
+    )
+    raise ConfigError(
+        f"config.grad_accum_steps={accum} would change this task's loss ({blocker}); set grad_accum_steps=1"
+    )
 
 
 def mean_over_micro_batches(loss_fn, params, batch, rng, step, accum: int):
@@ -197,16 +216,19 @@ def mean_over_micro_batches(loss_fn, params, batch, rng, step, accum: int):
         i, mb = xs
         (loss, aux), grads = grads_of(params, mb, jax.random.fold_in(rng, i), step)
         acc_grads, acc_loss, acc_aux = carry
-        return (jax.tree.map(jnp.add, acc_grads, grads), acc_loss + loss,
-                jax.tree.map(jnp.add, acc_aux, aux)), None
+        return (
+            jax.tree.map(jnp.add, acc_grads, grads),
+            acc_loss + loss,
+            jax.tree.map(jnp.add, acc_aux, aux),
+        ), None
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     aux0 = jax.eval_shape(lambda: loss_fn(params, jax.tree.map(lambda x: x[0], micro), rng, step)[1])
     aux0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux0)
     (grads, loss, aux), _ = jax.lax.scan(
-        body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro))
-    return (loss / accum, jax.tree.map(lambda a: a / accum, aux),
-            jax.tree.map(lambda g: g / accum, grads))
+        body, (zeros, jnp.zeros((), jnp.float32), aux0), (jnp.arange(accum), micro)
+    )
+    return (loss / accum, jax.tree.map(lambda a: a / accum, aux), jax.tree.map(lambda g: g / accum, grads))
 
 
 def build_grads_fn(task: Task, config):
@@ -248,16 +270,26 @@ def build_train_step(task: Task, tx, schedule, config):
             step=state.step + 1,
             params=keep(new_params, state.params),
             opt_state=keep(new_opt, state.opt_state),
-            nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32))
+            nonfinite_skipped=state.nonfinite_skipped + (~finite).astype(jnp.int32),
+        )
         if ema_decay is not None:  # a skipped step leaves the EMA untouched too
             d = ema_decay(state.step)
-            new_state = with_ema(new_state, keep(jax.tree.map(
-                lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema, new_params), state.ema))
+            new_state = with_ema(
+                new_state,
+                keep(
+                    jax.tree.map(lambda e, p: d * e + (1 - d) * p.astype(jnp.float32), state.ema, new_params),
+                    state.ema,
+                ),
+            )
         out = dict(aux)
-        out.update(loss=loss, grad_norm=grad_norm, learning_rate=schedule(state.step),
-                   nonfinite=(~finite).astype(jnp.int32),
-                   nonfinite_skipped=new_state.nonfinite_skipped,
-                   param_norm=optax.tree.norm(new_state.params))
+        out.update(
+            loss=loss,
+            grad_norm=grad_norm,
+            learning_rate=schedule(state.step),
+            nonfinite=(~finite).astype(jnp.int32),
+            nonfinite_skipped=new_state.nonfinite_skipped,
+            param_norm=optax.tree.norm(new_state.params),
+        )
         return new_state, out
 
     return step_fn
@@ -289,18 +321,28 @@ def state_shardings(task: Task, tx, mesh, config, batch, abstract_boxed=None):
     # optax marks with an empty MaskedNode that stays empty here.
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda v, s: v if masked(v) else s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: replicated, is_leaf=masked)
-    shardings = TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings,
-                           nonfinite_skipped=replicated)
+        tx,
+        lambda v, s: v if masked(v) else s,
+        abstract_opt,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=masked,
+    )
+    shardings = TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, nonfinite_skipped=replicated
+    )
     ema_on = ema_decay_schedule(config) is not None
     if ema_on:
         shardings = with_ema(shardings, param_shardings)
 
     def init_state(rng, batch):
         params = nn.meta.unbox(task.init_fn(rng, batch)["params"])
-        state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                           nonfinite_skipped=jnp.zeros((), jnp.int32))
+        state = TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            nonfinite_skipped=jnp.zeros((), jnp.int32),
+        )
         return with_ema(state, _ema_copy(params)) if ema_on else state
 
     abstract = _abstract_like(jax.eval_shape(init_state, init_rng, batch), shardings)
@@ -319,8 +361,12 @@ def jit_train_step(task: Task, tx, schedule, config, mesh, shardings, batch_shar
     """The jitted update step with explicit shardings and the state donated."""
     step_fn = build_train_step(task, tx, schedule, config)
     with jax.set_mesh(mesh):
-        return jax.jit(step_fn, in_shardings=(shardings, batch_shardings),
-                       out_shardings=(shardings, None), donate_argnums=(0,))
+        return jax.jit(
+            step_fn,
+            in_shardings=(shardings, batch_shardings),
+            out_shardings=(shardings, None),
+            donate_argnums=(0,),
+        )
 
 
 def count_params(params) -> int:
@@ -331,8 +377,15 @@ def _abstract_like(state, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
-def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | None = None,
-          stop_at_step: int | None = None, log_fn=metrics_lib.print_progress) -> dict:
+def train(
+    config,
+    workdir: str,
+    task: Task,
+    *,
+    devices: Sequence[jax.Device] | None = None,
+    stop_at_step: int | None = None,
+    log_fn=metrics_lib.print_progress,
+) -> dict:
     """Trains `task` per `config` into `workdir`, resuming from its newest checkpoint if any.
 
     `stop_at_step` ends the run early (as a crash would) after saving nothing extra; tests use it
@@ -348,8 +401,14 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     frozen = finetune.frozen_prefixes(config)
     tx = finetune.freeze(tx, frozen)
 
-    it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
-                                seed=config.seed, example_fn=task.example_fn, train=True)
+    it = data_lib.make_iterator(
+        config.data,
+        config.data.split,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        example_fn=task.example_fn,
+        train=True,
+    )
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     batch = next_global_batch(it, task, mesh)
     abstract_boxed = abstract_boxed_params(task, config, batch)
@@ -361,16 +420,21 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
     latest = manager.latest_step()
     if latest is not None:
         try:
-            finetune.check_param_shapes(f"the checkpoint at step {latest} in {workdir}",
-                                        checkpoint.param_shapes(workdir, latest), state.params)
+            finetune.check_param_shapes(
+                f"the checkpoint at step {latest} in {workdir}",
+                checkpoint.param_shapes(workdir, latest),
+                state.params,
+            )
             state, data_state, ema_note = _restore(manager, workdir, latest, state, state_shardings)
         except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             detail = lines[0].rstrip(":")
             if lines[0].endswith(":") and len(lines) > 1:  # orbax: "... do not match:\nopt_state[1]:"
                 detail += f" at {lines[1].rstrip(':')}"
-            raise ConfigError(f"cannot resume: {detail}; resume with the config it was trained with "
-                              f"(its config.json) or pick a new --workdir") from None
+            raise ConfigError(
+                f"cannot resume: {detail}; resume with the config it was trained with "
+                f"(its config.json) or pick a new --workdir"
+            ) from None
         start_step = int(state.step)
         try:
             it.set_state(data_state)
@@ -379,20 +443,27 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
             # exactly, so the stream restarts on a seed derived from the step instead of replaying.
             log_fn(f"warning: {e}; the data stream restarts with seed {config.seed}+{start_step}")
             it.close()
-            it = data_lib.make_iterator(config.data, config.data.split,
-                                        global_batch_size=config.batch_size,
-                                        seed=config.seed + start_step, example_fn=task.example_fn,
-                                        train=True)
+            it = data_lib.make_iterator(
+                config.data,
+                config.data.split,
+                global_batch_size=config.batch_size,
+                seed=config.seed + start_step,
+                example_fn=task.example_fn,
+                train=True,
+            )
         batch = next_global_batch(it, task, mesh)
         log_fn(f"resumed from {workdir} at step {start_step}{ema_note}")
     else:
-        log_fn(f"{count_params(state.params):,} parameters on mesh "
-               f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)")
+        log_fn(
+            f"{count_params(state.params):,} parameters on mesh "
+            f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)"
+        )
         init_from = str(config.get("init_from", "") or "")
         if init_from:
             raw = bool(config.get("init_from_raw_weights", False))
-            params, from_ema = finetune.load_init_params(init_from, state.params, state_shardings.params,
-                                                      raw_weights=raw)
+            params, from_ema = finetune.load_init_params(
+                init_from, state.params, state_shardings.params, raw_weights=raw
+            )
             state = state.replace(params=params)
             if isinstance(state, EMATrainState):  # the new run's EMA starts where its params do
                 state = state.replace(ema=_ema_from(params, state_shardings.params))
@@ -407,10 +478,14 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
         for name, src in task.extra_files.items():
             _copy_into(workdir, name, src)
 
-    train_step = jit_train_step(task, tx, schedule, config, mesh, state_shardings,
-                                jax.tree.map(lambda x: x.sharding, batch))
-    peak = (metrics_lib.peak_flops(list(mesh.devices.flat), config.compute_dtype)
-            if task.flops_per_example else 0.0)
+    train_step = jit_train_step(
+        task, tx, schedule, config, mesh, state_shardings, jax.tree.map(lambda x: x.sharding, batch)
+    )
+    peak = (
+        metrics_lib.peak_flops(list(mesh.devices.flat), config.compute_dtype)
+        if task.flops_per_example
+        else 0.0
+    )
 
     # Opened only now, so a config or init_from error above leaves no writer thread behind, and
     # closed however the loop ends (an abort on a non-finite loss raises out of it).
@@ -434,8 +509,11 @@ def train(config, workdir: str, task: Task, *, devices: Sequence[jax.Device] | N
                 now = time.perf_counter()
                 elapsed = now - t_log
                 eps = steps_since_log * config.batch_size / max(elapsed, 1e-9)
-                extra = {"examples_per_sec": eps, "steps_per_sec": steps_since_log / max(elapsed, 1e-9),
-                         "data_wait_fraction": waits.get("data", 0.0) / max(elapsed, 1e-9)}
+                extra = {
+                    "examples_per_sec": eps,
+                    "steps_per_sec": steps_since_log / max(elapsed, 1e-9),
+                    "data_wait_fraction": waits.get("data", 0.0) / max(elapsed, 1e-9),
+                }
                 if task.batch_fn is not None:
                     extra["batch_fn_fraction"] = waits.get("batch_fn", 0.0) / max(elapsed, 1e-9)
                 if task.flops_per_example and peak:
@@ -475,17 +553,28 @@ def _restore(manager, workdir, step, state, shardings):
     want_ema = isinstance(state, EMATrainState)
     if saved_ema and not want_ema:
         # train() turns it into "cannot resume: ...; resume with the config it was trained with".
-        raise ValueError(f"the checkpoint at step {step} in {workdir} holds an EMA of the weights "
-                         f"but config.ema_decay=0")
+        raise ValueError(
+            f"the checkpoint at step {step} in {workdir} holds an EMA of the weights but config.ema_decay=0"
+        )
     if want_ema and not saved_ema:
-        plain = TrainState(step=state.step, params=state.params, opt_state=state.opt_state,
-                           nonfinite_skipped=state.nonfinite_skipped)
-        plain_shardings = TrainState(step=shardings.step, params=shardings.params,
-                                     opt_state=shardings.opt_state,
-                                     nonfinite_skipped=shardings.nonfinite_skipped)
+        plain = TrainState(
+            step=state.step,
+            params=state.params,
+            opt_state=state.opt_state,
+            nonfinite_skipped=state.nonfinite_skipped,
+        )
+        plain_shardings = TrainState(
+            step=shardings.step,
+            params=shardings.params,
+            opt_state=shardings.opt_state,
+            nonfinite_skipped=shardings.nonfinite_skipped,
+        )
         restored, data_state = checkpoint.restore(manager, step, _abstract_like(plain, plain_shardings))
-        return (with_ema(restored, _ema_from(restored.params, shardings.params)), data_state,
-                " (the checkpoint has no EMA: it starts from these params)")
+        return (
+            with_ema(restored, _ema_from(restored.params, shardings.params)),
+            data_state,
+            " (the checkpoint has no EMA: it starts from these params)",
+        )
     restored, data_state = checkpoint.restore(manager, step, _abstract_like(state, shardings))
     return restored, data_state, ""
 
@@ -511,9 +600,11 @@ def _run_evals(task, state, batch, step, writer, log_fn, mesh):
             t = time.perf_counter()
             result = {f"eval/{ev.name}/{k}": float(v) for k, v in ev.fn(weights, step).items()}
             writer.write_scalars(step, result)
-            log_fn(f"eval {ev.name} @ {step}: " + ", ".join(f"{k.split('/')[-1]}={v:.4f}"
-                                                             for k, v in result.items())
-                   + f" ({time.perf_counter() - t:.1f}s)")
+            log_fn(
+                f"eval {ev.name} @ {step}: "
+                + ", ".join(f"{k.split('/')[-1]}={v:.4f}" for k, v in result.items())
+                + f" ({time.perf_counter() - t:.1f}s)"
+            )
         if task.image_fn is not None:
             images = task.image_fn(weights, batch)
             writer.write_images(step, {k: np.asarray(v) for k, v in images.items()})

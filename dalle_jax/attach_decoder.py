@@ -10,6 +10,7 @@ codebook, and writes WORKDIR/decoder.json. `Pipeline.load`, and so `generate` an
 `evaluate_fidelity`, then decode with the attached dVAE; their `--dvae_workdir` still overrides.
 config.json keeps saying which dVAE the DALL-E was trained with.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,10 @@ def encoder_mismatch(trained, candidate) -> str | None:
         a, b = getattr(trained, name), getattr(candidate, name)
         if a != b:
             return f"{name} {b}, not {a}"
-    flat = lambda p: {jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
-                      for k, v in jax.tree_util.tree_leaves_with_path(p["encoder"])}
+    flat = lambda p: {
+        jax.tree_util.keystr(k): np.asarray(v)  # noqa: E731
+        for k, v in jax.tree_util.tree_leaves_with_path(p["encoder"])
+    }
     a, b = flat(trained.params), flat(candidate.params)
     if a.keys() != b.keys():
         return f"another encoder architecture (params {sorted(a.keys() ^ b.keys())[:3]} differ)"
@@ -49,18 +52,26 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
             raise FileNotFoundError(f"{name} not found: {path}")
     trained_with = str(read_config(workdir).get("dvae_workdir", "") or "")
     if not trained_with:
-        raise ValueError(f"{workdir}/config.json names no dvae_workdir: nothing to check the new "
-                         f"encoder against")
+        raise ValueError(
+            f"{workdir}/config.json names no dvae_workdir: nothing to check the new encoder against"
+        )
     if not os.path.isdir(trained_with):
-        raise FileNotFoundError(f"the dVAE the DALL-E was trained with ({trained_with}, from "
-                                f"{workdir}/config.json) is not there to check the new encoder against")
+        raise FileNotFoundError(
+            f"the dVAE the DALL-E was trained with ({trained_with}, from "
+            f"{workdir}/config.json) is not there to check the new encoder against"
+        )
     why = encoder_mismatch(DVAE.load(trained_with), DVAE.load(dvae_workdir))
     if why:
-        raise ValueError(f"{dvae_workdir} would not give the DALL-E's tokens ({why}, against "
-                         f"{trained_with}, which {workdir} was trained with): only a decoder trained "
-                         f"with that encoder frozen (config.frozen='encoder') can be attached")
-    record = {"dvae_workdir": dvae_workdir, "tokens_from": trained_with,
-              "checked": "same image size, grid, codebook and encoder params, bit for bit"}
+        raise ValueError(
+            f"{dvae_workdir} would not give the DALL-E's tokens ({why}, against "
+            f"{trained_with}, which {workdir} was trained with): only a decoder trained "
+            f"with that encoder frozen (config.frozen='encoder') can be attached"
+        )
+    record = {
+        "dvae_workdir": dvae_workdir,
+        "tokens_from": trained_with,
+        "checked": "same image size, grid, codebook and encoder params, bit for bit",
+    }
     with open(os.path.join(workdir, DECODER_FILE), "w") as f:
         json.dump(record, f, indent=1)
     return record
@@ -69,15 +80,21 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
 def main(argv=None):
     p = ArgumentParser(prog="python -m dalle_jax.attach_decoder", description=__doc__.split("\n\n")[0])
     p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
-    p.add_argument("--dvae_workdir", required=True,
-                   help="dVAE whose decoder draws the samples (encoder frozen in its training)")
+    p.add_argument(
+        "--dvae_workdir",
+        required=True,
+        help="dVAE whose decoder draws the samples (encoder frozen in its training)",
+    )
     args = p.parse_args(argv)
     try:
         record = attach(args.workdir, args.dvae_workdir)
     except (ValueError, FileNotFoundError, KeyError) as e:
         fail(str(e))
-    print(f"{args.workdir} now decodes with {record['dvae_workdir']} (encoder identical to "
-          f"{record['tokens_from']}'s; {os.path.join(args.workdir, DECODER_FILE)})", flush=True)
+    print(
+        f"{args.workdir} now decodes with {record['dvae_workdir']} (encoder identical to "
+        f"{record['tokens_from']}'s; {os.path.join(args.workdir, DECODER_FILE)})",
+        flush=True,
+    )
     return record
 
 

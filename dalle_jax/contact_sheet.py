@@ -7,6 +7,7 @@ Reads SAMPLES_DIR/prompts.json and SAMPLES_DIR/NNN/000.png, 001.png, ... (the la
 writes). Shapes captions are scored with the checker and marked seen / held-out (colour-shape
 pairs never in training); other captions are shown without a verdict.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,10 @@ def caption_verdict(caption: str, images: list[np.ndarray]) -> str:
 def read_run(samples_dir: str) -> list[tuple[str, list[np.ndarray]]]:
     index = os.path.join(samples_dir, "prompts.json")
     if not os.path.isfile(index):
-        raise FileNotFoundError(f"{index} not found: pass the --out_dir of a "
-                                f"`python -m dalle_jax.generate --prompts_file ...` run")
+        raise FileNotFoundError(
+            f"{index} not found: pass the --out_dir of a "
+            f"`python -m dalle_jax.generate --prompts_file ...` run"
+        )
     with open(index) as f:
         prompts = json.load(f)
     rows = []
@@ -48,8 +51,9 @@ def read_run(samples_dir: str) -> list[tuple[str, list[np.ndarray]]]:
         files = sorted(n for n in os.listdir(folder) if n[:-4].isdigit() and n.endswith(".png"))
         if not files:
             raise FileNotFoundError(f"{folder} holds no NNN.png images")
-        rows.append((prompts[key], [np.asarray(Image.open(os.path.join(folder, n)).convert("RGB"))
-                                    for n in files]))
+        rows.append(
+            (prompts[key], [np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in files])
+        )
     return rows
 
 

@@ -8,6 +8,7 @@ modules (loading a pickle runs code from the file, so it needs --trust_pickle an
 package importable), or .npz files of the same names (no torch needed). Torch is imported only here.
 Sizes (hidden width, groups, blocks, vocab, decoder init channels) are read from the weights.
 """
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,12 @@ from core_jax.errors import ConversionError
 from dalle_jax.dvae import default_model_config, grid_size, make_dvae
 
 _BLOCK = re.compile(r"^blocks\.group_(\d+)\.block_(\d+)\.(id_path|res_path\.conv_(\d+))\.([wb])$")
-_EDGE = {"blocks.input.w": ("input", "kernel"), "blocks.input.b": ("input", "bias"),
-         "blocks.output.conv.w": ("output", "kernel"), "blocks.output.conv.b": ("output", "bias")}
+_EDGE = {
+    "blocks.input.w": ("input", "kernel"),
+    "blocks.input.b": ("input", "bias"),
+    "blocks.output.conv.w": ("output", "kernel"),
+    "blocks.output.conv.b": ("output", "bias"),
+}
 
 
 def _strip_prefix(sd: Mapping[str, np.ndarray]) -> dict:
@@ -55,7 +60,9 @@ def _to_flax(sd: Mapping[str, np.ndarray], which: str) -> dict:
             path = (f"group_{group}", f"block_{block}", module, "kernel" if wb == "w" else "bias")
         if path[-1] == "kernel":
             if value.ndim != 4:
-                raise ConversionError(f"{which}: {name} should be a 4-d OIHW conv weight, got shape {value.shape}")
+                raise ConversionError(
+                    f"{which}: {name} should be a 4-d OIHW conv weight, got shape {value.shape}"
+                )
             value = value.transpose(2, 3, 1, 0)
         node = tree
         for p in path[:-1]:
@@ -88,8 +95,16 @@ def infer_model_config(encoder: dict, decoder: dict):
     if dec_out != 2 * channels:
         raise ConversionError(f"decoder outputs {dec_out} channels, expected 2 * {channels}")
     m = default_model_config()
-    m.update(dict(vocab_size=int(vocab), hidden=int(hidden), width_multipliers=tuple(int(x) for x in mults),
-                  blocks_per_group=len(blocks), decoder_init_channels=int(init), input_channels=int(channels)))
+    m.update(
+        dict(
+            vocab_size=int(vocab),
+            hidden=int(hidden),
+            width_multipliers=tuple(int(x) for x in mults),
+            blocks_per_group=len(blocks),
+            decoder_init_channels=int(init),
+            input_channels=int(channels),
+        )
+    )
     return m
 
 
@@ -101,15 +116,23 @@ def convert_state_dicts(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mappin
     params = {"encoder": _to_flax(encoder_sd, "encoder"), "decoder": _to_flax(decoder_sd, "decoder")}
     m = infer_model_config(params["encoder"], params["decoder"])
     model = make_dvae(m)
-    x = jax.ShapeDtypeStruct((1, 8 * 2 ** (len(m.width_multipliers) - 1), 8 * 2 ** (len(m.width_multipliers) - 1),
-                              m.input_channels), np.float32)
+    x = jax.ShapeDtypeStruct(
+        (
+            1,
+            8 * 2 ** (len(m.width_multipliers) - 1),
+            8 * 2 ** (len(m.width_multipliers) - 1),
+            m.input_channels,
+        ),
+        np.float32,
+    )
     expected = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), x)["params"])
     want = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(expected)}
     got = {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(params)}
     missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        raise ConversionError(f"weights do not match the dVAE architecture: missing {missing[:5]}, "
-                              f"unexpected {extra[:5]}")
+        raise ConversionError(
+            f"weights do not match the dVAE architecture: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
     bad = [(k, got[k], want[k]) for k in want if got[k] != want[k]]
     if bad:
         raise ConversionError(f"weight shapes do not match the architecture, e.g. {bad[:3]} (got, want)")
@@ -126,8 +149,10 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
     try:
         import torch  # lazy: optional extra, for converting only
     except ImportError:
-        raise ConversionError("reading PyTorch weight files needs torch, an optional extra: "
-                              "pip install torch (or pass .npz files)") from None
+        raise ConversionError(
+            "reading PyTorch weight files needs torch, an optional extra: "
+            "pip install torch (or pass .npz files)"
+        ) from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -135,12 +160,15 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
             raise ConversionError(
                 f"{path} is not a plain state_dict (torch says: {str(e).splitlines()[0][:200]}). It is "
                 f"probably a pickled module; loading it runs code from the file. Pass --trust_pickle "
-                f"only if you trust where it came from (OpenAI's release needs the dall_e package).") from None
+                f"only if you trust where it came from (OpenAI's release needs the dall_e package)."
+            ) from None
         try:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except ModuleNotFoundError as e2:
-            raise ConversionError(f"{path} pickles a module from a package that is not installed ({e2}); "
-                                  f"for OpenAI's files: pip install --no-deps DALL-E") from None
+            raise ConversionError(
+                f"{path} pickles a module from a package that is not installed ({e2}); "
+                f"for OpenAI's files: pip install --no-deps DALL-E"
+            ) from None
     if isinstance(obj, torch.nn.Module):
         obj = obj.state_dict()
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
@@ -163,7 +191,9 @@ def openai_config(model_config, image_size: int = 256):
 def convert(encoder_path: str, decoder_path: str, workdir: str, *, trust_pickle=False, image_size=256):
     if checkpoint.latest_step(workdir) is not None:
         raise ConversionError(f"{workdir} already holds a checkpoint; choose an empty workdir")
-    m, params = convert_state_dicts(load_weights(encoder_path, trust_pickle), load_weights(decoder_path, trust_pickle))
+    m, params = convert_state_dicts(
+        load_weights(encoder_path, trust_pickle), load_weights(decoder_path, trust_pickle)
+    )
     config = openai_config(m, image_size)
     grid_size(m, image_size)
     checkpoint.save_params(workdir, config, params, step=0)
@@ -184,13 +214,21 @@ def main(argv):
         if not getattr(flags.FLAGS, name):
             fail(f"--{name} is required")
     try:
-        config = convert(flags.FLAGS.encoder, flags.FLAGS.decoder, flags.FLAGS.workdir,
-                         trust_pickle=flags.FLAGS.trust_pickle, image_size=flags.FLAGS.image_size)
+        config = convert(
+            flags.FLAGS.encoder,
+            flags.FLAGS.decoder,
+            flags.FLAGS.workdir,
+            trust_pickle=flags.FLAGS.trust_pickle,
+            image_size=flags.FLAGS.image_size,
+        )
     except (ConversionError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     m = config.model
-    print(f"wrote {flags.FLAGS.workdir}: vocab {m.vocab_size}, hidden {m.hidden}, groups "
-          f"{list(m.width_multipliers)} x {m.blocks_per_group} blocks, image {config.data.image_size}", flush=True)
+    print(
+        f"wrote {flags.FLAGS.workdir}: vocab {m.vocab_size}, hidden {m.hidden}, groups "
+        f"{list(m.width_multipliers)} x {m.blocks_per_group} blocks, image {config.data.image_size}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

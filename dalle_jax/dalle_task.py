@@ -14,6 +14,7 @@ unconditional stream that classifier-free guidance samples with, and `caption_ke
 loss to leave that row out of the text term. Which captions are dropped therefore does not depend on
 the number of processes or on where an example lands in the global batch.
 """
+
 from __future__ import annotations
 
 import os
@@ -42,38 +43,48 @@ def dalle_config():
 
     c = base_config()
     c.task = "dalle_jax.dalle_task"
-    c.model = ml_collections.ConfigDict(dict(
-        text_len=16,
-        text_vocab_size=0,         # 0 = the tokenizer's vocabulary (pads are vocab + position)
-        image_grid=8,              # dVAE grid side; the stream holds image_grid**2 image tokens
-        image_vocab_size=512,      # dVAE codebook size
-        d_model=256, num_heads=4, head_dim=64, num_layers=4, mlp_dim=1024,
-        attention_pattern="full",  # 'full' | 'paper' | one kind | comma list of full,row,column,conv
-        conv_kernel=5,             # odd; the k x k window of 'conv' layers (paper: 11)
-        legacy_masks=False,        # True: the row/column/conv masks of older versions (masks.py)
-        text_loss_weight=1.0 / 8,
-        image_loss_weight=7.0 / 8,
-        caption_dropout=0.1,       # dropped captions become all-pad text (guidance's uncond stream)
-        eval_max_batches=8,        # eval-split batches per evaluation; -1 = all, 0 = no evaluator
-    ))
-    c.text = ml_collections.ConfigDict(dict(
-        merges_file="",            # '' trains a BPE on text.train_source into WORKDIR/tokenizer
-        vocab_size=512,            # requested BPE size (the shapes captions give fewer tokens)
-        context_length=16,         # must equal model.text_len
-        pad_mode="per_position",
-        train_source="",           # '' = the shapes captions, allowed only with data.source='shapes'
-        bpe_dropout=0.0,           # training captions only (the DALL-E paper: 0.1)
-    ))
-    c.dvae_workdir = ""            # the dVAE that turns images into tokens (on-the-fly encoding)
+    c.model = ml_collections.ConfigDict(
+        dict(
+            text_len=16,
+            text_vocab_size=0,  # 0 = the tokenizer's vocabulary (pads are vocab + position)
+            image_grid=8,  # dVAE grid side; the stream holds image_grid**2 image tokens
+            image_vocab_size=512,  # dVAE codebook size
+            d_model=256,
+            num_heads=4,
+            head_dim=64,
+            num_layers=4,
+            mlp_dim=1024,
+            attention_pattern="full",  # 'full' | 'paper' | one kind | comma list of full,row,column,conv
+            conv_kernel=5,  # odd; the k x k window of 'conv' layers (paper: 11)
+            legacy_masks=False,  # True: the row/column/conv masks of older versions (masks.py)
+            text_loss_weight=1.0 / 8,
+            image_loss_weight=7.0 / 8,
+            caption_dropout=0.1,  # dropped captions become all-pad text (guidance's uncond stream)
+            eval_max_batches=8,  # eval-split batches per evaluation; -1 = all, 0 = no evaluator
+        )
+    )
+    c.text = ml_collections.ConfigDict(
+        dict(
+            merges_file="",  # '' trains a BPE on text.train_source into WORKDIR/tokenizer
+            vocab_size=512,  # requested BPE size (the shapes captions give fewer tokens)
+            context_length=16,  # must equal model.text_len
+            pad_mode="per_position",
+            train_source="",  # '' = the shapes captions, allowed only with data.source='shapes'
+            bpe_dropout=0.0,  # training captions only (the DALL-E paper: 0.1)
+        )
+    )
+    c.dvae_workdir = ""  # the dVAE that turns images into tokens (on-the-fly encoding)
     return c
 
 
 def image_tokens_fn(dvae):
     """uint8 images [B, H, W, 3] -> int32 [B, grid*grid] with `dvae.encode` (jitted inside the
     dVAE API), run on the host once per batch."""
+
     def encode(images: np.ndarray) -> np.ndarray:
         tokens = np.asarray(dvae.encode(np.asarray(images)))
         return tokens.reshape(tokens.shape[0], -1).astype(np.int32)
+
     return encode
 
 
@@ -105,11 +116,14 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
             _check_tokens(tokens[None], cfg)
             return {**out, "image_tokens": tokens}
         if encode is None:
-            raise ValueError("example has no 'image_tokens' and config.dvae_workdir is empty: set "
-                             "dvae_workdir to encode images on the fly, or use pre-encoded data")
+            raise ValueError(
+                "example has no 'image_tokens' and config.dvae_workdir is empty: set "
+                "dvae_workdir to encode images on the fly, or use pre-encoded data"
+            )
         # Encoded per batch by batch_fn (make_batch_fn).
-        img = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng,
-                                        resize_range=resize_range)
+        img = image_ops.resize_and_crop(
+            np.asarray(raw["image"]), size, random_crop, rng, resize_range=resize_range
+        )
         return {**out, "image": img}
 
     return example_fn
@@ -117,14 +131,17 @@ def make_example_fn(config, cfg: model_lib.DalleConfig, tokenizer, encode, *, tr
 
 def _check_tokens(tokens: np.ndarray, cfg: model_lib.DalleConfig) -> None:
     if tokens.shape[1:] != (cfg.num_image_tokens,):
-        raise ValueError(f"image_tokens has {tokens.shape[1:]} tokens per image; the model expects "
-                         f"{cfg.num_image_tokens} ({cfg.image_grid}x{cfg.image_grid})")
+        raise ValueError(
+            f"image_tokens has {tokens.shape[1:]} tokens per image; the model expects "
+            f"{cfg.num_image_tokens} ({cfg.image_grid}x{cfg.image_grid})"
+        )
     if tokens.min() < 0 or tokens.max() >= cfg.image_vocab_size:
         raise ValueError(f"image_tokens outside [0, {cfg.image_vocab_size})")
 
 
 def make_batch_fn(cfg: model_lib.DalleConfig, encode):
     """Host-side, per process-local batch: uint8 images -> dVAE tokens in one encoder call."""
+
     def batch_fn(batch: dict) -> dict:
         if "image" not in batch:
             return batch
@@ -133,6 +150,7 @@ def make_batch_fn(cfg: model_lib.DalleConfig, encode):
         _check_tokens(tokens, cfg)
         batch["image_tokens"] = tokens
         return batch
+
     return batch_fn
 
 
@@ -152,9 +170,15 @@ def make_loss_fn(cfg: model_lib.DalleConfig, m):
         keep = batch.get("caption_kept")
         divisor = batch.get("_text_divisor")  # set by accum_grads_fn, the same in every row
         loss, metrics = model_lib.loss_and_metrics(
-            params, cfg, batch["text"], batch["image_tokens"], text_row_weight=keep,
-            row_weight=batch.get("_mask"), text_divisor=None if divisor is None else divisor[0],
-            **weights)
+            params,
+            cfg,
+            batch["text"],
+            batch["image_tokens"],
+            text_row_weight=keep,
+            row_weight=batch.get("_mask"),
+            text_divisor=None if divisor is None else divisor[0],
+            **weights,
+        )
         if keep is not None:
             metrics["captions_dropped"] = 1.0 - keep.astype(jnp.float32).mean()
         return loss, metrics
@@ -167,6 +191,7 @@ def make_accum_grads_fn(loss_fn):
     the text term divides by the batch's kept captions, which differ between micro-batches under
     caption dropout: each micro-batch divides by 1/accum of the whole batch's count instead, so the
     mean over micro-batches is the full batch's text term."""
+
     def accum_grads_fn(params, batch, rng, step, accum):
         keep = batch.get("caption_kept")
         if keep is not None:
@@ -174,6 +199,7 @@ def make_accum_grads_fn(loss_fn):
             divisor = jnp.maximum(rows.sum(), 1.0) / accum
             batch = dict(batch, _text_divisor=jnp.full(keep.shape, divisor, jnp.float32))
         return mean_over_micro_batches(loss_fn, params, batch, rng, step, accum)
+
     return accum_grads_fn
 
 
@@ -239,7 +265,8 @@ def check_token_shards(config, cfg: model_lib.DalleConfig) -> None:
         raise ConfigError(
             f"token shards in {config.data.data_dir} are {index['grid_size']}x{index['grid_size']} "
             f"tokens of a {index['vocab_size']}-code dVAE; the model expects {cfg.image_grid}x"
-            f"{cfg.image_grid} and {cfg.image_vocab_size} (model.image_grid, model.image_vocab_size)")
+            f"{cfg.image_grid} and {cfg.image_vocab_size} (model.image_grid, model.image_vocab_size)"
+        )
     if not str(config.get("dvae_workdir", "") or "") and index.get("dvae_workdir"):
         config.dvae_workdir = str(index["dvae_workdir"])
 
@@ -277,8 +304,10 @@ def make_task(config, workdir: str | None = None):
         check_token_shards(config, cfg)
     dvae = None if abstract_only else load_dvae(config, cfg)
     if dvae is None and config.data.source == "shapes" and not abstract_only:
-        raise ConfigError("config.dvae_workdir is empty but the shapes source has no image tokens: "
-                          "train a dVAE (configs/dvae_shapes.py) and pass --config.dvae_workdir=DIR")
+        raise ConfigError(
+            "config.dvae_workdir is empty but the shapes source has no image tokens: "
+            "train a dVAE (configs/dvae_shapes.py) and pass --config.dvae_workdir=DIR"
+        )
     encode = image_tokens_fn(dvae) if dvae is not None else None
     example_fn = make_example_fn(config, cfg, tokenizer, encode, train=True)
     eval_example_fn = make_example_fn(config, cfg, tokenizer, encode, train=False)
@@ -294,8 +323,10 @@ def make_task(config, workdir: str | None = None):
     loss_fn = make_loss_fn(cfg, config.model)
 
     def batch_spec(batch_size):
-        spec = {"text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
-                "image_tokens": jax.ShapeDtypeStruct((batch_size, cfg.num_image_tokens), jnp.int32)}
+        spec = {
+            "text": jax.ShapeDtypeStruct((batch_size, cfg.text_len), jnp.int32),
+            "image_tokens": jax.ShapeDtypeStruct((batch_size, cfg.num_image_tokens), jnp.int32),
+        }
         if caption_dropout(config.model) > 0:
             spec["caption_kept"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
         return spec

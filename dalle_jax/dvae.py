@@ -8,6 +8,7 @@ and returns 6 channels per pixel: logit-Laplace location (logits of the mapped p
 Parameter names mirror OpenAI's modules (`input`, `group_g/block_b/{id_path,conv_1..4}`, `output`)
 so that `convert_dvae.py` is a plain rename plus OIHW -> HWIO transpose.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,6 +52,7 @@ def _scaled(init, scale: float):
 
 class Conv(nn.Module):
     """'same'-padded stride-1 conv with an HWIO kernel annotated by logical axis names."""
+
     features: int
     kernel_size: int
     dtype: Any = jnp.float32
@@ -60,17 +62,29 @@ class Conv(nn.Module):
     def __call__(self, x):
         k = self.kernel_size
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(_scaled(_kernel_init, self.init_scale),
-                                                   ("conv_h", "conv_w", "conv_in", "conv_out")),
-            (k, k, x.shape[-1], self.features), jnp.float32)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                          (self.features,), jnp.float32)
+            "kernel",
+            nn.with_logical_partitioning(
+                _scaled(_kernel_init, self.init_scale), ("conv_h", "conv_w", "conv_in", "conv_out")
+            ),
+            (k, k, x.shape[-1], self.features),
+            jnp.float32,
+        )
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            (self.features,),
+            jnp.float32,
+        )
         if k == 1:  # a 1x1 conv is a matmul over channels; XLA handles it better as one
             y = dense(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         else:
             y = jax.lax.conv_general_dilated(
-                x.astype(self.dtype), kernel.astype(self.dtype), window_strides=(1, 1), padding="SAME",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                x.astype(self.dtype),
+                kernel.astype(self.dtype),
+                window_strides=(1, 1),
+                padding="SAME",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            )
         return y + bias.astype(self.dtype)
 
 
@@ -82,6 +96,7 @@ class ResBlock(nn.Module):
     with nearest upsampling, so id_path and a leading 1x1 conv run at the low resolution and only
     their (narrower) outputs are upsampled: the same values for a quarter of those FLOPs (the decoder
     enters every group after the first this way)."""
+
     features: int
     kernels: Sequence[int]
     n_layers: int
@@ -97,8 +112,9 @@ class ResBlock(nn.Module):
         if self.upsample_input and not late:
             x = upsample_2x(x)  # a first kernel wider than 1x1 sees neighbours: upsample first
         up = upsample_2x if late else (lambda t: t)
-        identity = x if x.shape[-1] == self.features else Conv(self.features, 1, dtype=self.dtype,
-                                                               name="id_path")(x)
+        identity = (
+            x if x.shape[-1] == self.features else Conv(self.features, 1, dtype=self.dtype, name="id_path")(x)
+        )
         identity = up(identity)
         h = x
         for i, k in enumerate(self.kernels):
@@ -106,7 +122,7 @@ class ResBlock(nn.Module):
             h = Conv(width, k, dtype=self.dtype, name=f"conv_{i + 1}")(nn.relu(h))
             if i == 0:
                 h = up(h)
-        return identity + h * jnp.asarray(1.0 / self.n_layers ** 2, h.dtype)
+        return identity + h * jnp.asarray(1.0 / self.n_layers**2, h.dtype)
 
 
 def upsample_2x(x):
@@ -129,8 +145,14 @@ class ResGroup(nn.Module):
         if self.remat != "none":
             block = nn.remat(ResBlock, policy=remat_policy(self.remat), prevent_cse=True)
         for b in range(self.num_blocks):
-            x = block(self.features, tuple(self.kernels), self.n_layers, self.dtype,
-                      self.upsample_input and b == 0, name=f"block_{b + 1}")(x)
+            x = block(
+                self.features,
+                tuple(self.kernels),
+                self.n_layers,
+                self.dtype,
+                self.upsample_input and b == 0,
+                name=f"block_{b + 1}",
+            )(x)
             x = constrain(x, ACT)
         return x
 
@@ -164,23 +186,32 @@ def check_codebook_factors(factors: Sequence[int], vocab_size: int, colour_codes
     colour_codes = int(colour_codes)
     if colour_codes:
         if factors:
-            raise ConfigError(f"model.colour_codes={colour_codes} sets the codebook's digits itself; "
-                              f"leave model.codebook_factors empty, got {factors}")
+            raise ConfigError(
+                f"model.colour_codes={colour_codes} sets the codebook's digits itself; "
+                f"leave model.codebook_factors empty, got {factors}"
+            )
         if colour_codes < 2 or vocab_size % colour_codes or vocab_size // colour_codes < 2:
-            raise ConfigError(f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
-                              f"into >= 2 structure codes, got {colour_codes}")
+            raise ConfigError(
+                f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
+                f"into >= 2 structure codes, got {colour_codes}"
+            )
         return (vocab_size // colour_codes, colour_codes)
     if factors and (len(factors) < 2 or min(factors) < 2 or math.prod(factors) != vocab_size):
-        raise ConfigError(f"model.codebook_factors must be two or more factors >= 2 whose product is "
-                         f"vocab_size={vocab_size}, got {factors}")
+        raise ConfigError(
+            f"model.codebook_factors must be two or more factors >= 2 whose product is "
+            f"vocab_size={vocab_size}, got {factors}"
+        )
     return factors
 
 
 def codebook_digits(model_config) -> tuple[int, ...]:
     """`config.model`'s product-codebook digits (from `codebook_factors` or `colour_codes`), checked;
     () for a plain codebook."""
-    return check_codebook_factors(model_config.get("codebook_factors", ()), int(model_config.vocab_size),
-                                  int(model_config.get("colour_codes", 0)))
+    return check_codebook_factors(
+        model_config.get("codebook_factors", ()),
+        int(model_config.vocab_size),
+        int(model_config.get("colour_codes", 0)),
+    )
 
 
 def structure_view(pixels, window: int):
@@ -188,8 +219,7 @@ def structure_view(pixels, window: int):
     brightest in the window x window square around it. On solid colours this is blind to hue and
     to the colour's own brightness, so what the encoder reads from it is where things are."""
     value = jnp.max(pixels, axis=-1, keepdims=True)
-    local = jax.lax.reduce_window(value, -jnp.inf, jax.lax.max, (1, window, window, 1),
-                                  (1, 1, 1, 1), "SAME")
+    local = jax.lax.reduce_window(value, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, 1, 1, 1), "SAME")
     # The floor keeps near-black regions from being stretched into noise.
     return jax.lax.stop_gradient(map_pixels(value / jnp.maximum(local, _STRUCTURE_FLOOR)))
 
@@ -201,6 +231,7 @@ class ColourHead(nn.Module):
     the floor) and only for them: otherwise a colour could share black's value, since the
     structure digit already tells an object's cells from the background, and then a held-out pair
     is a combination the decoder never saw (seen in shapes runs: red on both seeds)."""
+
     colour_codes: int
     cell: int
     hidden: int = 64
@@ -212,8 +243,9 @@ class ColourHead(nn.Module):
         peak = cells.max(axis=(2, 4))
         brightest = peak.max(-1, keepdims=True)
         hue = peak / jnp.maximum(brightest, _STRUCTURE_FLOOR)
-        feats = nn.relu(Conv(self.hidden, 1, dtype=jnp.float32, name="hidden")(
-            jnp.concatenate([peak, hue], axis=-1)))
+        feats = nn.relu(
+            Conv(self.hidden, 1, dtype=jnp.float32, name="hidden")(jnp.concatenate([peak, hue], axis=-1))
+        )
         logits = Conv(self.colour_codes, 1, dtype=jnp.float32, name="output")(feats)
         dark = brightest < _STRUCTURE_FLOOR
         # A large finite value, not -inf: the KL and usage terms take q * log q of these.
@@ -223,6 +255,7 @@ class ColourHead(nn.Module):
 
 class Encoder(nn.Module):
     """mapped image [B, H, W, C] -> float32 codebook logits [B, H/2^(G-1), W/2^(G-1), vocab]."""
+
     vocab_size: int = 8192
     hidden: int = 256
     width_multipliers: Sequence[int] = (1, 2, 4, 8)
@@ -250,8 +283,15 @@ class Encoder(nn.Module):
             x = structure_view(pixels, 2 * cell + 1)
         x = Conv(self.hidden, 7, dtype=self.dtype, name="input")(x)
         for g, mult in enumerate(self.width_multipliers):
-            x = ResGroup(self.hidden * mult, self.blocks_per_group, ENCODER_KERNELS, n_layers, self.dtype,
-                         self.remat, name=f"group_{g + 1}")(x)
+            x = ResGroup(
+                self.hidden * mult,
+                self.blocks_per_group,
+                ENCODER_KERNELS,
+                n_layers,
+                self.dtype,
+                self.remat,
+                name=f"group_{g + 1}",
+            )(x)
             if g < n_groups - 1:
                 x = max_pool_2x2(x)
         x = nn.relu(x)
@@ -259,22 +299,26 @@ class Encoder(nn.Module):
             # Not in OpenAI's model (their weights have no such layer). Bounds the scale of the
             # features the logits are made from; in the shapes runs (batch 8, with the usage and
             # confidence terms) it gave 22.9 vs 20.4 dB at step 600 (docs/dvae.md, "Measured").
-            x = nn.LayerNorm(dtype=jnp.float32, param_dtype=jnp.float32, name="output_norm",
-                             scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                             bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)))(x)
+            x = nn.LayerNorm(
+                dtype=jnp.float32,
+                param_dtype=jnp.float32,
+                name="output_norm",
+                scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
+            )(x)
         # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
         factors = tuple(self.codebook_factors)
         if not factors:
-            logits = Conv(self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
-                          name="output")(x)
+            logits = Conv(
+                self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output"
+            )(x)
         else:
             # A product codebook (not in OpenAI's model): one logit per value of each digit, a
             # code's logit the sum of its digits' logits, so the digits are independent choices
             # and a code the training images never produced still gets logits and (in the
             # decoder) an embedding made of trained rows.
             trunk = sum(factors) - self.colour_codes
-            parts = Conv(trunk, 1, dtype=jnp.float32, init_scale=self.logit_init_scale,
-                         name="output")(x)
+            parts = Conv(trunk, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output")(x)
             if colour_logits is not None:
                 parts = jnp.concatenate([parts, colour_logits], axis=-1)
             logits = jnp.take(parts, factor_rows(factors), axis=-1).sum(-1)
@@ -284,6 +328,7 @@ class Encoder(nn.Module):
 class CodeEmbedding(nn.Module):
     """The decoder's first 1x1 conv from `vocab` one-hot channels, which is an embedding table:
     int tokens take the lookup, (relaxed) one-hot codes the matmul; both use the same kernel."""
+
     features: int
     vocab_size: int
     dtype: Any = jnp.float32
@@ -297,19 +342,27 @@ class CodeEmbedding(nn.Module):
         # With a product codebook a code's row is the sum of one row per factor (see Encoder).
         rows = sum(factors) if factors else self.vocab_size
         kernel = self.param(
-            "kernel", nn.with_logical_partitioning(init, ("conv_h", "conv_w", "vocab", "conv_out")),
-            (1, 1, rows, self.features), jnp.float32)
+            "kernel",
+            nn.with_logical_partitioning(init, ("conv_h", "conv_w", "vocab", "conv_out")),
+            (1, 1, rows, self.features),
+            jnp.float32,
+        )
         if factors:
             kernel = jnp.take(kernel, factor_rows(factors), axis=2).sum(3)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
-                          (self.features,), jnp.float32)
+        bias = self.param(
+            "bias",
+            nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
+            (self.features,),
+            jnp.float32,
+        )
         table = kernel[0, 0]
         if jnp.issubdtype(codes.dtype, jnp.integer):
             y = jnp.take(table, codes, axis=0)
         else:
             if codes.shape[-1] != self.vocab_size:
-                raise ValueError(f"decoder codes have {codes.shape[-1]} channels, expected vocab_size="
-                                 f"{self.vocab_size}")
+                raise ValueError(
+                    f"decoder codes have {codes.shape[-1]} channels, expected vocab_size={self.vocab_size}"
+                )
             # float32 like OpenAI's input conv: a relaxed one-hot over 8192 codes loses a lot in bf16.
             y = dense(codes.astype(jnp.float32), table)
         return (y + bias).astype(self.dtype)
@@ -317,6 +370,7 @@ class CodeEmbedding(nn.Module):
 
 class Decoder(nn.Module):
     """codes (int [B, h, w] or float [B, h, w, vocab]) -> float32 [B, H, W, 2 * output_channels]."""
+
     vocab_size: int = 8192
     hidden: int = 256
     width_multipliers: Sequence[int] = (1, 2, 4, 8)  # encoder order; the decoder runs them reversed
@@ -332,18 +386,33 @@ class Decoder(nn.Module):
     def __call__(self, codes):
         n_groups = len(self.width_multipliers)
         n_layers = n_groups * self.blocks_per_group
-        x = CodeEmbedding(self.init_channels, self.vocab_size, self.dtype, self.embed_init_std,
-                          tuple(self.codebook_factors), name="input")(codes)
+        x = CodeEmbedding(
+            self.init_channels,
+            self.vocab_size,
+            self.dtype,
+            self.embed_init_std,
+            tuple(self.codebook_factors),
+            name="input",
+        )(codes)
         x = constrain(x, ACT)
         for g, mult in enumerate(reversed(self.width_multipliers)):
             # Nearest x2 upsampling between groups, done inside the next group's first block.
-            x = ResGroup(self.hidden * mult, self.blocks_per_group, DECODER_KERNELS, n_layers, self.dtype,
-                         self.remat, upsample_input=g > 0, name=f"group_{g + 1}")(x)
+            x = ResGroup(
+                self.hidden * mult,
+                self.blocks_per_group,
+                DECODER_KERNELS,
+                n_layers,
+                self.dtype,
+                self.remat,
+                upsample_input=g > 0,
+                name=f"group_{g + 1}",
+            )(x)
         return Conv(2 * self.output_channels, 1, dtype=jnp.float32, name="output")(nn.relu(x))
 
 
 class DVAE(nn.Module):
     """Encoder + decoder under one param tree {'encoder': ..., 'decoder': ...}."""
+
     vocab_size: int = 8192
     hidden: int = 256
     width_multipliers: Sequence[int] = (1, 2, 4, 8)
@@ -360,12 +429,30 @@ class DVAE(nn.Module):
 
     def setup(self):
         factors = check_codebook_factors(self.codebook_factors, self.vocab_size, self.colour_codes)
-        self.encoder = Encoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
-                               self.blocks_per_group, self.dtype, self.remat, self.logit_init_scale,
-                               self.logit_norm, factors, self.colour_codes)
-        self.decoder = Decoder(self.vocab_size, self.hidden, tuple(self.width_multipliers),
-                               self.blocks_per_group, self.decoder_init_channels, self.input_channels,
-                               self.dtype, self.remat, self.embed_init_std, factors)
+        self.encoder = Encoder(
+            self.vocab_size,
+            self.hidden,
+            tuple(self.width_multipliers),
+            self.blocks_per_group,
+            self.dtype,
+            self.remat,
+            self.logit_init_scale,
+            self.logit_norm,
+            factors,
+            self.colour_codes,
+        )
+        self.decoder = Decoder(
+            self.vocab_size,
+            self.hidden,
+            tuple(self.width_multipliers),
+            self.blocks_per_group,
+            self.decoder_init_channels,
+            self.input_channels,
+            self.dtype,
+            self.remat,
+            self.embed_init_std,
+            factors,
+        )
 
     def __call__(self, x):
         """Encode then decode the argmax codes (used for init)."""
@@ -374,8 +461,9 @@ class DVAE(nn.Module):
 
     def encode(self, x):
         if x.ndim != 4 or x.shape[-1] != self.input_channels:
-            raise ValueError(f"dVAE encoder expects NHWC images with {self.input_channels} channels, "
-                             f"got shape {x.shape}")
+            raise ValueError(
+                f"dVAE encoder expects NHWC images with {self.input_channels} channels, got shape {x.shape}"
+            )
         return self.encoder(x)
 
     def decode(self, codes):
@@ -390,8 +478,10 @@ def grid_size(model_config, image_size: int) -> int:
     """Token grid side for `image_size` inputs; a clear error when the pools do not divide it."""
     factor = downsample_factor(model_config)
     if image_size % factor:
-        raise ValueError(f"image_size {image_size} is not divisible by the dVAE's downsampling factor "
-                         f"{factor} (2^(groups-1) with {len(model_config.width_multipliers)} groups)")
+        raise ValueError(
+            f"image_size {image_size} is not divisible by the dVAE's downsampling factor "
+            f"{factor} (2^(groups-1) with {len(model_config.width_multipliers)} groups)"
+        )
     return image_size // factor
 
 
@@ -402,22 +492,28 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         raise ValueError("model.width_multipliers must name at least one group")
     for m in mults:
         if (int(model_config.hidden) * m) % 4:
-            raise ValueError(f"model.hidden * width multiplier must be divisible by 4, got "
-                             f"{model_config.hidden} * {m}")
+            raise ValueError(
+                f"model.hidden * width multiplier must be divisible by 4, got {model_config.hidden} * {m}"
+            )
     codebook_digits(model_config)  # a clear error before any tracing
     colour_codes = int(model_config.get("colour_codes", 0))
     if colour_codes and int(model_config.get("input_channels", 3)) != 3:
         raise ConfigError("model.colour_codes needs RGB inputs (model.input_channels=3)")
-    return DVAE(vocab_size=int(model_config.vocab_size), hidden=int(model_config.hidden),
-                width_multipliers=mults, blocks_per_group=int(model_config.blocks_per_group),
-                decoder_init_channels=int(model_config.decoder_init_channels),
-                input_channels=int(model_config.get("input_channels", 3)),
-                dtype=dtype_of(compute_dtype), remat=remat,
-                logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
-                embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
-                logit_norm=bool(model_config.get("encoder_logit_norm", False)),
-                codebook_factors=tuple(int(f) for f in model_config.get("codebook_factors", ())),
-                colour_codes=colour_codes)
+    return DVAE(
+        vocab_size=int(model_config.vocab_size),
+        hidden=int(model_config.hidden),
+        width_multipliers=mults,
+        blocks_per_group=int(model_config.blocks_per_group),
+        decoder_init_channels=int(model_config.decoder_init_channels),
+        input_channels=int(model_config.get("input_channels", 3)),
+        dtype=dtype_of(compute_dtype),
+        remat=remat,
+        logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
+        embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
+        logit_norm=bool(model_config.get("encoder_logit_norm", False)),
+        codebook_factors=tuple(int(f) for f in model_config.get("codebook_factors", ())),
+        colour_codes=colour_codes,
+    )
 
 
 def _conv_flops(h, w, k, cin, cout):
@@ -443,7 +539,11 @@ def _blocks_flops(h, w, cin, cout, kernels, n_blocks, upsampled_input=False):
 def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tuple[int, int]:
     """(encoder, decoder) forward FLOPs for one image, counting multiply-adds as 2. With
     `soft_codes` the decoder input is the vocab x init_channels matmul that training runs."""
-    hid, mults, nb = int(model_config.hidden), list(model_config.width_multipliers), int(model_config.blocks_per_group)
+    hid, mults, nb = (
+        int(model_config.hidden),
+        list(model_config.width_multipliers),
+        int(model_config.blocks_per_group),
+    )
     vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
     channels = int(model_config.get("input_channels", 3))
     colour_codes = int(model_config.get("colour_codes", 0))
@@ -477,50 +577,52 @@ def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tup
 def default_model_config():
     """`config.model` for the dVAE with OpenAI's sizes and the paper's training schedules."""
 
-    return ml_collections.ConfigDict(dict(
-        vocab_size=8192,
-        hidden=256,                      # width of the first group; group g is hidden * multiplier
-        width_multipliers=(1, 2, 4, 8),  # one per group; a 2x2 max-pool between encoder groups
-        blocks_per_group=2,
-        decoder_init_channels=128,       # the decoder's 1x1 conv from one-hot codes
-        input_channels=3,
-        # Init of the two layers around the codes; the defaults are OpenAI's fan-in init, under which
-        # logits start ~0.1 (far below the gumbel noise) and small models take long to start using
-        # their codes. Larger values only change the starting point, not the architecture.
-        encoder_logit_init_scale=1.0,    # multiplies the encoder output conv's init
-        decoder_embed_init_std=0.0,      # > 0: N(0, std) rows for the decoder's code embedding
-        # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
-        # features before the logit conv, against codebook collapse in small, short runs.
-        encoder_logit_norm=False,
-        # Not in OpenAI's model: () or factors whose product is vocab_size, e.g. (16, 16). Each code
-        # is a tuple of digits; its encoder logit and decoder embedding are sums over the digits.
-        # Tokens are still one index in [0, vocab_size).
-        codebook_factors=(),
-        # Not in OpenAI's model: > 0 splits each code into (vocab_size // colour_codes structure
-        # values, colour_codes colour values), the first read from a hue-blind view of the image,
-        # the second from each token cell's colours (a product codebook of those two digits).
-        colour_codes=0,
-        # Training objective (dalle_jax/dvae_loss.py).
-        recon_loss="logit_laplace",      # logit_laplace | mse
-        straight_through=False,          # hard one-hot forward, relaxed gradient
-        straight_through_from_step=-1,   # >= 0: straight-through from this step on (-1: never)
-        # What the decoder is trained on: "relaxed" (the gumbel-softmax sample, or straight-through
-        # as set above) or "argmax" (the encoder's argmax codes, as at inference, with no gradient
-        # to the encoder and no KL / usage terms): decoder fine-tuning of a trained dVAE with
-        # --config.init_from=W --config.frozen=encoder, which leaves its tokens unchanged.
-        train_codes="relaxed",
-        temperature_start=1.0,
-        temperature_end=1.0 / 16,
-        temperature_anneal_steps=150_000,
-        temperature_schedule="cosine",   # cosine | exponential | linear | constant
-        kl_weight_start=0.0,
-        kl_weight_end=6.6,
-        kl_weight_ramp_steps=5000,
-        kl_weight_schedule="cosine",
-        usage_weight=0.0,                # > 0: also penalise log K - H(batch-average codes) (not in the paper)
-        usage_weight_schedule="constant",  # constant: usage_weight throughout; else usage_weight ->
-        usage_weight_end=0.0,            # usage_weight_end over usage_weight_steps
-        usage_weight_steps=0,
-        # Evaluation: batches of the eval split per evaluation (-1 = the whole split).
-        eval_max_batches=-1,
-    ))
+    return ml_collections.ConfigDict(
+        dict(
+            vocab_size=8192,
+            hidden=256,  # width of the first group; group g is hidden * multiplier
+            width_multipliers=(1, 2, 4, 8),  # one per group; a 2x2 max-pool between encoder groups
+            blocks_per_group=2,
+            decoder_init_channels=128,  # the decoder's 1x1 conv from one-hot codes
+            input_channels=3,
+            # Init of the two layers around the codes; the defaults are OpenAI's fan-in init, under which
+            # logits start ~0.1 (far below the gumbel noise) and small models take long to start using
+            # their codes. Larger values only change the starting point, not the architecture.
+            encoder_logit_init_scale=1.0,  # multiplies the encoder output conv's init
+            decoder_embed_init_std=0.0,  # > 0: N(0, std) rows for the decoder's code embedding
+            # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
+            # features before the logit conv, against codebook collapse in small, short runs.
+            encoder_logit_norm=False,
+            # Not in OpenAI's model: () or factors whose product is vocab_size, e.g. (16, 16). Each code
+            # is a tuple of digits; its encoder logit and decoder embedding are sums over the digits.
+            # Tokens are still one index in [0, vocab_size).
+            codebook_factors=(),
+            # Not in OpenAI's model: > 0 splits each code into (vocab_size // colour_codes structure
+            # values, colour_codes colour values), the first read from a hue-blind view of the image,
+            # the second from each token cell's colours (a product codebook of those two digits).
+            colour_codes=0,
+            # Training objective (dalle_jax/dvae_loss.py).
+            recon_loss="logit_laplace",  # logit_laplace | mse
+            straight_through=False,  # hard one-hot forward, relaxed gradient
+            straight_through_from_step=-1,  # >= 0: straight-through from this step on (-1: never)
+            # What the decoder is trained on: "relaxed" (the gumbel-softmax sample, or straight-through
+            # as set above) or "argmax" (the encoder's argmax codes, as at inference, with no gradient
+            # to the encoder and no KL / usage terms): decoder fine-tuning of a trained dVAE with
+            # --config.init_from=W --config.frozen=encoder, which leaves its tokens unchanged.
+            train_codes="relaxed",
+            temperature_start=1.0,
+            temperature_end=1.0 / 16,
+            temperature_anneal_steps=150_000,
+            temperature_schedule="cosine",  # cosine | exponential | linear | constant
+            kl_weight_start=0.0,
+            kl_weight_end=6.6,
+            kl_weight_ramp_steps=5000,
+            kl_weight_schedule="cosine",
+            usage_weight=0.0,  # > 0: also penalise log K - H(batch-average codes) (not in the paper)
+            usage_weight_schedule="constant",  # constant: usage_weight throughout; else usage_weight ->
+            usage_weight_end=0.0,  # usage_weight_end over usage_weight_steps
+            usage_weight_steps=0,
+            # Evaluation: batches of the eval split per evaluation (-1 = the whole split).
+            eval_max_batches=-1,
+        )
+    )

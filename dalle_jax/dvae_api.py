@@ -7,6 +7,7 @@
 `encode_fn` / `decode_fn` are the pure `(params, x)` functions, for use inside other jitted code
 (the DALL-E trainer and sampler).
 """
+
 from __future__ import annotations
 
 import functools
@@ -34,14 +35,24 @@ class DVAE:
         self._decode = jax.jit(self.decode_fn)
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None, compute_dtype: str | None = None, *,
-             raw_weights: bool = False) -> "DVAE":
+    def load(
+        cls,
+        workdir: str,
+        step: int | None = None,
+        compute_dtype: str | None = None,
+        *,
+        raw_weights: bool = False,
+    ) -> "DVAE":
         """The newest (or given) checkpoint of a dVAE workdir written by train_dvae or convert_dvae:
         its EMA weights when the run kept one (config.ema_decay > 0), else (or with `raw_weights`)
         its raw params."""
 
         config, params = load_params(workdir, step, ema=not raw_weights)
-        if "model" not in config or "vocab_size" not in config.model or "width_multipliers" not in config.model:
+        if (
+            "model" not in config
+            or "vocab_size" not in config.model
+            or "width_multipliers" not in config.model
+        ):
             raise ValueError(f"{workdir} does not hold a dVAE (its config.json has no dVAE model keys)")
         return cls(config, params, compute_dtype)
 
@@ -63,8 +74,10 @@ class DVAE:
         shape = tuple(images.shape)
         want = (self.image_size, self.image_size, self.channels)
         if len(shape) != 4 or shape[1:] != want:
-            raise ValueError(f"encode expects images of shape [B, {want[0]}, {want[1]}, {want[2]}], got "
-                             f"{shape}; resize/crop first (core_jax.data.image_ops.resize_and_crop)")
+            raise ValueError(
+                f"encode expects images of shape [B, {want[0]}, {want[1]}, {want[2]}], got "
+                f"{shape}; resize/crop first (core_jax.data.image_ops.resize_and_crop)"
+            )
         if dtype == jnp.uint8:
             return jnp.asarray(images).astype(jnp.float32) / 255.0
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -84,11 +97,19 @@ class DVAE:
         """int tokens [B, grid, grid] -> uint8 images [B, H, W, 3]."""
         shape = tuple(tokens.shape)
         if len(shape) != 3 or shape[1:] != (self.grid_size, self.grid_size):
-            raise ValueError(f"decode expects tokens of shape [B, {self.grid_size}, {self.grid_size}], got {shape}")
+            raise ValueError(
+                f"decode expects tokens of shape [B, {self.grid_size}, {self.grid_size}], got {shape}"
+            )
         if not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(f"decode expects integer tokens, got dtype {tokens.dtype}")
-        if isinstance(tokens, np.ndarray) and tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
-            raise ValueError(f"tokens must lie in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]")
+        if (
+            isinstance(tokens, np.ndarray)
+            and tokens.size
+            and (tokens.min() < 0 or tokens.max() >= self.vocab_size)
+        ):
+            raise ValueError(
+                f"tokens must lie in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
+            )
         with jax.set_mesh(None):  # local, as in encode
             return _to_uint8(self._decode(self.params, jnp.asarray(tokens)))
 

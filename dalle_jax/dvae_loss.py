@@ -9,6 +9,7 @@ which penalises only the batch-level part of that KL (see `usage_penalty`). A ne
 then rewards confident codes at each position: usage_weight = -kl_weight = u adds -u * I(x; code)
 per position (info-max); configs/dvae_shapes.py uses this against codebook collapse.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ def schedule_value(kind: str, start: float, end: float, steps: int, step) -> jax
     if kind not in SCHEDULES:
         raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
     if kind == "exponential" and (start <= 0 or end <= 0):
-        raise ValueError(f"an exponential schedule needs start and end > 0, got {start} -> {end}; "
-                         f"use cosine or linear to ramp from 0")
+        raise ValueError(
+            f"an exponential schedule needs start and end > 0, got {start} -> {end}; "
+            f"use cosine or linear to ramp from 0"
+        )
     start, end = float(start), float(end)
     if kind == "constant" or steps <= 0:
         return jnp.asarray(end, jnp.float32)
@@ -44,14 +47,16 @@ def schedule_value(kind: str, start: float, end: float, steps: int, step) -> jax
 
 def temperature(model_config, step) -> jax.Array:
     m = model_config
-    return schedule_value(m.temperature_schedule, m.temperature_start, m.temperature_end,
-                          int(m.temperature_anneal_steps), step)
+    return schedule_value(
+        m.temperature_schedule, m.temperature_start, m.temperature_end, int(m.temperature_anneal_steps), step
+    )
 
 
 def kl_weight(model_config, step) -> jax.Array:
     m = model_config
-    return schedule_value(m.kl_weight_schedule, m.kl_weight_start, m.kl_weight_end,
-                          int(m.kl_weight_ramp_steps), step)
+    return schedule_value(
+        m.kl_weight_schedule, m.kl_weight_start, m.kl_weight_end, int(m.kl_weight_ramp_steps), step
+    )
 
 
 def usage_weight(model_config, step) -> jax.Array:
@@ -165,6 +170,11 @@ def dvae_objective(x, logits, stats, *, kl_w, recon_loss: str = "logit_laplace",
     rec01 = reconstruct_pixels(stats, x.shape[-1])
     orig01 = unmap_pixels(x.astype(jnp.float32))
     mse01 = jnp.mean(jnp.square(rec01 - orig01))
-    metrics = {"recon_loss": jnp.mean(recon) / dims, "kl": jnp.mean(kl) / positions, "usage_penalty": usage,
-               "mse": mse01, "psnr": jnp.mean(psnr_per_image(rec01, orig01))}
+    metrics = {
+        "recon_loss": jnp.mean(recon) / dims,
+        "kl": jnp.mean(kl) / positions,
+        "usage_penalty": usage,
+        "mse": mse01,
+        "psnr": jnp.mean(psnr_per_image(rec01, orig01)),
+    }
     return loss, metrics

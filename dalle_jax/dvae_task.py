@@ -1,4 +1,5 @@
 """The dVAE as a `core_jax.trainer.Task`: preprocessing, loss, evaluator and reconstruction grids."""
+
 from __future__ import annotations
 
 import functools
@@ -24,27 +25,39 @@ def _replicated(x):
     return sharding.constrain(x, (None,) * x.ndim)
 
 
-def preprocess(raw_image: np.ndarray, image_size: int, *, random_crop=False, random_flip=False,
-               rng=None, resize_range=(1.0, 1.0)) -> np.ndarray:
+def preprocess(
+    raw_image: np.ndarray,
+    image_size: int,
+    *,
+    random_crop=False,
+    random_flip=False,
+    rng=None,
+    resize_range=(1.0, 1.0),
+) -> np.ndarray:
     """uint8 [H, W, 3] -> mapped float32 [size, size, 3] in [eps, 1 - eps]."""
-    img = image_ops.resize_and_crop(np.asarray(raw_image), image_size, random_crop=random_crop, rng=rng,
-                                    resize_range=resize_range)
+    img = image_ops.resize_and_crop(
+        np.asarray(raw_image), image_size, random_crop=random_crop, rng=rng, resize_range=resize_range
+    )
     if random_flip:
         img = image_ops.maybe_flip(img, rng)
     return image_ops.dvae_map_pixels(img)
 
 
 def model_from_config(config) -> dvae_lib.DVAE:
-    return dvae_lib.make_dvae(config.model, config.get("compute_dtype", "float32"), config.get("remat", "none"))
+    return dvae_lib.make_dvae(
+        config.model, config.get("compute_dtype", "float32"), config.get("remat", "none")
+    )
 
 
 def reconstruct_fn(model):
     """(params, mapped images) -> (codes int32 [B,h,w], reconstruction float [0,1], logits)."""
+
     def fn(params, images):
         logits = model.apply({"params": params}, images, method=dvae_lib.DVAE.encode)
         codes = jnp.argmax(logits, axis=-1).astype(jnp.int32)
         stats = model.apply({"params": params}, codes, method=dvae_lib.DVAE.decode)
         return codes, dvae_loss.reconstruct_pixels(stats, images.shape[-1]), logits
+
     return fn
 
 
@@ -69,11 +82,15 @@ def check_decoder_finetune(config) -> None:
     if train_codes(config.model) != "argmax":
         return
     if "encoder" not in frozen_prefixes(config):
-        raise ConfigError("model.train_codes='argmax' trains only the decoder: set --config.frozen=encoder "
-                          "(otherwise the optimizer would still move the encoder)")
+        raise ConfigError(
+            "model.train_codes='argmax' trains only the decoder: set --config.frozen=encoder "
+            "(otherwise the optimizer would still move the encoder)"
+        )
     if not str(config.get("init_from", "") or ""):
-        raise ConfigError("model.train_codes='argmax' fine-tunes the decoder of a trained dVAE: set "
-                          "--config.init_from=<its workdir>")
+        raise ConfigError(
+            "model.train_codes='argmax' fine-tunes the decoder of a trained dVAE: set "
+            "--config.init_from=<its workdir>"
+        )
 
 
 def usage_penalty_on(model_config) -> bool:
@@ -111,8 +128,9 @@ def make_loss_fn(model, model_config):
             z = dvae_loss.gumbel_softmax(rng, logits, tau, dvae_loss.straight_through_now(m, step))
         z = sharding.constrain(z, CODES_ACT)
         stats = model.apply({"params": params}, z, method=dvae_lib.DVAE.decode)
-        loss, metrics = dvae_loss.dvae_objective(x, logits, stats, kl_w=beta, recon_loss=m.recon_loss,
-                                                 usage_w=usage_w)
+        loss, metrics = dvae_loss.dvae_objective(
+            x, logits, stats, kl_w=beta, recon_loss=m.recon_loss, usage_w=usage_w
+        )
         metrics.update(dvae_loss.codebook_metrics(logits))
         metrics.update(temperature=tau, kl_weight=beta, usage_weight=usage_w)
         return loss, metrics
@@ -149,8 +167,12 @@ def make_eval_step(model):
         m = mask.astype(jnp.float32)
         psnr = dvae_loss.psnr_per_image(rec, orig)
         mse = jnp.mean(jnp.square(rec - orig), axis=(1, 2, 3))
-        out = {"psnr_sum": jnp.sum(psnr * m), "mse_sum": jnp.sum(mse * m), "count": jnp.sum(m),
-               "histogram": dvae_loss.code_histogram(logits, mask)}
+        out = {
+            "psnr_sum": jnp.sum(psnr * m),
+            "mse_sum": jnp.sum(mse * m),
+            "count": jnp.sum(m),
+            "histogram": dvae_loss.code_histogram(logits, mask),
+        }
         return jax.tree.map(_replicated, out)
 
     return step
@@ -175,10 +197,14 @@ def make_evaluator(config, model, example_fn):
         count, hist = float(totals["count"]), np.asarray(totals["histogram"])
         p = hist / hist.sum()
         used = int((hist > 0).sum())
-        out = {"psnr": float(totals["psnr_sum"]) / count, "mse": float(totals["mse_sum"]) / count,
-               "dead_codes": float(hist.size - used), "codebook_used_fraction": used / hist.size,
-               "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
-               "examples": count}
+        out = {
+            "psnr": float(totals["psnr_sum"]) / count,
+            "mse": float(totals["mse_sum"]) / count,
+            "dead_codes": float(hist.size - used),
+            "codebook_used_fraction": used / hist.size,
+            "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
+            "examples": count,
+        }
         if factors:
             # A product codebook's data need not hold every combination of digits (on the shapes
             # suite no black cell has an object's outline): a dead row is what collapse looks like.
@@ -198,9 +224,16 @@ def make_task(config, workdir=None):
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
 
     def example_fn(raw, rng):
-        return {"image": preprocess(raw["image"], size, random_crop=bool(config.data.random_crop),
-                                    random_flip=bool(config.data.random_flip), rng=rng,
-                                    resize_range=resize_range)}
+        return {
+            "image": preprocess(
+                raw["image"],
+                size,
+                random_crop=bool(config.data.random_crop),
+                random_flip=bool(config.data.random_flip),
+                rng=rng,
+                resize_range=resize_range,
+            )
+        }
 
     def eval_example_fn(raw, rng):
         return {"image": preprocess(raw["image"], size)}
@@ -227,5 +260,5 @@ def make_task(config, workdir=None):
         # the usage penalty is a function of the whole batch's average code distribution.
         accumulation="refuse" if usage_penalty_on(config.model) else "mean",
         accumulation_blocker="model.usage_weight: the codebook usage penalty is a function of the "
-                             "whole batch's average code distribution",
+        "whole batch's average code distribution",
     )

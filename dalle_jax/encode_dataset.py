@@ -7,6 +7,7 @@ Reads `config.data` (source, splits) and, for each split, writes D/<split>-NNNNN
 plus D/index.json: {grid_size, vocab_size, image_size, dvae_workdir, splits: {split: {examples,
 shards: [file, ...]}}}. Images are resized/centre-cropped to the dVAE's input size. One process.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,33 +27,59 @@ flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.split 
 flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
 flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
 flags.DEFINE_integer("max_examples", -1, "Stop each split after this many examples (-1: all).")
-flags.DEFINE_bool("raw_weights", False, "Encode with the dVAE's raw trained weights, not their EMA "
-                  "(used by default when the run kept one).")
+flags.DEFINE_bool(
+    "raw_weights",
+    False,
+    "Encode with the dVAE's raw trained weights, not their EMA (used by default when the run kept one).",
+)
 FLAGS = flags.FLAGS
 
 
-def encode_split(vae, data_config, split: str, out_dir: str, *, shard_size: int, batch_size: int,
-                 max_examples: int = -1, seed: int = 0, log=print) -> dict:
+def encode_split(
+    vae,
+    data_config,
+    split: str,
+    out_dir: str,
+    *,
+    shard_size: int,
+    batch_size: int,
+    max_examples: int = -1,
+    seed: int = 0,
+    log=print,
+) -> dict:
     """Encodes one split; returns {'examples': n, 'shards': [file names]}."""
 
     size = vae.image_size
 
     def example_fn(raw, rng):
-        return {"image": to_float01(resize_and_crop(np.asarray(raw["image"]), size)),
-                "caption": np.asarray(str(raw.get("caption", ""))),
-                "key": np.asarray(str(raw.get("key", "")))}
+        return {
+            "image": to_float01(resize_and_crop(np.asarray(raw["image"]), size)),
+            "caption": np.asarray(str(raw.get("caption", ""))),
+            "key": np.asarray(str(raw.get("key", ""))),
+        }
 
-    it = make_iterator(data_config, split, global_batch_size=batch_size, seed=seed, example_fn=example_fn,
-                       train=False, process_index=0, process_count=1)
+    it = make_iterator(
+        data_config,
+        split,
+        global_batch_size=batch_size,
+        seed=seed,
+        example_fn=example_fn,
+        train=False,
+        process_index=0,
+        process_count=1,
+    )
     shards, pending, total = [], {"tokens": [], "captions": [], "keys": []}, 0
 
     def write(final=False):
         while len(pending["tokens"]) >= shard_size or (final and pending["tokens"]):
             n = min(shard_size, len(pending["tokens"]))
             name = f"{split}-{len(shards):05d}.npz"
-            np.savez(os.path.join(out_dir, name), tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
-                     captions=np.asarray(pending["captions"][:n], dtype=str),
-                     keys=np.asarray(pending["keys"][:n], dtype=str))
+            np.savez(
+                os.path.join(out_dir, name),
+                tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
+                captions=np.asarray(pending["captions"][:n], dtype=str),
+                keys=np.asarray(pending["keys"][:n], dtype=str),
+            )
             shards.append(name)
             for k in pending:
                 del pending[k][:n]
@@ -93,16 +120,31 @@ def main(argv):
     except (FileNotFoundError, ValueError) as e:
         app_lib.fail(str(e))
     if int(config.data.image_size) != vae.image_size:
-        print(f"note: config.data.image_size={config.data.image_size} but the dVAE takes "
-              f"{vae.image_size}x{vae.image_size}; images are resized to the dVAE's size", flush=True)
+        print(
+            f"note: config.data.image_size={config.data.image_size} but the dVAE takes "
+            f"{vae.image_size}x{vae.image_size}; images are resized to the dVAE's size",
+            flush=True,
+        )
     os.makedirs(FLAGS.out_dir, exist_ok=True)
-    index = {"grid_size": vae.grid_size, "vocab_size": vae.vocab_size, "image_size": vae.image_size,
-             "dvae_workdir": os.path.abspath(FLAGS.dvae_workdir), "splits": {}}
+    index = {
+        "grid_size": vae.grid_size,
+        "vocab_size": vae.vocab_size,
+        "image_size": vae.image_size,
+        "dvae_workdir": os.path.abspath(FLAGS.dvae_workdir),
+        "splits": {},
+    }
     for split in splits:
         try:
             index["splits"][split] = encode_split(
-                vae, config.data, split, FLAGS.out_dir, shard_size=FLAGS.shard_size,
-                batch_size=FLAGS.batch_size, max_examples=FLAGS.max_examples, seed=int(config.get("seed", 0)))
+                vae,
+                config.data,
+                split,
+                FLAGS.out_dir,
+                shard_size=FLAGS.shard_size,
+                batch_size=FLAGS.batch_size,
+                max_examples=FLAGS.max_examples,
+                seed=int(config.get("seed", 0)),
+            )
         except (FileNotFoundError, ValueError) as e:
             app_lib.fail(f"split {split!r}: {e}")
     with open(os.path.join(FLAGS.out_dir, "index.json"), "w") as f:

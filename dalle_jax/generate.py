@@ -18,6 +18,7 @@ Editing (all with --image PNG, token-grid units; the prompt conditions the new t
 config.json); --force_guidance guides anyway.
 Bad input: one line on stderr, exit code 2.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,13 +46,24 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts_file", default=None, help="one prompt per line; OUT/NNN/ per line")
     p.add_argument("--num_samples", type=int, default=16, help="samples per prompt")
-    p.add_argument("--top_k_rerank", type=int, default=None,
-                   help="keep the K samples CLIP likes best (needs --clip_workdir)")
+    p.add_argument(
+        "--top_k_rerank",
+        type=int,
+        default=None,
+        help="keep the K samples CLIP likes best (needs --clip_workdir)",
+    )
     p.add_argument("--clip_workdir", default=None, help="CLIP workdir for reranking")
-    p.add_argument("--cond_scale", type=float, default=1.0,
-                   help="classifier-free guidance scale; 1 = none (conditional sampling)")
-    p.add_argument("--force_guidance", action="store_true",
-                   help="allow --cond_scale != 1 on a model trained without caption dropout")
+    p.add_argument(
+        "--cond_scale",
+        type=float,
+        default=1.0,
+        help="classifier-free guidance scale; 1 = none (conditional sampling)",
+    )
+    p.add_argument(
+        "--force_guidance",
+        action="store_true",
+        help="allow --cond_scale != 1 on a model trained without caption dropout",
+    )
     p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=0, help="0 = off")
     p.add_argument("--top_p", type=float, default=1.0, help="1 = off")
@@ -63,11 +75,18 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--variations", action="store_true")
     p.add_argument("--dvae_workdir", default=None, help="overrides the DALL-E config's dvae_workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    p.add_argument("--raw_weights", action="store_true",
-                   help="DALL-E, dVAE and CLIP: load the raw trained "
-                        "weights, not their EMA (used by default when a run kept one)")
-    p.add_argument("--mesh", choices=("auto", "none", "data"), default="auto",
-                   help="data = split rows over all devices; auto = data off CPU when >1 device")
+    p.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="DALL-E, dVAE and CLIP: load the raw trained "
+        "weights, not their EMA (used by default when a run kept one)",
+    )
+    p.add_argument(
+        "--mesh",
+        choices=("auto", "none", "data"),
+        default="auto",
+        help="data = split rows over all devices; auto = data off CPU when >1 device",
+    )
     return p
 
 
@@ -128,12 +147,20 @@ def check_args(args) -> tuple[list, str]:
         if not args.clip_workdir:
             raise ValueError("--top_k_rerank needs --clip_workdir (reranking scores samples with CLIP)")
         if not 1 <= args.top_k_rerank <= args.num_samples:
-            raise ValueError(f"--top_k_rerank must be in [1, --num_samples={args.num_samples}], "
-                             f"got {args.top_k_rerank}")
+            raise ValueError(
+                f"--top_k_rerank must be in [1, --num_samples={args.num_samples}], got {args.top_k_rerank}"
+            )
     if args.clip_workdir and prompts == [None]:
         raise ValueError("CLIP reranking needs a prompt; add --prompt or drop --clip_workdir")
-    modes = [m for m, on in (("inpaint", args.inpaint_box is not None), ("variations", args.variations),
-                             ("complete", args.rows_kept is not None and not args.variations)) if on]
+    modes = [
+        m
+        for m, on in (
+            ("inpaint", args.inpaint_box is not None),
+            ("variations", args.variations),
+            ("complete", args.rows_kept is not None and not args.variations),
+        )
+        if on
+    ]
     if len(modes) > 1:
         raise ValueError(f"choose one editing mode, got {' and '.join(modes)}")
     mode = modes[0] if modes else "generate"
@@ -149,8 +176,15 @@ def check_args(args) -> tuple[list, str]:
     return prompts, mode
 
 
-def write_prompt_dir(out_dir: str, prompt, images: np.ndarray, tokens: np.ndarray,
-                     clip_scores: np.ndarray | None, keep: int, meta: dict) -> dict:
+def write_prompt_dir(
+    out_dir: str,
+    prompt,
+    images: np.ndarray,
+    tokens: np.ndarray,
+    clip_scores: np.ndarray | None,
+    keep: int,
+    meta: dict,
+) -> dict:
     """Writes NNN.png best first, grid.png, tokens.npy and scores.json; returns the scores dict."""
 
     os.makedirs(out_dir, exist_ok=True)
@@ -191,11 +225,16 @@ def main(argv=None, *, pipeline=None, clip=None):
 
     try:
         # Before loading: a refused guidance scale should not cost a model load first.
-        check_guidance(pipeline.config if pipeline else read_config(args.workdir), args.cond_scale,
-                       args.force_guidance)
-        pipe = pipeline or Pipeline.load(args.workdir, step=args.step, dvae_workdir=args.dvae_workdir,
-                                         raw_weights=args.raw_weights,
-                                         mesh=default_mesh(args.mesh))
+        check_guidance(
+            pipeline.config if pipeline else read_config(args.workdir), args.cond_scale, args.force_guidance
+        )
+        pipe = pipeline or Pipeline.load(
+            args.workdir,
+            step=args.step,
+            dvae_workdir=args.dvae_workdir,
+            raw_weights=args.raw_weights,
+            mesh=default_mesh(args.mesh),
+        )
         if not args.clip_workdir:
             clip = None
         elif clip is None:
@@ -206,14 +245,20 @@ def main(argv=None, *, pipeline=None, clip=None):
         elif mode in ("complete", "variations"):
             rows = args.rows_kept if args.rows_kept is not None else default_variation_rows(pipe.grid)
             known = sampling.completion_mask(pipe.grid, rows)
-        sample_kwargs = dict(seed=args.seed, batch_size=args.batch_size, temperature=args.temperature,
-                             top_k=args.top_k, top_p=args.top_p,
-                             cond_scale=None if args.cond_scale == 1.0 else args.cond_scale,
-                             force_guidance=args.force_guidance)
+        sample_kwargs = dict(
+            seed=args.seed,
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            cond_scale=None if args.cond_scale == 1.0 else args.cond_scale,
+            force_guidance=args.force_guidance,
+        )
         image_tokens = pipe.encode_images(source[None])[0] if source is not None else None
         start = time.perf_counter()
-        tokens = pipe.generate(prompts, args.num_samples, image_tokens=image_tokens,
-                               known_mask=known, **sample_kwargs)
+        tokens = pipe.generate(
+            prompts, args.num_samples, image_tokens=image_tokens, known_mask=known, **sample_kwargs
+        )
     except (ValueError, FileNotFoundError, KeyError, ConfigError) as e:
         fail(str(e))
     images = pipe.decode(tokens.reshape(-1, pipe.num_image_tokens), args.batch_size)
@@ -224,22 +269,44 @@ def main(argv=None, *, pipeline=None, clip=None):
         clip_scores = rerank.group_scores(clip, images, prompts, batch_size=args.batch_size)
 
     keep = args.top_k_rerank or args.num_samples
-    meta = dict(mode=mode, workdir=args.workdir, dvae_workdir=str(pipe.config.dvae_workdir),
-                clip_workdir=args.clip_workdir,
-                num_samples=args.num_samples, top_k_rerank=args.top_k_rerank,
-                cond_scale=args.cond_scale, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, batch_size=args.batch_size, image=args.image,
-                rows_kept=args.rows_kept, inpaint_box=list(box) if box else None)
+    meta = dict(
+        mode=mode,
+        workdir=args.workdir,
+        dvae_workdir=str(pipe.config.dvae_workdir),
+        clip_workdir=args.clip_workdir,
+        num_samples=args.num_samples,
+        top_k_rerank=args.top_k_rerank,
+        cond_scale=args.cond_scale,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        image=args.image,
+        rows_kept=args.rows_kept,
+        inpaint_box=list(box) if box else None,
+    )
     results = []
     for p, prompt in enumerate(prompts):
         out_dir = args.out_dir if args.prompts_file is None else os.path.join(args.out_dir, f"{p:03d}")
-        results.append(write_prompt_dir(out_dir, prompt, images[p], tokens[p],
-                                        None if clip_scores is None else clip_scores[p], keep, meta))
+        results.append(
+            write_prompt_dir(
+                out_dir,
+                prompt,
+                images[p],
+                tokens[p],
+                None if clip_scores is None else clip_scores[p],
+                keep,
+                meta,
+            )
+        )
     if args.prompts_file is not None:
         with open(os.path.join(args.out_dir, "prompts.json"), "w") as f:
             json.dump({f"{p:03d}": prompt for p, prompt in enumerate(prompts)}, f, indent=1)
-    log(f"{len(prompts) * args.num_samples} samples ({len(prompts)} prompts, {mode}) sampled and "
-        f"decoded in {seconds:.1f} s; wrote {len(prompts) * keep} images to {args.out_dir}")
+    log(
+        f"{len(prompts) * args.num_samples} samples ({len(prompts)} prompts, {mode}) sampled and "
+        f"decoded in {seconds:.1f} s; wrote {len(prompts) * keep} images to {args.out_dir}"
+    )
     return results
 
 

@@ -57,6 +57,7 @@ row r' == r, column = j < i in grid column c' == c, conv = j < i with |r' - r| a
 token) pairs at grid 32 with no path at all (the token predicted at (31, 0) never sees row 0 from
 column 22 on); they exist only to run models trained with them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -93,13 +94,17 @@ def layer_kinds(pattern: str, num_layers: int) -> tuple[str, ...]:
     kinds = tuple(k.strip() for k in pattern.split(","))
     bad = [k for k in kinds if k not in KINDS]
     if bad:
-        raise ValueError(f"model.attention_pattern={pattern!r}: unknown mask kind(s) {bad}; "
-                         f"use 'paper' or kinds from {KINDS}")
+        raise ValueError(
+            f"model.attention_pattern={pattern!r}: unknown mask kind(s) {bad}; "
+            f"use 'paper' or kinds from {KINDS}"
+        )
     if len(kinds) == 1:
         return kinds * num_layers
     if len(kinds) != num_layers:
-        raise ValueError(f"model.attention_pattern={pattern!r} lists {len(kinds)} kinds but the "
-                         f"model has num_layers={num_layers}")
+        raise ValueError(
+            f"model.attention_pattern={pattern!r} lists {len(kinds)} kinds but the "
+            f"model has num_layers={num_layers}"
+        )
     return kinds
 
 
@@ -126,8 +131,9 @@ def _legacy_related(kind: str, p, q, text_len: int, grid: int, conv_kernel: int)
     return (np.abs(i // grid - j // grid) <= half) & (np.abs(i % grid - j % grid) <= half)
 
 
-def stream_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11,
-                legacy: bool = False) -> np.ndarray:
+def stream_mask(
+    kind: str, text_len: int, grid: int, conv_kernel: int = 11, legacy: bool = False
+) -> np.ndarray:
     """bool [T, T]: mask[p, q] is True when the query at position p may read the key at q."""
     if kind not in KINDS:
         raise ValueError(f"unknown attention mask kind {kind!r}; choose from {KINDS}")
@@ -150,8 +156,9 @@ def stream_mask(kind: str, text_len: int, grid: int, conv_kernel: int = 11,
 
 
 @functools.lru_cache(maxsize=16)
-def mask_table(kinds: tuple[str, ...], text_len: int, grid: int, conv_kernel: int,
-               legacy: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def mask_table(
+    kinds: tuple[str, ...], text_len: int, grid: int, conv_kernel: int, legacy: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(masks bool [K, T, T] for the K distinct kinds in `kinds`, index int32 [num_layers]).
 
     Layer l uses masks[index[l]]; only the kinds the model uses are built, so the table stays small
@@ -170,6 +177,7 @@ def mask_table(kinds: tuple[str, ...], text_len: int, grid: int, conv_kernel: in
 # current masks would give wrong samples and losses without any error, so every path that loads a
 # DALL-E workdir's params goes through one of the two checks below.
 
+
 def _uses_sparse_masks(model) -> bool:
     kinds = layer_kinds(str(model.attention_pattern), int(model.num_layers))
     return any(k in SPARSE_KINDS for k in kinds)
@@ -186,10 +194,12 @@ def recorded_legacy_masks(model, workdir: str | None = None) -> bool:
     if not _uses_sparse_masks(model):
         return False
     where = f"{workdir}/config.json" if workdir else "the config"
-    raise ConfigError(f"{where} has no model.legacy_masks: it was written before the row/column/conv "
-                      f"attention masks were fixed and its model trained with the old ones; add "
-                      f"\"legacy_masks\": true to the \"model\" section of {where} to run it with "
-                      f"them, or retrain it")
+    raise ConfigError(
+        f"{where} has no model.legacy_masks: it was written before the row/column/conv "
+        f"attention masks were fixed and its model trained with the old ones; add "
+        f'"legacy_masks": true to the "model" section of {where} to run it with '
+        f"them, or retrain it"
+    )
 
 
 def check_trained_masks(run_config, recorded, source: str) -> None:
@@ -205,6 +215,8 @@ def check_trained_masks(run_config, recorded, source: str) -> None:
     trained = True if trained is None else bool(trained)  # no key: recorded before the fix
     if trained != bool(run_config.model.get("legacy_masks", False)):
         which = "old (legacy)" if trained else "current"
-        raise ConfigError(f"the params in {source} were trained with the {which} row/column/conv "
-                          f"attention masks; rerun with --config.model.legacy_masks={trained}, or "
-                          f"retrain from scratch in a new --workdir")
+        raise ConfigError(
+            f"the params in {source} were trained with the {which} row/column/conv "
+            f"attention masks; rerun with --config.model.legacy_masks={trained}, or "
+            f"retrain from scratch in a new --workdir"
+        )

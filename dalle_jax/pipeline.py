@@ -9,6 +9,7 @@ sampler `batch_size` rows at a time; the last chunk is padded to the same size s
 serves the whole call. Chunk c uses `fold_in(key(seed), c)`, so results are a function of
 (seed, batch_size) and of nothing else (not of how many prompts came before in the same run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -46,10 +47,14 @@ def load_tokenizer(config, workdir: str):
         if not path or not os.path.isfile(path):
             raise FileNotFoundError(
                 f"{workdir} holds no tokenizer/merges.txt (written by the DALL-E trainer) and "
-                f"config.text.merges_file={path!r} is not a file")
+                f"config.text.merges_file={path!r} is not a file"
+            )
     tokenizer = BPETokenizer.from_merges(
-        path, context_length=int(config.text.context_length), pad_mode="per_position",
-        max_merges=config.text.get("max_merges", None))
+        path,
+        context_length=int(config.text.context_length),
+        pad_mode="per_position",
+        max_merges=config.text.get("max_merges", None),
+    )
     resolve_text_vocab(config, tokenizer)  # same checks as training; fills text_vocab_size 0
     return tokenizer
 
@@ -64,11 +69,16 @@ def check_guidance(config, cond_scale, force: bool = False) -> None:
         return
     dropout = config.get("model", {}).get("caption_dropout", None)
     if dropout is None or float(dropout) <= 0:
-        said = "does not record model.caption_dropout" if dropout is None else \
-            f"has model.caption_dropout={float(dropout):g}"
-        raise ConfigError(f"cond_scale={float(cond_scale):g} needs a model trained with caption "
-                          f"dropout but its config.json {said}; sample with cond_scale 1, or pass "
-                          f"--force_guidance (force_guidance=True) to guide anyway")
+        said = (
+            "does not record model.caption_dropout"
+            if dropout is None
+            else f"has model.caption_dropout={float(dropout):g}"
+        )
+        raise ConfigError(
+            f"cond_scale={float(cond_scale):g} needs a model trained with caption "
+            f"dropout but its config.json {said}; sample with cond_scale 1, or pass "
+            f"--force_guidance (force_guidance=True) to guide anyway"
+        )
 
 
 def _param_shardings(cfg: DalleConfig, mesh):
@@ -79,16 +89,24 @@ def _param_shardings(cfg: DalleConfig, mesh):
 @dataclasses.dataclass
 class Pipeline:
     workdir: str
-    config: Any              # the DALL-E run config (config.json)
+    config: Any  # the DALL-E run config (config.json)
     cfg: DalleConfig
-    params: Any              # unboxed transformer params
-    tokenizer: Any           # BPETokenizer, per-position pads
-    dvae: Any                # dalle_jax.dvae_api.DVAE
-    mesh: Any = None         # jax Mesh: rows are split over (data, fsdp); None = one device
+    params: Any  # unboxed transformer params
+    tokenizer: Any  # BPETokenizer, per-position pads
+    dvae: Any  # dalle_jax.dvae_api.DVAE
+    mesh: Any = None  # jax Mesh: rows are split over (data, fsdp); None = one device
 
     @classmethod
-    def load(cls, workdir: str, *, step: int | None = None, dvae_workdir: str | None = None,
-             mesh=None, unroll_layers: bool | None = None, raw_weights: bool = False) -> "Pipeline":
+    def load(
+        cls,
+        workdir: str,
+        *,
+        step: int | None = None,
+        dvae_workdir: str | None = None,
+        mesh=None,
+        unroll_layers: bool | None = None,
+        raw_weights: bool = False,
+    ) -> "Pipeline":
         """Loads the newest (or `step`) params; the dVAE from `dvae_workdir`, else the one attached
         by dalle_jax.attach_decoder (WORKDIR/decoder.json), else the run config's.
 
@@ -110,11 +128,16 @@ class Pipeline:
         attached = None if dvae_workdir or not trained_with else attached_dvae(workdir, trained_with)
         dvae_dir = dvae_workdir or attached or trained_with
         if not dvae_dir:
-            raise ValueError(f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
-                             f"explicitly (--dvae_workdir)")
+            raise ValueError(
+                f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
+                f"explicitly (--dvae_workdir)"
+            )
         if not os.path.isdir(dvae_dir) and "://" not in dvae_dir:
-            source = "--dvae_workdir" if dvae_workdir else \
-                f"{workdir}/{'decoder.json' if attached else 'config.json'}; override with --dvae_workdir"
+            source = (
+                "--dvae_workdir"
+                if dvae_workdir
+                else f"{workdir}/{'decoder.json' if attached else 'config.json'}; override with --dvae_workdir"
+            )
             raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {source})")
         config.dvae_workdir = dvae_dir
         dvae = load_dvae(config, cfg, raw_weights)  # checks the grid and codebook against the model
@@ -163,17 +186,27 @@ class Pipeline:
         chunk = min(batch_size, len(tokens))
         out = []
         for start in range(0, len(tokens), chunk):
-            part = tokens[start:start + chunk]
+            part = tokens[start : start + chunk]
             padded = np.concatenate([part, np.repeat(part[-1:], chunk - len(part), 0)])
-            out.append(np.asarray(self.dvae.decode(padded))[:len(part)])
+            out.append(np.asarray(self.dvae.decode(padded))[: len(part)])
         return np.concatenate(out).astype(np.uint8)
 
     # ------------------------------------------------------------------ sampling
 
-    def sample_rows(self, text: np.ndarray, *, seed: int = 0, batch_size: int = 64,
-                    prefix_tokens: np.ndarray | None = None, known_mask: np.ndarray | None = None,
-                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                    cond_scale: float | None = None, force_guidance: bool = False) -> np.ndarray:
+    def sample_rows(
+        self,
+        text: np.ndarray,
+        *,
+        seed: int = 0,
+        batch_size: int = 64,
+        prefix_tokens: np.ndarray | None = None,
+        known_mask: np.ndarray | None = None,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cond_scale: float | None = None,
+        force_guidance: bool = False,
+    ) -> np.ndarray:
         """int32 [R, n_image]: one sample per text row (int [R, text_len]).
 
         prefix_tokens [R, n] with known_mask [n] (True = keep) turns on completion / inpainting.
@@ -195,13 +228,23 @@ class Pipeline:
         key = jax.random.key(int(seed))
         out = []
         for c, start in enumerate(range(0, rows, chunk)):
-            part = _pad_to(text[start:start + chunk], chunk)
-            prefix = None if prefix_tokens is None else _pad_to(
-                np.asarray(prefix_tokens[start:start + chunk], np.int32), chunk)
+            part = _pad_to(text[start : start + chunk], chunk)
+            prefix = (
+                None
+                if prefix_tokens is None
+                else _pad_to(np.asarray(prefix_tokens[start : start + chunk], np.int32), chunk)
+            )
             tokens = self._sample_chunk(
-                part, jax.random.fold_in(key, c), prefix=prefix, known=known,
-                temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
-            out.append(tokens[:min(chunk, rows - start)])
+                part,
+                jax.random.fold_in(key, c),
+                prefix=prefix,
+                known=known,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                cond_scale=cond_scale,
+            )
+            out.append(tokens[: min(chunk, rows - start)])
         return np.concatenate(out)
 
     def _sample_chunk(self, text, rng, *, prefix, known, **kwargs) -> np.ndarray:
@@ -214,8 +257,9 @@ class Pipeline:
             tokens = sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs)
         return np.asarray(jax.device_get(tokens))
 
-    def generate(self, prompts: Sequence[str | None], num_samples: int, *, image_tokens=None,
-                 known_mask=None, **kwargs) -> np.ndarray:
+    def generate(
+        self, prompts: Sequence[str | None], num_samples: int, *, image_tokens=None, known_mask=None, **kwargs
+    ) -> np.ndarray:
         """int32 [P, num_samples, n_image]: `num_samples` samples of every prompt, all prompts in
         the same batches. `image_tokens` ([n] for all prompts, or [P, n]) with `known_mask` [n]
         keeps the known tokens (see `completion_mask` / `rectangle_mask`). kwargs: sample_rows'."""
@@ -243,8 +287,7 @@ class Pipeline:
         mask = sampling.rectangle_mask(self.grid, *box)
         return self.generate(prompts, num_samples, image_tokens=image_tokens, known_mask=mask, **kwargs)
 
-    def variations(self, prompts, image_tokens, num_samples: int, rows_kept: int | None = None,
-                   **kwargs):
+    def variations(self, prompts, image_tokens, num_samples: int, rows_kept: int | None = None, **kwargs):
         """Variations of an image: its first `rows_kept` rows (default `default_variation_rows`)
         kept, the rest resampled with the prompt (None = the unconditional caption)."""
         rows = default_variation_rows(self.grid) if rows_kept is None else rows_kept
@@ -275,7 +318,8 @@ def default_mesh(choice: str = "auto"):
     with more than one device (fake CPU devices share the same cores: no gain there)."""
     if choice not in ("auto", "none", "data"):
         raise ValueError(f"mesh must be auto, none or data, got {choice!r}")
-    if choice == "none" or (choice == "auto" and (jax.device_count() == 1
-                                                  or jax.devices()[0].platform == "cpu")):
+    if choice == "none" or (
+        choice == "auto" and (jax.device_count() == 1 or jax.devices()[0].platform == "cpu")
+    ):
         return None
     return data_parallel_mesh()

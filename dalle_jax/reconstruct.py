@@ -8,6 +8,7 @@ inputs share a stem the full name is kept, foo.jpg -> foo.jpg.png). PSNR compare
 with the resized/cropped input. Unreadable files are skipped and counted; an empty folder is an
 error (exit 2).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,24 +28,31 @@ flags.DEFINE_string("workdir", None, "dVAE workdir (from train_dvae or convert_d
 flags.DEFINE_string("input_dir", None, "Folder of PNG/JPEG images.")
 flags.DEFINE_string("out_dir", None, "Where reconstructions are written (created if missing).")
 flags.DEFINE_integer("batch_size", 16, "Images per encode/decode call.")
-flags.DEFINE_bool("raw_weights", False, "Load the raw trained weights, not their EMA (used by "
-                  "default when the run kept one).")
+flags.DEFINE_bool(
+    "raw_weights",
+    False,
+    "Load the raw trained weights, not their EMA (used by default when the run kept one).",
+)
 FLAGS = flags.FLAGS
 
 
 def list_images(input_dir: str) -> list[str]:
     if not os.path.isdir(input_dir):
         raise FileNotFoundError(f"--input_dir {input_dir} is not a directory")
-    return sorted(f for f in os.listdir(input_dir)
-                  if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(input_dir, f)))
+    return sorted(
+        f
+        for f in os.listdir(input_dir)
+        if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(input_dir, f))
+    )
 
 
 def output_names(files: list[str]) -> dict[str, str]:
     stems = {}
     for f in files:
         stems.setdefault(os.path.splitext(f)[0], []).append(f)
-    return {f: (os.path.splitext(f)[0] if len(stems[os.path.splitext(f)[0]]) == 1 else f) + ".png"
-            for f in files}
+    return {
+        f: (os.path.splitext(f)[0] if len(stems[os.path.splitext(f)[0]]) == 1 else f) + ".png" for f in files
+    }
 
 
 def read_image(path: str, size: int) -> np.ndarray:
@@ -93,7 +101,9 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
             flush()
     flush()
     if not scores:
-        raise FileNotFoundError(f"--input_dir {input_dir}: none of its {len(files)} image files could be read")
+        raise FileNotFoundError(
+            f"--input_dir {input_dir}: none of its {len(files)} image files could be read"
+        )
     return {"written": len(scores), "skipped": skipped, "mean_psnr": float(np.mean(scores))}
 
 
@@ -114,8 +124,11 @@ def main(argv):
         result = reconstruct_folder(vae, FLAGS.input_dir, FLAGS.out_dir, FLAGS.batch_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
-    print(f"reconstructed {result['written']} images into {FLAGS.out_dir} "
-          f"({result['skipped']} skipped); mean PSNR {result['mean_psnr']:.2f} dB", flush=True)
+    print(
+        f"reconstructed {result['written']} images into {FLAGS.out_dir} "
+        f"({result['skipped']} skipped); mean PSNR {result['mean_psnr']:.2f} dB",
+        flush=True,
+    )
     sys.stdout.flush()
 
 

@@ -7,6 +7,7 @@
 `CLIPModel` (clip_jax/api.py) returns L2-normalised embeddings, so the dot product is the cosine.
 For many prompts at once, `group_scores` embeds every image and every prompt once.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -25,8 +26,7 @@ def group_scores(clip, images: np.ndarray, prompts: Sequence[str], batch_size: i
     """float32 [P, S]: images uint8 [P, S, H, W, 3] scored against prompt p of their group."""
     images = np.asarray(images)
     if images.ndim != 5 or len(images) != len(prompts):
-        raise ValueError(f"expected images [P, S, H, W, 3] for {len(prompts)} prompts, got "
-                         f"{images.shape}")
+        raise ValueError(f"expected images [P, S, H, W, 3] for {len(prompts)} prompts, got {images.shape}")
     p, s = images.shape[:2]
     image_emb = clip.embed_images(images.reshape((p * s,) + images.shape[2:]), batch_size=batch_size)
     text_emb = clip.embed_texts(list(prompts))

@@ -18,6 +18,7 @@ Classifier-free guidance (cond_scale s): one forward pass per step over 2B rows 
 the all-pad caption), logits = uncond + s * (cond - uncond), computed as
 cond + (s - 1) * (cond - uncond) so that s = 1 reproduces the conditional logits bit for bit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,11 +27,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dalle_jax.transformer import (MAX_UNROLLED_LAYERS, DalleConfig, DalleTransformer, input_stream,
-                                   unconditional_text, unscan_params)
+from dalle_jax.transformer import (
+    MAX_UNROLLED_LAYERS,
+    DalleConfig,
+    DalleTransformer,
+    input_stream,
+    unconditional_text,
+    unscan_params,
+)
 
 
 # ----------------------------------------------------------------------------- logits processing
+
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
     """Sets logits outside the top-k and outside the top-p nucleus to -inf ([..., V] float).
@@ -60,9 +68,24 @@ def guided_logits(cond: jax.Array, uncond: jax.Array, scale) -> jax.Array:
 
 # ----------------------------------------------------------------------------- the jitted loops
 
+
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k", "top_p", "greedy", "guided", "use_cache"))
-def _sample_jit(params, text, rng, temperature, cond_scale, given, known, *, cfg: DalleConfig,
-                top_k: int, top_p: float, greedy: bool, guided: bool, use_cache: bool):
+def _sample_jit(
+    params,
+    text,
+    rng,
+    temperature,
+    cond_scale,
+    given,
+    known,
+    *,
+    cfg: DalleConfig,
+    top_k: int,
+    top_p: float,
+    greedy: bool,
+    guided: bool,
+    use_cache: bool,
+):
     batch, lt, n = text.shape[0], cfg.text_len, cfg.num_image_tokens
     if guided:  # rows [0, B) conditional, [B, 2B) unconditional
         text = jnp.concatenate([text, unconditional_text(cfg, batch)], 0)
@@ -104,8 +127,13 @@ def _sample_jit(params, text, rng, temperature, cond_scale, given, known, *, cfg
     def step(i, carry):
         cache, logits, tokens = carry
         tok = pick(i, logits)
-        out, variables = model.apply({"params": params, "cache": cache}, rows(tok)[:, None],
-                                     lt + 1 + i, heads="image", mutable=["cache"])
+        out, variables = model.apply(
+            {"params": params, "cache": cache},
+            rows(tok)[:, None],
+            lt + 1 + i,
+            heads="image",
+            mutable=["cache"],
+        )
         return variables["cache"], out[:, 0], tokens.at[:, i].set(tok)
 
     carry = (variables["cache"], logits[:, -1], tokens)
@@ -115,13 +143,15 @@ def _sample_jit(params, text, rng, temperature, cond_scale, given, known, *, cfg
 
 # ----------------------------------------------------------------------------- public API
 
+
 def _as_config(model_config) -> DalleConfig:
     if isinstance(model_config, DalleConfig):
         return model_config
     if hasattr(model_config, "model"):
         return DalleConfig.from_config(model_config)
-    raise TypeError(f"model_config must be a DalleConfig or a run config with .model, "
-                    f"got {type(model_config).__name__}")
+    raise TypeError(
+        f"model_config must be a DalleConfig or a run config with .model, got {type(model_config).__name__}"
+    )
 
 
 def _is_concrete(x) -> bool:
@@ -146,13 +176,27 @@ def _per_row(name, x, batch, cfg, dtype):
     elif shape in ((batch, n), (batch, g, g)):
         x = x.reshape(batch, n)
     else:
-        raise ValueError(f"{name} has shape {shape}; expected [{n}], [{g}, {g}], [{batch}, {n}] or "
-                         f"[{batch}, {g}, {g}] for a {g}x{g} image grid and batch {batch}")
+        raise ValueError(
+            f"{name} has shape {shape}; expected [{n}], [{g}, {g}], [{batch}, {n}] or "
+            f"[{batch}, {g}, {g}] for a {g}x{g} image grid and batch {batch}"
+        )
     return x.astype(dtype)
 
 
-def _run(params, model_config, text_tokens, *, rng, temperature, top_k, top_p, cond_scale,
-         prefix_image_tokens, known_mask, use_cache):
+def _run(
+    params,
+    model_config,
+    text_tokens,
+    *,
+    rng,
+    temperature,
+    top_k,
+    top_p,
+    cond_scale,
+    prefix_image_tokens,
+    known_mask,
+    use_cache,
+):
     cfg = _as_config(model_config)
     text = text_tokens if isinstance(text_tokens, jax.Array) else np.asarray(text_tokens)
     if text.ndim != 2 or text.shape[1] != cfg.text_len:
@@ -168,8 +212,10 @@ def _run(params, model_config, text_tokens, *, rng, temperature, top_k, top_p, c
     if not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
     if (prefix_image_tokens is None) != (known_mask is None):
-        raise ValueError("prefix_image_tokens and known_mask go together: the mask says which of the "
-                         "given tokens to keep (see completion_mask / rectangle_mask)")
+        raise ValueError(
+            "prefix_image_tokens and known_mask go together: the mask says which of the "
+            "given tokens to keep (see completion_mask / rectangle_mask)"
+        )
     if prefix_image_tokens is None:
         given = np.zeros((batch, cfg.num_image_tokens), np.int32)
         known = np.zeros((batch, cfg.num_image_tokens), bool)
@@ -178,14 +224,35 @@ def _run(params, model_config, text_tokens, *, rng, temperature, top_k, top_p, c
         _check_range("prefix_image_tokens", given, cfg.image_vocab_size)
         known = _per_row("known_mask", known_mask, batch, cfg, bool)
     return _sample_jit(
-        params, text.astype(jnp.int32), rng, jnp.float32(max(temperature, 1e-6)),
-        jnp.float32(1.0 if cond_scale is None else cond_scale), given, known, cfg=cfg,
-        top_k=int(top_k), top_p=float(top_p), greedy=temperature == 0,
-        guided=cond_scale is not None, use_cache=use_cache)
+        params,
+        text.astype(jnp.int32),
+        rng,
+        jnp.float32(max(temperature, 1e-6)),
+        jnp.float32(1.0 if cond_scale is None else cond_scale),
+        given,
+        known,
+        cfg=cfg,
+        top_k=int(top_k),
+        top_p=float(top_p),
+        greedy=temperature == 0,
+        guided=cond_scale is not None,
+        use_cache=use_cache,
+    )
 
 
-def sample(params, model_config, text_tokens, *, rng, temperature=1.0, top_k=0, top_p=1.0,
-           cond_scale=None, prefix_image_tokens=None, known_mask=None) -> jax.Array:
+def sample(
+    params,
+    model_config,
+    text_tokens,
+    *,
+    rng,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    cond_scale=None,
+    prefix_image_tokens=None,
+    known_mask=None,
+) -> jax.Array:
     """Image tokens int32 [B, n_image] (row-major grid) for text_tokens int [B, text_len].
 
     params: unboxed params (sharded or not; the batch is split like training when run under
@@ -197,17 +264,48 @@ def sample(params, model_config, text_tokens, *, rng, temperature=1.0, top_k=0, 
       (bool, same layouts): True positions are kept as given and teacher-forced.
     Each row gets its own random stream, step i of every call uses fold_in(rng, i).
     """
-    return _run(params, model_config, text_tokens, rng=rng, temperature=temperature, top_k=top_k,
-                top_p=top_p, cond_scale=cond_scale, prefix_image_tokens=prefix_image_tokens,
-                known_mask=known_mask, use_cache=True)
+    return _run(
+        params,
+        model_config,
+        text_tokens,
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cond_scale=cond_scale,
+        prefix_image_tokens=prefix_image_tokens,
+        known_mask=known_mask,
+        use_cache=True,
+    )
 
 
-def sample_no_cache(params, model_config, text_tokens, *, rng, temperature=1.0, top_k=0, top_p=1.0,
-                    cond_scale=None, prefix_image_tokens=None, known_mask=None) -> jax.Array:
+def sample_no_cache(
+    params,
+    model_config,
+    text_tokens,
+    *,
+    rng,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    cond_scale=None,
+    prefix_image_tokens=None,
+    known_mask=None,
+) -> jax.Array:
     """`sample` recomputing the whole stream at every step (the reference; ~n times slower)."""
-    return _run(params, model_config, text_tokens, rng=rng, temperature=temperature, top_k=top_k,
-                top_p=top_p, cond_scale=cond_scale, prefix_image_tokens=prefix_image_tokens,
-                known_mask=known_mask, use_cache=False)
+    return _run(
+        params,
+        model_config,
+        text_tokens,
+        rng=rng,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        cond_scale=cond_scale,
+        prefix_image_tokens=prefix_image_tokens,
+        known_mask=known_mask,
+        use_cache=False,
+    )
 
 
 def completion_mask(grid: int, rows_kept: int) -> np.ndarray:
@@ -220,26 +318,40 @@ def completion_mask(grid: int, rows_kept: int) -> np.ndarray:
 def rectangle_mask(grid: int, top: int, left: int, height: int, width: int) -> np.ndarray:
     """bool [grid*grid]: False inside the rectangle (regenerated), True outside (kept)."""
     if height <= 0 or width <= 0 or top < 0 or left < 0 or top + height > grid or left + width > grid:
-        raise ValueError(f"rectangle top={top} left={left} height={height} width={width} does not "
-                         f"fit a {grid}x{grid} token grid")
+        raise ValueError(
+            f"rectangle top={top} left={left} height={height} width={width} does not "
+            f"fit a {grid}x{grid} token grid"
+        )
     inside = np.zeros((grid, grid), bool)
-    inside[top:top + height, left:left + width] = True
+    inside[top : top + height, left : left + width] = True
     return ~inside.reshape(-1)
 
 
 def complete(params, model_config, text_tokens, image_tokens, rows_kept: int, **kwargs):
     """Keeps the first `rows_kept` token rows of each image and regenerates the rest."""
     cfg = _as_config(model_config)
-    return sample(params, cfg, text_tokens, prefix_image_tokens=image_tokens,
-                  known_mask=completion_mask(cfg.image_grid, rows_kept), **kwargs)
+    return sample(
+        params,
+        cfg,
+        text_tokens,
+        prefix_image_tokens=image_tokens,
+        known_mask=completion_mask(cfg.image_grid, rows_kept),
+        **kwargs,
+    )
 
 
 def inpaint(params, model_config, text_tokens, image_tokens, box, **kwargs):
     """Regenerates the tokens inside box = (top, left, height, width) (token-grid units), in raster
     order, conditioned on the tokens before each one (see the module docstring)."""
     cfg = _as_config(model_config)
-    return sample(params, cfg, text_tokens, prefix_image_tokens=image_tokens,
-                  known_mask=rectangle_mask(cfg.image_grid, *box), **kwargs)
+    return sample(
+        params,
+        cfg,
+        text_tokens,
+        prefix_image_tokens=image_tokens,
+        known_mask=rectangle_mask(cfg.image_grid, *box),
+        **kwargs,
+    )
 
 
 def variations(params, model_config, text_tokens, image_tokens, *, num: int, rows_kept: int, **kwargs):

@@ -1,4 +1,5 @@
 """Trains the DALL-E transformer: python -m dalle_jax.train --config configs/dalle_shapes.py --workdir DIR"""
+
 from core_jax.app import run_trainer
 from dalle_jax.dalle_task import make_task
 

@@ -1,4 +1,5 @@
 """Train the dVAE: `python -m dalle_jax.train_dvae --config configs/dvae_shapes.py --workdir W`."""
+
 from core_jax.app import run_trainer
 from dalle_jax.dvae_task import make_task
 

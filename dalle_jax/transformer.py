@@ -11,6 +11,7 @@ text position (`vocab + i`, the DALL-E paper's per-position padding), hence `tot
 positions at `start` and attends over the whole cache with the mask rows of those positions, so
 prefill (start=0, S=text_len+1) and one-token steps are the same code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,13 +26,15 @@ from core_jax.layers import MLP, Attention, LayerNorm, normal, param
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 from dalle_jax import masks as masks_lib
 
+
 @dataclasses.dataclass(frozen=True)
 class DalleConfig:
     """Everything that fixes the model's shapes and computation (hashable: a static jit argument)."""
+
     text_len: int
-    text_vocab_size: int      # BPE vocab without the per-position pad ids
-    image_grid: int           # the dVAE grid side: n_image = image_grid ** 2
-    image_vocab_size: int     # dVAE codebook size
+    text_vocab_size: int  # BPE vocab without the per-position pad ids
+    image_grid: int  # the dVAE grid side: n_image = image_grid ** 2
+    image_vocab_size: int  # dVAE codebook size
     d_model: int
     num_heads: int
     head_dim: int
@@ -46,8 +49,17 @@ class DalleConfig:
     scan_unroll: int = 1
 
     def __post_init__(self):
-        for name in ("text_len", "text_vocab_size", "image_grid", "image_vocab_size", "d_model",
-                     "num_heads", "head_dim", "num_layers", "mlp_dim"):
+        for name in (
+            "text_len",
+            "text_vocab_size",
+            "image_grid",
+            "image_vocab_size",
+            "d_model",
+            "num_heads",
+            "head_dim",
+            "num_layers",
+            "mlp_dim",
+        ):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"model.{name} must be positive, got {getattr(self, name)}")
         if len(self.layer_kinds) != self.num_layers:
@@ -62,7 +74,7 @@ class DalleConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        return self.image_grid ** 2
+        return self.image_grid**2
 
     @property
     def seq_len(self) -> int:
@@ -74,16 +86,23 @@ class DalleConfig:
         `workdir`: where a recorded config.json came from, named if its masks cannot be told."""
         m = config.model
         return cls(
-            text_len=int(m.text_len), text_vocab_size=int(m.text_vocab_size),
-            image_grid=int(m.image_grid), image_vocab_size=int(m.image_vocab_size),
-            d_model=int(m.d_model), num_heads=int(m.num_heads), head_dim=int(m.head_dim),
-            num_layers=int(m.num_layers), mlp_dim=int(m.mlp_dim),
+            text_len=int(m.text_len),
+            text_vocab_size=int(m.text_vocab_size),
+            image_grid=int(m.image_grid),
+            image_vocab_size=int(m.image_vocab_size),
+            d_model=int(m.d_model),
+            num_heads=int(m.num_heads),
+            head_dim=int(m.head_dim),
+            num_layers=int(m.num_layers),
+            mlp_dim=int(m.mlp_dim),
             layer_kinds=masks_lib.layer_kinds(m.attention_pattern, int(m.num_layers)),
             conv_kernel=int(m.conv_kernel),
             legacy_masks=masks_lib.recorded_legacy_masks(m, workdir),
             dtype=str(config.compute_dtype),
-            scan_layers=bool(config.scan_layers), remat=str(config.remat),
-            scan_unroll=int(config.get("scan_unroll", 1)))  # absent in older workdirs' configs
+            scan_layers=bool(config.scan_layers),
+            remat=str(config.remat),
+            scan_unroll=int(config.get("scan_unroll", 1)),
+        )  # absent in older workdirs' configs
 
     def replace(self, **changes) -> "DalleConfig":
         return dataclasses.replace(self, **changes)
@@ -103,6 +122,7 @@ def unconditional_text(cfg: DalleConfig, batch: int) -> jax.Array:
 
 class Block(nn.Module):
     """Pre-LayerNorm attention + MLP; `kind` (int32 scalar) picks this layer's mask."""
+
     cfg: DalleConfig
     decode: bool = False
 
@@ -111,16 +131,28 @@ class Block(nn.Module):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         names = ("act_batch", "act_length", "act_embed")
         depth = math.sqrt(2 * cfg.num_layers)  # residual-branch outputs start smaller in deep stacks
-        attn = Attention(num_heads=cfg.num_heads, head_dim=cfg.head_dim, names=("query", "key", "value"),
-                         in_std=1.0 / math.sqrt(cfg.d_model),
-                         out_std=1.0 / math.sqrt(cfg.num_heads * cfg.head_dim) / depth,
-                         float32_logits=True, cache_length=cfg.seq_len if self.decode else 0,
-                         dtype=dtype, name="attn")
+        attn = Attention(
+            num_heads=cfg.num_heads,
+            head_dim=cfg.head_dim,
+            names=("query", "key", "value"),
+            in_std=1.0 / math.sqrt(cfg.d_model),
+            out_std=1.0 / math.sqrt(cfg.num_heads * cfg.head_dim) / depth,
+            float32_logits=True,
+            cache_length=cfg.seq_len if self.decode else 0,
+            dtype=dtype,
+            name="attn",
+        )
         x = x + attn(LayerNorm(dtype, name="ln_attn")(x), mask_table[kind], start)
         x = constrain(x, names)
-        mlp = MLP(mlp_dim=cfg.mlp_dim, activation="gelu_tanh", names=("in", "out"),
-                  in_std=1.0 / math.sqrt(cfg.d_model),
-                  out_std=1.0 / math.sqrt(cfg.mlp_dim) / depth, dtype=dtype, name="mlp")
+        mlp = MLP(
+            mlp_dim=cfg.mlp_dim,
+            activation="gelu_tanh",
+            names=("in", "out"),
+            in_std=1.0 / math.sqrt(cfg.d_model),
+            out_std=1.0 / math.sqrt(cfg.mlp_dim) / depth,
+            dtype=dtype,
+            name="mlp",
+        )
         x = x + mlp(LayerNorm(dtype, name="ln_mlp")(x))
         return constrain(x, names)
 
@@ -133,6 +165,7 @@ class DalleTransformer(nn.Module):
     heads='image': image-head logits [B, S, image_vocab] at every given position (sampling).
     Logits are float32.
     """
+
     cfg: DalleConfig
     decode: bool = False
 
@@ -154,8 +187,9 @@ class DalleTransformer(nn.Module):
         tok = jnp.where(is_text, text_tok, image_tok)
         tok = jnp.where((pos == 0)[None, :, None], bos, tok)
         held = jnp.clip(pos - lt - 1, 0, cfg.num_image_tokens - 1)  # image token a position holds
-        position = jnp.where(is_text[0], text_pos[jnp.clip(pos, 0, lt)],
-                             row_pos[held // grid] + col_pos[held % grid])
+        position = jnp.where(
+            is_text[0], text_pos[jnp.clip(pos, 0, lt)], row_pos[held // grid] + col_pos[held % grid]
+        )
         x = (tok + position[None]).astype(dtype)
         return constrain(x, ("act_batch", "act_length", "act_embed"))
 
@@ -169,25 +203,38 @@ class DalleTransformer(nn.Module):
     def __call__(self, stream_ids, start=0, heads="split"):
         cfg = self.cfg
         if not self.decode and not (isinstance(start, int) and start == 0):
-            raise ValueError("without decode the call covers the stream from position 0; start "
-                             f"must be the int 0, got {start!r}")
+            raise ValueError(
+                "without decode the call covers the stream from position 0; start "
+                f"must be the int 0, got {start!r}"
+            )
         if heads not in ("split", "image"):
             raise ValueError(f"heads must be 'split' or 'image', got {heads!r}")
         if heads == "split" and stream_ids.shape[1] != cfg.seq_len:
-            raise ValueError(f"heads='split' needs the whole stream of {cfg.seq_len} positions, "
-                             f"got {stream_ids.shape[1]}")
-        table, index = masks_lib.mask_table(cfg.layer_kinds, cfg.text_len, cfg.image_grid,
-                                            cfg.conv_kernel, cfg.legacy_masks)
+            raise ValueError(
+                f"heads='split' needs the whole stream of {cfg.seq_len} positions, got {stream_ids.shape[1]}"
+            )
+        table, index = masks_lib.mask_table(
+            cfg.layer_kinds, cfg.text_len, cfg.image_grid, cfg.conv_kernel, cfg.legacy_masks
+        )
         x = self._embed(stream_ids, start)
-        stack = layer_stack(Block, cfg.num_layers, scan=cfg.scan_layers, unroll=cfg.scan_unroll,
-                            remat="none" if self.decode else cfg.remat, per_layer_argnums=(1,),
-                            cfg=cfg, decode=self.decode)
+        stack = layer_stack(
+            Block,
+            cfg.num_layers,
+            scan=cfg.scan_layers,
+            unroll=cfg.scan_unroll,
+            remat="none" if self.decode else cfg.remat,
+            per_layer_argnums=(1,),
+            cfg=cfg,
+            decode=self.decode,
+        )
         x = stack(x, jnp.asarray(table), jnp.asarray(index), jnp.asarray(start, jnp.int32))
         x = LayerNorm(dtype_of(cfg.dtype), name="ln_final")(x)
         if heads == "image":
             return self._head("image_head", x, cfg.image_vocab_size)
-        return (self._head("text_head", x[:, :cfg.text_len], cfg.total_text_vocab),
-                self._head("image_head", x[:, cfg.text_len:], cfg.image_vocab_size))
+        return (
+            self._head("text_head", x[:, : cfg.text_len], cfg.total_text_vocab),
+            self._head("image_head", x[:, cfg.text_len :], cfg.image_vocab_size),
+        )
 
 
 # Decoding unrolls up to this many layers (see `dalle_jax.sampling`); deeper models decode through
@@ -215,9 +262,18 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
 
-def loss_and_metrics(params, cfg: DalleConfig, text, image_tokens, *, text_loss_weight: float,
-                     image_loss_weight: float, text_row_weight=None, row_weight=None,
-                     text_divisor=None):
+def loss_and_metrics(
+    params,
+    cfg: DalleConfig,
+    text,
+    image_tokens,
+    *,
+    text_loss_weight: float,
+    image_loss_weight: float,
+    text_row_weight=None,
+    row_weight=None,
+    text_divisor=None,
+):
     """Weighted text + image cross-entropy of a batch (text [B, Lt], image_tokens [B, n_image]).
 
     `text_row_weight` [B] drops rows from the text term (caption-dropped rows predict nothing
@@ -228,7 +284,8 @@ def loss_and_metrics(params, cfg: DalleConfig, text, image_tokens, *, text_loss_
     rows = jnp.ones((batch,), jnp.float32) if row_weight is None else row_weight.astype(jnp.float32)
     text_rows = rows if text_row_weight is None else rows * text_row_weight.astype(jnp.float32)
     text_logits, image_logits = DalleTransformer(cfg).apply(
-        {"params": params}, input_stream(text, image_tokens))
+        {"params": params}, input_stream(text, image_tokens)
+    )
     text_ce = cross_entropy(text_logits, text).mean(-1)
     image_ce = cross_entropy(image_logits, image_tokens).mean(-1)
     if text_divisor is None:
@@ -236,8 +293,11 @@ def loss_and_metrics(params, cfg: DalleConfig, text, image_tokens, *, text_loss_
     text_loss = (text_ce * text_rows).sum() / text_divisor
     image_loss = (image_ce * rows).sum() / jnp.maximum(rows.sum(), 1.0)
     loss = text_loss_weight * text_loss + image_loss_weight * image_loss
-    metrics = {"text_loss": text_loss, "image_loss": image_loss,
-               "image_bits_per_dim": image_loss / math.log(2.0)}  # per image token
+    metrics = {
+        "text_loss": text_loss,
+        "image_loss": image_loss,
+        "image_bits_per_dim": image_loss / math.log(2.0),
+    }  # per image token
     return loss, metrics
 
 

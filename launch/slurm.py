@@ -6,6 +6,7 @@
 writes slurm_jobs/JOB_NAME.sbatch and runs `sbatch` on it; `--dry_run` prints the rendered script
 and the sbatch command instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,10 +26,18 @@ class LaunchError(ValueError):
     """A request that cannot be turned into a valid batch script."""
 
 
-def sbatch_header(*, job_name: str, nodes: int, gpus_per_node: int, time: str,
-                  partition: str | None = None, account: str | None = None,
-                  cpus_per_task: int | None = None, output: str | None = None,
-                  extra: Sequence[str] = ()) -> list[str]:
+def sbatch_header(
+    *,
+    job_name: str,
+    nodes: int,
+    gpus_per_node: int,
+    time: str,
+    partition: str | None = None,
+    account: str | None = None,
+    cpus_per_task: int | None = None,
+    output: str | None = None,
+    extra: Sequence[str] = (),
+) -> list[str]:
     if nodes < 1:
         raise LaunchError(f"--nodes must be >= 1, got {nodes}")
     if gpus_per_node < 0:
@@ -53,9 +62,15 @@ def sbatch_header(*, job_name: str, nodes: int, gpus_per_node: int, time: str,
     return [f"#SBATCH {line}" for line in lines]
 
 
-def render_script(command: str, header: Sequence[str], *, repo_dir: str = REPO_ROOT,
-                  port: int | None = None, env: Sequence[str] = (),
-                  template: str | None = None) -> str:
+def render_script(
+    command: str,
+    header: Sequence[str],
+    *,
+    repo_dir: str = REPO_ROOT,
+    port: int | None = None,
+    env: Sequence[str] = (),
+    template: str | None = None,
+) -> str:
     """The template with its #SBATCH lines replaced by `header`, and the job's settings exported
     right after them (before the template's own defaults read them)."""
     if not command.strip():
@@ -70,9 +85,11 @@ def render_script(command: str, header: Sequence[str], *, repo_dir: str = REPO_R
     if first is None:
         raise LaunchError("the template has no #SBATCH lines to replace")
     body = [line for line in lines[first:] if not line.startswith("#SBATCH")]
-    settings = ["# Job settings rendered by launch/slurm.py:",
-                f"export TRAIN_COMMAND={shlex.quote(command)}",
-                f"export REPO_DIR={shlex.quote(repo_dir)}"]
+    settings = [
+        "# Job settings rendered by launch/slurm.py:",
+        f"export TRAIN_COMMAND={shlex.quote(command)}",
+        f"export REPO_DIR={shlex.quote(repo_dir)}",
+    ]
     if port is not None:
         if not 1024 <= port <= 65535:
             raise LaunchError(f"--port must be in [1024, 65535], got {port}")
@@ -112,13 +129,18 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
-        header = sbatch_header(job_name=args.job_name, nodes=args.nodes,
-                               gpus_per_node=args.gpus_per_node, time=args.time,
-                               partition=args.partition, account=args.account,
-                               cpus_per_task=args.cpus_per_task, output=args.output,
-                               extra=args.sbatch_arg)
-        script = render_script(args.command, header, repo_dir=args.repo_dir, port=args.port,
-                               env=args.env)
+        header = sbatch_header(
+            job_name=args.job_name,
+            nodes=args.nodes,
+            gpus_per_node=args.gpus_per_node,
+            time=args.time,
+            partition=args.partition,
+            account=args.account,
+            cpus_per_task=args.cpus_per_task,
+            output=args.output,
+            extra=args.sbatch_arg,
+        )
+        script = render_script(args.command, header, repo_dir=args.repo_dir, port=args.port, env=args.env)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@
 NAME-0 .. NAME-(N-1). `--dry_run` prints the commands, one shell-quoted command per line, and runs
 nothing. The command lists are built by the pure `*_commands` functions, which the tests call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,18 @@ DEFAULT_LOG_NAME = "train"
 # list in its metadata server, not in the environment).
 DISTRIBUTED_ENV = "CORE_JAX_DISTRIBUTED=auto"
 # Not copied to the workers: environments, caches, version control, local run outputs.
-TAR_EXCLUDES = (".git", ".venv", "__pycache__", "*.pyc", ".pytest_cache", ".ruff_cache",
-                "workdirs", "logs", "slurm_jobs", "*.egg-info")
+TAR_EXCLUDES = (
+    ".git",
+    ".venv",
+    "__pycache__",
+    "*.pyc",
+    ".pytest_cache",
+    ".ruff_cache",
+    "workdirs",
+    "logs",
+    "slurm_jobs",
+    "*.egg-info",
+)
 
 # Runtime images per TPU generation (https://cloud.google.com/tpu/docs/runtimes).
 RUNTIME_BY_GENERATION = {
@@ -55,7 +66,8 @@ def default_runtime(accelerator_type: str) -> str:
         raise LaunchError(
             f"unknown --accelerator_type {accelerator_type!r}: expected GENERATION-SIZE with "
             f"GENERATION one of {sorted(RUNTIME_BY_GENERATION)} (e.g. v4-32, v5litepod-16, v6e-8); "
-            f"for other types pass --runtime_version too")
+            f"for other types pass --runtime_version too"
+        )
     return RUNTIME_BY_GENERATION[match.group(1)]
 
 
@@ -72,34 +84,73 @@ def node_names(name: str, num_slices: int) -> list[str]:
     return [name] if num_slices == 1 else [f"{name}-{i}" for i in range(num_slices)]
 
 
-def create_commands(name: str, zone: str, accelerator_type: str, *, project: str | None = None,
-                    runtime_version: str | None = None, spot: bool = False,
-                    preemptible: bool = False, num_slices: int = 1) -> list[list[str]]:
+def create_commands(
+    name: str,
+    zone: str,
+    accelerator_type: str,
+    *,
+    project: str | None = None,
+    runtime_version: str | None = None,
+    spot: bool = False,
+    preemptible: bool = False,
+    num_slices: int = 1,
+) -> list[list[str]]:
     runtime = runtime_version or default_runtime(accelerator_type)
     if spot and preemptible:
         raise LaunchError("pass --spot or --preemptible, not both")
     if num_slices == 1:
-        cmd = [*GCLOUD_TPU, "tpu-vm", "create", name, *_location(zone, project),
-               f"--accelerator-type={accelerator_type}", f"--version={runtime}"]
+        cmd = [
+            *GCLOUD_TPU,
+            "tpu-vm",
+            "create",
+            name,
+            *_location(zone, project),
+            f"--accelerator-type={accelerator_type}",
+            f"--version={runtime}",
+        ]
         return [cmd + (["--spot"] if spot else []) + (["--preemptible"] if preemptible else [])]
     node_names(name, num_slices)  # validates the count
     if preemptible:
         raise LaunchError("queued resources (--num_slices > 1) take --spot, not --preemptible")
-    cmd = [*GCLOUD_TPU, "queued-resources", "create", name, *_location(zone, project),
-           f"--accelerator-type={accelerator_type}", f"--runtime-version={runtime}",
-           f"--node-count={num_slices}", f"--node-prefix={name}"]
+    cmd = [
+        *GCLOUD_TPU,
+        "queued-resources",
+        "create",
+        name,
+        *_location(zone, project),
+        f"--accelerator-type={accelerator_type}",
+        f"--runtime-version={runtime}",
+        f"--node-count={num_slices}",
+        f"--node-prefix={name}",
+    ]
     return [cmd + (["--spot"] if spot else [])]
 
 
-def ssh_command(name: str, zone: str, remote: str, *, project: str | None = None,
-                num_slices: int = 1, worker: str = "all") -> list[str]:
+def ssh_command(
+    name: str, zone: str, remote: str, *, project: str | None = None, num_slices: int = 1, worker: str = "all"
+) -> list[str]:
     """One gcloud ssh that runs `remote` (a shell string) on the chosen workers of every slice."""
     if num_slices == 1:
-        return [*GCLOUD_TPU, "tpu-vm", "ssh", name, *_location(zone, project),
-                f"--worker={worker}", f"--command={remote}"]
+        return [
+            *GCLOUD_TPU,
+            "tpu-vm",
+            "ssh",
+            name,
+            *_location(zone, project),
+            f"--worker={worker}",
+            f"--command={remote}",
+        ]
     node_names(name, num_slices)
-    return [*GCLOUD_TPU, "queued-resources", "ssh", name, *_location(zone, project),
-            "--node=all", f"--worker={worker}", f"--command={remote}"]
+    return [
+        *GCLOUD_TPU,
+        "queued-resources",
+        "ssh",
+        name,
+        *_location(zone, project),
+        "--node=all",
+        f"--worker={worker}",
+        f"--command={remote}",
+    ]
 
 
 def tarball_command(tarball: str, repo_root: str = REPO_ROOT) -> list[str]:
@@ -111,18 +162,29 @@ def install_script(remote_dir: str, extras: str = "tpu", python_version: str = "
     TPU images ship an older one than the project needs)."""
     d = shlex.quote(remote_dir)
     spec = shlex.quote(f".[{extras}]" if extras else ".")
-    return ("export PATH=$HOME/.local/bin:$PATH && "
-            "{ command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; } && "
-            f"cd {d} && "
-            f"{{ [ -x .venv/bin/python ] || uv venv --python {shlex.quote(python_version)} .venv; }} && "
-            f"uv pip install --python .venv/bin/python -e {spec}")
+    return (
+        "export PATH=$HOME/.local/bin:$PATH && "
+        "{ command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; } && "
+        f"cd {d} && "
+        f"{{ [ -x .venv/bin/python ] || uv venv --python {shlex.quote(python_version)} .venv; }} && "
+        f"uv pip install --python .venv/bin/python -e {spec}"
+    )
 
 
-def setup_commands(name: str, zone: str, *, project: str | None = None, num_slices: int = 1,
-                   repo_url: str | None = None, branch: str | None = None,
-                   remote_dir: str = DEFAULT_REMOTE_DIR, extras: str = "tpu",
-                   python_version: str = "3.12", local_tarball: str = "/tmp/t2i_jax_src.tar.gz",
-                   repo_root: str = REPO_ROOT) -> list[list[str]]:
+def setup_commands(
+    name: str,
+    zone: str,
+    *,
+    project: str | None = None,
+    num_slices: int = 1,
+    repo_url: str | None = None,
+    branch: str | None = None,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    extras: str = "tpu",
+    python_version: str = "3.12",
+    local_tarball: str = "/tmp/t2i_jax_src.tar.gz",
+    repo_root: str = REPO_ROOT,
+) -> list[list[str]]:
     """Puts the code on every worker (git clone of --repo_url, or a tarball of this checkout) and
     installs it there."""
     d = shlex.quote(remote_dir)
@@ -138,8 +200,17 @@ def setup_commands(name: str, zone: str, *, project: str | None = None, num_slic
             raise LaunchError("--branch needs --repo_url (without it the local checkout is copied)")
         commands.append(tarball_command(local_tarball, repo_root))
         for node in node_names(name, num_slices):
-            commands.append([*GCLOUD_TPU, "tpu-vm", "scp", local_tarball, f"{node}:{REMOTE_TARBALL}",
-                             *_location(zone, project), "--worker=all"])
+            commands.append(
+                [
+                    *GCLOUD_TPU,
+                    "tpu-vm",
+                    "scp",
+                    local_tarball,
+                    f"{node}:{REMOTE_TARBALL}",
+                    *_location(zone, project),
+                    "--worker=all",
+                ]
+            )
         fetch = f"mkdir -p {d} && tar -xzf {REMOTE_TARBALL} -C {d} && rm -f {REMOTE_TARBALL}"
     remote = f"set -e; {fetch}; {install_script(remote_dir, extras, python_version)}"
     commands.append(ssh_command(name, zone, remote, project=project, num_slices=num_slices))
@@ -152,8 +223,14 @@ def _log_paths(log_name: str) -> tuple[str, str]:
     return f"logs/{log_name}.log", f"logs/{log_name}.pid"
 
 
-def run_script(command: str, *, remote_dir: str = DEFAULT_REMOTE_DIR, log_name: str = DEFAULT_LOG_NAME,
-               env: Sequence[str] = (), detach: bool = False) -> str:
+def run_script(
+    command: str,
+    *,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    log_name: str = DEFAULT_LOG_NAME,
+    env: Sequence[str] = (),
+    detach: bool = False,
+) -> str:
     """Shell run on each worker: start COMMAND in its own session (so a dropped ssh connection does
     not kill training), log to REMOTE_DIR/logs/LOG_NAME.log, and unless detached stream that log
     until the command ends and exit with its status."""
@@ -180,8 +257,13 @@ def run_script(command: str, *, remote_dir: str = DEFAULT_REMOTE_DIR, log_name: 
     if detach:
         parts.append(f'echo "$(hostname): started pid $PID, log $PWD/{log}"')
     else:
-        parts += [f"tail -c +$((START + 1)) -f -s 0.5 --pid=$PID {log} &",
-                  "RC=0", "wait $PID || RC=$?", "wait", "exit $RC"]
+        parts += [
+            f"tail -c +$((START + 1)) -f -s 0.5 --pid=$PID {log} &",
+            "RC=0",
+            "wait $PID || RC=$?",
+            "wait",
+            "exit $RC",
+        ]
     return _join(parts)
 
 
@@ -190,76 +272,151 @@ def _join(parts: Sequence[str]) -> str:
     return "".join(p + (" " if p.endswith("&") else "; ") for p in parts[:-1]) + parts[-1]
 
 
-def run_commands(name: str, zone: str, command: str, *, project: str | None = None,
-                 num_slices: int = 1, remote_dir: str = DEFAULT_REMOTE_DIR,
-                 log_name: str = DEFAULT_LOG_NAME, env: Sequence[str] = (),
-                 detach: bool = False) -> list[list[str]]:
+def run_commands(
+    name: str,
+    zone: str,
+    command: str,
+    *,
+    project: str | None = None,
+    num_slices: int = 1,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    log_name: str = DEFAULT_LOG_NAME,
+    env: Sequence[str] = (),
+    detach: bool = False,
+) -> list[list[str]]:
     remote = run_script(command, remote_dir=remote_dir, log_name=log_name, env=env, detach=detach)
     return [ssh_command(name, zone, remote, project=project, num_slices=num_slices)]
 
 
-def logs_commands(name: str, zone: str, *, project: str | None = None, num_slices: int = 1,
-                  slice_index: int = 0, worker: str = "0", remote_dir: str = DEFAULT_REMOTE_DIR,
-                  log_name: str = DEFAULT_LOG_NAME, lines: int = 100,
-                  follow: bool = False) -> list[list[str]]:
+def logs_commands(
+    name: str,
+    zone: str,
+    *,
+    project: str | None = None,
+    num_slices: int = 1,
+    slice_index: int = 0,
+    worker: str = "0",
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    log_name: str = DEFAULT_LOG_NAME,
+    lines: int = 100,
+    follow: bool = False,
+) -> list[list[str]]:
     """Tail the log of one worker (or `all`) of one slice."""
     log, _ = _log_paths(log_name)
     nodes = node_names(name, num_slices)
     if not 0 <= slice_index < len(nodes):
         raise LaunchError(f"--slice must be in [0, {len(nodes)}), got {slice_index}")
     tail = f"tail -n {int(lines)}{' -F' if follow else ''} {shlex.quote(remote_dir)}/{log}"
-    return [[*GCLOUD_TPU, "tpu-vm", "ssh", nodes[slice_index], *_location(zone, project),
-             f"--worker={worker}", f"--command={tail}"]]
+    return [
+        [
+            *GCLOUD_TPU,
+            "tpu-vm",
+            "ssh",
+            nodes[slice_index],
+            *_location(zone, project),
+            f"--worker={worker}",
+            f"--command={tail}",
+        ]
+    ]
 
 
-def stop_script(remote_dir: str = DEFAULT_REMOTE_DIR, log_name: str = DEFAULT_LOG_NAME,
-                force: bool = False) -> str:
+def stop_script(
+    remote_dir: str = DEFAULT_REMOTE_DIR, log_name: str = DEFAULT_LOG_NAME, force: bool = False
+) -> str:
     _, pid = _log_paths(log_name)
     d = shlex.quote(remote_dir)
-    script = (f"if [ -f {d}/{pid} ]; then P=$(cat {d}/{pid}); "
-              f"kill -TERM -- -$P 2>/dev/null || kill -TERM $P 2>/dev/null || true; rm -f {d}/{pid}; fi")
+    script = (
+        f"if [ -f {d}/{pid} ]; then P=$(cat {d}/{pid}); "
+        f"kill -TERM -- -$P 2>/dev/null || kill -TERM $P 2>/dev/null || true; rm -f {d}/{pid}; fi"
+    )
     if force:  # anything still holding the TPU chips (v4: /dev/accel*, v5e and later: /dev/vfio)
-        script += ("; sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null"
-                   " | sort -u | xargs -r sudo kill -9")
+        script += "; sudo lsof -t /dev/accel* /dev/vfio/[0-9]* 2>/dev/null | sort -u | xargs -r sudo kill -9"
     return script
 
 
-def stop_commands(name: str, zone: str, *, project: str | None = None, num_slices: int = 1,
-                  remote_dir: str = DEFAULT_REMOTE_DIR, log_name: str = DEFAULT_LOG_NAME,
-                  force: bool = False) -> list[list[str]]:
-    return [ssh_command(name, zone, stop_script(remote_dir, log_name, force), project=project,
-                        num_slices=num_slices)]
+def stop_commands(
+    name: str,
+    zone: str,
+    *,
+    project: str | None = None,
+    num_slices: int = 1,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    log_name: str = DEFAULT_LOG_NAME,
+    force: bool = False,
+) -> list[list[str]]:
+    return [
+        ssh_command(
+            name, zone, stop_script(remote_dir, log_name, force), project=project, num_slices=num_slices
+        )
+    ]
 
 
-def delete_commands(name: str, zone: str, *, project: str | None = None,
-                    num_slices: int = 1) -> list[list[str]]:
+def delete_commands(
+    name: str, zone: str, *, project: str | None = None, num_slices: int = 1
+) -> list[list[str]]:
     if num_slices == 1:
         return [[*GCLOUD_TPU, "tpu-vm", "delete", name, *_location(zone, project), "--quiet"]]
     node_names(name, num_slices)
-    return [[*GCLOUD_TPU, "queued-resources", "delete", name, *_location(zone, project),
-             "--force", "--quiet"]]
+    return [
+        [*GCLOUD_TPU, "queued-resources", "delete", name, *_location(zone, project), "--force", "--quiet"]
+    ]
 
 
 def build_commands(args: argparse.Namespace) -> list[list[str]]:
     common = dict(project=args.project, num_slices=args.num_slices)
     if args.subcommand == "create":
-        return create_commands(args.name, args.zone, args.accelerator_type,
-                               runtime_version=args.runtime_version, spot=args.spot,
-                               preemptible=args.preemptible, **common)
+        return create_commands(
+            args.name,
+            args.zone,
+            args.accelerator_type,
+            runtime_version=args.runtime_version,
+            spot=args.spot,
+            preemptible=args.preemptible,
+            **common,
+        )
     if args.subcommand == "setup":
-        return setup_commands(args.name, args.zone, repo_url=args.repo_url, branch=args.branch,
-                              remote_dir=args.remote_dir, extras=args.extras,
-                              python_version=args.python_version, **common)
+        return setup_commands(
+            args.name,
+            args.zone,
+            repo_url=args.repo_url,
+            branch=args.branch,
+            remote_dir=args.remote_dir,
+            extras=args.extras,
+            python_version=args.python_version,
+            **common,
+        )
     if args.subcommand == "run":
-        return run_commands(args.name, args.zone, args.command, remote_dir=args.remote_dir,
-                            log_name=args.log_name, env=args.env, detach=args.detach, **common)
+        return run_commands(
+            args.name,
+            args.zone,
+            args.command,
+            remote_dir=args.remote_dir,
+            log_name=args.log_name,
+            env=args.env,
+            detach=args.detach,
+            **common,
+        )
     if args.subcommand == "logs":
-        return logs_commands(args.name, args.zone, slice_index=args.slice, worker=args.worker,
-                             remote_dir=args.remote_dir,
-                             log_name=args.log_name, lines=args.lines, follow=args.follow, **common)
+        return logs_commands(
+            args.name,
+            args.zone,
+            slice_index=args.slice,
+            worker=args.worker,
+            remote_dir=args.remote_dir,
+            log_name=args.log_name,
+            lines=args.lines,
+            follow=args.follow,
+            **common,
+        )
     if args.subcommand == "stop":
-        return stop_commands(args.name, args.zone, remote_dir=args.remote_dir,
-                             log_name=args.log_name, force=args.force, **common)
+        return stop_commands(
+            args.name,
+            args.zone,
+            remote_dir=args.remote_dir,
+            log_name=args.log_name,
+            force=args.force,
+            **common,
+        )
     return delete_commands(args.name, args.zone, **common)
 
 
@@ -268,21 +425,28 @@ def make_parser() -> argparse.ArgumentParser:
     common.add_argument("--name", required=True, help="TPU VM (or queued resource) name")
     common.add_argument("--zone", required=True)
     common.add_argument("--project", default=None, help="default: gcloud's configured project")
-    common.add_argument("--num_slices", type=int, default=1,
-                        help="> 1: multi-slice queued resource with nodes NAME-0..NAME-(N-1)")
+    common.add_argument(
+        "--num_slices",
+        type=int,
+        default=1,
+        help="> 1: multi-slice queued resource with nodes NAME-0..NAME-(N-1)",
+    )
     common.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
     in_repo = argparse.ArgumentParser(add_help=False)
-    in_repo.add_argument("--remote_dir", default=DEFAULT_REMOTE_DIR,
-                         help="project directory on each worker, relative to its home")
-    in_repo.add_argument("--log_name", default=DEFAULT_LOG_NAME,
-                         help="REMOTE_DIR/logs/LOG_NAME.log (and .pid) on each worker")
+    in_repo.add_argument(
+        "--remote_dir",
+        default=DEFAULT_REMOTE_DIR,
+        help="project directory on each worker, relative to its home",
+    )
+    in_repo.add_argument(
+        "--log_name", default=DEFAULT_LOG_NAME, help="REMOTE_DIR/logs/LOG_NAME.log (and .pid) on each worker"
+    )
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="subcommand", required=True)
     p = sub.add_parser("create", parents=[common], help="create the TPU VM(s)")
     p.add_argument("--accelerator_type", required=True, help="e.g. v4-32, v5litepod-16, v6e-8")
-    p.add_argument("--runtime_version", default=None,
-                   help=f"default per generation: {RUNTIME_BY_GENERATION}")
+    p.add_argument("--runtime_version", default=None, help=f"default per generation: {RUNTIME_BY_GENERATION}")
     p.add_argument("--spot", action="store_true")
     p.add_argument("--preemptible", action="store_true", help="single slice only (legacy)")
     p = sub.add_parser("setup", parents=[common, in_repo], help="install the project on every worker")
@@ -293,8 +457,9 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", parents=[common, in_repo], help="run one command on every worker")
     p.add_argument("--command", required=True, help="shell command run in REMOTE_DIR")
     p.add_argument("--env", action="append", default=[], help="NAME=VALUE exported first (repeatable)")
-    p.add_argument("--detach", action="store_true",
-                   help="start and return; follow with `logs --follow`, end with `stop`")
+    p.add_argument(
+        "--detach", action="store_true", help="start and return; follow with `logs --follow`, end with `stop`"
+    )
     p = sub.add_parser("logs", parents=[common, in_repo], help="show one worker's log")
     p.add_argument("--worker", default="0", help="worker index, or 'all'")
     p.add_argument("--slice", type=int, default=0, help="which slice, with --num_slices > 1")

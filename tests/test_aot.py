@@ -1,4 +1,5 @@
 """Will-it-fit compiles for TPU slices on this CPU machine (needs libtpu: the `tpu` extra)."""
+
 import subprocess
 import sys
 
@@ -8,10 +9,19 @@ from core_jax import aot
 from tests.toy_task import toy_config
 
 
-@pytest.mark.parametrize("name,gen,shape", [
-    ("v4-256", "v4", (4, 4, 8)), ("v4-8", "v4", (2, 2, 1)), ("v5litepod-16", "v5e", (4, 4)),
-    ("v5p-128", "v5p", (4, 4, 4)), ("v6e-8", "v6e", (2, 4)), ("v5e:4x4", "v5e", (4, 4)),
-    ("v4:4x4x8", "v4", (4, 4, 8)), ("v5e:2x2", "v5e", (2, 2))])
+@pytest.mark.parametrize(
+    "name,gen,shape",
+    [
+        ("v4-256", "v4", (4, 4, 8)),
+        ("v4-8", "v4", (2, 2, 1)),
+        ("v5litepod-16", "v5e", (4, 4)),
+        ("v5p-128", "v5p", (4, 4, 4)),
+        ("v6e-8", "v6e", (2, 4)),
+        ("v5e:4x4", "v5e", (4, 4)),
+        ("v4:4x4x8", "v4", (4, 4, 8)),
+        ("v5e:2x2", "v5e", (2, 2)),
+    ],
+)
 def test_parse_topology(name, gen, shape):
     chip, got = aot.parse_topology(name)
     assert (chip.generation, got) == (gen, shape)
@@ -44,8 +54,9 @@ def test_compile_for_tpu_slice_reports_memory_and_flops():
 def test_cli_exit_codes(tmp_path):
     pytest.importorskip("libtpu", reason="libtpu (the 'tpu' extra) is not installed")
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("from tests.toy_task import toy_config\n"
-                   "def get_config(arg=None):\n    return toy_config()\n")
+    cfg.write_text(
+        "from tests.toy_task import toy_config\ndef get_config(arg=None):\n    return toy_config()\n"
+    )
     cmd = [sys.executable, "-m", "core_jax.aot", f"--config={cfg}", "--topology=v5e:2x2"]
     ok = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
@@ -57,10 +68,22 @@ def test_cli_exit_codes(tmp_path):
 def test_cli_exit_3_when_it_does_not_fit(tmp_path):
     pytest.importorskip("libtpu", reason="libtpu (the 'tpu' extra) is not installed")
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("from tests.toy_task import toy_config\n"
-                   "def get_config(arg=None):\n    return toy_config()\n")
+    cfg.write_text(
+        "from tests.toy_task import toy_config\ndef get_config(arg=None):\n    return toy_config()\n"
+    )
     # 2**22 images of 64x64x3 float32 are ~190 GiB of batch: no v5e slice of 4 chips holds that.
-    r = subprocess.run([sys.executable, "-m", "core_jax.aot", f"--config={cfg}", "--topology=v5e:2x2",
-                        "--config.batch_size=4194304"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "core_jax.aot",
+            f"--config={cfg}",
+            "--topology=v5e:2x2",
+            "--config.batch_size=4194304",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "DOES NOT FIT" in r.stdout and "error: the train step" in r.stderr

@@ -1,5 +1,6 @@
 """attach_decoder: a DALL-E decodes with a fine-tuned decoder only when that dVAE's encoder is the
 one it was trained with, bit for bit; a stale or mismatched attachment is an error, not a guess."""
+
 import json
 import os
 
@@ -18,11 +19,13 @@ from tests.workdirs import tiny_dvae_workdir
 def _variant(src, dst, part, seed=7):
     """A copy of dVAE workdir `src` whose `part` ('encoder' or 'decoder') params are changed."""
     from core_jax.checkpoint import load_params, save_params
+
     config, params = load_params(src)
     rng = np.random.default_rng(seed)
     params = dict(params)
-    params[part] = jax.tree.map(lambda v: np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(np.float32),
-                                params[part])
+    params[part] = jax.tree.map(
+        lambda v: np.asarray(v) + 0.05 * rng.standard_normal(v.shape).astype(np.float32), params[part]
+    )
     save_params(dst, config, params)
     return dst
 
@@ -31,11 +34,13 @@ def _variant(src, dst, part, seed=7):
 def wds(tmp_path_factory):
     root = tmp_path_factory.mktemp("attach")
     joint = tiny_dvae_workdir(str(root / "dvae"), SIZE, CODES)
-    out = {"joint": joint,
-           "decoder": _variant(joint, str(root / "dvae_decoder"), "decoder"),
-           "other_encoder": _variant(joint, str(root / "dvae_other"), "encoder"),
-           "other_codebook": tiny_dvae_workdir(str(root / "dvae_16"), SIZE, CODES // 2),
-           "dalle": str(root / "dalle")}
+    out = {
+        "joint": joint,
+        "decoder": _variant(joint, str(root / "dvae_decoder"), "decoder"),
+        "other_encoder": _variant(joint, str(root / "dvae_other"), "encoder"),
+        "other_codebook": tiny_dvae_workdir(str(root / "dvae_16"), SIZE, CODES // 2),
+        "dalle": str(root / "dalle"),
+    }
     _dalle_workdir(out["dalle"], joint)
     return out
 
@@ -43,6 +48,7 @@ def wds(tmp_path_factory):
 def _scenes(n=4):
     from core_jax.data import shapes
     from core_jax.data.image_ops import resize_and_crop
+
     return np.stack([resize_and_crop(shapes.make_example("test_seen", i)["image"], SIZE) for i in range(n)])
 
 
@@ -64,8 +70,9 @@ def test_attached_decoder_draws_the_same_tokens(wds):
         assert json.load(f)["dvae_workdir"] == wds["joint"]
 
 
-@pytest.mark.parametrize("which, match", [("other_encoder", "other encoder weights"),
-                                          ("other_codebook", "vocab_size 16, not 32")])
+@pytest.mark.parametrize(
+    "which, match", [("other_encoder", "other encoder weights"), ("other_codebook", "vocab_size 16, not 32")]
+)
 def test_another_encoder_is_refused(wds, tmp_path, which, match, capsys):
     dalle = str(tmp_path / "dalle")
     _dalle_workdir(dalle, wds["joint"])
@@ -78,8 +85,10 @@ def test_another_encoder_is_refused(wds, tmp_path, which, match, capsys):
 
 
 def test_missing_workdirs_are_one_line_errors(wds, tmp_path, capsys):
-    for args, match in [(["--workdir", str(tmp_path / "nope"), "--dvae_workdir", wds["decoder"]], "--workdir not found"),
-                        (["--workdir", wds["dalle"], "--dvae_workdir", str(tmp_path / "nope")], "--dvae_workdir not found")]:
+    for args, match in [
+        (["--workdir", str(tmp_path / "nope"), "--dvae_workdir", wds["decoder"]], "--workdir not found"),
+        (["--workdir", wds["dalle"], "--dvae_workdir", str(tmp_path / "nope")], "--dvae_workdir not found"),
+    ]:
         with pytest.raises(SystemExit):
             attach_decoder.main(args)
         assert match in capsys.readouterr().err
@@ -87,6 +96,7 @@ def test_missing_workdirs_are_one_line_errors(wds, tmp_path, capsys):
 
 def test_a_stale_attachment_is_an_error(wds, tmp_path):
     from core_jax.checkpoint import read_config, write_config
+
     dalle = str(tmp_path / "dalle")
     _dalle_workdir(dalle, wds["joint"])
     attach_decoder.attach(dalle, wds["decoder"])

@@ -1,5 +1,6 @@
 """The benchmark suite at toy sizes: every bench runs end to end and returns the fields the report
 reads, with the right types. The figures themselves are not tested (they depend on the machine)."""
+
 import json
 import math
 
@@ -48,8 +49,10 @@ def test_mfu():
     assert tr["windows"] >= 1 and tr["examples_per_sec"] > 0 and 0 <= tr["data_wait_fraction"] < 1
     assert set(tr["breakdown"]) == {"compute", "data_wait", "batch_fn", "other"}
     assert 0 <= tr["batch_fn_fraction"] < 1  # DALL-E's dVAE tokenizer hook, timed apart from data
-    assert {t["name"] for t in res["targets"]} >= {"MFU dalle train step (float32)",
-                                                   "data wait, dalle shapes trainer"}
+    assert {t["name"] for t in res["targets"]} >= {
+        "MFU dalle train step (float32)",
+        "data wait, dalle shapes trainer",
+    }
 
 
 def test_clip_vs_openclip():
@@ -84,6 +87,7 @@ def test_sampling():
 
 def test_guidance_cost_cli(capsys):
     from bench import guidance_cost
+
     guidance_cost.main(["--size", "toy"])
     head, *rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert "device" in head and [r["batch"] for r in rows] == [4, 16]  # toy: one width
@@ -121,8 +125,13 @@ def test_loader():
 def test_run_all_renders_and_rejects_unknown_bench(tmp_path):
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope"])
-    res = {"machine": common.machine_info(), "size": "toy", "seconds": 1.0, "command": "x",
-           "benches": {"compile": {"name": "compile", "error": "boom", "targets": []}}}
+    res = {
+        "machine": common.machine_info(),
+        "size": "toy",
+        "seconds": 1.0,
+        "command": "x",
+        "benches": {"compile": {"name": "compile", "error": "boom", "targets": []}},
+    }
     text = run_all.render(res)
     assert "ERROR" in text and "boom" in text
 
@@ -130,12 +139,30 @@ def test_run_all_renders_and_rejects_unknown_bench(tmp_path):
 def test_render_recomputes_verdicts(tmp_path):
     """--render rebuilds the targets from stored figures: a slow deep compile must show as missed."""
     timing = lambda total: {"lower": 0.1, "compile": total - 0.1, "total": total}  # noqa: E731
-    compile_res = {"name": "compile", "size": "toy", "model": bench_compile.TOY_MODEL, "seconds": 1.0,
-                   "scan": {"1": {"best": timing(1.0), "rounds": []}, "2": {"best": timing(2.0), "rounds": []}},
-                   "unrolled": {}, "shallow": 1, "deep": 2, "ratio": 2.0, "targets": []}
+    compile_res = {
+        "name": "compile",
+        "size": "toy",
+        "model": bench_compile.TOY_MODEL,
+        "seconds": 1.0,
+        "scan": {"1": {"best": timing(1.0), "rounds": []}, "2": {"best": timing(2.0), "rounds": []}},
+        "unrolled": {},
+        "shallow": 1,
+        "deep": 2,
+        "ratio": 2.0,
+        "targets": [],
+    }
     out, md = tmp_path / "results.json", tmp_path / "RESULTS.md"
-    out.write_text(json.dumps({"machine": common.machine_info(), "size": "toy", "seconds": 1.0,
-                               "command": "x", "benches": {"compile": compile_res}}))
+    out.write_text(
+        json.dumps(
+            {
+                "machine": common.machine_info(),
+                "size": "toy",
+                "seconds": 1.0,
+                "command": "x",
+                "benches": {"compile": compile_res},
+            }
+        )
+    )
     assert run_all.main(["--render", "--out", str(out), "--md", str(md)]) == 0
     (t,) = json.loads(out.read_text())["benches"]["compile"]["targets"]
     assert t["met"] is False and t["value"] == "2.00x" and t["why"]
@@ -152,6 +179,7 @@ def test_dvae_shape_errors_counts_what_the_checker_reads_back():
     import numpy as np
     from bench.dvae_shape_errors import shape_errors
     from core_jax.data import shapes
+
     examples = [shapes.make_example("test_seen", i) for i in range(6)]
     originals = np.stack([e["image"] for e in examples])
     captions = [e["caption"] for e in examples]
@@ -181,6 +209,7 @@ def test_dvae_shape_errors_counts_what_the_checker_reads_back():
 def test_dvae_shift_probe_pairs_and_edge_error():
     import numpy as np
     from bench.dvae_shift_probe import edge_error, moved_pairs
+
     originals, moved, kinds = moved_pairs(12)
     assert len(kinds) == len(originals) == len(moved) >= 9 and set(kinds) == {"x", "y", "size"}
     # every move changes pixels and keeps one object colour on black
@@ -195,11 +224,14 @@ def test_dvae_shift_probe_pairs_and_edge_error():
 
 def test_demo_steps_at_toy_sizes():
     from bench import bench_demo_steps
+
     row = bench_demo_steps.measure("dvae", bench_mfu.TOY_MODELS["dvae"], 2)
     assert row["model"] == "dvae" and row["batch_size"] == 4 and 0 < row["best_ms"] <= row["median_ms"]
     assert row["stage_step_minutes"] > 0 and "| dvae | 4 |" in bench_demo_steps.markdown([row])
-    assert bench_demo_steps.parse_sets(["scan_layers=False", "optim.name=sgd"]) == \
-        {"scan_layers": False, "optim.name": "sgd"}
+    assert bench_demo_steps.parse_sets(["scan_layers=False", "optim.name=sgd"]) == {
+        "scan_layers": False,
+        "optim.name": "sgd",
+    }
     with pytest.raises(SystemExit, match="unknown"):
         bench_demo_steps.main(["--models", "vit"])
     with pytest.raises(SystemExit, match="key=value"):

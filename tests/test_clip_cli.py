@@ -1,4 +1,5 @@
 """classify / embed / evaluate commands on a saved tiny random CLIP and a directory of PNGs."""
+
 import json
 import os
 
@@ -18,11 +19,21 @@ SIZE = 16
 
 def tiny_config():
     from clip_jax.defaults import clip_config, model_config, text_config
-    model = model_config(name="tiny", image_size=SIZE, patch_size=8, vision_width=32,
-                         vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
-                         text_heads=2, embed_dim=16, activation="gelu")
-    config = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64,
-                                            context_length=16))
+
+    model = model_config(
+        name="tiny",
+        image_size=SIZE,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        activation="gelu",
+    )
+    config = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16))
     config.eval = ev.eval_config()
     return config
 
@@ -39,8 +50,9 @@ def workdir(tmp_path_factory):
     module = clip_model.clip_from_config(config)
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
     rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32),
-                          nn.meta.unbox(abstract))
+    params = jax.tree.map(
+        lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32), nn.meta.unbox(abstract)
+    )
     source = config.data.source  # shapes: '' train_source means the shapes captions
     tokenizer_from_config(config.text, wd, data_source=source)  # trains WORKDIR/tokenizer
     save_params(wd, config, params)
@@ -88,10 +100,22 @@ def test_classify_scores_every_readable_image(workdir, image_dir, tmp_path, caps
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n\n")
     (tmp_path / "templates.txt").write_text("\n".join(templates))
     out = tmp_path / "pred.json"
-    classify.main(["--workdir", wd, "--input_dir", d,
-                   "--classnames_file", str(tmp_path / "classes.txt"),
-                   "--templates_file", str(tmp_path / "templates.txt"), "--out", str(out),
-                   "--batch_size", "2"])  # 3 images: a full and a partial batch
+    classify.main(
+        [
+            "--workdir",
+            wd,
+            "--input_dir",
+            d,
+            "--classnames_file",
+            str(tmp_path / "classes.txt"),
+            "--templates_file",
+            str(tmp_path / "templates.txt"),
+            "--out",
+            str(out),
+            "--batch_size",
+            "2",
+        ]
+    )  # 3 images: a full and a partial batch
     pred = json.loads(out.read_text())
     assert sorted(pred) == sorted(images)  # the broken PNG and the .txt are not predictions
     assert "skipping d_broken.png" in capsys.readouterr().err
@@ -110,13 +134,13 @@ def test_classify_scores_every_readable_image(workdir, image_dir, tmp_path, caps
         assert sum(got["probs"].values()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("case",
-                         ["empty_classnames", "empty_dir", "missing_dir", "duplicate_class"])
+@pytest.mark.parametrize("case", ["empty_classnames", "empty_dir", "missing_dir", "duplicate_class"])
 def test_classify_bad_input_exits_2(workdir, image_dir, tmp_path, capsys, case):
     wd = workdir[0]
     classes = tmp_path / "classes.txt"
-    classes.write_text("" if case == "empty_classnames" else
-                        "cat\ndog\ncat\n" if case == "duplicate_class" else "cat\ndog\n")
+    classes.write_text(
+        "" if case == "empty_classnames" else "cat\ndog\ncat\n" if case == "duplicate_class" else "cat\ndog\n"
+    )
     input_dir = image_dir[0]
     if case == "empty_dir":
         input_dir = str(tmp_path / "empty")
@@ -124,12 +148,26 @@ def test_classify_bad_input_exits_2(workdir, image_dir, tmp_path, capsys, case):
     elif case == "missing_dir":
         input_dir = str(tmp_path / "nope")
     with pytest.raises(SystemExit) as e:
-        classify.main(["--workdir", wd, "--input_dir", input_dir, "--classnames_file", str(classes),
-                       "--out", str(tmp_path / "p.json")])
+        classify.main(
+            [
+                "--workdir",
+                wd,
+                "--input_dir",
+                input_dir,
+                "--classnames_file",
+                str(classes),
+                "--out",
+                str(tmp_path / "p.json"),
+            ]
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert {"empty_classnames": "is empty", "empty_dir": "no image files",
-            "missing_dir": "not found", "duplicate_class": "more than once"}[case] in err
+    assert {
+        "empty_classnames": "is empty",
+        "empty_dir": "no image files",
+        "missing_dir": "not found",
+        "duplicate_class": "more than once",
+    }[case] in err
     assert not (tmp_path / "p.json").exists()
 
 
@@ -138,8 +176,9 @@ def test_embed_writes_normalised_embeddings_without_resampling(workdir, image_di
     d, images = image_dir
     (tmp_path / "texts.txt").write_text("a red circle in the center\n\nnaïve café\n")
     out = tmp_path / "emb.npz"
-    embed.main(["--workdir", wd, "--input_dir", d, "--texts_file", str(tmp_path / "texts.txt"),
-                "--out", str(out)])
+    embed.main(
+        ["--workdir", wd, "--input_dir", d, "--texts_file", str(tmp_path / "texts.txt"), "--out", str(out)]
+    )
     z = np.load(out)
     assert list(z["image_files"]) == sorted(images)
     assert list(z["texts"]) == ["a red circle in the center", "naïve café"]
@@ -156,8 +195,7 @@ def test_embed_writes_normalised_embeddings_without_resampling(workdir, image_di
 def test_embed_texts_only_and_needs_an_input(workdir, tmp_path, capsys):
     wd = workdir[0]
     (tmp_path / "t.txt").write_text("one\ntwo\n")
-    embed.main(["--workdir", wd, "--texts_file", str(tmp_path / "t.txt"),
-                "--out", str(tmp_path / "t.npz")])
+    embed.main(["--workdir", wd, "--texts_file", str(tmp_path / "t.txt"), "--out", str(tmp_path / "t.npz")])
     assert sorted(np.load(tmp_path / "t.npz").files) == ["text_embeddings", "texts"]
     with pytest.raises(SystemExit) as e:
         embed.main(["--workdir", wd, "--out", str(tmp_path / "x.npz")])
@@ -169,15 +207,26 @@ def test_evaluate_cli_tfds_imagenet_and_shapes_retrieval(workdir, tmp_path, caps
     the shipped class names, and retrieval on the shapes suite, from one saved workdir."""
     import tempfile
     import tensorflow_datasets as tfds
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS leaves empty temp dirs behind
     wd = workdir[0]
     out = tmp_path / "results.json"
     with tfds.testing.mock_data(num_examples=10):
-        ev.main(["--workdir", wd, "--out", str(out),
-                 "--config.eval.zeroshot_source=tfds", "--config.eval.zeroshot_split=validation",
-                 "--config.eval.templates=photo", "--config.eval.batch_size=8",
-                 "--config.data.min_image_side=1",
-                 "--config.eval.retrieval_split=test_seen", "--config.eval.max_examples=10"])
+        ev.main(
+            [
+                "--workdir",
+                wd,
+                "--out",
+                str(out),
+                "--config.eval.zeroshot_source=tfds",
+                "--config.eval.zeroshot_split=validation",
+                "--config.eval.templates=photo",
+                "--config.eval.batch_size=8",
+                "--config.data.min_image_side=1",
+                "--config.eval.retrieval_split=test_seen",
+                "--config.eval.max_examples=10",
+            ]
+        )
     results = json.loads(out.read_text())
     assert results["zeroshot/num_examples"] == 10
     assert 0 <= results["zeroshot/top1"] <= results["zeroshot/top5"] <= 1

@@ -1,5 +1,6 @@
 """Weight import: layouts, configs, refusal of pickles, a numpy reference of OpenAI's forward pass,
 and (when torch + open_clip are installed) parity with a random-weight open_clip model."""
+
 import math
 import zipfile
 
@@ -20,12 +21,18 @@ encode_text = jax.jit(encode_text, static_argnums=(0, 3))
 def block_weights(rng, prefix, width):
     n = lambda *s: (0.02 * rng.standard_normal(s) + (0 if len(s) > 1 else 0.01)).astype(np.float32)
     return {
-        f"{prefix}ln_1.weight": 1 + n(width), f"{prefix}ln_1.bias": n(width),
-        f"{prefix}attn.in_proj_weight": n(3 * width, width) * 5, f"{prefix}attn.in_proj_bias": n(3 * width),
-        f"{prefix}attn.out_proj.weight": n(width, width) * 5, f"{prefix}attn.out_proj.bias": n(width),
-        f"{prefix}ln_2.weight": 1 + n(width), f"{prefix}ln_2.bias": n(width),
-        f"{prefix}mlp.c_fc.weight": n(4 * width, width) * 5, f"{prefix}mlp.c_fc.bias": n(4 * width),
-        f"{prefix}mlp.c_proj.weight": n(width, 4 * width) * 5, f"{prefix}mlp.c_proj.bias": n(width),
+        f"{prefix}ln_1.weight": 1 + n(width),
+        f"{prefix}ln_1.bias": n(width),
+        f"{prefix}attn.in_proj_weight": n(3 * width, width) * 5,
+        f"{prefix}attn.in_proj_bias": n(3 * width),
+        f"{prefix}attn.out_proj.weight": n(width, width) * 5,
+        f"{prefix}attn.out_proj.bias": n(width),
+        f"{prefix}ln_2.weight": 1 + n(width),
+        f"{prefix}ln_2.bias": n(width),
+        f"{prefix}mlp.c_fc.weight": n(4 * width, width) * 5,
+        f"{prefix}mlp.c_fc.bias": n(4 * width),
+        f"{prefix}mlp.c_proj.weight": n(width, 4 * width) * 5,
+        f"{prefix}mlp.c_proj.bias": n(width),
     }
 
 
@@ -35,12 +42,19 @@ def synthetic_state_dict(seed=0, vocab=VOCAB, fp16=True):
     n = lambda *s: (0.05 * rng.standard_normal(s)).astype(np.float32)
     grid = IMAGE // PATCH
     sd = {
-        "visual.conv1.weight": n(W, 3, PATCH, PATCH) * 3, "visual.class_embedding": n(W),
+        "visual.conv1.weight": n(W, 3, PATCH, PATCH) * 3,
+        "visual.class_embedding": n(W),
         "visual.positional_embedding": n(grid * grid + 1, W),
-        "visual.ln_pre.weight": 1 + n(W), "visual.ln_pre.bias": n(W),
-        "visual.ln_post.weight": 1 + n(W), "visual.ln_post.bias": n(W), "visual.proj": n(W, EMBED),
-        "token_embedding.weight": n(vocab, TEXT_W), "positional_embedding": n(CONTEXT, TEXT_W),
-        "ln_final.weight": 1 + n(TEXT_W), "ln_final.bias": n(TEXT_W), "text_projection": n(TEXT_W, EMBED),
+        "visual.ln_pre.weight": 1 + n(W),
+        "visual.ln_pre.bias": n(W),
+        "visual.ln_post.weight": 1 + n(W),
+        "visual.ln_post.bias": n(W),
+        "visual.proj": n(W, EMBED),
+        "token_embedding.weight": n(vocab, TEXT_W),
+        "positional_embedding": n(CONTEXT, TEXT_W),
+        "ln_final.weight": 1 + n(TEXT_W),
+        "ln_final.bias": n(TEXT_W),
+        "text_projection": n(TEXT_W, EMBED),
         "logit_scale": np.array(math.log(1 / 0.07), np.float32),
     }
     for i in range(LAYERS):
@@ -102,7 +116,7 @@ def np_encode_image(sd, images_nhwc, heads, activation):
 
 
 def np_encode_text(sd, tokens, heads, activation):
-    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][:tokens.shape[1]]
+    x = sd["token_embedding.weight"][tokens] + sd["positional_embedding"][: tokens.shape[1]]
     for i in range(LAYERS):
         x = np_block(x, sd, f"transformer.resblocks.{i}.", heads, activation, causal=True)
     x = np_layer_norm(x, sd, "ln_final")
@@ -118,7 +132,7 @@ def random_tokens(rng, batch, vocab=VOCAB):
     for row in tokens:
         n = int(rng.integers(1, CONTEXT - 1))
         row[0] = vocab - 2  # start
-        row[1:n + 1] = rng.integers(1, vocab - 2, n)
+        row[1 : n + 1] = rng.integers(1, vocab - 2, n)
         row[n + 1] = vocab - 1  # end: the largest id
     return tokens
 
@@ -141,21 +155,39 @@ def test_synthetic_state_dict_converts_to_the_init_tree(scan):
     convert.check_against_model(params, config)  # the converter's own guard agrees
     m = config.model
     assert (m.image_size, m.patch_size, m.vision_width, m.vision_layers, m.vision_heads) == (
-        IMAGE, PATCH, W, LAYERS, 1)
-    assert (m.text_width, m.text_layers, m.embed_dim, config.text.vocab_size,
-            config.text.context_length) == (TEXT_W, LAYERS, EMBED, VOCAB, CONTEXT)
+        IMAGE,
+        PATCH,
+        W,
+        LAYERS,
+        1,
+    )
+    assert (m.text_width, m.text_layers, m.embed_dim, config.text.vocab_size, config.text.context_length) == (
+        TEXT_W,
+        LAYERS,
+        EMBED,
+        VOCAB,
+        CONTEXT,
+    )
     assert m.ln_eps == 1e-5 and m.activation == "quick_gelu" and m.loss == "softmax"
     # q rows of in_proj, transposed to (in, out) and split into heads
-    layer = params["visual"]["transformer"]["scan"]["block"] if scan else \
-        params["visual"]["transformer"]["layer_1"]
+    layer = (
+        params["visual"]["transformer"]["scan"]["block"]
+        if scan
+        else params["visual"]["transformer"]["layer_1"]
+    )
     q = layer["attn"]["q_kernel"][1] if scan else layer["attn"]["q_kernel"]
     w_q = sd["visual.transformer.resblocks.1.attn.in_proj_weight"][:W].astype(np.float32)
     np.testing.assert_array_equal(q.reshape(W, W), w_q.T)
 
 
-@pytest.mark.parametrize("source,model,activation", [
-    ("openai", "tiny", "quick_gelu"), ("open_clip", "custom", "gelu"),
-    ("open_clip", "custom-quickgelu", "quick_gelu")])
+@pytest.mark.parametrize(
+    "source,model,activation",
+    [
+        ("openai", "tiny", "quick_gelu"),
+        ("open_clip", "custom", "gelu"),
+        ("open_clip", "custom-quickgelu", "quick_gelu"),
+    ],
+)
 def test_converted_model_matches_numpy_reference(source, model, activation):
     sd = synthetic_state_dict(seed=1)
     config = convert.build_config(sd, source=source, model=model, merges_file="")
@@ -221,14 +253,29 @@ def test_npz_checkpoint_converts_into_a_loadable_workdir(tmp_path):
     from clip_jax.api import CLIPModel
     from core_jax.text import train_bpe, BPETokenizer
 
-    merges = train_bpe([f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")] * 3,
-                       VOCAB, str(tmp_path / "merges.txt"))
+    merges = train_bpe(
+        [f"a {c} {s}" for c in ("red", "blue", "green") for s in ("circle", "square")] * 3,
+        VOCAB,
+        str(tmp_path / "merges.txt"),
+    )
     vocab = BPETokenizer.from_merges(merges).vocab_size
     sd = synthetic_state_dict(seed=3, vocab=vocab)
     np.savez(tmp_path / "ckpt.npz", **sd)
     workdir = str(tmp_path / "w")
-    convert.main(["--source", "open_clip", "--checkpoint", str(tmp_path / "ckpt.npz"), "--model",
-                  "tiny", "--workdir", workdir, "--merges_file", merges])
+    convert.main(
+        [
+            "--source",
+            "open_clip",
+            "--checkpoint",
+            str(tmp_path / "ckpt.npz"),
+            "--model",
+            "tiny",
+            "--workdir",
+            workdir,
+            "--merges_file",
+            merges,
+        ]
+    )
     clip = CLIPModel.load(workdir)
     assert clip.config.model.activation == "gelu" and clip.image_size == IMAGE
     images = np.random.default_rng(4).integers(0, 256, (2, IMAGE, IMAGE, 3), dtype=np.uint8)
@@ -241,8 +288,20 @@ def test_npz_checkpoint_converts_into_a_loadable_workdir(tmp_path):
     assert clip.logit_scale() == pytest.approx(1 / 0.07, rel=1e-4)
     with pytest.raises(SystemExit) as e:  # a vocabulary that does not fit the tokenizer: exit 2
         np.savez(tmp_path / "bad.npz", **synthetic_state_dict(vocab=vocab - 5))
-        convert.main(["--source", "openai", "--checkpoint", str(tmp_path / "bad.npz"), "--model",
-                      "tiny", "--workdir", str(tmp_path / "w2"), "--merges_file", merges])
+        convert.main(
+            [
+                "--source",
+                "openai",
+                "--checkpoint",
+                str(tmp_path / "bad.npz"),
+                "--model",
+                "tiny",
+                "--workdir",
+                str(tmp_path / "w2"),
+                "--merges_file",
+                merges,
+            ]
+        )
     assert e.value.code == 2
 
 
@@ -264,9 +323,11 @@ def test_open_clip_parity(tmp_path, quick_gelu):
     open_clip, torch = _open_clip()
     torch.manual_seed(0)
     model = open_clip.model.CLIP(
-        embed_dim=EMBED, quick_gelu=quick_gelu,
+        embed_dim=EMBED,
+        quick_gelu=quick_gelu,
         vision_cfg=dict(image_size=IMAGE, patch_size=PATCH, width=W, layers=LAYERS, head_width=32),
-        text_cfg=dict(context_length=CONTEXT, vocab_size=49408, width=TEXT_W, heads=2, layers=LAYERS))
+        text_cfg=dict(context_length=CONTEXT, vocab_size=49408, width=TEXT_W, heads=2, layers=LAYERS),
+    )
     with torch.no_grad():  # open_clip zero-inits biases: randomise everything so layouts matter
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -276,8 +337,9 @@ def test_open_clip_parity(tmp_path, quick_gelu):
     torch.save(model.state_dict(), path)
     sd = convert.load_state_dict(path)
     name = "custom-quickgelu" if quick_gelu else "custom"
-    config = convert.build_config(sd, source="open_clip", model=name, merges_file="",
-                                  vision_heads=W // 32, text_heads=2)
+    config = convert.build_config(
+        sd, source="open_clip", model=name, merges_file="", vision_heads=W // 32, text_heads=2
+    )
     params = convert.convert_state_dict(sd, config)
     clip = clip_from_config(config)
     rng = np.random.default_rng(5)
@@ -291,8 +353,11 @@ def test_open_clip_parity(tmp_path, quick_gelu):
     got_txt = np.asarray(encode_text(clip, params, tokens, False))
     ref_logits = ref_scale * normalize(ref_img) @ normalize(ref_txt).T
     got_logits = ref_scale * normalize(got_img) @ normalize(got_txt).T
-    errors = {"image": np.abs(got_img - ref_img).max(), "text": np.abs(got_txt - ref_txt).max(),
-              "logits": np.abs(got_logits - ref_logits).max()}
+    errors = {
+        "image": np.abs(got_img - ref_img).max(),
+        "text": np.abs(got_txt - ref_txt).max(),
+        "logits": np.abs(got_logits - ref_logits).max(),
+    }
     print(f"open_clip parity (quick_gelu={quick_gelu}) max abs error: {errors}")
     assert all(e <= 1e-4 for e in errors.values()), errors
     assert np.abs(ref_img).max() > 0.1

@@ -1,5 +1,6 @@
 """Contrastive losses: numpy references, global-batch values on sharded meshes, and the chunked
 sigmoid loss (values, gradients, metrics, and no [B, B] logits in its compiled program)."""
+
 import re
 
 import jax
@@ -70,14 +71,15 @@ def test_softmax_loss_is_global_on_a_sharded_batch(mesh_shape):
     fn = jax.jit(jax.value_and_grad(lambda a, b, s: losses.softmax_loss(a, b, s)[0], argnums=(0, 1, 2)))
     with jax.set_mesh(mesh):
         loss, grads = fn(s_img, s_txt, 20.0)
-    ref_loss, ref_grads = jax.jit(jax.value_and_grad(
-        lambda a, b, s: losses.softmax_loss(a, b, s)[0], argnums=(0, 1, 2)))(img, txt, 20.0)
+    ref_loss, ref_grads = jax.jit(
+        jax.value_and_grad(lambda a, b, s: losses.softmax_loss(a, b, s)[0], argnums=(0, 1, 2))
+    )(img, txt, 20.0)
     np.testing.assert_allclose(loss, numpy_softmax_loss(img, txt, 20.0)[0], rtol=1e-5)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-7)
     # A per-shard loss (what a naive pmap gives) is a different number: the test can tell.
-    local = np.mean([numpy_softmax_loss(img[i:i + 4], txt[i:i + 4], 20.0)[0] for i in range(0, B, 4)])
+    local = np.mean([numpy_softmax_loss(img[i : i + 4], txt[i : i + 4], 20.0)[0] for i in range(0, B, 4)])
     assert abs(local - float(loss)) > 1e-2
 
 
@@ -138,9 +140,11 @@ def test_chunked_without_mesh_is_the_full_loss():
 def test_contrastive_loss_dispatch():
     img, txt = features(6)
     feats = {"image": img, "text": txt, "scale": 10.0, "bias": -3.0}
-    np.testing.assert_allclose(losses.contrastive_loss("softmax", feats)[0],
-                               numpy_softmax_loss(img, txt, 10.0)[0], rtol=1e-5)
-    np.testing.assert_allclose(losses.contrastive_loss("sigmoid", feats)[0],
-                               numpy_sigmoid_loss(img, txt, 10.0, -3.0), rtol=1e-5)
+    np.testing.assert_allclose(
+        losses.contrastive_loss("softmax", feats)[0], numpy_softmax_loss(img, txt, 10.0)[0], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        losses.contrastive_loss("sigmoid", feats)[0], numpy_sigmoid_loss(img, txt, 10.0, -3.0), rtol=1e-5
+    )
     with pytest.raises(ValueError, match="unknown loss"):
         losses.contrastive_loss("hinge", feats)

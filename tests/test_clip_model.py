@@ -1,5 +1,6 @@
 """CLIP model: tower shapes, EOT pooling, causal mask, activations, temperature clamp, layouts,
 sharded forward, a short training run that lowers the loss, and the inference API on a workdir."""
+
 import math
 
 import flax
@@ -11,9 +12,18 @@ import optax
 import pytest
 
 from clip_jax import defaults
-from clip_jax.model import (Attention, MAX_LOGIT_SCALE, abstract_params, clip_from_config,
-                            encode_image, encode_text, exact_gelu, init_params, logit_scale,
-                            quick_gelu)
+from clip_jax.model import (
+    Attention,
+    MAX_LOGIT_SCALE,
+    abstract_params,
+    clip_from_config,
+    encode_image,
+    encode_text,
+    exact_gelu,
+    init_params,
+    logit_scale,
+    quick_gelu,
+)
 from core_jax import sharding
 from tests.testfiles import load_config
 
@@ -21,12 +31,23 @@ IMAGE, CONTEXT, VOCAB, EMBED = 16, 8, 300, 12
 
 
 def tiny_config(**model):
-    sizes = dict(image_size=IMAGE, patch_size=8, vision_width=32, vision_layers=2, vision_heads=2,
-                 text_width=32, text_layers=2, text_heads=2, embed_dim=EMBED, activation="gelu")
+    sizes = dict(
+        image_size=IMAGE,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=2,
+        vision_heads=2,
+        text_width=32,
+        text_layers=2,
+        text_heads=2,
+        embed_dim=EMBED,
+        activation="gelu",
+    )
     sizes.update(model)
-    c = defaults.clip_config(defaults.model_config(**sizes),
-                             defaults.text_config(merges_file="", vocab_size=VOCAB,
-                                                  context_length=CONTEXT))
+    c = defaults.clip_config(
+        defaults.model_config(**sizes),
+        defaults.text_config(merges_file="", vocab_size=VOCAB, context_length=CONTEXT),
+    )
     return c
 
 
@@ -47,7 +68,7 @@ def make_params(config, seed=0):
         if name == "logit_bias":
             return np.float32(-10.0)
         fan_in = leaf.shape[-3] if name.endswith("_kernel") and name[0] in "qkv" else leaf.shape[0]
-        std = 0.1 if leaf.ndim == 1 or "bias" in name else fan_in ** -0.5
+        std = 0.1 if leaf.ndim == 1 or "bias" in name else fan_in**-0.5
         return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
 
     abstract = nn.meta.unbox(abstract_params(clip_from_config(config)))
@@ -64,7 +85,7 @@ def tokens_with_eot(rng, batch, eot_positions):
     t = rng.integers(1, VOCAB - 1, size=(batch, CONTEXT)).astype(np.int32)
     for row, pos in enumerate(eot_positions):
         t[row, pos] = VOCAB - 1
-        t[row, pos + 1:] = 0
+        t[row, pos + 1 :] = 0
     return t
 
 
@@ -90,6 +111,7 @@ def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed, chroma_layer):
     """Swapping two pixels of one patch whose colours differ but whose luminance is equal keeps the
     patch's luminance pattern and mean colour: invisible to luma_chroma, visible to rgb."""
     from clip_jax.model import _CLIP_STD, _LUMA
+
     config = tiny_config(patch_embed=patch_embed, chroma_layer=chroma_layer)
     model, params = clip_from_config(config), make_params(config)
     rng = np.random.default_rng(3)
@@ -109,9 +131,15 @@ def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed, chroma_layer):
         # Without the colour term, one outline drawn in two colours on black is one input.
         from core_jax.data import image_ops
         from core_jax.data.shapes import render
-        images = np.stack([image_ops.clip_normalize(render(
-            [{"colour": colour, "shape": "triangle", "bbox": (2, 3, 12, 13), "size": 10}]))[:IMAGE, :IMAGE]
-            for colour in ("red", "green")])
+
+        images = np.stack(
+            [
+                image_ops.clip_normalize(
+                    render([{"colour": colour, "shape": "triangle", "bbox": (2, 3, 12, 13), "size": 10}])
+                )[:IMAGE, :IMAGE]
+                for colour in ("red", "green")
+            ]
+        )
         colour_blind = dict(params, visual=dict(params["visual"]))
         colour_blind["visual"]["chroma_kernel"] = np.zeros_like(params["visual"]["chroma_kernel"])
         red, green = encode_image(model, colour_blind, images)
@@ -124,6 +152,7 @@ def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed, chroma_layer):
 
 def test_patch_embed_is_checked_and_optional():
     from clip_jax.model import spec_from_config
+
     config = tiny_config()
     assert spec_from_config(config).patch_embed == "rgb"
     del config.model["patch_embed"]  # workdirs written before the key existed
@@ -149,17 +178,16 @@ def test_text_features_come_from_the_end_token():
     tokens = tokens_with_eot(rng, 2, [3, 3])
     after = tokens.copy()
     after[:, 4:] = rng.integers(1, VOCAB - 1, size=(2, CONTEXT - 4))  # ids after the end token
-    np.testing.assert_allclose(encode_text(model, params, tokens), encode_text(model, params, after),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        encode_text(model, params, tokens), encode_text(model, params, after), atol=1e-6
+    )
     before = tokens.copy()
     before[:, 1] = np.where(before[:, 1] == 1, 2, 1)  # a token before the end token
-    assert not np.allclose(encode_text(model, params, tokens), encode_text(model, params, before),
-                           atol=1e-4)
+    assert not np.allclose(encode_text(model, params, tokens), encode_text(model, params, before), atol=1e-4)
     # The feature is the end token's: moving it moves the feature.
     moved = tokens.copy()
     moved[:, 3], moved[:, 4] = 5, VOCAB - 1
-    assert not np.allclose(encode_text(model, params, tokens), encode_text(model, params, moved),
-                           atol=1e-4)
+    assert not np.allclose(encode_text(model, params, tokens), encode_text(model, params, moved), atol=1e-4)
 
 
 @pytest.mark.parametrize("causal", [True, False])
@@ -186,8 +214,11 @@ def test_activations():
     quick, exact = tiny_config(activation="quick_gelu"), tiny_config(activation="gelu")
     params = make_params(exact)
     images = np.random.default_rng(3).normal(size=(2, IMAGE, IMAGE, 3)).astype(np.float32)
-    assert not np.allclose(encode_image(clip_from_config(quick), params, images),
-                           encode_image(clip_from_config(exact), params, images), atol=1e-5)
+    assert not np.allclose(
+        encode_image(clip_from_config(quick), params, images),
+        encode_image(clip_from_config(exact), params, images),
+        atol=1e-5,
+    )
     with pytest.raises(ValueError, match="activation"):
         clip_from_config(tiny_config(activation="relu"))
 
@@ -203,8 +234,9 @@ def test_init_and_logit_scale_clamp():
     assert shapes == jax.tree.map(lambda x: x.shape, nn.meta.unbox(abstract_params(model)))
     softmax = clip_from_config(tiny_config())
     params = make_params(tiny_config())
-    assert float(logit_scale(softmax, dict(params, logit_scale=jnp.float32(math.log(1 / 0.07))))) \
-        == pytest.approx(1 / 0.07, rel=1e-5)
+    assert float(
+        logit_scale(softmax, dict(params, logit_scale=jnp.float32(math.log(1 / 0.07))))
+    ) == pytest.approx(1 / 0.07, rel=1e-5)
     assert logit_scale(softmax, dict(params, logit_scale=jnp.float32(10.0))) == pytest.approx(100.0, rel=1e-5)
     assert MAX_LOGIT_SCALE == pytest.approx(math.log(100))
     assert defaults.model_config().logit_scale_init == pytest.approx(2.6593, abs=1e-4)
@@ -233,8 +265,10 @@ def test_scan_unrolled_remat_and_bf16_agree():
     np.testing.assert_allclose(encode_image(clip_from_config(scanned), params_s, images), ref, atol=1e-5)
     remat = tiny_config()
     remat.remat = "full"
-    grads = [jax.grad(lambda p, m=m: jnp.sum(encode_text(m, p, tokens) ** 3))(params_s)
-             for m in (clip_from_config(scanned), clip_from_config(remat))]
+    grads = [
+        jax.grad(lambda p, m=m: jnp.sum(encode_text(m, p, tokens) ** 3))(params_s)
+        for m in (clip_from_config(scanned), clip_from_config(remat))
+    ]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
     bf16 = tiny_config()
     bf16.compute_dtype = "bfloat16"
@@ -257,13 +291,16 @@ def test_every_param_has_known_logical_names():
 
 def test_sharded_forward_and_loss_equal_unsharded():
     from clip_jax.task import make_loss_fn
+
     config = tiny_config(vision_heads=2, text_heads=2)
     model = clip_from_config(config)
     boxed = abstract_params(model)
     params = make_params(config)
     rng = np.random.default_rng(5)
-    batch = {"image": rng.normal(size=(8, IMAGE, IMAGE, 3)).astype(np.float32),
-             "text": tokens_with_eot(rng, 8, rng.integers(1, CONTEXT, 8))}
+    batch = {
+        "image": rng.normal(size=(8, IMAGE, IMAGE, 3)).astype(np.float32),
+        "text": tokens_with_eot(rng, 8, rng.integers(1, CONTEXT, 8)),
+    }
     loss_fn = jax.jit(make_loss_fn(model, "softmax"))
     ref_loss, ref_metrics = loss_fn(params, batch, None, 0)
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
@@ -285,12 +322,15 @@ def test_sharded_forward_and_loss_equal_unsharded():
 def test_training_steps_reduce_the_loss():
     """A plain optax loop on 16 fixed pairs: the contrastive loss must fall well below chance."""
     from clip_jax.task import make_loss_fn
+
     config = tiny_config()
     model = clip_from_config(config)
     params = make_params(config)
     rng = np.random.default_rng(6)
-    batch = {"image": rng.normal(size=(16, IMAGE, IMAGE, 3)).astype(np.float32),
-             "text": tokens_with_eot(rng, 16, rng.integers(2, CONTEXT, 16))}
+    batch = {
+        "image": rng.normal(size=(16, IMAGE, IMAGE, 3)).astype(np.float32),
+        "text": tokens_with_eot(rng, 16, rng.integers(2, CONTEXT, 16)),
+    }
     loss_fn = make_loss_fn(model, "softmax")
     tx = optax.adam(3e-3)
 
@@ -315,8 +355,9 @@ def test_api_loads_a_saved_workdir(tmp_path):
     from core_jax.text import BPETokenizer, train_bpe
 
     config = tiny_config()
-    merges = train_bpe(["a red circle", "a blue square", "a green triangle"] * 3, VOCAB,
-                       str(tmp_path / "merges.txt"))
+    merges = train_bpe(
+        ["a red circle", "a blue square", "a green triangle"] * 3, VOCAB, str(tmp_path / "merges.txt")
+    )
     config.text.merges_file = merges
     params = make_params(config, seed=1)
     save_params(str(tmp_path / "w"), config, params)
@@ -332,9 +373,12 @@ def test_api_loads_a_saved_workdir(tmp_path):
     assert clip.logit_scale() == pytest.approx(1 / 0.07, rel=1e-5)
     big = np.random.default_rng(8).integers(0, 256, size=(2, 40, 30, 3), dtype=np.uint8)
     assert clip.preprocess_images(big).shape == (2, IMAGE, IMAGE, 3)
-    np.testing.assert_allclose(clip.preprocess_images(images[:1])[0],
-                               (images[0] / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073]))
-                               / np.array([0.26862954, 0.26130258, 0.27577711]), atol=1e-5)
+    np.testing.assert_allclose(
+        clip.preprocess_images(images[:1])[0],
+        (images[0] / 255.0 - np.array([0.48145466, 0.4578275, 0.40821073]))
+        / np.array([0.26862954, 0.26130258, 0.27577711]),
+        atol=1e-5,
+    )
 
 
 def test_make_task_preprocessing_and_hooks(tmp_path):

@@ -1,4 +1,5 @@
 """Retrieval recall@k against brute force, caption transport, and masking of padded rows."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -73,6 +74,7 @@ def test_captions_round_trip_through_fixed_byte_rows():
 
 class CaptionEncoder:
     """Image i embeds as e_i; caption 'img{i} ...' embeds as e_i, so every recall is 1."""
+
     image_size = 8
 
     def __init__(self, n):

@@ -4,6 +4,7 @@ The loss-level tests (test_clip_losses.py, test_clip_model.py) compare one forwa
 whole step (global-batch softmax loss, gradients, AdamW, learnable temperature) for several steps,
 so a wrong feature gather or a missing gradient all-reduce shows up as a diverging trajectory.
 """
+
 import json
 import os
 
@@ -25,14 +26,23 @@ def tiny_clip_config(mesh):
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.model.image_size = c.data.image_size = 16
     # One vision block: the shapes config's colour stem must join at block 0 of it.
-    c.model.update(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
-                   text_heads=2, embed_dim=16, chroma_layer=0)
+    c.model.update(
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        chroma_layer=0,
+    )
     c.eval.evaluators = ""
     return c
 
 
 def train_losses(tmp_path, mesh, devices=None):
     from clip_jax.task import make_task
+
     config = tiny_clip_config(mesh)
     workdir = str(tmp_path / ("m%d%d%d" % mesh))
     trainer.train(config, workdir, make_task(config, workdir), devices=devices, log_fn=lambda s: None)

@@ -1,4 +1,5 @@
 """Zero-shot classification: exact top-k on encoders whose embeddings the test controls."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -22,6 +23,7 @@ def id_image(i: int, size: int = 8) -> np.ndarray:
 
 class TableEncoder:
     """Image i embeds as image_table[i]; a text embeds as text_fn(text). Normalises both."""
+
     image_size = 8
 
     def __init__(self, image_table, text_fn):
@@ -63,34 +65,49 @@ def ranked_fixture(num_classes=10, num_images=37, seed=0):
     table = np.zeros((num_images, num_classes), np.float32)
     for i in range(num_images):
         others = [c for c in rng.permutation(num_classes) if c != labels[i]]
-        order = others[:ranks[i]] + [labels[i]] + others[ranks[i]:]
+        order = others[: ranks[i]] + [labels[i]] + others[ranks[i] :]
         table[i, order] = 1.0 - 0.05 * np.arange(num_classes)
     names = [f"class{c}" for c in range(num_classes)]
 
     def text_fn(text):
         c = int(text.split("class")[1].split()[0].rstrip("."))
         return np.eye(num_classes)[c]
+
     return labels, ranks, table, names, text_fn
 
 
 def batches_of(labels, batch_size, process_index=0, process_count=1):
     load = lambda i: {"image": id_image(i), "label": np.int32(labels[i])}  # noqa: E731
-    return ev.padded_batches(len(labels), load, batch_size, process_index=process_index,
-                             process_count=process_count)
+    return ev.padded_batches(
+        len(labels), load, batch_size, process_index=process_index, process_count=process_count
+    )
 
 
 def test_shipped_imagenet_lists():
     assert len(IMAGENET_CLASSNAMES) == 1000
     assert len(OPENAI_TEMPLATES) == 80 and len(set(OPENAI_TEMPLATES)) == 80
-    assert SUBSET7_TEMPLATES == ("itap of a {}.", "a bad photo of the {}.", "a origami {}.",
-                                 "a photo of the large {}.", "a {} in a video game.",
-                                 "art of the {}.", "a photo of the small {}.")
+    assert SUBSET7_TEMPLATES == (
+        "itap of a {}.",
+        "a bad photo of the {}.",
+        "a origami {}.",
+        "a photo of the large {}.",
+        "a {} in a video game.",
+        "art of the {}.",
+        "a photo of the small {}.",
+    )
     assert set(SUBSET7_TEMPLATES) <= set(OPENAI_TEMPLATES)
     assert all(t.count("{}") == 1 for t in OPENAI_TEMPLATES)
     # Spot checks against the standard label order (sorted WordNet ids).
-    for index, name in [(0, "tench"), (1, "goldfish"), (207, "Golden Retriever"),
-                        (281, "tabby cat"), (409, "analog clock"), (817, "sports car"),
-                        (954, "banana"), (999, "toilet paper")]:
+    for index, name in [
+        (0, "tench"),
+        (1, "goldfish"),
+        (207, "Golden Retriever"),
+        (281, "tabby cat"),
+        (409, "analog clock"),
+        (817, "sports car"),
+        (954, "banana"),
+        (999, "toilet paper"),
+    ]:
         assert IMAGENET_CLASSNAMES[index] == name
 
 
@@ -112,9 +129,11 @@ def test_padded_rows_never_count_even_with_wrong_labels():
     labels, ranks, table, names, text_fn = ranked_fixture(num_images=5)
     enc = TableEncoder(table, text_fn)
     weights = zeroshot.class_embeddings(enc, names, ["{}"])
-    good = {"image": np.stack([id_image(i) for i in range(5)] + [id_image(0)] * 3),
-            "label": np.concatenate([labels, [labels[0]] * 3]).astype(np.int32),
-            "_mask": np.array([True] * 5 + [False] * 3)}
+    good = {
+        "image": np.stack([id_image(i) for i in range(5)] + [id_image(0)] * 3),
+        "label": np.concatenate([labels, [labels[0]] * 3]).astype(np.int32),
+        "_mask": np.array([True] * 5 + [False] * 3),
+    }
     result = zeroshot.evaluate_batches(enc, [good], weights)
     assert result["num_examples"] == 5
     assert result["top1"] == pytest.approx(np.mean(ranks == 0))
@@ -205,8 +224,9 @@ def test_shapes_zeroshot_with_an_oracle_encoder_is_perfect():
             return np.stack([eye[truth[im.tobytes()]] for im in np.asarray(images)])
 
         def embed_texts(self, texts):
-            return np.stack([eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)]
-                             for t in texts])
+            return np.stack(
+                [eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)] for t in texts]
+            )
 
     config = ev.with_eval_defaults(_minimal_config())
     config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test_unseen"
@@ -219,6 +239,7 @@ def test_default_templates_imagenet_80_shapes_own():
     """TFDS (ImageNet) zero-shot defaults to the paper's 80 (open_clip's OPENAI_IMAGENET_TEMPLATES,
     the notebook's order); the 7 stay selectable; shapes keeps its position templates."""
     from clip_jax.defaults import vit_config
+
     e = ev.with_eval_defaults(_minimal_config()).eval
     e.zeroshot_source = "tfds"
     templates = zeroshot.resolve_templates(zeroshot.default_templates(e))
@@ -230,19 +251,22 @@ def test_default_templates_imagenet_80_shapes_own():
     assert zeroshot.resolve_templates(zeroshot.default_templates(e)) == list(SUBSET7_TEMPLATES)
     e.templates, e.zeroshot_source = "", "shapes"
     assert zeroshot.resolve_templates(zeroshot.default_templates(e)) == [
-        f"a {{}} in the {p}" for p in ("top left", "top right", "bottom left", "bottom right",
-                                       "center")]
+        f"a {{}} in the {p}" for p in ("top left", "top right", "bottom left", "bottom right", "center")
+    ]
 
 
 def _minimal_config():
     import ml_collections
+
     return ml_collections.ConfigDict({"data": {"source": "shapes"}})
 
 
 def test_eval_config_overrides():
     config = ev.with_eval_defaults(_minimal_config())
-    ev.apply_overrides(config, ["--config.eval.max_examples=7", "--config.eval.templates=openai80",
-                                "--config.data.source=tfds"])
+    ev.apply_overrides(
+        config,
+        ["--config.eval.max_examples=7", "--config.eval.templates=openai80", "--config.data.source=tfds"],
+    )
     assert config.eval.max_examples == 7 and config.eval.templates == "openai80"
     assert config.data.source == "tfds"
     with pytest.raises(ValueError, match="unknown key 'max_exampels'"):
@@ -259,15 +283,16 @@ def test_tfds_imagenet_path_with_an_oracle_encoder(tmp_path, monkeypatch):
     become the cleaned names, padded/skipped rows are not counted."""
     import tempfile
     import tensorflow_datasets as tfds
+
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # TFDS leaves empty temp dirs behind
 
     n, size = 13, 16
     with tfds.testing.mock_data(num_examples=n):
         raw = tfds.data_source("imagenet2012", split="validation")
-        truth = {ev.sized_image(raw[i]["image"], size).tobytes(): int(raw[i]["label"])
-                 for i in range(n)}
-        prompt_class = {t.format(c): IMAGENET_CLASSNAMES.index(c)
-                        for c in IMAGENET_CLASSNAMES for t in SUBSET7_TEMPLATES}
+        truth = {ev.sized_image(raw[i]["image"], size).tobytes(): int(raw[i]["label"]) for i in range(n)}
+        prompt_class = {
+            t.format(c): IMAGENET_CLASSNAMES.index(c) for c in IMAGENET_CLASSNAMES for t in SUBSET7_TEMPLATES
+        }
         eye = np.eye(1000, dtype=np.float32)
 
         class Oracle:
@@ -297,11 +322,21 @@ def test_tfds_imagenet_path_with_an_oracle_encoder(tmp_path, monkeypatch):
 
 def tiny_clip_config():
     from clip_jax.defaults import clip_config, model_config, text_config
-    model = model_config(name="tiny", image_size=16, patch_size=8, vision_width=32,
-                         vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
-                         text_heads=2, embed_dim=16, activation="gelu")
-    config = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64,
-                                            context_length=16))
+
+    model = model_config(
+        name="tiny",
+        image_size=16,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        activation="gelu",
+    )
+    config = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16))
     config.eval = ev.eval_config()
     return config
 
@@ -309,6 +344,7 @@ def tiny_clip_config():
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
     from clip_jax import model as clip_model
+
     workdir = str(tmp_path_factory.mktemp("tiny_clip"))
     config = tiny_clip_config()
     module = clip_model.clip_from_config(config)
@@ -319,15 +355,18 @@ def random_params(module, seed=0):
     """Random values in the model's param shapes, without compiling an init (slow on 2 cores)."""
     import flax.linen as nn
     from clip_jax import model as clip_model
+
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
     rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32),
-                        nn.meta.unbox(abstract))
+    return jax.tree.map(
+        lambda s: (rng.normal(size=s.shape) * 0.2).astype(np.float32), nn.meta.unbox(abstract)
+    )
 
 
 def test_params_encoder_matches_unsharded_model(tiny_clip):
     from clip_jax import model as clip_model
     from core_jax.data.image_ops import clip_normalize
+
     config, module, params, workdir = tiny_clip
     enc = ev.ParamsEncoder(config, params, workdir)
     assert enc.data_parallel == 8  # replicated params, batch split over all 8 devices
@@ -338,8 +377,7 @@ def test_params_encoder_matches_unsharded_model(tiny_clip):
     want = encode(params, clip_normalize(images))
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
     texts = ["a red circle in the top left", "a blue square", "x"] * 3
-    want_t = jax.jit(lambda p, t: clip_model.encode_text(module, p, t))(
-        params, enc.tokenizer.encode(texts))
+    want_t = jax.jit(lambda p, t: clip_model.encode_text(module, p, t))(params, enc.tokenizer.encode(texts))
     np.testing.assert_allclose(enc.embed_texts(texts), np.asarray(want_t), atol=2e-5)
 
 

@@ -1,4 +1,5 @@
 """Every config error named in the foundation issue: one clear line on stderr, exit code 2."""
+
 import os
 import subprocess
 import sys
@@ -11,16 +12,19 @@ from tests.toy_task import toy_config
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("overrides,devices,message", [
-    ({"batch_size": 12, "mesh.data": 8}, 8, "not divisible by the data-parallel size"),
-    ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, "data*fsdp*tensor = 4"),
-    ({"mesh.data": -1, "mesh.fsdp": 3}, 8, "not divisible by 3"),
-    ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "at most one axis may be -1"),
-    ({"data.index_file": "/no/such/index.csv"}, 8, "path does not exist: /no/such/index.csv"),
-    ({"batch_size": 16, "grad_accum_steps": 4, "mesh.data": 8}, 8, "micro-batch"),
-    ({"nan_policy": "ignore"}, 8, "nan_policy"),
-    ({"total_steps": 0}, 8, "total_steps must be positive"),
-])
+@pytest.mark.parametrize(
+    "overrides,devices,message",
+    [
+        ({"batch_size": 12, "mesh.data": 8}, 8, "not divisible by the data-parallel size"),
+        ({"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 1}, 8, "data*fsdp*tensor = 4"),
+        ({"mesh.data": -1, "mesh.fsdp": 3}, 8, "not divisible by 3"),
+        ({"mesh.data": -1, "mesh.fsdp": -1}, 8, "at most one axis may be -1"),
+        ({"data.index_file": "/no/such/index.csv"}, 8, "path does not exist: /no/such/index.csv"),
+        ({"batch_size": 16, "grad_accum_steps": 4, "mesh.data": 8}, 8, "micro-batch"),
+        ({"nan_policy": "ignore"}, 8, "nan_policy"),
+        ({"total_steps": 0}, 8, "total_steps must be positive"),
+    ],
+)
 def test_validate_messages(overrides, devices, message):
     with pytest.raises(ConfigError, match=message.replace("*", r"\*")):
         validate(toy_config(**overrides), devices)
@@ -28,19 +32,28 @@ def test_validate_messages(overrides, devices, message):
 
 def _run(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "clip_jax.train", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "clip_jax.train", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.no_such_key=3"], "no_such_key"),
-    (["--config.batch_size=12", "--config.mesh.data=8"], "not divisible by the data-parallel size"),
-    (["--config.mesh.data=3"], "data*fsdp*tensor"),
-    (["--config.data.index_file=/missing/index.csv"], "/missing/index.csv"),
-    (["--config=configs/no_such_config.py"], "no_such_config.py"),
-    # The shapes config on other data would train its BPE on the shapes captions: refused.
-    (["--config.data.source=tfds"], "text.train_source"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.no_such_key=3"], "no_such_key"),
+        (["--config.batch_size=12", "--config.mesh.data=8"], "not divisible by the data-parallel size"),
+        (["--config.mesh.data=3"], "data*fsdp*tensor"),
+        (["--config.data.index_file=/missing/index.csv"], "/missing/index.csv"),
+        (["--config=configs/no_such_config.py"], "no_such_config.py"),
+        # The shapes config on other data would train its BPE on the shapes captions: refused.
+        (["--config.data.source=tfds"], "text.train_source"),
+    ],
+)
 def test_cli_config_errors_exit_2(tmp_path, args, message):
     r = _run("--workdir", str(tmp_path / "wd"), *args)
     assert r.returncode == 2, (r.returncode, r.stderr[-3000:])

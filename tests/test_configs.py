@@ -1,6 +1,7 @@
 """Every shipped config loads and validates; the paper-scale ones build (abstractly) with the
 published sizes and shard as intended on pod-sized meshes, checked on AbstractMeshes (no devices).
 """
+
 import glob
 import math
 import os
@@ -37,8 +38,9 @@ def pod_mesh(config, devices):
 def abstract_params(config):
     """Boxed abstract params through the path training and `core_jax.aot` take."""
     task = aot.load_task_module(config).make_task(config, None)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-             for k, v in task.batch_spec(int(config.batch_size)).items()}
+    batch = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in task.batch_spec(int(config.batch_size)).items()
+    }
     return trainer.abstract_boxed_params(task, config, batch)
 
 
@@ -98,7 +100,8 @@ def test_undivided_axes_ignores_axes_used_elsewhere_and_size_one():
     assert sharding.undivided_axes(("embed", "mlp"), (8, 6), mesh) == {}
     # a conv kernel: conv_in and embed-like axes both want fsdp; one that divides is enough
     assert sharding.undivided_axes((None, None, "conv_in", "conv_out"), (3, 3, 3, 8), mesh) == {
-        "fsdp": ("conv_in", 3)}
+        "fsdp": ("conv_in", 3)
+    }
     one = AbstractMesh((8, 1, 1), sharding.MESH_AXES)  # params are not split over data
     assert sharding.undivided_axes(("embed", "vocab"), (7, 5), one) == {}
 
@@ -127,16 +130,29 @@ def test_dvae_openai_follows_the_paper_recipe():
     for step in (1_200_000, 2_000_000, 3_000_000):
         assert float(lr(step)) == pytest.approx(1.25e-6, rel=1e-5), step
     assert (c.total_steps, c.batch_size, c.data.image_size) == (3_000_000, 512, 256)
-    assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == \
-        ("adamw", 0.9, 0.999, 1e-8, 1e-4)
+    assert (c.optim.name, c.optim.b1, c.optim.b2, c.optim.eps, c.optim.weight_decay) == (
+        "adamw",
+        0.9,
+        0.999,
+        1e-8,
+        1e-4,
+    )
     assert c.ema_decay == 0.999
     assert c.data.random_crop and c.data.random_flip
     assert tuple(c.data.random_resize_range) == (9 / 8, 12 / 8)
     m = c.model
-    assert (m.kl_weight_start, m.kl_weight_end, m.kl_weight_ramp_steps, m.kl_weight_schedule) == \
-        (0.0, 6.6, 5000, "cosine")
-    assert (m.temperature_start, m.temperature_end, m.temperature_anneal_steps,
-            m.temperature_schedule) == (1.0, 1 / 16, 150_000, "cosine")
+    assert (m.kl_weight_start, m.kl_weight_end, m.kl_weight_ramp_steps, m.kl_weight_schedule) == (
+        0.0,
+        6.6,
+        5000,
+        "cosine",
+    )
+    assert (m.temperature_start, m.temperature_end, m.temperature_anneal_steps, m.temperature_schedule) == (
+        1.0,
+        1 / 16,
+        150_000,
+        "cosine",
+    )
 
 
 @pytest.mark.parametrize("name", ["clip_vit_b32", "clip_vit_b16", "clip_vit_l14"])
@@ -171,6 +187,7 @@ def test_clip_paper_configs_random_square_crop_only(name):
 
 def test_dalle_paper_never_trains_its_tokenizer_on_shapes_captions(tmp_path):
     from core_jax.config import ConfigError
+
     config = load_config("dalle_paper")
     assert config.data.source != "shapes" and config.text.merges_file == ""
     task_module = aot.load_task_module(config)

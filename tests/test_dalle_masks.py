@@ -12,6 +12,7 @@ from tests.testfiles import load_config
 
 # ----------------------------------------------------------------------------- the paper's masks
 
+
 def reference_mask(kind, text_len, grid, k):
     """The paper's masks built column by column from the causal mask, clearing what each image key
     may not be read by (the construction ruDALL-E's image_attention.py uses for row and column),
@@ -20,21 +21,21 @@ def reference_mask(kind, text_len, grid, k):
     out = np.tril(np.ones((T, T), bool))
     first_image = text_len + 1  # positions from here on hold image tokens; text keys stay visible
     for key in range(first_image, T):
-        if kind == "row":                      # read by the query at `key` and the grid after it
-            out[key + grid + 1:, key] = False
-        elif kind == "column":                 # read by every grid-th query from `key` on
+        if kind == "row":  # read by the query at `key` and the grid after it
+            out[key + grid + 1 :, key] = False
+        elif kind == "column":  # read by every grid-th query from `key` on
             for start in range(key + 1, T, grid):
-                out[start:start + grid - 1, key] = False
+                out[start : start + grid - 1, key] = False
         elif kind == "conv":
-            out[key + 1:, key] = False
+            out[key + 1 :, key] = False
     if kind == "conv":
         half = k // 2
         for p in range(first_image, T):
-            r, c = divmod(p - first_image, grid)            # the token the query holds
-            for dr in range(-half, 1):                      # rows above it and its own
+            r, c = divmod(p - first_image, grid)  # the token the query holds
+            for dr in range(-half, 1):  # rows above it and its own
                 for dc in range(-half, half + 1):
-                    held = (r + dr) * grid + (c + dc)       # raster order: wraps into the next row
-                    if 0 <= held <= p - first_image:        # causal
+                    held = (r + dr) * grid + (c + dc)  # raster order: wraps into the next row
+                    if 0 <= held <= p - first_image:  # causal
                         out[p, first_image + held] = True
     return out
 
@@ -44,11 +45,13 @@ FIGURE_11 = dict(text_len=6, grid=4, k=3)
 
 
 @pytest.mark.parametrize("kind", masks.KINDS)
-@pytest.mark.parametrize("text_len,grid,k", [tuple(FIGURE_11.values()), (3, 4, 3), (1, 5, 3),
-                                             (2, 6, 5), (2, 3, 5), (4, 8, 5)])
+@pytest.mark.parametrize(
+    "text_len,grid,k", [tuple(FIGURE_11.values()), (3, 4, 3), (1, 5, 3), (2, 6, 5), (2, 3, 5), (4, 8, 5)]
+)
 def test_mask_matches_reference(kind, text_len, grid, k):
-    np.testing.assert_array_equal(masks.stream_mask(kind, text_len, grid, k),
-                                  reference_mask(kind, text_len, grid, k))
+    np.testing.assert_array_equal(
+        masks.stream_mask(kind, text_len, grid, k), reference_mask(kind, text_len, grid, k)
+    )
 
 
 def test_figure_11_golden():
@@ -56,12 +59,11 @@ def test_figure_11_golden():
     lt, g = FIGURE_11["text_len"], FIGURE_11["grid"]
 
     def picture(kind):
-        m = masks.stream_mask(kind, lt, g, FIGURE_11["k"])[lt:, lt + 1:]  # [predicted i, held j]
+        m = masks.stream_mask(kind, lt, g, FIGURE_11["k"])[lt:, lt + 1 :]  # [predicted i, held j]
         return ["".join("x" if v else "." for v in row) for row in m]
 
     # Row: the previous grid + 1 = 5 tokens (paper: "the previous 5 image tokens in raster order").
-    assert picture("row")[4:8] == ["xxxx...........", "xxxxx..........", ".xxxxx.........",
-                                   "..xxxxx........"]
+    assert picture("row")[4:8] == ["xxxx...........", "xxxxx..........", ".xxxxx.........", "..xxxxx........"]
     assert picture("row")[15] == "..........xxxxx"
     # Column: the token before the predicted one and every grid-th before that.
     assert picture("column")[13] == "x...x...x...x.." and picture("column")[6] == ".x...x........."
@@ -74,9 +76,9 @@ def test_figure_11_golden():
 def test_text_causal_and_images_see_all_text(kind, legacy):
     lt, g = 5, 4
     m = masks.stream_mask(kind, lt, g, 3, legacy)
-    np.testing.assert_array_equal(m[:lt, :lt + 1], np.tril(np.ones((lt, lt + 1), bool)))
-    assert m[lt:, :lt + 1].all()              # every image prediction reads BOS + all text
-    assert not np.triu(m, 1).any()            # nothing reads the future
+    np.testing.assert_array_equal(m[:lt, : lt + 1], np.tril(np.ones((lt, lt + 1), bool)))
+    assert m[lt:, : lt + 1].all()  # every image prediction reads BOS + all text
+    assert not np.triu(m, 1).any()  # nothing reads the future
 
 
 def test_row_column_conv_examples():
@@ -93,6 +95,7 @@ def test_row_column_conv_examples():
 
 
 # ----------------------------------------------------------------------------- reachability
+
 
 def unreachable_pairs(kinds, text_len, grid, k, legacy=False):
     """(query, earlier image token) pairs with no path through the stack: (count, of how many).
@@ -128,7 +131,7 @@ def test_paper_pattern_reaches_every_earlier_token_at_paper_scale():
 def test_paper_pattern_reaches_every_earlier_token_at_the_shapes_grid():
     m = load_config("dalle_shapes", "paper_masks").model
     kinds = masks.layer_kinds(m.attention_pattern, m.num_layers)
-    n = m.image_grid ** 2
+    n = m.image_grid**2
     assert unreachable_pairs(kinds, m.text_len, m.image_grid, m.conv_kernel) == (0, n * (n - 1) // 2)
     assert unreachable_pairs(kinds, m.text_len, m.image_grid, m.conv_kernel, legacy=True)[0] > 0
 
@@ -140,13 +143,14 @@ def test_row_then_column_is_enough_and_row_alone_is_not():
 
 # ----------------------------------------------------------------------------- legacy masks
 
+
 def _stream_tokens(text_len, grid):
     """What each input position holds and what it predicts, as tuples in stream order."""
     text = [("text", t) for t in range(text_len)]
     image = [("image", r, c) for r in range(grid) for c in range(grid)]
-    order = [("bos",)] + text + image          # every token of the stream, first to last
-    holds = order[:-1]                          # position p holds order[p]
-    predicts = order[1:]                        # and predicts order[p + 1]
+    order = [("bos",)] + text + image  # every token of the stream, first to last
+    holds = order[:-1]  # position p holds order[p]
+    predicts = order[1:]  # and predicts order[p + 1]
     return order, holds, predicts
 
 
@@ -160,24 +164,30 @@ def legacy_brute_force_mask(kind, text_len, grid, k):
         target = predicts[p]
         for q in range(T):
             source = holds[q]
-            if rank[source] >= rank[target]:    # may only read tokens before the one predicted
+            if rank[source] >= rank[target]:  # may only read tokens before the one predicted
                 continue
             if kind == "full" or source[0] != "image":
-                out[p, q] = True                # all earlier text (and BOS) is always visible
+                out[p, q] = True  # all earlier text (and BOS) is always visible
                 continue
             (_, r, c), (_, r2, c2) = target, source
-            out[p, q] = {"row": r == r2, "column": c == c2,
-                         "conv": abs(r - r2) <= k // 2 and abs(c - c2) <= k // 2}[kind]
+            out[p, q] = {
+                "row": r == r2,
+                "column": c == c2,
+                "conv": abs(r - r2) <= k // 2 and abs(c - c2) <= k // 2,
+            }[kind]
     return out
 
 
 @pytest.mark.parametrize("kind", masks.KINDS)
 @pytest.mark.parametrize("text_len,grid,k", [(3, 4, 3), (1, 5, 3), (6, 4, 5), (2, 6, 1)])
 def test_legacy_mask_matches_brute_force(kind, text_len, grid, k):
-    np.testing.assert_array_equal(masks.stream_mask(kind, text_len, grid, k, legacy=True),
-                                  legacy_brute_force_mask(kind, text_len, grid, k))
-    differs = not np.array_equal(masks.stream_mask(kind, text_len, grid, k),
-                                 legacy_brute_force_mask(kind, text_len, grid, k))
+    np.testing.assert_array_equal(
+        masks.stream_mask(kind, text_len, grid, k, legacy=True),
+        legacy_brute_force_mask(kind, text_len, grid, k),
+    )
+    differs = not np.array_equal(
+        masks.stream_mask(kind, text_len, grid, k), legacy_brute_force_mask(kind, text_len, grid, k)
+    )
     assert differs == (kind != "full")
 
 
@@ -189,33 +199,45 @@ def test_recorded_legacy_masks():
     assert masks.recorded_legacy_masks(_model(legacy_masks=True)) is True
     assert masks.recorded_legacy_masks(_model(legacy_masks=False)) is False
     assert masks.recorded_legacy_masks(_model("full")) is False  # 'full' never changed
-    with pytest.raises(ConfigError, match=r'^runs/old/config.json has no model.legacy_masks.*add '
-                                          r'"legacy_masks": true to the "model" section of '
-                                          r'runs/old/config.json'):
+    with pytest.raises(
+        ConfigError,
+        match=r"^runs/old/config.json has no model.legacy_masks.*add "
+        r'"legacy_masks": true to the "model" section of '
+        r"runs/old/config.json",
+    ):
         masks.recorded_legacy_masks(_model("row"), "runs/old")
 
 
-@pytest.mark.parametrize("recorded,run,ok", [
-    (dict(), dict(legacy_masks=False), False),                  # old workdir, current masks
-    (dict(), dict(legacy_masks=True), True),                    # old workdir, old masks
-    (dict(legacy_masks=True), dict(legacy_masks=False), False),
-    (dict(legacy_masks=False), dict(legacy_masks=False), True),
-    (dict(legacy_masks=False), dict(legacy_masks=True), False),
-    (dict(pattern="full"), dict(legacy_masks=False), True),     # a 'full' model is unaffected
-    (dict(), dict(pattern="full", legacy_masks=False), True),
-])
+@pytest.mark.parametrize(
+    "recorded,run,ok",
+    [
+        (dict(), dict(legacy_masks=False), False),  # old workdir, current masks
+        (dict(), dict(legacy_masks=True), True),  # old workdir, old masks
+        (dict(legacy_masks=True), dict(legacy_masks=False), False),
+        (dict(legacy_masks=False), dict(legacy_masks=False), True),
+        (dict(legacy_masks=False), dict(legacy_masks=True), False),
+        (dict(pattern="full"), dict(legacy_masks=False), True),  # a 'full' model is unaffected
+        (dict(), dict(pattern="full", legacy_masks=False), True),
+    ],
+)
 def test_check_trained_masks(recorded, run, ok):
-    recorded_config = ml_collections.ConfigDict({"model": _model(recorded.pop("pattern", "paper"), **recorded)})
+    recorded_config = ml_collections.ConfigDict(
+        {"model": _model(recorded.pop("pattern", "paper"), **recorded)}
+    )
     run_config = ml_collections.ConfigDict({"model": _model(run.pop("pattern", "paper"), **run)})
     if ok:
         masks.check_trained_masks(run_config, recorded_config, "W")
     else:
-        with pytest.raises(ConfigError, match=r"^the params in W were trained with the .* masks; rerun with "
-                                              r"--config.model.legacy_masks=(True|False), or retrain"):
+        with pytest.raises(
+            ConfigError,
+            match=r"^the params in W were trained with the .* masks; rerun with "
+            r"--config.model.legacy_masks=(True|False), or retrain",
+        ):
             masks.check_trained_masks(run_config, recorded_config, "W")
 
 
 # ----------------------------------------------------------------------------- layer patterns
+
 
 def test_paper_pattern():
     kinds = masks.paper_pattern(10)
@@ -225,8 +247,10 @@ def test_paper_pattern():
     assert masks.layer_kinds("row, column,conv", 3) == ("row", "column", "conv")
 
 
-@pytest.mark.parametrize("pattern,layers,match", [
-    ("diagonal", 2, "unknown mask kind"), ("row,column", 3, "lists 2 kinds"), ("", 2, "non-empty")])
+@pytest.mark.parametrize(
+    "pattern,layers,match",
+    [("diagonal", 2, "unknown mask kind"), ("row,column", 3, "lists 2 kinds"), ("", 2, "non-empty")],
+)
 def test_bad_patterns(pattern, layers, match):
     with pytest.raises(ValueError, match=match):
         masks.layer_kinds(pattern, layers)

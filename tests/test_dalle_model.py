@@ -1,4 +1,5 @@
 """DALL-E transformer: shapes, loss, mask use, scan/unrolled/remat equality, paper-scale build, task."""
+
 import functools
 import math
 import os
@@ -11,8 +12,14 @@ import pytest
 
 from core_jax import sharding
 from dalle_jax import dalle_task, masks
-from dalle_jax.transformer import (DalleConfig, DalleTransformer, count_params, init_params,
-                                   input_stream, loss_and_metrics)
+from dalle_jax.transformer import (
+    DalleConfig,
+    DalleTransformer,
+    count_params,
+    init_params,
+    input_stream,
+    loss_and_metrics,
+)
 from tests.testfiles import load_config
 
 
@@ -23,14 +30,25 @@ def apply(cfg, params, ids, heads="split"):
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def loss(cfg, params, text, image, row_weight=None):
-    return loss_and_metrics(params, cfg, text, image, text_loss_weight=0.125, image_loss_weight=0.875,
-                            row_weight=row_weight)
+    return loss_and_metrics(
+        params, cfg, text, image, text_loss_weight=0.125, image_loss_weight=0.875, row_weight=row_weight
+    )
 
 
 def tiny(kinds=("row", "column", "conv"), **kw):
-    base = dict(text_len=3, text_vocab_size=11, image_grid=3, image_vocab_size=13, d_model=16,
-                num_heads=2, head_dim=8, num_layers=len(kinds), mlp_dim=32, layer_kinds=tuple(kinds),
-                conv_kernel=3)
+    base = dict(
+        text_len=3,
+        text_vocab_size=11,
+        image_grid=3,
+        image_vocab_size=13,
+        d_model=16,
+        num_heads=2,
+        head_dim=8,
+        num_layers=len(kinds),
+        mlp_dim=32,
+        layer_kinds=tuple(kinds),
+        conv_kernel=3,
+    )
     base.update(kw)
     return DalleConfig(**base)
 
@@ -53,8 +71,10 @@ def random_params(cfg, seed=0, scale=0.3):
 
 def batch_for(cfg, batch=2, seed=0):
     rng = np.random.default_rng(seed)
-    return (rng.integers(0, cfg.total_text_vocab, (batch, cfg.text_len)).astype(np.int32),
-            rng.integers(0, cfg.image_vocab_size, (batch, cfg.num_image_tokens)).astype(np.int32))
+    return (
+        rng.integers(0, cfg.total_text_vocab, (batch, cfg.text_len)).astype(np.int32),
+        rng.integers(0, cfg.image_vocab_size, (batch, cfg.num_image_tokens)).astype(np.int32),
+    )
 
 
 def test_shapes_and_loss():
@@ -80,8 +100,11 @@ def test_shapes_and_loss():
     other_text, other_image = batch_for(cfg, batch=3, seed=1)
     other_text[:2], other_image[:2] = text[:2], image[:2]
     weights = jnp.array([1.0, 1.0, 0.0])
-    np.testing.assert_allclose(loss(cfg, params, text, image, weights)[0],
-                               loss(cfg, params, other_text, other_image, weights)[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        loss(cfg, params, text, image, weights)[0],
+        loss(cfg, params, other_text, other_image, weights)[0],
+        rtol=1e-6,
+    )
     assert abs(float(loss(cfg, params, other_text, other_image, ones)[0]) - float(total)) > 1e-3
 
 
@@ -101,7 +124,9 @@ def test_one_layer_reads_exactly_its_mask(kind, legacy):
         rows[q + 1, q] = (rows[q + 1, q] + 1) % vocab
     hidden = apply(cfg, params, jnp.asarray(rows), "image")
     changed = np.abs(np.asarray(hidden[1:] - hidden[:1])).max(-1) > 1e-6  # [q, p]
-    expected = masks.stream_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, legacy).T | np.eye(T, dtype=bool)
+    expected = masks.stream_mask(kind, cfg.text_len, cfg.image_grid, cfg.conv_kernel, legacy).T | np.eye(
+        T, dtype=bool
+    )
     np.testing.assert_array_equal(changed[1:], expected[1:])
 
 
@@ -120,8 +145,7 @@ def test_scan_unrolled_remat_agree():
     ref = apply(cfg, params, ids)
     unrolled_cfg = cfg.replace(scan_layers=False)
     unrolled = _unrolled_from_scanned(params, cfg.num_layers)
-    assert jax.tree.structure(unrolled) == jax.tree.structure(
-        nn.meta.unbox(abstract_params(unrolled_cfg)))
+    assert jax.tree.structure(unrolled) == jax.tree.structure(nn.meta.unbox(abstract_params(unrolled_cfg)))
     for c, p in ((unrolled_cfg, unrolled), (cfg.replace(remat="full"), params)):
         out = apply(c, p, ids)
         for a, b in zip(ref, out):
@@ -130,8 +154,12 @@ def test_scan_unrolled_remat_agree():
     grad = jax.jit(jax.grad(lambda p, c: loss(c, p, text, image)[0]), static_argnums=1)
     g_scan = grad(params, cfg.replace(remat="full"))
     g_unrolled = grad(unrolled, unrolled_cfg)
-    np.testing.assert_allclose(_unrolled_from_scanned(g_scan, cfg.num_layers)["layers"]["layer_1"]["attn"]["key_kernel"],
-                               g_unrolled["layers"]["layer_1"]["attn"]["key_kernel"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        _unrolled_from_scanned(g_scan, cfg.num_layers)["layers"]["layer_1"]["attn"]["key_kernel"],
+        g_unrolled["layers"]["layer_1"]["attn"]["key_kernel"],
+        rtol=1e-4,
+        atol=1e-6,
+    )
 
 
 def test_every_param_is_annotated_and_bf16_runs():
@@ -156,7 +184,12 @@ def test_paper_config_builds_abstractly():
     config = load_config("dalle_paper")
     cfg = DalleConfig.from_config(config)
     assert (cfg.num_layers, cfg.num_heads, cfg.head_dim, cfg.d_model) == (64, 62, 64, 3968)
-    assert (cfg.text_len, cfg.num_image_tokens, cfg.text_vocab_size, cfg.image_vocab_size) == (256, 1024, 16384, 8192)
+    assert (cfg.text_len, cfg.num_image_tokens, cfg.text_vocab_size, cfg.image_vocab_size) == (
+        256,
+        1024,
+        16384,
+        8192,
+    )
     assert cfg.layer_kinds[1] == "column" and cfg.layer_kinds[2] == "row" and cfg.layer_kinds[-1] == "conv"
     abstract = abstract_params(cfg)
     n = count_params(abstract)
@@ -176,11 +209,15 @@ def test_sharded_loss_matches_unsharded():
     mesh = sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))
     shardings = nn.meta.unbox(sharding.tree_shardings(mesh, boxed))
     sharded = jax.device_put(params, shardings)
-    assert sharded["layers"]["scan"]["block"]["attn"]["query_kernel"].sharding.spec == \
-        jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+    assert sharded["layers"]["scan"]["block"]["attn"][
+        "query_kernel"
+    ].sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     with jax.set_mesh(mesh):
-        out = fn(sharded, jax.device_put(text, sharding.batch_sharding(mesh, 2)),
-                 jax.device_put(image, sharding.batch_sharding(mesh, 2)))
+        out = fn(
+            sharded,
+            jax.device_put(text, sharding.batch_sharding(mesh, 2)),
+            jax.device_put(image, sharding.batch_sharding(mesh, 2)),
+        )
     np.testing.assert_allclose(out, ref, rtol=1e-5)
 
 
@@ -196,6 +233,7 @@ def test_config_errors():
 
 class FakeDVAE:
     """Stands in for dalle_jax.dvae_api.DVAE: 4x4 grid, codes = quantised mean brightness."""
+
     grid_size, vocab_size = 4, 16
 
     def encode(self, images):
@@ -239,6 +277,7 @@ def test_task_trains_with_the_trainer(tmp_path, monkeypatch):
     assert np.isfinite(scalars["loss"]) and 0.0 <= scalars["captions_dropped"] <= 1.0
     assert os.path.exists(os.path.join(workdir, "tokenizer", "merges.txt"))
     from core_jax.checkpoint import read_config  # sampling rebuilds the model from config.json
+
     assert read_config(workdir).model.text_vocab_size == config.model.text_vocab_size
     assert any("eval" in line and "image_loss" in line for line in logged), logged
     assert os.path.exists(os.path.join(workdir, "images", "samples_0000002.png"))
@@ -271,8 +310,13 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
         assert (first[i]["text"] == pads).all() == (kept[i] == 0)
     assert 30 <= (kept == 0).sum() <= 90  # Binomial(200, 0.3): mean 60, sd 6.5
     tokenizer = tokenizer_from_config(config.text, str(tmp_path / "run"), data_source="shapes")
-    eval_example_fn = dalle_task.make_example_fn(config, DalleConfig.from_config(config), tokenizer,
-                                                 dalle_task.image_tokens_fn(FakeDVAE()), train=False)
+    eval_example_fn = dalle_task.make_example_fn(
+        config,
+        DalleConfig.from_config(config),
+        tokenizer,
+        dalle_task.image_tokens_fn(FakeDVAE()),
+        train=False,
+    )
     assert "caption_kept" not in eval_example_fn(raws[0], np.random.default_rng(0))
     assert "caption_kept" in task.batch_spec(8)
 
@@ -283,7 +327,8 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
     batch = task.batch_fn({k: np.stack([r[k] for r in rows]) for k in rows[0]})
     _, metrics = task.loss_fn(params, batch, jax.random.key(0), 0)
     _, per_row = jax.vmap(lambda t, im: loss(cfg, params, t[None], im[None]))(
-        batch["text"], batch["image_tokens"])
+        batch["text"], batch["image_tokens"]
+    )
     k = batch["caption_kept"]
     np.testing.assert_allclose(metrics["text_loss"], (per_row["text_loss"] * k).sum() / k.sum(), rtol=1e-5)
     np.testing.assert_allclose(metrics["image_loss"], per_row["image_loss"].mean(), rtol=1e-5)
@@ -326,6 +371,7 @@ def _old_sparse_workdir(path):
     """A DALL-E workdir as older versions wrote it: row/column/conv masks, no model.legacy_masks."""
     import json
     from core_jax.checkpoint import save_params
+
     config = load_config("dalle_shapes", "paper_masks")
     m = config.model
     m.image_grid, m.image_vocab_size, m.text_vocab_size = 4, 16, 40
@@ -339,6 +385,7 @@ def _old_sparse_workdir(path):
 
 def test_resume_and_init_from_refuse_checkpoints_of_the_old_masks(tmp_path):
     from core_jax.config import ConfigError
+
     old = str(tmp_path / "old")
     config = _old_sparse_workdir(old)
     assert config.model.legacy_masks is False

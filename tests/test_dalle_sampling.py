@@ -1,4 +1,5 @@
 """DALL-E sampling: KV cache vs recomputation, guidance, filters, completion, inpainting, sharding."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,9 +12,24 @@ from dalle_jax.transformer import DalleConfig, DalleTransformer, init_params, in
 
 
 def tiny(kinds, grid=3, **kw):
-    return DalleConfig(**dict(dict(text_len=3, text_vocab_size=11, image_grid=grid, image_vocab_size=13,
-                                   d_model=16, num_heads=2, head_dim=8, num_layers=len(kinds),
-                                   mlp_dim=32, layer_kinds=tuple(kinds), conv_kernel=3), **kw))
+    return DalleConfig(
+        **dict(
+            dict(
+                text_len=3,
+                text_vocab_size=11,
+                image_grid=grid,
+                image_vocab_size=13,
+                d_model=16,
+                num_heads=2,
+                head_dim=8,
+                num_layers=len(kinds),
+                mlp_dim=32,
+                layer_kinds=tuple(kinds),
+                conv_kernel=3,
+            ),
+            **kw,
+        )
+    )
 
 
 def random_params(cfg, seed=0, scale=0.5):
@@ -35,8 +51,9 @@ TEXT = np.random.default_rng(1).integers(0, CFG.total_text_vocab, (4, CFG.text_l
 
 
 def images(cfg, batch, seed=2):
-    return np.random.default_rng(seed).integers(0, cfg.image_vocab_size, (batch, cfg.num_image_tokens),
-                                                dtype=np.int32)
+    return np.random.default_rng(seed).integers(
+        0, cfg.image_vocab_size, (batch, cfg.num_image_tokens), dtype=np.int32
+    )
 
 
 @pytest.mark.parametrize("kind", masks.KINDS)
@@ -52,8 +69,11 @@ def test_cache_equals_no_cache_greedy(kind):
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
-@pytest.mark.parametrize("kinds,legacy", [((kind, kind), False) for kind in masks.KINDS]
-                         + [(("row", "column", "conv"), True)], ids=[*masks.KINDS, "legacy"])
+@pytest.mark.parametrize(
+    "kinds,legacy",
+    [((kind, kind), False) for kind in masks.KINDS] + [(("row", "column", "conv"), True)],
+    ids=[*masks.KINDS, "legacy"],
+)
 def test_cached_logits_equal_recomputed(kinds, legacy, scan):
     """Prefill + one-token decode steps through the KV cache give the logits of the full forward at
     every position, scanned layers (the cache as scan state) or unrolled, for every mask kind."""
@@ -67,15 +87,15 @@ def test_cached_logits_equal_recomputed(kinds, legacy, scan):
 
     @jax.jit
     def step(cache, tok, pos):
-        out, variables = model.apply({"params": params, "cache": cache}, tok, pos, heads="image",
-                                     mutable=["cache"])
+        out, variables = model.apply(
+            {"params": params, "cache": cache}, tok, pos, heads="image", mutable=["cache"]
+        )
         return out, variables["cache"]
 
-    logits, variables = model.apply({"params": params}, ids[:, :lt + 1], 0, heads="image",
-                                    mutable=["cache"])
+    logits, variables = model.apply({"params": params}, ids[:, : lt + 1], 0, heads="image", mutable=["cache"])
     cache, outs = variables["cache"], [logits]
     for pos in range(lt + 1, cfg.seq_len):
-        out, cache = step(cache, ids[:, pos:pos + 1], jnp.int32(pos))
+        out, cache = step(cache, ids[:, pos : pos + 1], jnp.int32(pos))
         outs.append(out)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
 
@@ -115,19 +135,23 @@ def test_tiny_top_p_with_guidance_is_greedy_on_the_guided_logits():
     greedy = sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0), temperature=0, cond_scale=3.0)
     nucleus = sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(5), top_p=1e-6, cond_scale=3.0)
     np.testing.assert_array_equal(greedy, nucleus)
-    assert not np.array_equal(greedy, sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0),
-                                                      temperature=0))
+    assert not np.array_equal(
+        greedy, sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0), temperature=0)
+    )
 
 
 def test_filters_and_guided_logits():
     logits = jnp.log(jnp.array([[0.5, 0.2, 0.2, 0.1], [0.05, 0.05, 0.6, 0.3]]))
     kept = lambda x: np.isfinite(np.asarray(x))
-    np.testing.assert_array_equal(kept(sampling.filter_logits(logits, top_k=2)),
-                                  [[1, 1, 1, 0], [0, 0, 1, 1]])  # ties at the k-th value are kept
-    np.testing.assert_array_equal(kept(sampling.filter_logits(logits, top_p=0.65)),
-                                  [[1, 1, 1, 0], [0, 0, 1, 1]])
-    np.testing.assert_array_equal(kept(sampling.filter_logits(logits, top_p=0.45)),
-                                  [[1, 0, 0, 0], [0, 0, 1, 0]])
+    np.testing.assert_array_equal(
+        kept(sampling.filter_logits(logits, top_k=2)), [[1, 1, 1, 0], [0, 0, 1, 1]]
+    )  # ties at the k-th value are kept
+    np.testing.assert_array_equal(
+        kept(sampling.filter_logits(logits, top_p=0.65)), [[1, 1, 1, 0], [0, 0, 1, 1]]
+    )
+    np.testing.assert_array_equal(
+        kept(sampling.filter_logits(logits, top_p=0.45)), [[1, 0, 0, 0], [0, 0, 1, 0]]
+    )
     np.testing.assert_array_equal(kept(sampling.filter_logits(logits)), np.ones((2, 4)))
     c, u = jnp.array([1.0, 2.0]), jnp.array([0.5, 3.0])
     np.testing.assert_allclose(sampling.guided_logits(c, u, 3.0), u + 3.0 * (c - u))
@@ -141,8 +165,9 @@ def test_completion_keeps_rows_and_follows_them():
     free = np.asarray(sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(3)))
     assert not np.array_equal(out, free)  # the kept row conditions what follows
     # variations: each image repeated; kept rows identical, the rest resampled per copy
-    var = np.asarray(sampling.variations(PARAMS, CFG, TEXT[:2], given[:2], num=2, rows_kept=2,
-                                         rng=jax.random.key(4)))
+    var = np.asarray(
+        sampling.variations(PARAMS, CFG, TEXT[:2], given[:2], num=2, rows_kept=2, rng=jax.random.key(4))
+    )
     assert var.shape == (4, 9)
     np.testing.assert_array_equal(var[:, :6], np.repeat(given[:2, :6], 2, axis=0))
 
@@ -157,8 +182,9 @@ def test_inpainting_changes_only_the_rectangle():
     assert not np.array_equal(out[:, inside], given[:, inside])
     # teacher forcing through the cache gives the reference's tokens
     kw = dict(rng=jax.random.key(0), temperature=0, prefix_image_tokens=given, known_mask=~inside)
-    np.testing.assert_array_equal(sampling.sample(PARAMS, CFG, TEXT, **kw),
-                                  sampling.sample_no_cache(PARAMS, CFG, TEXT, **kw))
+    np.testing.assert_array_equal(
+        sampling.sample(PARAMS, CFG, TEXT, **kw), sampling.sample_no_cache(PARAMS, CFG, TEXT, **kw)
+    )
 
 
 def test_sharded_sampling_equals_unsharded():
@@ -173,14 +199,17 @@ def test_sharded_sampling_equals_unsharded():
     np.testing.assert_array_equal(out, ref)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(temperature=-1.0), "temperature"),
-    (dict(top_k=100), "top_k"),
-    (dict(top_p=0.0), "top_p"),
-    (dict(prefix_image_tokens=np.zeros((4, 9), np.int32)), "go together"),
-    (dict(prefix_image_tokens=np.zeros((4, 8), np.int32), known_mask=np.ones(9, bool)), "shape"),
-    (dict(prefix_image_tokens=np.full((4, 9), 13, np.int32), known_mask=np.ones(9, bool)), r"\[0, 13\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(temperature=-1.0), "temperature"),
+        (dict(top_k=100), "top_k"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(prefix_image_tokens=np.zeros((4, 9), np.int32)), "go together"),
+        (dict(prefix_image_tokens=np.zeros((4, 8), np.int32), known_mask=np.ones(9, bool)), "shape"),
+        (dict(prefix_image_tokens=np.full((4, 9), 13, np.int32), known_mask=np.ones(9, bool)), r"\[0, 13\)"),
+    ],
+)
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sampling.sample(PARAMS, CFG, TEXT, rng=jax.random.key(0), **kwargs)

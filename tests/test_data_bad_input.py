@@ -1,4 +1,5 @@
 """Bad input never stops training: each case is skipped, counted by reason, and resume stays exact."""
+
 import io
 import json
 import struct
@@ -61,8 +62,7 @@ def test_decode_rejects_bad_images():
     # attempt would report corrupt_image instead.
     assert skip_reason(decode.decode_image, png_with_header_size(20000, 20000)) == "too_large"
     assert skip_reason(decode.decode_image, png_with_header_size(10000, 10001)) == "too_large"
-    assert skip_reason(decode.decode_image, png_with_header_size(100, 100),
-                       max_pixels=50 * 50) == "too_large"
+    assert skip_reason(decode.decode_image, png_with_header_size(100, 100), max_pixels=50 * 50) == "too_large"
 
 
 def test_decode_converts_every_mode_to_rgb():
@@ -87,7 +87,7 @@ def test_decode_converts_every_mode_to_rgb():
     la = decode.decode_image(encode(rgba, mode="LA"))
     assert la.shape == (32, 32, 3) and not la[16:].any()
     # 16-bit grayscale PNG keeps its top 8 bits instead of saturating.
-    g16 = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64)
+    g16 = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 64
     buf = io.BytesIO()
     Image.fromarray(g16).save(buf, format="PNG")
     out = decode.decode_image(buf.getvalue())
@@ -116,8 +116,7 @@ def test_image_ops():
     assert image_ops.resize_and_crop(sq, 16) is sq
     assert image_ops.resize_and_crop(a, 16).shape == (16, 16, 3)
     assert image_ops.resize_and_crop(rgb(h=9, w=20), 24).shape == (24, 24, 3)  # upsampling
-    crops = {image_ops.resize_and_crop(a, 32, True, np.random.default_rng(s)).tobytes()
-             for s in range(20)}
+    crops = {image_ops.resize_and_crop(a, 32, True, np.random.default_rng(s)).tobytes() for s in range(20)}
     assert len(crops) > 1
     flips = [image_ops.maybe_flip(a, np.random.default_rng(s)) for s in range(20)]
     assert any(f is a for f in flips) and any(np.array_equal(f, a[:, ::-1]) for f in flips)
@@ -126,8 +125,9 @@ def test_image_ops():
     m = image_ops.dvae_map_pixels(np.array([[[0, 255, 128]]], np.uint8))
     np.testing.assert_allclose(m[0, 0, :2], [0.1, 0.9], rtol=1e-6)
     assert m.dtype == np.float32
-    np.testing.assert_allclose(image_ops.unmap_pixels(m), image_ops.to_float01(
-        np.array([[[0, 255, 128]]], np.uint8)), atol=1e-6)
+    np.testing.assert_allclose(
+        image_ops.unmap_pixels(m), image_ops.to_float01(np.array([[[0, 255, 128]]], np.uint8)), atol=1e-6
+    )
     assert image_ops.unmap_pixels(np.array([0.0, 1.0])).tolist() == [0.0, 1.0]
 
 
@@ -151,8 +151,12 @@ def _bad_shard_samples():
     samples = []
     for i, files in enumerate(cases.values()):
         samples.append((f"{i:04d}", files))
-        samples.append((f"{i:04d}g", {"jpg": encode(rgb(i), "JPEG"),
-                                      "json": json.dumps({"caption": f"good {i}"}).encode()}))
+        samples.append(
+            (
+                f"{i:04d}g",
+                {"jpg": encode(rgb(i), "JPEG"), "json": json.dumps({"caption": f"good {i}"}).encode()},
+            )
+        )
     return samples, set(cases)
 
 
@@ -190,8 +194,16 @@ def test_corrupt_shard_is_counted_and_iteration_goes_on(tmp_path):
     (tmp_path / "cut.tar").write_bytes(data[:3000])  # truncated inside the 2nd/3rd member
     cfg = default_data_config()
     cfg.update(dict(source="webdataset", urls=f"{tmp_path}/ok.tar,{tmp_path}/cut.tar"))
-    it = make_iterator(cfg, "validation", global_batch_size=4, seed=0, example_fn=_example_fn,
-                       train=False, process_index=0, process_count=1)
+    it = make_iterator(
+        cfg,
+        "validation",
+        global_batch_size=4,
+        seed=0,
+        example_fn=_example_fn,
+        train=False,
+        process_index=0,
+        process_count=1,
+    )
     rows = sum(int(b["_mask"].sum()) for b in it)
     assert it.skipped == {"corrupt_shard": 1} and 4 <= rows < 9
 
@@ -203,20 +215,35 @@ def test_folder_bad_rows(tmp_path):
     (tmp_path / "img" / "empty.png").write_bytes(b"")
     (tmp_path / "img" / "trunc.jpg").write_bytes(encode(rgb(), "JPEG")[:300])
     lines = [json.dumps({"path": f"img/{i}.png", "caption": f"c{i}"}) for i in range(4)]
-    lines += [json.dumps({"path": "img/empty.png", "caption": "e"}),
-              json.dumps({"path": "img/trunc.jpg", "caption": "t"}),
-              json.dumps({"path": "img/missing.png", "caption": "m"}),
-              json.dumps({"path": "img/0.png", "caption": None}),
-              json.dumps({"path": "img/0.png", "caption": 7}),
-              "{broken json"]
+    lines += [
+        json.dumps({"path": "img/empty.png", "caption": "e"}),
+        json.dumps({"path": "img/trunc.jpg", "caption": "t"}),
+        json.dumps({"path": "img/missing.png", "caption": "m"}),
+        json.dumps({"path": "img/0.png", "caption": None}),
+        json.dumps({"path": "img/0.png", "caption": 7}),
+        "{broken json",
+    ]
     (tmp_path / "index.jsonl").write_text("\n".join(lines) + "\n")
     cfg = default_data_config()
     cfg.update(dict(source="folder", data_dir=str(tmp_path)))
-    it = make_iterator(cfg, "train", global_batch_size=2, seed=0, example_fn=_example_fn,
-                       train=False, process_index=0, process_count=1)
+    it = make_iterator(
+        cfg,
+        "train",
+        global_batch_size=2,
+        seed=0,
+        example_fn=_example_fn,
+        train=False,
+        process_index=0,
+        process_count=1,
+    )
     assert sum(int(b["_mask"].sum()) for b in it) == 4
-    assert it.skipped == {"empty_file": 1, "corrupt_image": 1, "missing_image": 1,
-                          "missing_caption": 1, "bad_json": 2}
+    assert it.skipped == {
+        "empty_file": 1,
+        "corrupt_image": 1,
+        "missing_image": 1,
+        "missing_caption": 1,
+        "bad_json": 2,
+    }
 
 
 def test_folder_csv_non_utf8_caption(tmp_path):
@@ -224,8 +251,16 @@ def test_folder_csv_non_utf8_caption(tmp_path):
     (tmp_path / "index.csv").write_bytes(b"file,text\na.png,caf\xe9 latin-1\na.png,fine\n")
     cfg = default_data_config()
     cfg.update(dict(source="folder", index_file=str(tmp_path / "index.csv")))
-    it = make_iterator(cfg, "train", global_batch_size=1, seed=0, example_fn=_example_fn,
-                       train=False, process_index=0, process_count=1)
+    it = make_iterator(
+        cfg,
+        "train",
+        global_batch_size=1,
+        seed=0,
+        example_fn=_example_fn,
+        train=False,
+        process_index=0,
+        process_count=1,
+    )
     assert [b["_mask"].tolist() for b in it] == [[True], [False]]
     assert it.skipped == {"non_utf8": 1}
 
@@ -245,9 +280,11 @@ def test_missing_paths_fail_before_training(tmp_path):
     cfg = default_data_config()
     kw = dict(global_batch_size=2, seed=0, example_fn=_example_fn, process_index=0, process_count=1)
     write_shard(tmp_path / "s-0.tar", [("0", {"jpg": encode(rgb(), "JPEG"), "txt": b"x"})])
-    for urls, named in [(f"{tmp_path}/s-{{0..1}}.tar", "s-1.tar"),
-                        (f"{tmp_path}/nothing-*.tar", "nothing-*.tar"),
-                        (f"{tmp_path}/s-0.tar,{tmp_path}/other.tar", "other.tar")]:
+    for urls, named in [
+        (f"{tmp_path}/s-{{0..1}}.tar", "s-1.tar"),
+        (f"{tmp_path}/nothing-*.tar", "nothing-*.tar"),
+        (f"{tmp_path}/s-0.tar,{tmp_path}/other.tar", "other.tar"),
+    ]:
         cfg.update(dict(source="webdataset", urls=urls))
         with pytest.raises(FileNotFoundError, match=named.replace("*", r"\*")):
             make_iterator(cfg, "train", **kw)
@@ -263,8 +300,9 @@ def test_random_resized_crop_keeps_the_papers_share_of_the_image():
     img = np.repeat(ramp[:, :, None], 3, axis=-1)
     spans = []
     for seed in range(40):
-        out = image_ops.resize_and_crop(img, 64, random_crop=True, rng=np.random.default_rng(seed),
-                                        resize_range=(9 / 8, 12 / 8))
+        out = image_ops.resize_and_crop(
+            img, 64, random_crop=True, rng=np.random.default_rng(seed), resize_range=(9 / 8, 12 / 8)
+        )
         assert out.shape == (64, 64, 3) and out.dtype == np.uint8
         cols = out[:, :, 0].astype(np.float32).mean(0)
         spans.append((cols[-1] - cols[0]) / 255 * 64 / 63)  # share of the side the crop covers
@@ -273,9 +311,11 @@ def test_random_resized_crop_keeps_the_papers_share_of_the_image():
     rng_a, rng_b = np.random.default_rng(1), np.random.default_rng(1)
     np.testing.assert_array_equal(
         image_ops.resize_and_crop(img, 64, random_crop=True, rng=rng_a, resize_range=(1.0, 1.0)),
-        image_ops.resize_and_crop(img, 64, random_crop=True, rng=rng_b))
-    np.testing.assert_array_equal(image_ops.resize_and_crop(img, 64, resize_range=(1.125, 1.5)),
-                                  image_ops.resize_and_crop(img, 64))
+        image_ops.resize_and_crop(img, 64, random_crop=True, rng=rng_b),
+    )
+    np.testing.assert_array_equal(
+        image_ops.resize_and_crop(img, 64, resize_range=(1.125, 1.5)), image_ops.resize_and_crop(img, 64)
+    )
     # Non-square and smaller-than-crop inputs still give the crop size.
     assert image_ops.random_resized_crop(img[:, :300], 256, (1.125, 1.5)).shape == (256, 256, 3)
     assert image_ops.random_resized_crop(img[:40, :50], 64, (1.125, 1.5)).shape == (64, 64, 3)

@@ -1,12 +1,19 @@
 """Order, sharding, eval padding, workers and exact resume of core_jax.data iterators."""
+
 import json
 
 import numpy as np
 import pytest
 
 from core_jax.config import ConfigError
-from core_jax.data import (DataIterator, NoUsableExamples, SkipExample, default_data_config,
-                           image_ops, make_iterator)
+from core_jax.data import (
+    DataIterator,
+    NoUsableExamples,
+    SkipExample,
+    default_data_config,
+    image_ops,
+    make_iterator,
+)
 from core_jax.data.iterator import IndexStream
 from core_jax.data.shapes import HELD_OUT_PAIRS
 
@@ -23,8 +30,13 @@ class ListSource:
     def load(self, i, rng):
         if i in self.bad:
             raise SkipExample("corrupt_image")
-        return {"image": np.full((8, 8, 3), i, np.uint8), "caption": str(i), "captions": [str(i)],
-                "label": i, "key": str(i)}
+        return {
+            "image": np.full((8, 8, 3), i, np.uint8),
+            "caption": str(i),
+            "captions": [str(i)],
+            "label": i,
+            "key": str(i),
+        }
 
 
 def augment(raw, rng):
@@ -33,12 +45,19 @@ def augment(raw, rng):
     return {"x": img.astype(np.float32) + rng.random(), "label": np.int32(raw["label"])}
 
 
-def list_iterator(n, *, bad=(), batch=4, seed=0, train=True, workers=0, p=0, P=1, fn=augment,
-                  prefetch=2):
-    stream = IndexStream(ListSource(n, bad), train=train, seed=seed, process_index=p,
-                         process_count=P)
-    return DataIterator(stream, batch_size=batch, seed=seed, example_fn=fn, train=train,
-                        num_workers=workers, prefetch=prefetch, process_index=p, process_count=P)
+def list_iterator(n, *, bad=(), batch=4, seed=0, train=True, workers=0, p=0, P=1, fn=augment, prefetch=2):
+    stream = IndexStream(ListSource(n, bad), train=train, seed=seed, process_index=p, process_count=P)
+    return DataIterator(
+        stream,
+        batch_size=batch,
+        seed=seed,
+        example_fn=fn,
+        train=train,
+        num_workers=workers,
+        prefetch=prefetch,
+        process_index=p,
+        process_count=P,
+    )
 
 
 def shapes_config(**kw):
@@ -53,11 +72,29 @@ def labels(batches):
 
 def test_default_config_has_every_contract_key():
     cfg = default_data_config()
-    for key in ("source", "name", "split", "eval_split", "data_dir", "urls", "index_file",
-                "image_key", "caption_key", "label_key", "image_size", "random_crop",
-                "random_flip", "num_workers", "prefetch", "shapes_train_size", "min_image_side",
-                "max_image_pixels", "shuffle_buffer", "shapes_one_object_fraction",
-                "shapes_train_pairs"):
+    for key in (
+        "source",
+        "name",
+        "split",
+        "eval_split",
+        "data_dir",
+        "urls",
+        "index_file",
+        "image_key",
+        "caption_key",
+        "label_key",
+        "image_size",
+        "random_crop",
+        "random_flip",
+        "num_workers",
+        "prefetch",
+        "shapes_train_size",
+        "min_image_side",
+        "max_image_pixels",
+        "shuffle_buffer",
+        "shapes_one_object_fraction",
+        "shapes_train_pairs",
+    ):
         assert key in cfg
     assert cfg.source == "shapes" and cfg.num_workers == 0
 
@@ -65,20 +102,30 @@ def test_default_config_has_every_contract_key():
 def test_shapes_default_source_and_process_slices():
     cfg = shapes_config(shapes_train_size=16)
     fn = lambda raw, rng: {"image": image_ops.to_float01(raw["image"]), "key": np.array(raw["key"])}
-    its = [make_iterator(cfg, "train", global_batch_size=8, seed=1, example_fn=fn,
-                         process_index=p, process_count=2) for p in range(2)]
+    its = [
+        make_iterator(
+            cfg, "train", global_batch_size=8, seed=1, example_fn=fn, process_index=p, process_count=2
+        )
+        for p in range(2)
+    ]
     batches = [[next(it) for _ in range(2)] for it in its]
     assert batches[0][0]["image"].shape == (4, 64, 64, 3)
     keys = [k for per in batches for b in per for k in b["key"].tolist()]
     assert sorted(keys) == sorted(f"train/{i}" for i in range(16))  # one epoch, no overlap
     with pytest.raises(ValueError, match="multiple of the number of processes"):
-        make_iterator(cfg, "train", global_batch_size=5, seed=1, example_fn=fn,
-                      process_index=0, process_count=2)
+        make_iterator(
+            cfg, "train", global_batch_size=5, seed=1, example_fn=fn, process_index=0, process_count=2
+        )
 
 
 def test_make_iterator_uses_jax_process_defaults():
-    it = make_iterator(shapes_config(shapes_train_size=4), "train", global_batch_size=2, seed=0,
-                       example_fn=lambda raw, rng: {"label": raw["label"]})
+    it = make_iterator(
+        shapes_config(shapes_train_size=4),
+        "train",
+        global_batch_size=2,
+        seed=0,
+        example_fn=lambda raw, rng: {"label": raw["label"]},
+    )
     assert next(it)["label"].shape == (2,)
 
 
@@ -88,7 +135,7 @@ def test_seeded_order_epochs_and_independence_of_workers():
     b = [next(b_it) for _ in range(9)]
     for x, y in zip(a, b):
         assert np.array_equal(x["x"], y["x"]) and np.array_equal(x["label"], y["label"])
-    epochs = [sum(labels(a[i:i + 3]), []) for i in range(0, 9, 3)]
+    epochs = [sum(labels(a[i : i + 3]), []) for i in range(0, 9, 3)]
     assert all(sorted(e) == list(range(12)) for e in epochs)
     assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
     c_it = list_iterator(12, seed=6)
@@ -106,6 +153,7 @@ def test_per_example_rng_does_not_depend_on_process_count():
                 for lab, x in zip(b["label"].tolist(), b["x"]):
                     out.setdefault(lab, []).append(float(x[0, 0, 0]))
         return {k: sorted(v) for k, v in out.items()}
+
     assert draws(1) == draws(2)
 
 
@@ -156,9 +204,16 @@ def test_eval_single_pass_padded_every_example_once():
 
 def test_shapes_eval_split():
     cfg = shapes_config()
-    it = make_iterator(cfg, cfg.eval_split, global_batch_size=256, seed=0, train=False,
-                       example_fn=lambda raw, rng: {"label": np.int32(raw["label"])},
-                       process_index=1, process_count=2)
+    it = make_iterator(
+        cfg,
+        cfg.eval_split,
+        global_batch_size=256,
+        seed=0,
+        train=False,
+        example_fn=lambda raw, rng: {"label": np.int32(raw["label"])},
+        process_index=1,
+        process_count=2,
+    )
     assert it.num_batches == 4
     assert sum(int(b["_mask"].sum()) for b in it) == 500
 
@@ -172,30 +227,59 @@ def test_shapes_one_object_fraction_sets_the_train_mix_only():
         counts[frac] = int((next(it)["n"] == 1).sum())
     assert counts[1.0] == 200 and 80 <= counts[0.5] <= 120 and 25 <= counts[0.2] <= 55
     # The test splits keep their fixed mix whatever the train mix is.
-    test = [make_iterator(shapes_config(shapes_one_object_fraction=f), "test_seen",
-                          global_batch_size=100, seed=0, train=False, example_fn=objects)
-            for f in (0.5, 1.0)]
+    test = [
+        make_iterator(
+            shapes_config(shapes_one_object_fraction=f),
+            "test_seen",
+            global_batch_size=100,
+            seed=0,
+            train=False,
+            example_fn=objects,
+        )
+        for f in (0.5, 1.0)
+    ]
     assert np.array_equal(next(test[0])["n"], next(test[1])["n"])
     with pytest.raises(ConfigError, match=r"data.shapes_one_object_fraction must be in \[0, 1\], got 1.5"):
-        make_iterator(shapes_config(shapes_one_object_fraction=1.5), "train", global_batch_size=2,
-                      seed=0, example_fn=objects)
+        make_iterator(
+            shapes_config(shapes_one_object_fraction=1.5),
+            "train",
+            global_batch_size=2,
+            seed=0,
+            example_fn=objects,
+        )
 
 
 def test_shapes_train_pairs_reaches_the_train_source_only():
-    pairs = lambda raw, rng: {"held": np.int32(any((o["colour"], o["shape"]) in HELD_OUT_PAIRS
-                                                    for o in raw["objects"]))}
+    pairs = lambda raw, rng: {
+        "held": np.int32(any((o["colour"], o["shape"]) in HELD_OUT_PAIRS for o in raw["objects"]))
+    }
     held = {}
     for mode in ("seen", "all"):
-        it = make_iterator(shapes_config(shapes_train_size=300, shapes_train_pairs=mode), "train",
-                           global_batch_size=300, seed=0, example_fn=pairs)
+        it = make_iterator(
+            shapes_config(shapes_train_size=300, shapes_train_pairs=mode),
+            "train",
+            global_batch_size=300,
+            seed=0,
+            example_fn=pairs,
+        )
         held[mode] = int(next(it)["held"].sum())
     assert held["seen"] == 0 and held["all"] > 60
-    test = [make_iterator(shapes_config(shapes_train_pairs=m), "test_seen", global_batch_size=50,
-                          seed=0, train=False, example_fn=pairs) for m in ("seen", "all")]
+    test = [
+        make_iterator(
+            shapes_config(shapes_train_pairs=m),
+            "test_seen",
+            global_batch_size=50,
+            seed=0,
+            train=False,
+            example_fn=pairs,
+        )
+        for m in ("seen", "all")
+    ]
     assert np.array_equal(next(test[0])["held"], next(test[1])["held"])
     with pytest.raises(ConfigError, match="data.shapes_train_pairs must be 'seen' or 'all', got 'some'"):
-        make_iterator(shapes_config(shapes_train_pairs="some"), "train", global_batch_size=2, seed=0,
-                      example_fn=pairs)
+        make_iterator(
+            shapes_config(shapes_train_pairs="some"), "train", global_batch_size=2, seed=0, example_fn=pairs
+        )
 
 
 def test_all_skipped_raises_named_error_and_errors_propagate():
@@ -207,6 +291,7 @@ def test_all_skipped_raises_named_error_and_errors_propagate():
 
     def broken(raw, rng):
         raise KeyError("bug in example_fn")
+
     for workers in (0, 2):
         with pytest.raises(KeyError, match="bug in example_fn"):
             next(list_iterator(5, fn=broken, workers=workers))

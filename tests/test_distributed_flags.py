@@ -1,4 +1,5 @@
 """core_jax.distributed: which environments count as multi-process, and what JAX is told."""
+
 import jax
 import pytest
 from absl import flags
@@ -6,9 +7,16 @@ from absl import flags
 from core_jax import distributed
 
 EXPLICIT = dict(coordinator_address="10.0.0.1:1234", num_processes=4, process_id=2)
-SLURM_STEP = dict(SLURM_JOB_ID="123456", SLURM_STEP_NODELIST="gpu[007-008]", SLURM_NTASKS="2",
-                  SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NUM_NODES="2", SLURM_NNODES="2",
-                  SLURM_PROCID="1", SLURM_LOCALID="0")
+SLURM_STEP = dict(
+    SLURM_JOB_ID="123456",
+    SLURM_STEP_NODELIST="gpu[007-008]",
+    SLURM_NTASKS="2",
+    SLURM_STEP_NUM_TASKS="2",
+    SLURM_STEP_NUM_NODES="2",
+    SLURM_NNODES="2",
+    SLURM_PROCID="1",
+    SLURM_LOCALID="0",
+)
 
 
 def test_no_cluster_is_single_process():
@@ -33,13 +41,16 @@ def test_one_explicit_process_does_not_initialise():
     assert distributed.detect_cluster({}, flags_one) is None
 
 
-@pytest.mark.parametrize("given, problem", [
-    (dict(coordinator_address="h:1", num_processes=2), "--process_id"),
-    (dict(num_processes=2, process_id=0), "--coordinator_address"),
-    (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"\[0, 2\)"),
-    (dict(coordinator_address="h:1", num_processes=0, process_id=0), "--num_processes must be"),
-    (dict(coordinator_address="nohost", num_processes=2, process_id=0), "host:port"),
-])
+@pytest.mark.parametrize(
+    "given, problem",
+    [
+        (dict(coordinator_address="h:1", num_processes=2), "--process_id"),
+        (dict(num_processes=2, process_id=0), "--coordinator_address"),
+        (dict(coordinator_address="h:1", num_processes=2, process_id=2), r"\[0, 2\)"),
+        (dict(coordinator_address="h:1", num_processes=0, process_id=0), "--num_processes must be"),
+        (dict(coordinator_address="nohost", num_processes=2, process_id=0), "host:port"),
+    ],
+)
 def test_inconsistent_flags_name_the_problem(given, problem):
     with pytest.raises(ValueError, match=problem):
         distributed.detect_cluster({}, given)
@@ -60,8 +71,11 @@ def test_tpu_pod_environments():
     info = distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "t0,t1,t2,t3", "TPU_WORKER_ID": "1"})
     assert info == dict(kind="tpu", num_processes=4, process_id=None, init_kwargs={})
     assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "t0", "TPU_WORKER_ID": "0"}) is None
-    multislice = {"TPU_WORKER_HOSTNAMES": "t0,t1", "MEGASCALE_NUM_SLICES": "2",
-                  "MEGASCALE_COORDINATOR_ADDRESS": "t0:8080"}
+    multislice = {
+        "TPU_WORKER_HOSTNAMES": "t0,t1",
+        "MEGASCALE_NUM_SLICES": "2",
+        "MEGASCALE_COORDINATOR_ADDRESS": "t0:8080",
+    }
     assert distributed.detect_cluster(multislice)["num_processes"] == 4
     # One host per slice, two slices: still several processes.
     assert distributed.detect_cluster({"MEGASCALE_NUM_SLICES": "2"})["kind"] == "tpu"
@@ -69,9 +83,9 @@ def test_tpu_pod_environments():
 
 def test_switch_env_forces_or_forbids():
     assert distributed.detect_cluster({"CORE_JAX_DISTRIBUTED": "auto"}) == dict(
-        kind="forced", num_processes=None, process_id=None, init_kwargs={})
-    assert distributed.detect_cluster({"CORE_JAX_DISTRIBUTED": "off",
-                                       "TPU_WORKER_HOSTNAMES": "a,b"}) is None
+        kind="forced", num_processes=None, process_id=None, init_kwargs={}
+    )
+    assert distributed.detect_cluster({"CORE_JAX_DISTRIBUTED": "off", "TPU_WORKER_HOSTNAMES": "a,b"}) is None
     with pytest.raises(ValueError, match="CORE_JAX_DISTRIBUTED"):
         distributed.detect_cluster({"CORE_JAX_DISTRIBUTED": "maybe"})
 
@@ -85,6 +99,7 @@ def test_slurm_one_task_per_node_agrees_with_jax_on_the_coordinator(monkeypatch)
     # SLURM_LOCALID) must be off, and the coordinator must be the one JAX itself would pick.
     assert kwargs["cluster_detection_method"] == "deactivate"
     from jax._src.clusters import slurm_cluster
+
     for key, value in SLURM_STEP.items():
         monkeypatch.setenv(key, value)
     expected = slurm_cluster.SlurmCluster.get_coordinator_address(None, None)
@@ -112,9 +127,16 @@ def test_open_mpi():
     assert distributed.detect_cluster({"OMPI_COMM_WORLD_SIZE": "1"}) is None
 
 
-@pytest.mark.parametrize("nodelist, first", [
-    ("node001", "node001"), ("node001,host2", "node001"), ("node[001-015],host2", "node001"),
-    ("node[007,009-015],h", "node007"), ("a-b[3]", "a-b3")])
+@pytest.mark.parametrize(
+    "nodelist, first",
+    [
+        ("node001", "node001"),
+        ("node001,host2", "node001"),
+        ("node[001-015],host2", "node001"),
+        ("node[007,009-015],h", "node007"),
+        ("a-b[3]", "a-b3"),
+    ],
+)
 def test_first_slurm_host(nodelist, first):
     assert distributed.first_slurm_host(nodelist) == first
 

@@ -1,4 +1,5 @@
 """Every relative link and #anchor in the README and docs/ resolves (a renamed heading breaks one)."""
+
 import os
 import re
 

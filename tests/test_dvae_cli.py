@@ -1,4 +1,5 @@
 """The dVAE commands end to end on a tiny config: train, reconstruct, encode_dataset, convert."""
+
 import json
 import os
 import subprocess
@@ -9,21 +10,39 @@ import pytest
 from PIL import Image
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--config.total_steps=2", "--config.batch_size=8", "--config.log_every=1", "--config.eval_every=2",
-        "--config.checkpoint_every=2", "--config.data.shapes_train_size=64", "--config.model.hidden=8",
-        "--config.model.vocab_size=28", "--config.model.width_multipliers=(1,2)",
-        "--config.model.decoder_init_channels=8", "--config.model.eval_max_batches=1",
-        "--config.optim.warmup_steps=1", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-        "--config.mesh.tensor=2"]
+TINY = [
+    "--config.total_steps=2",
+    "--config.batch_size=8",
+    "--config.log_every=1",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.data.shapes_train_size=64",
+    "--config.model.hidden=8",
+    "--config.model.vocab_size=28",
+    "--config.model.width_multipliers=(1,2)",
+    "--config.model.decoder_init_channels=8",
+    "--config.model.eval_max_batches=1",
+    "--config.optim.warmup_steps=1",
+    "--config.mesh.data=2",
+    "--config.mesh.fsdp=2",
+    "--config.mesh.tensor=2",
+]
 
 
 def run(*args, check=True):
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        XLA_FLAGS="--xla_force_host_platform_device_count=8",
+        JAX_PLATFORMS="cpu",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+        raise AssertionError(
+            f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
     return proc
 
 
@@ -41,8 +60,11 @@ def test_train_writes_metrics_images_and_checkpoint(trained):
     for key in ("psnr", "mse", "codebook_perplexity", "codebook_used_fraction", "temperature", "kl_weight"):
         assert np.isfinite(train_rows[-1][key]), key
     evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
-    assert {"eval/test_unseen/psnr", "eval/test_unseen/dead_codes",
-            "eval/test_unseen/codebook_used_fraction"} <= set(evals)
+    assert {
+        "eval/test_unseen/psnr",
+        "eval/test_unseen/dead_codes",
+        "eval/test_unseen/codebook_used_fraction",
+    } <= set(evals)
     assert 0 <= evals["eval/test_unseen/dead_codes"] <= 28
     grids = os.listdir(os.path.join(trained, "images"))
     assert grids and grids[0].startswith("reconstructions")
@@ -68,18 +90,22 @@ def test_api_round_trip(trained):
         vae.decode(np.full((1, 32, 32), 99))
 
 
-@pytest.mark.parametrize("keys,encoder_outputs", [
-    (["--config.model.colour_codes=0", "--config.model.codebook_factors=(4,7)"], 11),  # 4 + 7 logits
-    ([], 4),  # the shapes config's structure / colour split: 4 structure logits + a colour head
-])
+@pytest.mark.parametrize(
+    "keys,encoder_outputs",
+    [
+        (["--config.model.colour_codes=0", "--config.model.codebook_factors=(4,7)"], 11),  # 4 + 7 logits
+        ([], 4),  # the shapes config's structure / colour split: 4 structure logits + a colour head
+    ],
+)
 def test_product_codebook_trains_sharded_and_loads(tmp_path, keys, encoder_outputs):
     from core_jax.checkpoint import param_shapes
     from core_jax.data.shapes import make_example
     from dalle_jax.dvae_api import DVAE
 
     workdir = str(tmp_path / "factors")
-    run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY,
-        *keys)  # on the 2 x 2 x 2 mesh of TINY
+    run(
+        "dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY, *keys
+    )  # on the 2 x 2 x 2 mesh of TINY
     shapes = param_shapes(workdir)
     assert shapes["encoder"]["output"]["kernel"][-1] == encoder_outputs
     assert shapes["decoder"]["input"]["kernel"][2] == 11  # 4 + 7 rows either way
@@ -110,16 +136,38 @@ def test_reconstruct_folder(trained, tmp_path):
     assert "mean PSNR" in proc.stdout
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run("dalle_jax.reconstruct", "--workdir", trained, "--input_dir", str(empty), "--out_dir",
-               str(out), check=False)
+    proc = run(
+        "dalle_jax.reconstruct",
+        "--workdir",
+        trained,
+        "--input_dir",
+        str(empty),
+        "--out_dir",
+        str(out),
+        check=False,
+    )
     assert proc.returncode == 2 and "no PNG or JPEG" in proc.stderr
 
 
 def test_encode_dataset_shards(trained, tmp_path):
     out = tmp_path / "tokens"
-    run("dalle_jax.encode_dataset", "--dvae_workdir", trained, "--config", "configs/dvae_shapes.py",
-        "--out_dir", str(out), "--splits", "test_unseen", "--max_examples", "10", "--shard_size", "4",
-        "--batch_size", "8")
+    run(
+        "dalle_jax.encode_dataset",
+        "--dvae_workdir",
+        trained,
+        "--config",
+        "configs/dvae_shapes.py",
+        "--out_dir",
+        str(out),
+        "--splits",
+        "test_unseen",
+        "--max_examples",
+        "10",
+        "--shard_size",
+        "4",
+        "--batch_size",
+        "8",
+    )
     index = json.load(open(out / "index.json"))
     assert index["grid_size"] == 32 and index["vocab_size"] == 28
     split = index["splits"]["test_unseen"]
@@ -130,9 +178,11 @@ def test_encode_dataset_shards(trained, tmp_path):
     assert tokens.shape == (10, 32, 32) and tokens.dtype == np.int32
     assert tokens.min() >= 0 and tokens.max() < 28
     from core_jax.data.shapes import make_example
+
     assert captions[3] == make_example("test_unseen", 3)["caption"]
     # What the DALL-E trainer's data.source='tokens' reads back from these very files.
     from core_jax.data.token_shards import TokenShardSource
+
     src = TokenShardSource(str(out), "test_unseen")
     example = src.load(3, None)
     assert len(src) == 10 and example["caption"] == captions[3]
@@ -146,16 +196,33 @@ def test_convert_cli_from_npz(tmp_path):
     np.savez(tmp_path / "enc.npz", **enc)
     np.savez(tmp_path / "dec.npz", **dec)
     workdir = tmp_path / "converted"
-    proc = run("dalle_jax.convert_dvae", "--encoder", str(tmp_path / "enc.npz"), "--decoder",
-               str(tmp_path / "dec.npz"), "--workdir", str(workdir), "--image_size", "32")
+    proc = run(
+        "dalle_jax.convert_dvae",
+        "--encoder",
+        str(tmp_path / "enc.npz"),
+        "--decoder",
+        str(tmp_path / "dec.npz"),
+        "--workdir",
+        str(workdir),
+        "--image_size",
+        "32",
+    )
     assert "vocab 32" in proc.stdout
     from dalle_jax.dvae_api import DVAE
 
     vae = DVAE.load(str(workdir))
     assert (vae.image_size, vae.grid_size) == (32, 16)
     assert vae.decode(vae.encode(np.zeros((1, 32, 32, 3), np.uint8))).shape == (1, 32, 32, 3)
-    again = run("dalle_jax.convert_dvae", "--encoder", str(tmp_path / "enc.npz"), "--decoder",
-                str(tmp_path / "dec.npz"), "--workdir", str(workdir), check=False)
+    again = run(
+        "dalle_jax.convert_dvae",
+        "--encoder",
+        str(tmp_path / "enc.npz"),
+        "--decoder",
+        str(tmp_path / "dec.npz"),
+        "--workdir",
+        str(workdir),
+        check=False,
+    )
     assert again.returncode == 2 and "already holds a checkpoint" in again.stderr
 
 
@@ -167,8 +234,15 @@ def test_decoder_finetune_keeps_the_encoder_and_its_tokens(trained, tmp_path):
     from dalle_jax.dvae_api import DVAE
 
     workdir = str(tmp_path / "decoder")
-    proc = run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes_decoder.py", "--workdir", workdir,
-               f"--config.init_from={trained}", *TINY)
+    proc = run(
+        "dalle_jax.train_dvae",
+        "--config",
+        "configs/dvae_shapes_decoder.py",
+        "--workdir",
+        workdir,
+        f"--config.init_from={trained}",
+        *TINY,
+    )
     assert f"params initialised from {trained}" in proc.stdout
     assert "frozen (encoder): " in proc.stdout
     _, before = load_params(trained)
@@ -189,8 +263,14 @@ def test_decoder_finetune_keeps_the_encoder_and_its_tokens(trained, tmp_path):
 
 
 def test_decoder_finetune_needs_a_frozen_encoder_and_a_source(trained, tmp_path):
-    base = ["dalle_jax.train_dvae", "--config", "configs/dvae_shapes_decoder.py", "--workdir",
-            str(tmp_path / "x"), *TINY]
+    base = [
+        "dalle_jax.train_dvae",
+        "--config",
+        "configs/dvae_shapes_decoder.py",
+        "--workdir",
+        str(tmp_path / "x"),
+        *TINY,
+    ]
     proc = run(*base, f"--config.init_from={trained}", "--config.frozen=", check=False)
     assert proc.returncode == 2 and "set --config.frozen=encoder" in proc.stderr
     proc = run(*base, check=False)
@@ -211,11 +291,22 @@ def test_resuming_with_another_config_errors_and_keeps_the_workdir(trained, tmp_
     shutil.copytree(trained, workdir)
     config_before = (workdir / "config.json").read_bytes()
     steps_before = sorted(os.listdir(workdir / "checkpoints"))
-    base = ["dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", str(workdir), *TINY,
-            "--config.total_steps=4"]
+    base = [
+        "dalle_jax.train_dvae",
+        "--config",
+        "configs/dvae_shapes.py",
+        "--workdir",
+        str(workdir),
+        *TINY,
+        "--config.total_steps=4",
+    ]
     proc = run(*base, "--config.model.hidden=16", check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "cannot resume" in proc.stderr and "has shape" in proc.stderr and "pick a new --workdir" in proc.stderr
+    assert (
+        "cannot resume" in proc.stderr
+        and "has shape" in proc.stderr
+        and "pick a new --workdir" in proc.stderr
+    )
     # Same params, another optimizer state: orbax's tree mismatch, named and one line too.
     proc = run(*base, "--config.optim.name=sgd", check=False)
     assert proc.returncode == 2 and "cannot resume" in proc.stderr and "opt_state" in proc.stderr
@@ -227,4 +318,5 @@ def test_resuming_with_another_config_errors_and_keeps_the_workdir(trained, tmp_
 
 def jax_leaves(tree):
     import jax
+
     return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -1,5 +1,6 @@
 """Importing OpenAI's dVAE weights: name/shape mapping without torch, and numeric parity with the
 reference `dall_e` modules when torch and the DALL-E package are installed."""
+
 import importlib.util
 import os
 
@@ -35,7 +36,7 @@ def openai_state_dicts(n_hid=8, groups=4, blocks=2, vocab=32, n_init=16, seed=0)
                 sd[f"{p}.res_path.conv_{c + 1}.w"] = w(chans[c + 1], chans[c], k)
                 sd[f"{p}.res_path.conv_{c + 1}.b"] = b(chans[c + 1])
 
-    mults = [2 ** g for g in range(groups)]
+    mults = [2**g for g in range(groups)]
     enc = {"blocks.input.w": w(n_hid, 3, 7), "blocks.input.b": b(n_hid)}
     c = n_hid
     for g, m in enumerate(mults):
@@ -54,19 +55,31 @@ def openai_state_dicts(n_hid=8, groups=4, blocks=2, vocab=32, n_init=16, seed=0)
 def test_synthetic_state_dict_matches_flax_init_tree():
     enc, dec = openai_state_dicts()
     m, params = convert_dvae.convert_state_dicts(enc, dec)
-    assert (m.vocab_size, m.hidden, tuple(m.width_multipliers), m.blocks_per_group, m.decoder_init_channels) == \
-        (32, 8, (1, 2, 4, 8), 2, 16)
+    assert (
+        m.vocab_size,
+        m.hidden,
+        tuple(m.width_multipliers),
+        m.blocks_per_group,
+        m.decoder_init_channels,
+    ) == (32, 8, (1, 2, 4, 8), 2, 16)
     model = dvae_lib.make_dvae(m)
     init = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)))["params"])
-    flat = lambda t: {jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(t)}
+    flat = lambda t: {
+        jax.tree_util.keystr(p): tuple(v.shape) for p, v in jax.tree_util.tree_leaves_with_path(t)
+    }
     assert flat(params) == flat(init)
     assert jax.tree.structure(params) == jax.tree.structure(init)
     # OIHW -> HWIO, values carried over.
     w = enc["blocks.group_2.block_1.res_path.conv_2.w"]
-    np.testing.assert_array_equal(params["encoder"]["group_2"]["block_1"]["conv_2"]["kernel"], w.transpose(2, 3, 1, 0))
-    np.testing.assert_array_equal(params["decoder"]["input"]["kernel"][0, 0], dec["blocks.input.w"][:, :, 0, 0].T)
-    np.testing.assert_array_equal(params["decoder"]["group_1"]["block_1"]["id_path"]["bias"],
-                                  dec["blocks.group_1.block_1.id_path.b"])
+    np.testing.assert_array_equal(
+        params["encoder"]["group_2"]["block_1"]["conv_2"]["kernel"], w.transpose(2, 3, 1, 0)
+    )
+    np.testing.assert_array_equal(
+        params["decoder"]["input"]["kernel"][0, 0], dec["blocks.input.w"][:, :, 0, 0].T
+    )
+    np.testing.assert_array_equal(
+        params["decoder"]["group_1"]["block_1"]["id_path"]["bias"], dec["blocks.group_1.block_1.id_path.b"]
+    )
     # The converted params run.
     logits = model.apply({"params": params}, jnp.full((1, 64, 64, 3), 0.5), method=dvae_lib.DVAE.encode)
     assert logits.shape == (1, 8, 8, 32) and bool(jnp.all(jnp.isfinite(logits)))
@@ -131,14 +144,16 @@ def test_parity_with_openai_modules(tmp_path):
     torch.save(dec.state_dict(), tmp_path / "decoder.pt")
     m, params = convert_dvae.convert_state_dicts(
         convert_dvae.load_weights(str(tmp_path / "encoder.pkl"), trust_pickle=True),
-        convert_dvae.load_weights(str(tmp_path / "decoder.pt")))
+        convert_dvae.load_weights(str(tmp_path / "decoder.pt")),
+    )
     model = dvae_lib.make_dvae(m)
 
     x = np.random.default_rng(0).uniform(0.1, 0.9, size=(2, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         ref_logits = enc(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-    logits = np.asarray(model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)),
-                                    method=dvae_lib.DVAE.encode))
+    logits = np.asarray(
+        model.apply({"params": params}, jnp.asarray(x.transpose(0, 2, 3, 1)), method=dvae_lib.DVAE.encode)
+    )
     enc_err = float(np.abs(logits - ref_logits).max())
 
     tokens = np.random.default_rng(1).integers(0, 512, size=(2, 4, 4))

@@ -1,4 +1,5 @@
 """dVAE model, objective and sharding on tiny configs (8 fake CPU devices from conftest)."""
+
 import math
 import os
 
@@ -22,9 +23,18 @@ from tests.testfiles import load_config  # noqa: E402
 
 def tiny_model_config(**overrides):
     m = dvae_lib.default_model_config()
-    m.update(dict(vocab_size=64, hidden=8, width_multipliers=(1, 2, 2, 4), blocks_per_group=1,
-                  decoder_init_channels=16, temperature_anneal_steps=10, kl_weight_ramp_steps=10,
-                  kl_weight_end=1.0))
+    m.update(
+        dict(
+            vocab_size=64,
+            hidden=8,
+            width_multipliers=(1, 2, 2, 4),
+            blocks_per_group=1,
+            decoder_init_channels=16,
+            temperature_anneal_steps=10,
+            kl_weight_ramp_steps=10,
+            kl_weight_end=1.0,
+        )
+    )
     m.update(overrides)
     return m
 
@@ -73,8 +83,11 @@ def test_openai_default_param_counts():
     assert abs(count(params["decoder"]) - 43.8e6) < 0.1e6
     assert params["decoder"]["input"]["kernel"].shape == (1, 1, 8192, 128)
     assert params["encoder"]["output"]["kernel"].shape == (1, 1, 2048, 8192)
-    logits = jax.eval_shape(lambda p, x: model.apply({"params": p}, x, method=dvae_lib.DVAE.encode),
-                            params, jnp.zeros((1, 256, 256, 3)))
+    logits = jax.eval_shape(
+        lambda p, x: model.apply({"params": p}, x, method=dvae_lib.DVAE.encode),
+        params,
+        jnp.zeros((1, 256, 256, 3)),
+    )
     assert logits.shape == (1, 32, 32, 8192)
 
 
@@ -89,14 +102,21 @@ def test_residual_block_scaling():
         h = xin
         for i in range(4):
             p = params[f"conv_{i + 1}"]
-            h = jax.lax.conv_general_dilated(jax.nn.relu(h), p["kernel"], (1, 1), "SAME",
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["bias"]
+            h = (
+                jax.lax.conv_general_dilated(
+                    jax.nn.relu(h), p["kernel"], (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+                )
+                + p["bias"]
+            )
         if n_in == 8:
             assert "id_path" not in params
             identity = xin
         else:
-            identity = jnp.einsum("bhwc,cd->bhwd", xin, params["id_path"]["kernel"][0, 0]) + params["id_path"]["bias"]
-        np.testing.assert_allclose(out, identity + h / n_layers ** 2, atol=1e-5, rtol=1e-5)
+            identity = (
+                jnp.einsum("bhwc,cd->bhwd", xin, params["id_path"]["kernel"][0, 0])
+                + params["id_path"]["bias"]
+            )
+        np.testing.assert_allclose(out, identity + h / n_layers**2, atol=1e-5, rtol=1e-5)
         assert params["conv_1"]["kernel"].shape == (3, 3, n_in, 2)  # hidden width = out / 4
 
 
@@ -113,8 +133,9 @@ def test_block_with_upsampled_input_equals_upsampling_first(n_in, kernels):
     params = init(plain, up)
     assert jax.tree.map(jnp.shape, init(fast, x)) == jax.tree.map(jnp.shape, params)
     # Random biases, so a wrong order of bias and upsampling would show.
-    params = jax.tree.map(lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size,
-                          params)
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape) / p.size, params
+    )
     out = fast.apply({"params": params}, x)
     np.testing.assert_allclose(out, plain.apply({"params": params}, up), atol=1e-6, rtol=1e-6)
     g_fast = jax.grad(lambda p: jnp.sum(fast.apply({"params": p}, x) ** 2))(params)
@@ -125,9 +146,11 @@ def test_block_with_upsampled_input_equals_upsampling_first(n_in, kernels):
 def test_decoder_flops_count_the_upsampled_1x1_convs_at_low_resolution():
     m = tiny_model_config()
     _, dec = dvae_lib.forward_flops(m, 32, soft_codes=False)
+
     # By hand: groups at 4, 8, 16, 32 px with widths 32, 16, 16, 8 (decoder order), input 16 channels.
     def conv(s, k, i, o):
         return 2 * s * s * k * k * i * o
+
     expected = 0
     c, s = 16, 4
     for g, w in enumerate((32, 16, 16, 8)):
@@ -144,8 +167,14 @@ def test_decoder_flops_count_the_upsampled_1x1_convs_at_low_resolution():
 
 
 def test_schedules_start_and_end():
-    m = tiny_model_config(temperature_start=1.0, temperature_end=1 / 16, temperature_anneal_steps=100,
-                          kl_weight_start=0.0, kl_weight_end=6.6, kl_weight_ramp_steps=50)
+    m = tiny_model_config(
+        temperature_start=1.0,
+        temperature_end=1 / 16,
+        temperature_anneal_steps=100,
+        kl_weight_start=0.0,
+        kl_weight_end=6.6,
+        kl_weight_ramp_steps=50,
+    )
     for kind in ("cosine", "exponential", "linear"):
         m.temperature_schedule = kind
         assert float(dvae_loss.temperature(m, 0)) == pytest.approx(1.0)
@@ -168,7 +197,9 @@ def test_schedules_start_and_end():
     m.usage_weight, m.usage_weight_end, m.usage_weight_steps = 3.0, 0.5, 100
     assert float(dvae_loss.usage_weight(m, 0)) == float(dvae_loss.usage_weight(m, 100)) == 3.0
     m.usage_weight_schedule = "linear"
-    assert [float(dvae_loss.usage_weight(m, s)) for s in (0, 50, 100, 500)] == pytest.approx([3, 1.75, 0.5, 0.5])
+    assert [float(dvae_loss.usage_weight(m, s)) for s in (0, 50, 100, 500)] == pytest.approx(
+        [3, 1.75, 0.5, 0.5]
+    )
 
 
 def test_gumbel_softmax_relaxation():
@@ -181,16 +212,20 @@ def test_gumbel_softmax_relaxation():
     hard = dvae_loss.gumbel_softmax(jax.random.key(0), logits, 1.0, straight_through=True)
     assert set(np.unique(np.asarray(hard)).round(5)) <= {0.0, 1.0}
     np.testing.assert_array_equal(hard.argmax(-1), soft.argmax(-1))
-    g = jax.grad(lambda l: jnp.sum(dvae_loss.gumbel_softmax(jax.random.key(0), l, 1.0, True)
-                                   * jnp.arange(16.0)))(logits)
+    g = jax.grad(
+        lambda l: jnp.sum(dvae_loss.gumbel_softmax(jax.random.key(0), l, 1.0, True) * jnp.arange(16.0))
+    )(logits)
     assert float(jnp.abs(g).sum()) > 0  # straight-through passes the relaxed gradient
 
 
 def test_straight_through_from_a_step_switches_inside_jit():
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(2, 2, 2, 8)), jnp.float32)
     m = tiny_model_config(straight_through_from_step=5)
-    codes = jax.jit(lambda step: dvae_loss.gumbel_softmax(
-        jax.random.key(0), logits, 1.0, dvae_loss.straight_through_now(m, step)))
+    codes = jax.jit(
+        lambda step: dvae_loss.gumbel_softmax(
+            jax.random.key(0), logits, 1.0, dvae_loss.straight_through_now(m, step)
+        )
+    )
     before, after = np.asarray(codes(4)), np.asarray(codes(5))
     assert before.max() < 1.0  # relaxed
     np.testing.assert_allclose(after, np.eye(8)[before.argmax(-1)], atol=1e-6)  # hard, same codes
@@ -239,8 +274,11 @@ def test_pixel_mapping_matches_reference_formulas():
 
 def shapes_images(n):
     from core_jax.data.shapes import make_example
+
     # 32x32 (every other pixel) keeps the compile and steps cheap; objects stay large and sharp.
-    return np.stack([image_ops.dvae_map_pixels(make_example("train", i)["image"][::2, ::2]) for i in range(n)])
+    return np.stack(
+        [image_ops.dvae_map_pixels(make_example("train", i)["image"][::2, ::2]) for i in range(n)]
+    )
 
 
 def _train_losses(m, steps, lr=3e-3):
@@ -254,7 +292,9 @@ def _train_losses(m, steps, lr=3e-3):
 
     @jax.jit
     def step(params, opt, i):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, {"image": x}, jax.random.key(i), i)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, {"image": x}, jax.random.key(i), i
+        )
         updates, opt = tx.update(grads, opt, params)
         return optax.apply_updates(params, updates), opt, loss, metrics
 
@@ -267,16 +307,25 @@ def _train_losses(m, steps, lr=3e-3):
 
 @pytest.mark.parametrize("recon_loss,straight_through", [("logit_laplace", False), ("mse", True)])
 def test_loss_decreases(recon_loss, straight_through):
-    m = tiny_model_config(width_multipliers=(1, 2), recon_loss=recon_loss,
-                          straight_through=straight_through, kl_weight_end=0.0)
+    m = tiny_model_config(
+        width_multipliers=(1, 2), recon_loss=recon_loss, straight_through=straight_through, kl_weight_end=0.0
+    )
     losses, metrics = _train_losses(m, 12)
     assert all(np.isfinite(losses))
     print(losses)
     # Per-dimension losses: logit-Laplace falls by nats, MSE by a fraction of its start.
     drop = 0.2 if recon_loss == "logit_laplace" else 0.1 * losses[0]
     assert np.mean(losses[-3:]) < losses[0] - drop, losses
-    for key in ("psnr", "mse", "kl", "codebook_perplexity", "codebook_used_fraction", "temperature",
-                "kl_weight", "recon_loss"):
+    for key in (
+        "psnr",
+        "mse",
+        "kl",
+        "codebook_perplexity",
+        "codebook_used_fraction",
+        "temperature",
+        "kl_weight",
+        "recon_loss",
+    ):
         assert np.isfinite(float(metrics[key])), key
 
 
@@ -291,12 +340,15 @@ def test_init_and_apply_on_mesh_shards_params():
     abstract = jax.eval_shape(lambda r, x: model.init(r, x)["params"], jax.random.key(0), x)
     shardings = sharding.tree_shardings(mesh, abstract)
     assert shardings["decoder"]["input"]["kernel"].spec == P(None, None, "tensor")  # vocab rows
-    assert shardings["encoder"]["group_2"]["block_1"]["conv_1"]["kernel"].spec == P(None, None, "fsdp", "tensor")
+    assert shardings["encoder"]["group_2"]["block_1"]["conv_1"]["kernel"].spec == P(
+        None, None, "fsdp", "tensor"
+    )
     assert shardings["encoder"]["output"]["kernel"].spec == P(None, None, "fsdp", "tensor")
     unboxed_shardings = nn.meta.unbox(shardings)
     with jax.set_mesh(mesh):
-        params = jax.jit(lambda r, x: nn.meta.unbox(model.init(r, x)["params"]),
-                         out_shardings=unboxed_shardings)(jax.random.key(0), x)
+        params = jax.jit(
+            lambda r, x: nn.meta.unbox(model.init(r, x)["params"]), out_shardings=unboxed_shardings
+        )(jax.random.key(0), x)
         kernel = params["encoder"]["group_2"]["block_1"]["conv_1"]["kernel"]
         assert kernel.sharding.spec == P(None, None, "fsdp", "tensor")
         xs = jax.device_put(x, batch_sharding)
@@ -362,24 +414,24 @@ def test_codebook_factors_make_logits_and_embeddings_sums_over_digits():
     # Code i has digits (a, b, c) = unravel(i, (4, 2, 8)); its logit is l0[a] + l1[b] + l2[c]:
     # recovered from three codes that differ in one digit each.
     grid = logits.reshape(2, 8, 8, 4, 2, 8)
-    additive = (grid[..., :, :1, :1] + grid[..., :1, :, :1] + grid[..., :1, :1, :]
-                - 2 * grid[..., :1, :1, :1])
+    additive = grid[..., :, :1, :1] + grid[..., :1, :, :1] + grid[..., :1, :1, :] - 2 * grid[..., :1, :1, :1]
     np.testing.assert_allclose(grid, additive, atol=1e-5)
     assert np.abs(grid - grid[..., :1, :1, :1]).max() > 1e-3
     # Decoding int tokens (the embedding lookup) equals decoding their one-hot (the matmul), and a
     # code's embedding row is the sum of its digits' rows.
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 4, 4)))
     decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=dvae_lib.DVAE.decode))
-    np.testing.assert_allclose(decode(params, tokens), decode(params, jax.nn.one_hot(tokens, 64)),
-                               atol=1e-5)
+    np.testing.assert_allclose(decode(params, tokens), decode(params, jax.nn.one_hot(tokens, 64)), atol=1e-5)
     rows = params["decoder"]["input"]["kernel"][0, 0]
     digits = dvae_lib.factor_digits((4, 2, 8))
     assert digits[13].tolist() == [0, 1, 5]  # 13 = (0 * 2 + 1) * 8 + 5
     table = rows[digits[:, 0]] + rows[4 + digits[:, 1]] + rows[6 + digits[:, 2]]
     via_table = dvae_lib.CodeEmbedding(16, 64).apply(
-        {"params": {"kernel": table[None, None], "bias": params["decoder"]["input"]["bias"]}}, tokens)
+        {"params": {"kernel": table[None, None], "bias": params["decoder"]["input"]["bias"]}}, tokens
+    )
     embedded = dvae_lib.CodeEmbedding(16, 64, codebook_factors=(4, 2, 8)).apply(
-        {"params": params["decoder"]["input"]}, tokens)
+        {"params": params["decoder"]["input"]}, tokens
+    )
     np.testing.assert_allclose(embedded, via_table, atol=1e-6)
     for bad in [(8, 4), (64,), (1, 64)]:
         m.codebook_factors = bad
@@ -412,8 +464,9 @@ def test_colour_codes_split_structure_from_colour():
     assert (grid[dark][..., 1:] < -1e3).all() and (grid[dark][..., 0] > -1e3).all()
     assert (grid[~dark][..., 0] < -1e3).all() and (grid[~dark][..., 1:] > -1e3).all()
     bright = grid[~dark][..., 1:]  # [cells, structure, colour 1..3]: a code's logit is a sum
-    np.testing.assert_allclose(bright, bright[..., :, :1] + bright[..., :1, :] - bright[..., :1, :1],
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        bright, bright[..., :, :1] + bright[..., :1, :] - bright[..., :1, :1], atol=1e-4
+    )
     # The structure logits do not move when only the colour changes; the colour logits do.
     allowed = np.where(dark, 0, 1)[..., None, None]
     at_allowed = np.take_along_axis(grid, np.broadcast_to(allowed, grid.shape[:-1] + (1,)), -1)[..., 0]
@@ -424,10 +477,12 @@ def test_colour_codes_split_structure_from_colour():
     per_image = colour.reshape(6, -1, 3)
     assert np.abs(per_image - per_image[:1]).max() > 1e-3
     assert dvae_lib.forward_flops(m, 64)[0] != dvae_lib.forward_flops(tiny_model_config(vocab_size=32), 64)[0]
-    for bad, message in [(dict(colour_codes=3), "divide vocab_size=32"),
-                         (dict(colour_codes=32), "divide vocab_size=32"),
-                         (dict(colour_codes=4, codebook_factors=(4, 8)), "leave model.codebook_factors"),
-                         (dict(colour_codes=4, input_channels=1), "RGB inputs")]:
+    for bad, message in [
+        (dict(colour_codes=3), "divide vocab_size=32"),
+        (dict(colour_codes=32), "divide vocab_size=32"),
+        (dict(colour_codes=4, codebook_factors=(4, 8)), "leave model.codebook_factors"),
+        (dict(colour_codes=4, input_channels=1), "RGB inputs"),
+    ]:
         with pytest.raises(ConfigError, match=message):
             dvae_lib.make_dvae(tiny_model_config(vocab_size=32, **bad))
 

@@ -1,4 +1,5 @@
 """EMA of the weights in the shared trainer: the update rule, checkpoints, resume, sharding, loading."""
+
 import jax
 import numpy as np
 import pytest
@@ -35,16 +36,24 @@ def test_ema_matches_numpy_reference_over_10_steps(decay, warmup):
     task = make_toy_task(config, poison_step=4)  # step 4 is skipped: the EMA must not move
     mesh = sharding.make_mesh(config.mesh, None)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
-    it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
-                                seed=config.seed, example_fn=task.example_fn, train=True)
+    it = data_lib.make_iterator(
+        config.data,
+        config.data.split,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        example_fn=task.example_fn,
+        train=True,
+    )
     batch = trainer.next_global_batch(it, task, mesh)
     state, shardings = trainer.create_state(task, tx, mesh, config, batch)
     assert isinstance(state, trainer.EMATrainState)
-    step = trainer.jit_train_step(task, tx, schedule, config, mesh, shardings,
-                                  jax.tree.map(lambda x: x.sharding, batch))
+    step = trainer.jit_train_step(
+        task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, batch)
+    )
     seq, finite = [_np(state.params)], []
-    np.testing.assert_array_equal(np.concatenate([x.ravel() for x in _np(state.ema)]),
-                                  np.concatenate([x.ravel() for x in seq[0]]))
+    np.testing.assert_array_equal(
+        np.concatenate([x.ravel() for x in _np(state.ema)]), np.concatenate([x.ravel() for x in seq[0]])
+    )
     for _ in range(10):
         with jax.set_mesh(mesh):
             state, metrics = step(state, batch)
@@ -79,8 +88,14 @@ def _init_params(config):
     task = make_toy_task(config)
     mesh = sharding.make_mesh(config.mesh, None)
     tx, _ = make_optimizer(config.optim, config.total_steps)
-    it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
-                                seed=config.seed, example_fn=task.example_fn, train=True)
+    it = data_lib.make_iterator(
+        config.data,
+        config.data.split,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        example_fn=task.example_fn,
+        train=True,
+    )
     batch = trainer.next_global_batch(it, task, mesh)
     it.close()
     return _np(trainer.create_state(task, tx, mesh, config, batch)[0].params)
@@ -95,7 +110,7 @@ def test_checkpointed_ema_is_what_load_params_returns(tmp_path):
     seq = [_init_params(toy_config(**kw))]
     seq += [_np(checkpoint.load_params(wd, s, ema=False)[1]) for s in range(1, 7)]
     for s in range(1, 7):
-        want = _reference_ema(seq[:s + 1], _decays(0.8, False, s), [True] * s)
+        want = _reference_ema(seq[: s + 1], _decays(0.8, False, s), [True] * s)
         for g, w in zip(_np(checkpoint.load_params(wd, s)[1]), want):
             np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
     assert checkpoint.workdir_has_ema(wd)
@@ -147,14 +162,21 @@ def test_fsdp8_state_bytes_per_device_include_the_sharded_ema():
     task = make_toy_task(config)
     mesh = sharding.make_mesh(config.mesh, None)
     tx, _ = make_optimizer(config.optim, config.total_steps)
-    it = data_lib.make_iterator(config.data, config.data.split, global_batch_size=config.batch_size,
-                                seed=config.seed, example_fn=task.example_fn, train=True)
+    it = data_lib.make_iterator(
+        config.data,
+        config.data.split,
+        global_batch_size=config.batch_size,
+        seed=config.seed,
+        example_fn=task.example_fn,
+        train=True,
+    )
     batch = trainer.next_global_batch(it, task, mesh)
     it.close()
     state, _ = trainer.create_state(task, tx, mesh, config, batch)
     dev0 = jax.devices()[0]
-    per_device = sum(s.data.nbytes for x in jax.tree.leaves(state)
-                     for s in x.addressable_shards if s.device == dev0)
+    per_device = sum(
+        s.data.nbytes for x in jax.tree.leaves(state) for s in x.addressable_shards if s.device == dev0
+    )
     total = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))  # noqa: E731
     want = (2 * total(state.params) + total(state.opt_state)) / 8
     assert per_device == pytest.approx(want, rel=0.05), (per_device, want)
@@ -169,11 +191,20 @@ def test_ema_decay_out_of_range_is_config_error(bad):
 def test_init_from_prefers_ema_unless_raw(tmp_path):
     src = str(tmp_path / "src")
     _run(src, ema_decay=0.9)
-    for raw, line in ((False, f"params initialised from {src} (its EMA weights)"),
-                      (True, f"params initialised from {src}")):
+    for raw, line in (
+        (False, f"params initialised from {src} (its EMA weights)"),
+        (True, f"params initialised from {src}"),
+    ):
         wd = str(tmp_path / f"ft{raw}")
-        logs = _run(wd, stop_at_step=1, init_from=src, init_from_raw_weights=raw, ema_decay=0.9,
-                    checkpoint_every=1, **{"optim.learning_rate": 0.0})
+        logs = _run(
+            wd,
+            stop_at_step=1,
+            init_from=src,
+            init_from_raw_weights=raw,
+            ema_decay=0.9,
+            checkpoint_every=1,
+            **{"optim.learning_rate": 0.0},
+        )
         assert line in logs, logs
         got = _np(checkpoint.load_params(wd, ema=False)[1])
         for x, y in zip(got, _np(checkpoint.load_params(src, ema=not raw)[1])):
@@ -194,8 +225,13 @@ def _ema_dvae_workdir(tmp_path):
     params = jax.tree.map(np.asarray, params)
     ema = jax.tree.map(lambda p: np.float32(0.5) * p, params)
     with ocp.CheckpointManager(checkpoint.checkpoint_dir(wd)) as manager:
-        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params, "ema": ema}),
-                                                data=ocp.args.JsonSave({})), force=True)
+        manager.save(
+            1,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"params": params, "ema": ema}), data=ocp.args.JsonSave({})
+            ),
+            force=True,
+        )
         manager.wait_until_finished()
     return wd, params, ema
 
@@ -215,7 +251,8 @@ def test_dvae_api_and_cli_load_ema_by_default_and_raw_on_request(tmp_path):
     psnr = {}
     for flag in ([], ["--raw_weights"]):
         out = tmp_path / f"out{len(flag)}"
-        proc = run("dalle_jax.reconstruct", "--workdir", wd, "--input_dir", str(src), "--out_dir", str(out),
-                   *flag)
+        proc = run(
+            "dalle_jax.reconstruct", "--workdir", wd, "--input_dir", str(src), "--out_dir", str(out), *flag
+        )
         psnr[bool(flag)] = next(line for line in proc.stdout.splitlines() if "mean PSNR" in line)
     assert psnr[False] != psnr[True], psnr  # different weights, different reconstructions

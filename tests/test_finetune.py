@@ -1,4 +1,5 @@
 """Fine-tuning in the shared trainer: `init_from` another workdir's params, `frozen` param paths."""
+
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -59,11 +60,19 @@ def test_frozen_params_keep_no_optimizer_moments():
 def test_prefixes_parse_and_match_whole_path_components():
     config = toy_config(frozen=" encoder/ , decoder/group_1,,")
     assert finetune.frozen_prefixes(config) == ("encoder", "decoder/group_1")
-    labels = finetune.param_labels({"encoder": {"a": 0}, "encoder_extra": {"a": 0},
-                                    "decoder": {"group_1": {"a": 0}, "group_10": {"a": 0}}},
-                                   ("encoder", "decoder/group_1"))
-    assert labels == {"encoder": {"a": "frozen"}, "encoder_extra": {"a": "train"},
-                      "decoder": {"group_1": {"a": "frozen"}, "group_10": {"a": "train"}}}
+    labels = finetune.param_labels(
+        {
+            "encoder": {"a": 0},
+            "encoder_extra": {"a": 0},
+            "decoder": {"group_1": {"a": 0}, "group_10": {"a": 0}},
+        },
+        ("encoder", "decoder/group_1"),
+    )
+    assert labels == {
+        "encoder": {"a": "frozen"},
+        "encoder_extra": {"a": "train"},
+        "decoder": {"group_1": {"a": "frozen"}, "group_10": {"a": "train"}},
+    }
 
 
 def test_bad_frozen_and_init_from_are_config_errors(tmp_path, source):

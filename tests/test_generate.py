@@ -1,6 +1,7 @@
 """generate CLI, CLIP reranking, editing at token level, and the fidelity evaluation, on tiny random
 workdirs written the way converters/trainers write them (config.json + params checkpoint +
 WORKDIR/tokenizer/merges.txt)."""
+
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ def _dalle_workdir(wd, dvae_wd, pattern="full"):
     from configs.dalle_shapes import get_config
     from dalle_jax.dalle_task import resolve_text_vocab
     from dalle_jax.transformer import DalleConfig, init_params
+
     c = get_config()
     m = c.model
     m.image_grid, m.image_vocab_size, m.attention_pattern = GRID, CODES, pattern
@@ -49,9 +51,20 @@ def _clip_workdir(wd):
     from core_jax.text import tokenizer_from_config
     from clip_jax import model as clip_model
     from clip_jax.defaults import clip_config, model_config, text_config
-    model = model_config(name="tiny", image_size=SIZE, patch_size=8, vision_width=32, vision_layers=1,
-                         vision_heads=2, text_width=32, text_layers=1, text_heads=2, embed_dim=16,
-                         activation="gelu")
+
+    model = model_config(
+        name="tiny",
+        image_size=SIZE,
+        patch_size=8,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        activation="gelu",
+    )
     c = clip_config(model, text_config(merges_file="", vocab_size=256 + 64 + 2 + 64, context_length=16))
     module = clip_model.clip_from_config(c)
     abstract = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
@@ -77,6 +90,7 @@ def pipe(workdirs):
 @pytest.fixture(scope="module")
 def clip(workdirs):
     from clip_jax.api import CLIPModel
+
     return CLIPModel.load(workdirs["clip"])
 
 
@@ -90,14 +104,42 @@ def _png(path):
 
 
 def _run(args, workdirs, out, **preloaded):
-    return generate.main(["--workdir", workdirs["dalle"], "--out_dir", str(out), "--seed", "0",
-                          "--batch_size", "8", "--mesh", "none"] + args, **preloaded)
+    return generate.main(
+        [
+            "--workdir",
+            workdirs["dalle"],
+            "--out_dir",
+            str(out),
+            "--seed",
+            "0",
+            "--batch_size",
+            "8",
+            "--mesh",
+            "none",
+        ]
+        + args,
+        **preloaded,
+    )
 
 
 def test_rerank_writes_best_first(workdirs, pipe, clip, tmp_path):
     out = tmp_path / "ranked"  # loads both workdirs itself
-    _run(["--prompt", PROMPT, "--num_samples", str(N), "--top_k_rerank", "3", "--clip_workdir",
-          workdirs["clip"], "--cond_scale", "3"], workdirs, out)
+    _run(
+        [
+            "--prompt",
+            PROMPT,
+            "--num_samples",
+            str(N),
+            "--top_k_rerank",
+            "3",
+            "--clip_workdir",
+            workdirs["clip"],
+            "--cond_scale",
+            "3",
+        ],
+        workdirs,
+        out,
+    )
     names = sorted(os.listdir(out))
     assert names == ["000.png", "001.png", "002.png", "grid.png", "scores.json", "tokens.npy"]
     scores = json.load(open(out / "scores.json"))
@@ -118,8 +160,12 @@ def test_rerank_writes_best_first(workdirs, pipe, clip, tmp_path):
 
 def test_without_clip_all_samples_in_sample_order(workdirs, pipe, tmp_path):
     out = tmp_path / "plain"
-    _run(["--prompt", PROMPT, "--num_samples", str(N), "--temperature", "0.7", "--seed", "5"],
-         workdirs, out, pipeline=pipe)
+    _run(
+        ["--prompt", PROMPT, "--num_samples", str(N), "--temperature", "0.7", "--seed", "5"],
+        workdirs,
+        out,
+        pipeline=pipe,
+    )
     scores = json.load(open(out / "scores.json"))
     assert not scores["reranked"] and "all_clip_scores" not in scores
     assert [e["sample"] for e in scores["images"]] == list(range(N))
@@ -134,43 +180,74 @@ def test_prompts_file_layout(workdirs, pipe, clip, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle in the top left\na blue square above a green triangle\n")
     out = tmp_path / "many"
-    _run(["--prompts_file", str(prompts), "--num_samples", "3", "--top_k_rerank", "2",
-          "--cond_scale", "3",
-          "--clip_workdir", workdirs["clip"]], workdirs, out, pipeline=pipe, clip=clip)
+    _run(
+        [
+            "--prompts_file",
+            str(prompts),
+            "--num_samples",
+            "3",
+            "--top_k_rerank",
+            "2",
+            "--cond_scale",
+            "3",
+            "--clip_workdir",
+            workdirs["clip"],
+        ],
+        workdirs,
+        out,
+        pipeline=pipe,
+        clip=clip,
+    )
     assert sorted(os.listdir(out)) == ["000", "001", "prompts.json"]
     for i, line in enumerate(prompts.read_text().splitlines()):
-        assert sorted(os.listdir(out / f"{i:03d}")) == ["000.png", "001.png", "grid.png", "scores.json",
-                                                        "tokens.npy"]
+        assert sorted(os.listdir(out / f"{i:03d}")) == [
+            "000.png",
+            "001.png",
+            "grid.png",
+            "scores.json",
+            "tokens.npy",
+        ]
         assert json.load(open(out / f"{i:03d}" / "scores.json"))["prompt"] == line
 
 
-@pytest.mark.parametrize("args,match", [
-    (["--prompt", PROMPT, "--top_k_rerank", "2"], "needs --clip_workdir"),
-    (["--prompt", PROMPT, "--top_k_rerank", "9", "--num_samples", "4", "--clip_workdir", "."],
-     "top_k_rerank must be in"),
-    (["--prompts_file", "EMPTY"], "holds no prompts"),
-    (["--prompt", PROMPT, "--image", "BADPNG", "--rows_kept", "1"], "cannot read --image"),
-    (["--prompt", PROMPT, "--image", "GOODPNG", "--inpaint_box", "2,2,3,1"], "does not fit"),
-    (["--prompt", PROMPT, "--rows_kept", "2"], "needs --image"),
-    (["--prompt", PROMPT, "--workdir", "/nonexistent/dalle"], "not found"),
-])
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["--prompt", PROMPT, "--top_k_rerank", "2"], "needs --clip_workdir"),
+        (
+            ["--prompt", PROMPT, "--top_k_rerank", "9", "--num_samples", "4", "--clip_workdir", "."],
+            "top_k_rerank must be in",
+        ),
+        (["--prompts_file", "EMPTY"], "holds no prompts"),
+        (["--prompt", PROMPT, "--image", "BADPNG", "--rows_kept", "1"], "cannot read --image"),
+        (["--prompt", PROMPT, "--image", "GOODPNG", "--inpaint_box", "2,2,3,1"], "does not fit"),
+        (["--prompt", PROMPT, "--rows_kept", "2"], "needs --image"),
+        (["--prompt", PROMPT, "--workdir", "/nonexistent/dalle"], "not found"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(workdirs, pipe, tmp_path, capsys, args, match):
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "bad.png").write_bytes(b"not a png at all")
     Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(tmp_path / "good.png")
-    subs = {"EMPTY": str(tmp_path / "empty.txt"), "BADPNG": str(tmp_path / "bad.png"),
-            "GOODPNG": str(tmp_path / "good.png")}
+    subs = {
+        "EMPTY": str(tmp_path / "empty.txt"),
+        "BADPNG": str(tmp_path / "bad.png"),
+        "GOODPNG": str(tmp_path / "good.png"),
+    }
     with pytest.raises(SystemExit) as e:
-        _run([subs.get(a, a) for a in args], workdirs, tmp_path / "out",
-             pipeline=None if "/nonexistent/dalle" in args else pipe)
+        _run(
+            [subs.get(a, a) for a in args],
+            workdirs,
+            tmp_path / "out",
+            pipeline=None if "/nonexistent/dalle" in args else pipe,
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and match in err and len(err.splitlines()) == 1, err
 
 
 def test_completion_keeps_rows_and_inpainting_only_the_box(pipe):
     given = np.random.default_rng(0).integers(0, CODES, (GRID * GRID,)).astype(np.int32)
-    done = pipe.complete([PROMPT], given, rows_kept=2, num_samples=N, seed=1, batch_size=8,
-                         cond_scale=3.0)[0]
+    done = pipe.complete([PROMPT], given, rows_kept=2, num_samples=N, seed=1, batch_size=8, cond_scale=3.0)[0]
     kept = 2 * GRID
     np.testing.assert_array_equal(done[:, :kept], np.broadcast_to(given[:kept], (N, kept)))
     assert (done[:, kept:] != given[kept:]).any()
@@ -186,12 +263,17 @@ def test_completion_keeps_rows_and_inpainting_only_the_box(pipe):
 
 def test_cli_completion_keeps_the_image_rows(workdirs, pipe, tmp_path):
     Image.fromarray(np.random.default_rng(4).integers(0, 255, (SIZE, SIZE, 3), np.uint8)).save(
-        tmp_path / "in.png")
+        tmp_path / "in.png"
+    )
     source = pipe.encode_images(_png(tmp_path / "in.png")[None])[0]
     for args in (["--rows_kept", "3"], ["--variations"]):
         out = tmp_path / args[0]
-        _run(["--prompt", PROMPT, "--image", str(tmp_path / "in.png"), "--num_samples", str(N)] + args,
-             workdirs, out, pipeline=pipe)
+        _run(
+            ["--prompt", PROMPT, "--image", str(tmp_path / "in.png"), "--num_samples", str(N)] + args,
+            workdirs,
+            out,
+            pipeline=pipe,
+        )
         rows = 3 if args[0] == "--rows_kept" else 1  # variations keep a quarter of the rows
         tokens = np.load(out / "tokens.npy")
         kept = rows * GRID
@@ -203,12 +285,35 @@ def test_cli_completion_keeps_the_image_rows(workdirs, pipe, tmp_path):
 
 def test_fidelity_eval_numbers(workdirs, pipe, clip, tmp_path, capsys):
     out = tmp_path / "fid.json"
-    evaluate_fidelity.main(["--workdir", workdirs["dalle"], "--clip_workdir", workdirs["clip"],
-                            "--split", "test_unseen", "--num_prompts", "2", "--num_samples", "3",
-                            "--cond_scale", "3", "--top_p", "0.7", "--batch_size", "8",
-                            "--workers", "1", "--out", str(out),
-                            "--images_dir", str(tmp_path / "grids"), "--dvae_ceiling"],
-                           pipeline=pipe, clip=clip)
+    evaluate_fidelity.main(
+        [
+            "--workdir",
+            workdirs["dalle"],
+            "--clip_workdir",
+            workdirs["clip"],
+            "--split",
+            "test_unseen",
+            "--num_prompts",
+            "2",
+            "--num_samples",
+            "3",
+            "--cond_scale",
+            "3",
+            "--top_p",
+            "0.7",
+            "--batch_size",
+            "8",
+            "--workers",
+            "1",
+            "--out",
+            str(out),
+            "--images_dir",
+            str(tmp_path / "grids"),
+            "--dvae_ceiling",
+        ],
+        pipeline=pipe,
+        clip=clip,
+    )
     report = json.load(open(out))
     assert report["top_p"] == 0.7 and report["temperature"] == 1.0  # the demo's sampling, recorded
     for setting, scale in (("guided", 3.0), ("unguided", 1.0)):
@@ -221,12 +326,17 @@ def test_fidelity_eval_numbers(workdirs, pipe, clip, tmp_path, capsys):
     # Real scenes match their captions; a random dVAE's reconstructions do not.
     assert report["dvae_ceiling"] == {"originals": 1.0, "reconstructions": 0.0, "images": 2}
     assert "caption fidelity, test_unseen" in capsys.readouterr().out
-    assert sorted(os.listdir(tmp_path / "grids")) == ["guided_clip_best.png", "guided_first.png",
-                                                      "unguided_clip_best.png", "unguided_first.png"]
+    assert sorted(os.listdir(tmp_path / "grids")) == [
+        "guided_clip_best.png",
+        "guided_first.png",
+        "unguided_clip_best.png",
+        "unguided_first.png",
+    ]
 
 
 def test_fidelity_scoring_and_caption_choice():
     from core_jax.data import shapes
+
     captions = evaluate_fidelity.choose_captions("test_seen", 6, seed=3)
     assert captions == evaluate_fidelity.choose_captions("test_seen", 6, seed=3)
     assert captions != evaluate_fidelity.choose_captions("test_seen", 6, seed=4)
@@ -246,24 +356,59 @@ def test_subprocess_cli(workdirs, tmp_path):
     out = tmp_path / "sub"
     prompts = tmp_path / "p.txt"
     prompts.write_text("a green square in the center\n")
-    r = subprocess.run([sys.executable, "-m", "dalle_jax.generate", "--workdir", workdirs["dalle"],
-                        "--prompts_file", str(prompts), "--num_samples", "2", "--cond_scale", "2",
-                        "--out_dir", str(out)], env=env, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dalle_jax.generate",
+            "--workdir",
+            workdirs["dalle"],
+            "--prompts_file",
+            str(prompts),
+            "--num_samples",
+            "2",
+            "--cond_scale",
+            "2",
+            "--out_dir",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out / "000")) == ["000.png", "001.png", "grid.png", "scores.json",
-                                               "tokens.npy"]
-    r = subprocess.run([sys.executable, "-m", "dalle_jax.generate", "--workdir", workdirs["dalle"],
-                        "--prompt", PROMPT, "--top_k_rerank", "2", "--out_dir", str(out)],
-                       env=env, capture_output=True, text=True, timeout=60)
+    assert sorted(os.listdir(out / "000")) == ["000.png", "001.png", "grid.png", "scores.json", "tokens.npy"]
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dalle_jax.generate",
+            "--workdir",
+            workdirs["dalle"],
+            "--prompt",
+            PROMPT,
+            "--top_k_rerank",
+            "2",
+            "--out_dir",
+            str(out),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_unrolled_sampling_params_give_the_scanned_model(workdirs, pipe):
     from dalle_jax.transformer import DalleTransformer, input_stream
+
     scanned = Pipeline.load(workdirs["dalle"], unroll_layers=False)
     assert scanned.cfg.scan_layers and not pipe.cfg.scan_layers
-    stream = input_stream(pipe.encode_text([PROMPT, None]),
-                          np.random.default_rng(0).integers(0, CODES, (2, GRID * GRID)))
+    stream = input_stream(
+        pipe.encode_text([PROMPT, None]), np.random.default_rng(0).integers(0, CODES, (2, GRID * GRID))
+    )
     a = DalleTransformer(scanned.cfg).apply({"params": scanned.params}, stream, heads="image")
     b = DalleTransformer(pipe.cfg).apply({"params": pipe.params}, stream, heads="image")
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -283,6 +428,7 @@ def _drop_legacy_masks_key(wd, value=None):
 def test_old_sparse_workdir_is_refused_until_marked_legacy(workdirs, tmp_path, capsys):
     import shutil
     from core_jax.config import ConfigError
+
     old = str(tmp_path / "old")
     _dalle_workdir(old, str(workdirs["root"] / "dvae"), pattern="row,column,conv")
     _drop_legacy_masks_key(old)
@@ -291,8 +437,9 @@ def test_old_sparse_workdir_is_refused_until_marked_legacy(workdirs, tmp_path, c
         Pipeline.load(old)
     assert fix in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(SystemExit) as e:  # generate (and evaluate_fidelity) go through Pipeline.load
-        generate.main(["--workdir", old, "--prompt", PROMPT, "--out_dir", str(tmp_path / "out"),
-                       "--mesh", "none"])
+        generate.main(
+            ["--workdir", old, "--prompt", PROMPT, "--out_dir", str(tmp_path / "out"), "--mesh", "none"]
+        )
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and fix in err and len(err.splitlines()) == 1, err
     _drop_legacy_masks_key(old, True)  # the fix: the recorded config decides the masks
@@ -309,6 +456,7 @@ def test_old_sparse_workdir_is_refused_until_marked_legacy(workdirs, tmp_path, c
 def no_dropout_workdir(workdirs):
     """The same model, its config.json saying it was trained without caption dropout."""
     import shutil
+
     wd = str(workdirs["root"] / "dalle_no_dropout")
     shutil.copytree(workdirs["dalle"], wd)
     path = os.path.join(wd, "config.json")
@@ -318,19 +466,41 @@ def no_dropout_workdir(workdirs):
     return wd
 
 
-def test_guidance_refused_on_a_model_trained_without_caption_dropout(no_dropout_workdir, tmp_path,
-                                                                     capsys):
+def test_guidance_refused_on_a_model_trained_without_caption_dropout(no_dropout_workdir, tmp_path, capsys):
     from core_jax.config import ConfigError
-    args = ["--workdir", no_dropout_workdir, "--prompt", PROMPT, "--num_samples", str(N),
-            "--seed", "0", "--batch_size", "8", "--mesh", "none"]
+
+    args = [
+        "--workdir",
+        no_dropout_workdir,
+        "--prompt",
+        PROMPT,
+        "--num_samples",
+        str(N),
+        "--seed",
+        "0",
+        "--batch_size",
+        "8",
+        "--mesh",
+        "none",
+    ]
     with pytest.raises(SystemExit) as e:
         generate.main(args + ["--out_dir", str(tmp_path / "a"), "--cond_scale", "3"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and "caption_dropout=0" in err and "--force_guidance" in err
     with pytest.raises(SystemExit) as e:
-        evaluate_fidelity.main(["--workdir", no_dropout_workdir, "--num_prompts", "2",
-                                "--num_samples", "1", "--out", str(tmp_path / "f.json")])  # s=3
+        evaluate_fidelity.main(
+            [
+                "--workdir",
+                no_dropout_workdir,
+                "--num_prompts",
+                "2",
+                "--num_samples",
+                "1",
+                "--out",
+                str(tmp_path / "f.json"),
+            ]
+        )  # s=3
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "caption_dropout=0" in err, err
     assert not (tmp_path / "f.json").exists()

@@ -3,6 +3,7 @@
 Only module-level imports count (those inside a function run later, when every module is loaded);
 they are read with `ast`, so nothing is imported and the check takes well under a second.
 """
+
 from __future__ import annotations
 
 import ast
@@ -57,8 +58,7 @@ def import_graph() -> dict[str, set[str]]:
                 if node.level:
                     parts = mod.split(".")[: len(mod.split(".")) - node.level + (1 if is_pkg else 0)]
                     base = ".".join(parts + ([base] if base else []))
-                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base
-                           for a in node.names]
+                targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
             for t in targets:
                 while t and t not in modules:  # `import a.b.name` of a non-module name: a.b
                     t = t.rpartition(".")[0]
@@ -99,8 +99,13 @@ def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 
 def _package_imports(graph, importer: str, imported: str) -> list[str]:
-    return sorted(f"{m} -> {t}" for m, ts in graph.items() if m.split(".")[0] == importer
-                  for t in ts if t.split(".")[0] == imported)
+    return sorted(
+        f"{m} -> {t}"
+        for m, ts in graph.items()
+        if m.split(".")[0] == importer
+        for t in ts
+        if t.split(".")[0] == imported
+    )
 
 
 def test_no_import_cycles():
@@ -126,8 +131,15 @@ def _reachable(graph, module: str) -> set[str]:
 def test_inference_loads_no_training_or_cli_module():
     """Sampling from a workdir needs neither the training task nor a command's flags."""
     loaded = _reachable(import_graph(), "dalle_jax.pipeline")
-    assert loaded.isdisjoint({"dalle_jax.dalle_task", "dalle_jax.attach_decoder", "dalle_jax.generate",
-                              "core_jax.trainer", "core_jax.app"}), sorted(loaded)
+    assert loaded.isdisjoint(
+        {
+            "dalle_jax.dalle_task",
+            "dalle_jax.attach_decoder",
+            "dalle_jax.generate",
+            "core_jax.trainer",
+            "core_jax.app",
+        }
+    ), sorted(loaded)
 
 
 def test_the_graph_sees_imports():

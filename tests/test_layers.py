@@ -1,5 +1,6 @@
 """Shared transformer layers (core_jax/layers.py): the models' param trees as converters and
 checkpoints know them, the causal mask, a mask table through the KV cache, norms and the MLP."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -15,8 +16,9 @@ from tests.testfiles import load_config
 def tree_of(boxed):
     """{path: (shape, logical axes)} of boxed params."""
     flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-    return {"/".join(p.key for p in path): (tuple(leaf.value.shape), tuple(leaf.names))
-            for path, leaf in flat}
+    return {
+        "/".join(p.key for p in path): (tuple(leaf.value.shape), tuple(leaf.names)) for path, leaf in flat
+    }
 
 
 def scanned_block(prefix, layers_, d, heads, kv, mlp, qkv, norms, mlp_names):
@@ -41,19 +43,24 @@ def scanned_block(prefix, layers_, d, heads, kv, mlp, qkv, norms, mlp_names):
 def test_clip_b32_param_tree():
     boxed = clip_model.abstract_params(clip_model.clip_from_config(load_config("clip_vit_b32")))
     clip_block = dict(qkv=("q", "k", "v"), norms=("ln_1", "ln_2"), mlp_names=("fc", "proj"))
-    want = {"logit_scale": ((), ()),
-            "text/ln_final/scale": ((512,), ("norm",)), "text/ln_final/bias": ((512,), ("norm",)),
-            "text/positional_embedding": ((77, 512), ("length", "embed")),
-            "text/text_projection": ((512, 512), ("embed", None)),
-            "text/token_embedding": ((49408, 512), ("vocab", "embed")),
-            "visual/class_embedding": ((768,), ("norm",)),
-            "visual/ln_pre/scale": ((768,), ("norm",)), "visual/ln_pre/bias": ((768,), ("norm",)),
-            "visual/ln_post/scale": ((768,), ("norm",)), "visual/ln_post/bias": ((768,), ("norm",)),
-            "visual/patch_kernel": ((3072, 768), ("patch", "embed")),
-            "visual/positional_embedding": ((50, 768), ("length", "embed")),
-            "visual/proj": ((768, 512), ("embed", None)),
-            **scanned_block("text/transformer", 12, 512, 8, 64, 2048, **clip_block),
-            **scanned_block("visual/transformer", 12, 768, 12, 64, 3072, **clip_block)}
+    want = {
+        "logit_scale": ((), ()),
+        "text/ln_final/scale": ((512,), ("norm",)),
+        "text/ln_final/bias": ((512,), ("norm",)),
+        "text/positional_embedding": ((77, 512), ("length", "embed")),
+        "text/text_projection": ((512, 512), ("embed", None)),
+        "text/token_embedding": ((49408, 512), ("vocab", "embed")),
+        "visual/class_embedding": ((768,), ("norm",)),
+        "visual/ln_pre/scale": ((768,), ("norm",)),
+        "visual/ln_pre/bias": ((768,), ("norm",)),
+        "visual/ln_post/scale": ((768,), ("norm",)),
+        "visual/ln_post/bias": ((768,), ("norm",)),
+        "visual/patch_kernel": ((3072, 768), ("patch", "embed")),
+        "visual/positional_embedding": ((50, 768), ("length", "embed")),
+        "visual/proj": ((768, 512), ("embed", None)),
+        **scanned_block("text/transformer", 12, 512, 8, 64, 2048, **clip_block),
+        **scanned_block("visual/transformer", 12, 768, 12, 64, 3072, **clip_block),
+    }
     assert tree_of(boxed) == want
 
 
@@ -62,17 +69,31 @@ def test_dalle_shapes_param_tree():
     config.model.text_vocab_size = 100  # set from the tokenizer in a run
     cfg = transformer.DalleConfig.from_config(config)
     boxed = jax.eval_shape(lambda: transformer.init_params(cfg, jax.random.key(0)))
-    want = {"bos": ((128,), ("embed",)),
-            "text_embedding": ((116, 128), ("vocab", "embed")),
-            "image_embedding": ((224, 128), ("vocab", "embed")),
-            "text_position": ((17, 128), ("length", "embed")),
-            "image_row_position": ((8, 128), ("length", "embed")),
-            "image_column_position": ((8, 128), ("length", "embed")),
-            "ln_final/scale": ((128,), ("norm",)), "ln_final/bias": ((128,), ("norm",)),
-            "text_head_kernel": ((128, 116), ("embed", "vocab")), "text_head_bias": ((116,), ("vocab",)),
-            "image_head_kernel": ((128, 224), ("embed", "vocab")), "image_head_bias": ((224,), ("vocab",)),
-            **scanned_block("layers", 4, 128, 4, 32, 512, qkv=("query", "key", "value"),
-                            norms=("ln_attn", "ln_mlp"), mlp_names=("in", "out"))}
+    want = {
+        "bos": ((128,), ("embed",)),
+        "text_embedding": ((116, 128), ("vocab", "embed")),
+        "image_embedding": ((224, 128), ("vocab", "embed")),
+        "text_position": ((17, 128), ("length", "embed")),
+        "image_row_position": ((8, 128), ("length", "embed")),
+        "image_column_position": ((8, 128), ("length", "embed")),
+        "ln_final/scale": ((128,), ("norm",)),
+        "ln_final/bias": ((128,), ("norm",)),
+        "text_head_kernel": ((128, 116), ("embed", "vocab")),
+        "text_head_bias": ((116,), ("vocab",)),
+        "image_head_kernel": ((128, 224), ("embed", "vocab")),
+        "image_head_bias": ((224,), ("vocab",)),
+        **scanned_block(
+            "layers",
+            4,
+            128,
+            4,
+            32,
+            512,
+            qkv=("query", "key", "value"),
+            norms=("ln_attn", "ln_mlp"),
+            mlp_names=("in", "out"),
+        ),
+    }
     assert tree_of(boxed) == want
 
 
@@ -118,8 +139,14 @@ def test_cache_equals_recompute(causal):
     the whole sequence, with the mask table row a layer picks by index (or the causal triangle)."""
     T, prefill, heads, head_dim = 7, 3, 2, 4
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, T, 12)), jnp.float32)
-    kw = dict(num_heads=heads, head_dim=head_dim, out_std=0.3, names=("query", "key", "value"),
-              float32_logits=True, causal=causal)
+    kw = dict(
+        num_heads=heads,
+        head_dim=head_dim,
+        out_std=0.3,
+        names=("query", "key", "value"),
+        float32_logits=True,
+        causal=causal,
+    )
     full_attn, cached_attn = layers.Attention(**kw), layers.Attention(**kw, cache_length=T)
     params = attention_params(full_attn, x)
     table, kind = random_masks(3, T, seed=4), jnp.int32(2)
@@ -128,10 +155,13 @@ def test_cache_equals_recompute(causal):
     out, variables = cached_attn.apply({"params": params}, x[:, :prefill], mask, 0, mutable=["cache"])
     outs, cache = [out], variables["cache"]
     assert cache["key"].shape == cache["value"].shape == (2, heads, T, head_dim)
-    step = jax.jit(lambda cache, x, pos: cached_attn.apply({"params": params, "cache": cache}, x, mask,
-                                                           pos, mutable=["cache"]))
+    step = jax.jit(
+        lambda cache, x, pos: cached_attn.apply(
+            {"params": params, "cache": cache}, x, mask, pos, mutable=["cache"]
+        )
+    )
     for pos in range(prefill, T):
-        out, variables = step(cache, x[:, pos:pos + 1], jnp.int32(pos))
+        out, variables = step(cache, x[:, pos : pos + 1], jnp.int32(pos))
         outs.append(out)
         cache = variables["cache"]
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, rtol=1e-5, atol=1e-5)
@@ -144,8 +174,9 @@ def test_logit_rounding_same_maths():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 5, 24)), jnp.float32)
     attn = layers.Attention(num_heads=2, out_std=0.3, causal=True)
     params = {"params": attention_params(attn, x)}
-    np.testing.assert_allclose(attn.apply(params, x), attn.clone(float32_logits=True).apply(params, x),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        attn.apply(params, x), attn.clone(float32_logits=True).apply(params, x), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_layer_norms():
@@ -170,8 +201,9 @@ def test_mlp_names_and_activations():
     assert set(variables["params"]) == {"in_kernel", "in_bias", "out_kernel", "out_bias"}
     p = nn.meta.unbox(variables["params"])
     hidden = nn.gelu(x @ p["in_kernel"] + p["in_bias"], approximate=True)
-    np.testing.assert_allclose(mlp.apply(variables, x), hidden @ p["out_kernel"] + p["out_bias"],
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        mlp.apply(variables, x), hidden @ p["out_kernel"] + p["out_bias"], rtol=1e-5, atol=1e-6
+    )
     erf = layers.ACTIVATIONS["gelu"](x)
     assert np.abs(np.asarray(erf) - np.asarray(nn.gelu(x, approximate=True))).max() > 1e-5
     with pytest.raises(ValueError, match="activation"):

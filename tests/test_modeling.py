@@ -1,4 +1,5 @@
 """core_jax.modeling: dense (one 2-D matmul on CPU) and layer_stack's unrolled scan."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,15 +13,20 @@ from core_jax.modeling import dense, layer_stack
 
 def _inputs(x_shape, k_shape, seed=0):
     rng = np.random.default_rng(seed)
-    return (jnp.asarray(rng.normal(size=x_shape), jnp.float32),
-            jnp.asarray(rng.normal(size=k_shape), jnp.float32))
+    return (
+        jnp.asarray(rng.normal(size=x_shape), jnp.float32),
+        jnp.asarray(rng.normal(size=k_shape), jnp.float32),
+    )
 
 
-@pytest.mark.parametrize("x_shape,k_shape,in_dims,spec", [
-    ((3, 5, 8), (8, 2, 4), 1, "bsd,dhk->bshk"),     # q/k/v projection
-    ((3, 5, 2, 4), (2, 4, 8), 2, "bshk,hkd->bsd"),  # attention output
-    ((2, 4, 4, 6), (6, 7), 1, "bhwc,cd->bhwd"),     # 1x1 conv
-])
+@pytest.mark.parametrize(
+    "x_shape,k_shape,in_dims,spec",
+    [
+        ((3, 5, 8), (8, 2, 4), 1, "bsd,dhk->bshk"),  # q/k/v projection
+        ((3, 5, 2, 4), (2, 4, 8), 2, "bshk,hkd->bsd"),  # attention output
+        ((2, 4, 4, 6), (6, 7), 1, "bhwc,cd->bhwd"),  # 1x1 conv
+    ],
+)
 def test_dense_equals_einsum_in_value_and_gradient(x_shape, k_shape, in_dims, spec):
     x, k = _inputs(x_shape, k_shape)
     np.testing.assert_allclose(dense(x, k, in_dims), jnp.einsum(spec, x, k), rtol=1e-5, atol=1e-5)
@@ -76,17 +82,24 @@ def test_scan_unroll_keeps_params_and_values_and_drops_the_loop(unroll):
 
     def loss(module):
         return lambda p: jnp.sum(jnp.square(module.apply(p, x)))
+
     np.testing.assert_allclose(unrolled.apply(params, x), looped.apply(params, x), rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 jax.grad(loss(unrolled))(params), jax.grad(loss(looped))(params))
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        jax.grad(loss(unrolled))(params),
+        jax.grad(loss(looped))(params),
+    )
     if unroll >= 3:  # the whole stack unrolled: the compiled step has no loop (the looped one has)
-        hlo = {name: jax.jit(jax.grad(loss(m))).lower(params).as_text()
-               for name, m in (("looped", looped), ("unrolled", unrolled))}
+        hlo = {
+            name: jax.jit(jax.grad(loss(m))).lower(params).as_text()
+            for name, m in (("looped", looped), ("unrolled", unrolled))
+        }
         assert "while" in hlo["looped"] and "while" not in hlo["unrolled"]
 
 
 def test_scan_unroll_must_be_positive():
     from core_jax.config import ConfigError, base_config, validate
+
     c = base_config()
     c.scan_unroll = 0
     with pytest.raises(ConfigError, match="scan_unroll must be >= 1"):
@@ -95,6 +108,7 @@ def test_scan_unroll_must_be_positive():
 
 def test_shapes_configs_unroll_every_layer_and_follow_overrides():
     from core_jax.app import load_config
+
     dalle = load_config("dalle_shapes")
     assert dalle.scan_layers and dalle.scan_unroll == dalle.model.num_layers == 4
     dalle.model.num_layers = 6

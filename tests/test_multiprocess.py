@@ -4,6 +4,7 @@ Each process builds only its half of every global batch; the trainer assembles g
 jax.make_array_from_process_local_data and gloo carries the collectives. A checkpoint written by
 the two-process job then restores in one process.
 """
+
 import importlib
 import json
 import os
@@ -22,18 +23,42 @@ STEPS = 3
 RTOL = 2e-5
 
 JOBS = {
-    "clip": ("clip_jax.train", "configs/clip_shapes.py", "clip_jax.task", [
-        "model.vision_layers=1", "model.chroma_layer=0", "model.text_layers=1", "model.vision_width=64",
-        "model.text_width=64", "model.embed_dim=32", "model.vision_heads=2", "model.text_heads=2",
-        "eval.evaluators="]),
+    "clip": (
+        "clip_jax.train",
+        "configs/clip_shapes.py",
+        "clip_jax.task",
+        [
+            "model.vision_layers=1",
+            "model.chroma_layer=0",
+            "model.text_layers=1",
+            "model.vision_width=64",
+            "model.text_width=64",
+            "model.embed_dim=32",
+            "model.vision_heads=2",
+            "model.text_heads=2",
+            "eval.evaluators=",
+        ],
+    ),
     # Images are tokenized on the fly by a tiny random dVAE (16x16 -> 4x4 tokens, 32 codes) that the
     # test writes into DVAE_DIR; each process encodes only its own rows. Caption dropout (the
     # config's 0.15) is on: it is decided per example, so both jobs drop the same captions even
     # though two processes assemble the global batch in another row order.
-    "dalle": ("dalle_jax.train", "configs/dalle_shapes.py", "dalle_jax.dalle_task", [
-        "model.d_model=32", "model.num_heads=2", "model.head_dim=16", "model.num_layers=2",
-        "model.mlp_dim=64", "model.image_grid=4", "model.image_vocab_size=32",
-        "data.image_size=16", "dvae_workdir=DVAE_DIR"]),
+    "dalle": (
+        "dalle_jax.train",
+        "configs/dalle_shapes.py",
+        "dalle_jax.dalle_task",
+        [
+            "model.d_model=32",
+            "model.num_heads=2",
+            "model.head_dim=16",
+            "model.num_layers=2",
+            "model.mlp_dim=64",
+            "model.image_grid=4",
+            "model.image_vocab_size=32",
+            "data.image_size=16",
+            "dvae_workdir=DVAE_DIR",
+        ],
+    ),
 }
 
 
@@ -45,7 +70,9 @@ def _config(path, overrides):
         *parents, last = key.split(".")
         for p in parents:
             node = node[p]
-        node[last] = type(node[last])(value.strip("'")) if not isinstance(node[last], str) else value.strip("'")
+        node[last] = (
+            type(node[last])(value.strip("'")) if not isinstance(node[last], str) else value.strip("'")
+        )
     return config
 
 
@@ -57,16 +84,31 @@ def _losses(workdir):
 @pytest.mark.parametrize("job", sorted(JOBS))
 def test_two_processes_match_one_process(tmp_path, job):
     entry, config_file, task_module, model_overrides = JOBS[job]
-    common = [f"total_steps={STEPS}", "log_every=1", f"checkpoint_every={STEPS}",
-              f"eval_every={STEPS + 10}", "batch_size=16", "data.shapes_train_size=256"]
+    common = [
+        f"total_steps={STEPS}",
+        "log_every=1",
+        f"checkpoint_every={STEPS}",
+        f"eval_every={STEPS + 10}",
+        "batch_size=16",
+        "data.shapes_train_size=256",
+    ]
     if job == "dalle":
         dvae_dir = tiny_dvae_workdir(str(tmp_path / "dvae"), size=16, codes=32)
         model_overrides = [o.replace("DVAE_DIR", dvae_dir) for o in model_overrides]
     overrides = common + model_overrides
 
     two = tmp_path / "two"
-    args = ["bash", os.path.join(REPO, "launch/local.sh"), "--fake_devices", "4", "--processes", "2",
-            entry, f"--config={os.path.join(REPO, config_file)}", f"--workdir={two}"]
+    args = [
+        "bash",
+        os.path.join(REPO, "launch/local.sh"),
+        "--fake_devices",
+        "4",
+        "--processes",
+        "2",
+        entry,
+        f"--config={os.path.join(REPO, config_file)}",
+        f"--workdir={two}",
+    ]
     args += [f"--config.{o}" for o in overrides]
     r = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -102,5 +144,8 @@ def test_two_processes_match_one_process(tmp_path, job):
 
 def jax_leaves(tree):
     import jax
-    return [(jax.tree_util.keystr(k, simple=True, separator="/"), np.asarray(x))
-            for k, x in jax.tree_util.tree_leaves_with_path(tree)]
+
+    return [
+        (jax.tree_util.keystr(k, simple=True, separator="/"), np.asarray(x))
+        for k, x in jax.tree_util.tree_leaves_with_path(tree)
+    ]

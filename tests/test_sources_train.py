@@ -1,5 +1,6 @@
 """Every data source trains the CLIP and dVAE configs for a few steps through the real trainer
 (tiny model overrides; files written here; TFDS through mock_data or an injected reader)."""
+
 import contextlib
 import json
 import math
@@ -13,8 +14,12 @@ from core_jax import trainer
 from core_jax.data import sources
 from tests.testfiles import encode_image, load_config, write_tar
 
-CAPTIONS = ["a red circle in the top left", "a blue square in the center",
-            "a green triangle to the left of a white circle", "a yellow square above a purple triangle"]
+CAPTIONS = [
+    "a red circle in the top left",
+    "a blue square in the center",
+    "a green triangle to the left of a white circle",
+    "a yellow square above a purple triangle",
+]
 
 
 def common(c, **data):
@@ -33,8 +38,16 @@ def clip_config(**data):
     c.text.train_source = "shapes"  # the files hold shapes captions: opt in to the shapes BPE
     c.model.image_size = c.data.image_size = 16
     # One vision block: the shapes config's colour stem must join at block 0 of it.
-    c.model.update(vision_width=32, vision_layers=1, vision_heads=2, text_width=32, text_layers=1,
-                   text_heads=2, embed_dim=16, chroma_layer=0)
+    c.model.update(
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=32,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=16,
+        chroma_layer=0,
+    )
     c.eval.evaluators = ""  # zero-shot on shapes is tested elsewhere; here the source is the point
     return c
 
@@ -43,8 +56,9 @@ def dvae_config(**data):
     c = common(load_config("dvae_shapes"), **data)
     c.data.image_size = 16
     c.data.caption_key = ""
-    c.model.update(hidden=8, vocab_size=28, width_multipliers=(1, 2), decoder_init_channels=8,
-                   eval_max_batches=1)
+    c.model.update(
+        hidden=8, vocab_size=28, width_multipliers=(1, 2), decoder_init_channels=8, eval_max_batches=1
+    )
     return c
 
 
@@ -62,8 +76,14 @@ def png(i, h=20, w=28):
 
 
 def write_webdataset(root, n=24):
-    write_tar(root / "shard-00000.tar", [item for i in range(n) for item in (
-        (f"{i:06d}.png", encode_image(png(i))), (f"{i:06d}.txt", CAPTIONS[i % 4].encode()))])
+    write_tar(
+        root / "shard-00000.tar",
+        [
+            item
+            for i in range(n)
+            for item in ((f"{i:06d}.png", encode_image(png(i))), (f"{i:06d}.txt", CAPTIONS[i % 4].encode()))
+        ],
+    )
     return dict(source="webdataset", urls=str(root / "shard-{00000..00000}.tar"))
 
 
@@ -78,10 +98,17 @@ def write_folder(root, n=24):
 
 def coco_reader(name, split, data_dir):
     """coco_captions' TFDS mock needs TensorFlow: examples shaped like its array_record decoding."""
-    return [{"image": png(i), "image/id": i,
-             "captions": {"id": np.arange(2), "text": np.array(
-                 [CAPTIONS[(i + j) % 4].encode() for j in range(2)], dtype=object)}}
-            for i in range(24)]
+    return [
+        {
+            "image": png(i),
+            "image/id": i,
+            "captions": {
+                "id": np.arange(2),
+                "text": np.array([CAPTIONS[(i + j) % 4].encode() for j in range(2)], dtype=object),
+            },
+        }
+        for i in range(24)
+    ]
 
 
 def data_for(source, tmp_path, monkeypatch):
@@ -130,6 +157,9 @@ def test_dvae_trains_on_source(source, tmp_path, monkeypatch):
     rows = train_rows(workdir)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows)
-    psnr = [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
-            if any(k.endswith("/psnr") for k in r)]
+    psnr = [
+        r
+        for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))
+        if any(k.endswith("/psnr") for k in r)
+    ]
     assert psnr, "the dVAE evaluator ran on the source's eval split"

@@ -1,5 +1,6 @@
 """`data.source='tokens'`: the DALL-E transformer trains on pre-encoded token shards (the format
 dalle_jax.encode_dataset writes), without running a dVAE encoder."""
+
 import json
 import math
 import os
@@ -14,25 +15,44 @@ from dalle_jax import dalle_task
 from tests.testfiles import load_config
 
 GRID, CODES = 4, 16
-CAPTIONS = ["a red circle in the top left", "a blue square in the center",
-            "a green triangle to the left of a white circle"]
+CAPTIONS = [
+    "a red circle in the top left",
+    "a blue square in the center",
+    "a green triangle to the left of a white circle",
+]
 
 
-def write_shards(root, splits=("train", "test_unseen"), n=20, shard_size=8, grid=GRID, codes=CODES,
-                 dvae_workdir="", save=np.savez):
+def write_shards(
+    root,
+    splits=("train", "test_unseen"),
+    n=20,
+    shard_size=8,
+    grid=GRID,
+    codes=CODES,
+    dvae_workdir="",
+    save=np.savez,
+):
     """Shards exactly as encode_dataset writes them; tokens[i] = (i + position) % codes."""
     root.mkdir(exist_ok=True)
-    index = {"grid_size": grid, "vocab_size": codes, "image_size": 16, "dvae_workdir": dvae_workdir,
-             "splits": {}}
+    index = {
+        "grid_size": grid,
+        "vocab_size": codes,
+        "image_size": 16,
+        "dvae_workdir": dvae_workdir,
+        "splits": {},
+    }
     for split in splits:
         names = []
         for start in range(0, n, shard_size):
             ids = np.arange(start, min(n, start + shard_size))
             tokens = (ids[:, None] + np.arange(grid * grid)[None]) % codes
             names.append(f"{split}-{len(names):05d}.npz")
-            save(root / names[-1], tokens=tokens.reshape(-1, grid, grid).astype(np.int32),
-                     captions=np.asarray([CAPTIONS[i % 3] for i in ids], dtype=str),
-                     keys=np.asarray([f"{split}/{i}" for i in ids], dtype=str))
+            save(
+                root / names[-1],
+                tokens=tokens.reshape(-1, grid, grid).astype(np.int32),
+                captions=np.asarray([CAPTIONS[i % 3] for i in ids], dtype=str),
+                keys=np.asarray([f"{split}/{i}" for i in ids], dtype=str),
+            )
         index["splits"][split] = {"examples": n, "shards": names}
     (root / "index.json").write_text(json.dumps(index))
     return str(root)
@@ -73,8 +93,9 @@ def test_examples_are_read_from_the_files_not_held_in_memory(tmp_path):
 
 def test_compressed_shards_read_the_same(tmp_path):
     plain = TokenShardSource(write_shards(tmp_path / "a", splits=("train",)), "train")
-    packed = TokenShardSource(write_shards(tmp_path / "b", splits=("train",), save=np.savez_compressed),
-                              "train")
+    packed = TokenShardSource(
+        write_shards(tmp_path / "b", splits=("train",), save=np.savez_compressed), "train"
+    )
     for i in range(20):
         a, b = plain.load(i, None), packed.load(i, None)
         np.testing.assert_array_equal(a["image_tokens"], b["image_tokens"])
@@ -86,6 +107,7 @@ def test_many_shards_read_concurrently(tmp_path, monkeypatch):
     import concurrent.futures
 
     from core_jax.data import token_shards
+
     monkeypatch.setattr(token_shards, "_OPEN_FILES", 3)
     src = TokenShardSource(write_shards(tmp_path / "tok", splits=("train",), n=200, shard_size=7), "train")
     assert len(src) == 200
@@ -106,8 +128,11 @@ def test_damaged_shards_are_named(tmp_path):
     np.savez(os.path.join(d, "train-00002.npz"), tokens=np.zeros((4, GRID, GRID), np.int32))
     with pytest.raises(ValueError, match="train-00002.npz: no 'captions' array"):
         TokenShardSource(d, "train")
-    np.savez(os.path.join(d, "train-00002.npz"), tokens=np.zeros((4, 3, 3), np.int32),
-             captions=np.asarray(["a"] * 4))
+    np.savez(
+        os.path.join(d, "train-00002.npz"),
+        tokens=np.zeros((4, 3, 3), np.int32),
+        captions=np.asarray(["a"] * 4),
+    )
     with pytest.raises(ValueError, match="holds 9 tokens per image, index.json says a 4x4 grid"):
         TokenShardSource(d, "train")
 
@@ -146,8 +171,16 @@ def test_dalle_trains_on_token_shards_and_resumes(tmp_path):
 def test_token_batches_are_the_shards_tokens(tmp_path):
     config = dalle_config(write_shards(tmp_path / "tok", n=CODES))  # first token = example index
     task = dalle_task.make_task(config, str(tmp_path / "run"))
-    it = make_iterator(config.data, "train", global_batch_size=8, seed=0, example_fn=task.example_fn,
-                       train=True, process_index=0, process_count=1)
+    it = make_iterator(
+        config.data,
+        "train",
+        global_batch_size=8,
+        seed=0,
+        example_fn=task.example_fn,
+        train=True,
+        process_index=0,
+        process_count=1,
+    )
     batch = next(iter(it))
     first = batch["image_tokens"][:, 0]
     np.testing.assert_array_equal(batch["image_tokens"], (first[:, None] + np.arange(16)) % CODES)

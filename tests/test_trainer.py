@@ -1,4 +1,5 @@
 """The shared trainer: sharded == single-device, exact resume, resharding restore, NaN skips."""
+
 import json
 import os
 
@@ -37,8 +38,9 @@ def test_sharded_training_matches_one_device(tmp_path, full_run):
     assert len(ref) == 6 and len(set(ref.values())) == 6, ref  # params really move
     for mesh in [(8, 1, 1), (2, 2, 2), (1, 8, 1)]:
         got = losses(full_run if mesh == (8, 1, 1) else run(tmp_path, "m%d%d%d" % mesh, mesh))
-        np.testing.assert_allclose([got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)],
-                                   rtol=RTOL, err_msg=f"mesh {mesh}")
+        np.testing.assert_allclose(
+            [got[s] for s in sorted(got)], [ref[s] for s in sorted(ref)], rtol=RTOL, err_msg=f"mesh {mesh}"
+        )
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, full_run):
@@ -76,8 +78,9 @@ def test_nonfinite_update_is_skipped_and_counted(tmp_path):
 def test_nonfinite_abort_policy_stops(tmp_path):
     config = toy_config(total_steps=4, nan_policy="abort")
     with pytest.raises(trainer.NonFiniteLoss, match="step 2"):
-        trainer.train(config, str(tmp_path / "abort"), make_toy_task(config, poison_step=1),
-                      log_fn=lambda s: None)
+        trainer.train(
+            config, str(tmp_path / "abort"), make_toy_task(config, poison_step=1), log_fn=lambda s: None
+        )
 
 
 def test_grad_accumulation_matches_full_batch(tmp_path, full_run):

@@ -1,4 +1,5 @@
 """Files the tests write or read: encoded images, tar shards (img2dataset layout), config files."""
+
 import io
 import tarfile
 
@@ -20,5 +21,3 @@ def write_tar(path, items):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
-
-

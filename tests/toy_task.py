@@ -1,4 +1,5 @@
 """A tiny classifier on the shapes suite that exercises the shared trainer like a real model."""
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,18 +20,30 @@ class ToyClassifier(nn.Module):
         b = image.shape[0]
         x = image.reshape(b, 16, 4, 16, 4, 3).mean((2, 4)).reshape(b, -1)  # 64x64 -> 16x16
         x = sharding.constrain(x, ("act_batch", None))
-        w_in = self.param("w_in", nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
-                          (x.shape[-1], self.width))
+        w_in = self.param(
+            "w_in",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), (None, "embed")),
+            (x.shape[-1], self.width),
+        )
         h = x @ w_in
-        w1 = self.param("w1", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
-                        (self.width, self.hidden))
+        w1 = self.param(
+            "w1",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "mlp")),
+            (self.width, self.hidden),
+        )
         b1 = self.param("b1", nn.with_logical_partitioning(nn.initializers.zeros, ("mlp",)), (self.hidden,))
         h = sharding.constrain(nn.gelu(h @ w1 + b1), ("act_batch", "act_mlp"))
-        w2 = self.param("w2", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
-                        (self.hidden, self.width))
+        w2 = self.param(
+            "w2",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("mlp", "embed")),
+            (self.hidden, self.width),
+        )
         h = h @ w2
-        w_out = self.param("w_out", nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
-                           (self.width, self.classes))
+        w_out = self.param(
+            "w_out",
+            nn.with_logical_partitioning(nn.initializers.lecun_normal(), ("embed", "vocab")),
+            (self.width, self.classes),
+        )
         return h @ w_out
 
 
@@ -82,9 +95,17 @@ def make_toy_task(config, workdir=None, poison_step=None, width=32):
         return loss, {"accuracy": acc}
 
     def batch_spec(batch_size):
-        return {"image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), jnp.float32),
-                "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, 64, 64, 3), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
 
     flops = 2 * 3 * (768 * width + width * 64 + 64 * width + width * 6)
-    return trainer.Task(init_fn=init_fn, loss_fn=loss_fn, example_fn=example_fn, flops_per_example=flops,
-                        batch_spec=batch_spec, accumulation="mean")
+    return trainer.Task(
+        init_fn=init_fn,
+        loss_fn=loss_fn,
+        example_fn=example_fn,
+        flops_per_example=flops,
+        batch_spec=batch_spec,
+        accumulation="mean",
+    )

@@ -1,5 +1,6 @@
 """Tiny random workdirs written the way converters and trainers write them (config.json + a
 params checkpoint), for tests that need a trained-looking model without training one."""
+
 import flax.linen as nn
 import jax
 import numpy as np
@@ -22,6 +23,7 @@ def tiny_dvae_workdir(wd, size: int = 16, codes: int = 32):
     from core_jax.checkpoint import save_params
     from dalle_jax import dvae_task
     from configs.dvae_shapes import get_config
+
     c = get_config()
     c.model.vocab_size, c.model.hidden, c.model.width_multipliers = codes, 8, (1, 1, 1)  # /4
     c.model.blocks_per_group, c.model.decoder_init_channels = 1, 8

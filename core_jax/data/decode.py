@@ -4,6 +4,7 @@ Images are rejected by the size in their header before any pixel is decoded, so 
 PNG costs one header read, not 1.2 GB of memory. Every failure has a short reason string; the
 iterator counts them (`it.skipped`) and the trainer logs them as `data/skipped/<reason>`.
 """
+
 from __future__ import annotations
 
 import io
@@ -57,8 +58,9 @@ def _check_size(width: int, height: int, min_side: int, max_pixels: int | None) 
         raise SkipExample("too_small", f"{width}x{height}")
 
 
-def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """Encoded image bytes -> uint8 [H, W, 3] RGB (EXIF orientation applied)."""
     if not data:
         raise SkipExample("empty_file")
@@ -86,8 +88,9 @@ def decode_image(data: bytes, *, min_side: int = DEFAULT_MIN_SIDE,
         raise SkipExample("corrupt_image", repr(e)) from None
 
 
-def check_array_image(img, *, min_side: int = DEFAULT_MIN_SIDE,
-                      max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def check_array_image(
+    img, *, min_side: int = DEFAULT_MIN_SIDE, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
     """An already-decoded image (e.g. from TFDS) -> uint8 [H, W, 3] RGB, with the same size checks."""
     if isinstance(img, (bytes, bytearray)):
         return decode_image(bytes(img), min_side=min_side, max_pixels=max_pixels)
@@ -148,8 +151,15 @@ def parse_label(value) -> int:
         return -1
 
 
-def sample_from_files(files: dict[str, bytes], key: str, *, caption_key: str, label_key: str,
-                      min_side: int, max_pixels: int | None) -> dict:
+def sample_from_files(
+    files: dict[str, bytes],
+    key: str,
+    *,
+    caption_key: str,
+    label_key: str,
+    min_side: int,
+    max_pixels: int | None,
+) -> dict:
     """A webdataset sample {ext: bytes} (img2dataset layout) -> raw example.
 
     Caption: `KEY.txt`, else field `caption_key` of `KEY.json`. With `caption_key=''` captions are
@@ -167,5 +177,10 @@ def sample_from_files(files: dict[str, bytes], key: str, *, caption_key: str, la
     if ext is None:
         raise SkipExample("missing_image", key)
     image = decode_image(files[ext], min_side=min_side, max_pixels=max_pixels)
-    return {"image": image, "caption": caption, "captions": [caption] if caption else [],
-            "label": label, "key": key}
+    return {
+        "image": image,
+        "caption": caption,
+        "captions": [caption] if caption else [],
+        "label": label,
+        "key": key,
+    }

@@ -4,6 +4,7 @@ Transparency is composited onto black (premultiplied alpha). Fully transparent p
 stored as (0, 0, 0, 0), so this matches what a plain `convert('RGB')` (OpenAI CLIP's preprocessing)
 gives for most real images, while removing the arbitrary colours some encoders leave under alpha=0.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -96,9 +97,14 @@ def pil_to_rgb(img: Image.Image) -> np.ndarray:
     return np.array(img.convert("RGB"), np.uint8)  # CMYK, YCbCr, LAB, HSV
 
 
-def resize_and_crop(img: np.ndarray, size: int, random_crop: bool = False,
-                    rng: np.random.Generator | None = None, resample: str = "bicubic",
-                    resize_range: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+def resize_and_crop(
+    img: np.ndarray,
+    size: int,
+    random_crop: bool = False,
+    rng: np.random.Generator | None = None,
+    resample: str = "bicubic",
+    resize_range: tuple[float, float] = (1.0, 1.0),
+) -> np.ndarray:
     """Resize the shorter side to `size`, then take a `size` x `size` centre (or random) crop.
 
     An image whose shorter side already equals `size` is only cropped, never resampled. With
@@ -119,12 +125,16 @@ def resize_and_crop(img: np.ndarray, size: int, random_crop: bool = False,
         top, left = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
     else:
         top, left = (h - size) // 2, (w - size) // 2
-    return img[top:top + size, left:left + size]
+    return img[top : top + size, left : left + size]
 
 
-def random_resized_crop(img: np.ndarray, size: int, resize_range: tuple[float, float],
-                        rng: np.random.Generator | None = None,
-                        resample: str = "bicubic") -> np.ndarray:
+def random_resized_crop(
+    img: np.ndarray,
+    size: int,
+    resize_range: tuple[float, float],
+    rng: np.random.Generator | None = None,
+    resample: str = "bicubic",
+) -> np.ndarray:
     """The dVAE augmentation of the DALL-E paper (Ramesh et al. 2021, appendix A.2, Listing 1;
     there resize_range = (9/8, 12/8)): a random square crop of the whole shorter side s, resized
     to t x t with t a uniform integer in [min(s, lo * size), min(s, hi * size)], then a random
@@ -137,14 +147,14 @@ def random_resized_crop(img: np.ndarray, size: int, resize_range: tuple[float, f
     h, w = img.shape[:2]
     s = min(h, w)
     top, left = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
-    img = img[top:top + s, left:left + s]
+    img = img[top : top + s, left : left + s]
     t = int(rng.integers(min(s, round(lo * size)), min(s, round(hi * size)) + 1))
     t = max(t, size)
     if t != s:
         filt = Image.Resampling.BOX if t < s else _RESAMPLE[resample]
         img = np.asarray(Image.fromarray(img).resize((t, t), filt))
     top, left = int(rng.integers(0, t - size + 1)), int(rng.integers(0, t - size + 1))
-    return img[top:top + size, left:left + size]
+    return img[top : top + size, left : left + size]
 
 
 def maybe_flip(img: np.ndarray, rng: np.random.Generator, p: float = 0.5) -> np.ndarray:

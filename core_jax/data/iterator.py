@@ -5,6 +5,7 @@ sources, `TarShardStream` for tar shards). Records are decoded by a thread pool 
 strictly in stream order, so a batch depends only on (seed, position) - never on worker count or
 timing - and the checkpointed position is just "records consumed so far".
 """
+
 from __future__ import annotations
 
 import collections
@@ -30,6 +31,7 @@ _END = object()
 
 class Record(NamedTuple):
     """One position in a stream. `state` is the stream position *after* this record."""
+
     state: dict
     epoch: int
     rng_key: tuple  # with the seed, identifies the record for its per-example rng
@@ -75,8 +77,7 @@ class IndexStream:
         while self._train or k < self._local:
             index = int(self._order[k])
             epoch = (self._p + k * self._P) // self._n if self._train else 0
-            yield Record({"cursor": k + 1}, epoch, (index, epoch),
-                         functools.partial(self._load, index))
+            yield Record({"cursor": k + 1}, epoch, (index, epoch), functools.partial(self._load, index))
             k += 1
 
 
@@ -95,7 +96,8 @@ class TarShardStream:
         if train and not self._ids:
             raise ConfigError(
                 f"{self.name}: {len(source.shards)} shard(s) cannot be split over "
-                f"{process_count} processes; each process needs at least one")
+                f"{process_count} processes; each process needs at least one"
+            )
 
     def initial_state(self):
         return {"epoch": 0, "shard": 0, "sample": 0, "offset": 0}
@@ -129,23 +131,32 @@ class TarShardStream:
             while window := list(itertools.islice(samples, self._window)):
                 produced = True
                 start_pos, start_sample = window[0][0], window[0][2]
-                order = (np.random.default_rng([self._seed, epoch, start_pos, start_sample, 11])
-                         .permutation(len(window)) if self._window > 1 else [0])
+                order = (
+                    np.random.default_rng([self._seed, epoch, start_pos, start_sample, 11]).permutation(
+                        len(window)
+                    )
+                    if self._window > 1
+                    else [0]
+                )
                 for o in range(offset, len(window)):
                     _, gid, idx, load = window[order[o]]
                     if o + 1 < len(window):
-                        after = {"epoch": epoch, "shard": start_pos, "sample": start_sample,
-                                 "offset": o + 1}
+                        after = {"epoch": epoch, "shard": start_pos, "sample": start_sample, "offset": o + 1}
                     else:  # next window starts after this one's last sample
-                        after = {"epoch": epoch, "shard": window[-1][0],
-                                 "sample": window[-1][2] + 1, "offset": 0}
+                        after = {
+                            "epoch": epoch,
+                            "shard": window[-1][0],
+                            "sample": window[-1][2] + 1,
+                            "offset": 0,
+                        }
                     yield Record(after, epoch, (gid, idx, epoch), load)
                 offset = 0
             if not self._train:
                 return
             if from_start and not produced:
-                raise NoUsableExamples(f"{self.name}: a full pass over this process's "
-                                       f"{len(self._ids)} shard(s) found no samples")
+                raise NoUsableExamples(
+                    f"{self.name}: a full pass over this process's {len(self._ids)} shard(s) found no samples"
+                )
             epoch, pos, sample = epoch + 1, 0, 0
 
 
@@ -160,6 +171,7 @@ def _process(seed, example_fn, rec: Record):
 
 def _produce(records, process, pool, out: queue.Queue, stop: threading.Event):
     """Producer thread: reads records in order, submits decoding, queues futures in order."""
+
     def put(item):
         while not stop.is_set():
             try:
@@ -196,16 +208,28 @@ def _shutdown(stop, thread, q, pool):
 class DataIterator:
     """`next(it)` -> dict of numpy arrays (this process's rows); see docs/architecture.md."""
 
-    def __init__(self, stream, *, batch_size, seed, example_fn, train=True, num_workers=0,
-                 prefetch=2, process_index=0, process_count=1):
+    def __init__(
+        self,
+        stream,
+        *,
+        batch_size,
+        seed,
+        example_fn,
+        train=True,
+        num_workers=0,
+        prefetch=2,
+        process_index=0,
+        process_count=1,
+    ):
         self.name = stream.name
         self._stream, self._batch_size, self._train = stream, int(batch_size), train
         self._seed = int(seed) % 2**64
         self._example_fn = example_fn
         self._num_workers, self._prefetch = int(num_workers), max(1, int(prefetch))
         self._proc = (int(process_index), int(process_count))
-        self.num_batches = None if train else math.ceil(
-            stream.count_records(process_count) / self._batch_size)
+        self.num_batches = (
+            None if train else math.ceil(stream.count_records(process_count) / self._batch_size)
+        )
         self._source_state = stream.initial_state()
         self._batches, self._skipped, self._skip_run_epoch = 0, collections.Counter(), None
         self._template = None  # first eval row: shapes/dtypes for padding
@@ -221,35 +245,45 @@ class DataIterator:
     def get_state(self) -> dict:
         """This process's position; in a real multi-process run, every process's (a collective:
         call it on all processes), because checkpoints write JSON from the primary host only."""
-        own = {"source": dict(self._source_state), "batches": self._batches,
-               "skipped": dict(self._skipped), "skip_run_epoch": self._skip_run_epoch,
-               "process_index": self._proc[0], "process_count": self._proc[1]}
+        own = {
+            "source": dict(self._source_state),
+            "batches": self._batches,
+            "skipped": dict(self._skipped),
+            "skip_run_epoch": self._skip_run_epoch,
+            "process_index": self._proc[0],
+            "process_count": self._proc[1],
+        }
         if self._proc[1] == 1:
             return own
         import jax  # lazy: multi-process runs only (see IndexStream.__init__)
         from jax.experimental import multihost_utils  # lazy: as jax
+
         if jax.process_count() != self._proc[1]:  # simulated processes (tests): nothing to gather
             return own
         data = np.frombuffer(json.dumps(own).encode(), np.uint8)
         sizes = multihost_utils.process_allgather(np.int32(data.size))
         padded = np.zeros(int(np.max(sizes)), np.uint8)
-        padded[:data.size] = data
+        padded[: data.size] = data
         rows = multihost_utils.process_allgather(padded)
         return {"processes": [json.loads(bytes(r[:n])) for r, n in zip(rows, sizes)]}
 
     def set_state(self, state: dict) -> None:
         if "processes" in state:
             if len(state["processes"]) != self._proc[1]:
-                raise ValueError(f"{self.name}: data state holds {len(state['processes'])} "
-                                 f"processes' positions, this run has {self._proc[1]}")
+                raise ValueError(
+                    f"{self.name}: data state holds {len(state['processes'])} "
+                    f"processes' positions, this run has {self._proc[1]}"
+                )
             state = state["processes"][self._proc[0]]
-        saved = tuple(int(state[k]) if state.get(k) is not None else None
-                      for k in ("process_index", "process_count"))
+        saved = tuple(
+            int(state[k]) if state.get(k) is not None else None for k in ("process_index", "process_count")
+        )
         if saved != self._proc:
             raise ValueError(
                 f"{self.name}: data state was saved by process {state.get('process_index')} of "
                 f"{state.get('process_count')} but this is process {self._proc[0]} of "
-                f"{self._proc[1]}; positions are per process and cannot be remapped exactly")
+                f"{self._proc[1]}; positions are per process and cannot be remapped exactly"
+            )
         self._stop_pipeline()
         # int(): a checkpoint library may hand the numbers back as numpy scalars.
         self._source_state = {k: int(v) for k, v in state["source"].items()}
@@ -268,8 +302,9 @@ class DataIterator:
         pool = concurrent.futures.ThreadPoolExecutor(self._num_workers, "data-worker")
         q = queue.Queue(maxsize=self._prefetch * self._batch_size)
         stop = threading.Event()
-        thread = threading.Thread(target=_produce, args=(records, process, pool, q, stop),
-                                  name="data-producer", daemon=True)
+        thread = threading.Thread(
+            target=_produce, args=(records, process, pool, q, stop), name="data-producer", daemon=True
+        )
         thread.start()
         self._worker = (stop, thread, q, pool)
         # Not a method: a bound method would keep the iterator (and its threads) alive forever.
@@ -330,8 +365,9 @@ class DataIterator:
         if self._template is None:
             self._template = rows[0] if rows else self._probe_template(skipped)
         n_real = len(rows)
-        rows += [{k: np.zeros_like(np.asarray(v)) for k, v in self._template.items()}
-                 ] * (self._batch_size - n_real)
+        rows += [{k: np.zeros_like(np.asarray(v)) for k, v in self._template.items()}] * (
+            self._batch_size - n_real
+        )
         batch = _stack(rows)
         batch["_mask"] = np.arange(self._batch_size) < n_real
         return batch
@@ -367,33 +403,53 @@ class DataIterator:
         self._no_usable(skipped)
 
     def _no_usable(self, skipped):
-        raise NoUsableExamples(f"{self.name}: no usable example in a full pass over process "
-                               f"{self._proc[0]}'s records; skipped: {dict(skipped)}")
+        raise NoUsableExamples(
+            f"{self.name}: no usable example in a full pass over process "
+            f"{self._proc[0]}'s records; skipped: {dict(skipped)}"
+        )
 
 
 def _stack(rows: list[dict]) -> dict:
     return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}
 
 
-def make_iterator(data_config, split, *, global_batch_size, seed, example_fn, train=True,
-                  process_index=None, process_count=None) -> DataIterator:
+def make_iterator(
+    data_config,
+    split,
+    *,
+    global_batch_size,
+    seed,
+    example_fn,
+    train=True,
+    process_index=None,
+    process_count=None,
+) -> DataIterator:
     """Builds the source named by `data_config.source` and returns this process's iterator."""
     if process_index is None or process_count is None:
         import jax  # lazy: a host-only caller passes both (see IndexStream.__init__)
+
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if global_batch_size % process_count or global_batch_size <= 0:
-        raise ConfigError(f"global batch size {global_batch_size} is not a positive "
-                          f"multiple of the number of processes {process_count}")
+        raise ConfigError(
+            f"global batch size {global_batch_size} is not a positive "
+            f"multiple of the number of processes {process_count}"
+        )
     cfg = with_defaults(data_config)
     src = sources.build_source(cfg, split, train=train)
     where = dict(train=train, seed=seed, process_index=process_index, process_count=process_count)
     if isinstance(src, sources.WebDatasetSource):
         stream = TarShardStream(src, **where)
     else:
-        stream = IndexStream(src, name=getattr(src, "name", None) or f"{cfg.source}:{split}",
-                             **where)
-    return DataIterator(stream, batch_size=global_batch_size // process_count, seed=seed,
-                        example_fn=example_fn, train=train, num_workers=cfg.num_workers,
-                        prefetch=cfg.prefetch, process_index=process_index,
-                        process_count=process_count)
+        stream = IndexStream(src, name=getattr(src, "name", None) or f"{cfg.source}:{split}", **where)
+    return DataIterator(
+        stream,
+        batch_size=global_batch_size // process_count,
+        seed=seed,
+        example_fn=example_fn,
+        train=train,
+        num_workers=cfg.num_workers,
+        prefetch=cfg.prefetch,
+        process_index=process_index,
+        process_count=process_count,
+    )

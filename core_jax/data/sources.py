@@ -5,6 +5,7 @@ Two kinds, both producing raw examples of the data contract, neither deciding or
 - sequential (`webdataset`): `WebDatasetSource.read(shard, start)` walks one tar shard.
 Order, per-process sharding and resumable positions are iterator.py's job.
 """
+
 from __future__ import annotations
 
 import csv
@@ -59,6 +60,7 @@ def _not_found(message: str, path: str) -> FileNotFoundError:
 def _tfds_data_source(name: str, split: str, data_dir: str):
     """The one call into TFDS (tests replace it to feed examples without TensorFlow)."""
     import tensorflow_datasets as tfds  # lazy: heavy, and only TFDS data needs it
+
     try:
         return tfds.data_source(name, split=split, data_dir=data_dir or None, download=False)
     except tfds.core.DatasetNotFoundError:
@@ -66,9 +68,11 @@ def _tfds_data_source(name: str, split: str, data_dir: str):
     except (NotImplementedError, AssertionError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(
-            errno.ENOENT, f"TFDS {name}:{split} is not prepared as array_record in data.data_dir "
+            errno.ENOENT,
+            f"TFDS {name}:{split} is not prepared as array_record in data.data_dir "
             f"(run `tfds build {name} --file_format=array_record`); {first}",
-            data_dir or "~/tensorflow_datasets") from None
+            data_dir or "~/tensorflow_datasets",
+        ) from None
 
 
 def _lookup(example: dict, path: str):
@@ -128,8 +132,13 @@ class TfdsSource:
             raise SkipExample("missing_image", f"{self.name}[{i}]")
         image = decode.check_array_image(image, min_side=o.min_side, max_pixels=o.max_pixels)
         label = decode.parse_label(_lookup(example, o.label_key)) if o.label_key else -1
-        return {"image": image, "caption": caption, "captions": captions, "label": label,
-                "key": f"{self.name}/{int(i)}"}
+        return {
+            "image": image,
+            "caption": caption,
+            "captions": captions,
+            "label": label,
+            "key": f"{self.name}/{int(i)}",
+        }
 
 
 # ---------------------------------------------------------------- folder + index file
@@ -151,6 +160,7 @@ def _read_index(path: str) -> list[dict]:
         return rows
     if ext == "parquet":
         import pyarrow.parquet as pq  # lazy: heavy, and only parquet index files need it
+
         with _open_binary(path) as f:
             return pq.read_table(f).to_pylist()
     if ext not in ("csv", "tsv"):
@@ -175,17 +185,24 @@ class FolderSource:
         path_col = next((c for c in ("path", "file", opts.image_key) if c in columns), None)
         cap_col = next((c for c in (opts.caption_key, "caption", "text") if c and c in columns), None)
         if rows and path_col is None:
-            raise ConfigError(f"{index_file}: no image path column (looked for 'path', 'file', "
-                              f"{opts.image_key!r}); columns are {sorted(columns)}")
+            raise ConfigError(
+                f"{index_file}: no image path column (looked for 'path', 'file', "
+                f"{opts.image_key!r}); columns are {sorted(columns)}"
+            )
         if rows and opts.caption_key and cap_col is None:
-            raise ConfigError(f"{index_file}: no caption column (looked for {opts.caption_key!r}, "
-                              f"'caption', 'text'); set data.caption_key='' to go without")
+            raise ConfigError(
+                f"{index_file}: no caption column (looked for {opts.caption_key!r}, "
+                f"'caption', 'text'); set data.caption_key='' to go without"
+            )
         if "split" in columns:
             rows = [r for r in rows if "_bad" in r or str(r.get("split")) == split]
         self._rows = rows
         self._path_col, self._cap_col, self._opts = path_col, cap_col, opts
-        self._base = posixpath.dirname(index_file) if _is_remote(index_file) else \
-            os.path.dirname(os.path.abspath(index_file))
+        self._base = (
+            posixpath.dirname(index_file)
+            if _is_remote(index_file)
+            else os.path.dirname(os.path.abspath(index_file))
+        )
 
     def __len__(self):
         return len(self._rows)
@@ -216,8 +233,13 @@ class FolderSource:
             raise SkipExample("missing_image", path) from None
         image = decode.decode_image(data, min_side=o.min_side, max_pixels=o.max_pixels)
         label = decode.parse_label(row.get(o.label_key)) if o.label_key else -1
-        return {"image": image, "caption": caption, "captions": [caption] if caption else [],
-                "label": label, "key": path}
+        return {
+            "image": image,
+            "caption": caption,
+            "captions": [caption] if caption else [],
+            "label": label,
+            "key": path,
+        }
 
 
 def _is_nan(value) -> bool:
@@ -244,8 +266,10 @@ def _split_top_level(text: str) -> list[str]:
 def resolve_shards(urls: str) -> list[str]:
     """Brace patterns, globs and comma lists -> shard paths; anything missing fails here, by name."""
     if not urls or not urls.strip():
-        raise ConfigError("data.source='webdataset' needs data.urls (a brace pattern or a "
-                          "comma-separated list of .tar shards)")
+        raise ConfigError(
+            "data.source='webdataset' needs data.urls (a brace pattern or a "
+            "comma-separated list of .tar shards)"
+        )
     shards = []
     for pattern in _split_top_level(urls):
         for path in braceexpand(pattern):
@@ -287,8 +311,10 @@ def _read_tar(path: str, start: int = 0, read_data: bool = True):
     with one error item at the index of the sample it broke (only if that index >= start)."""
     idx, key, files = 0, None, {}
     try:
-        with _open_binary(path) as f, tarfile.open(
-                fileobj=f, mode="r|*" if _is_remote(path) else "r:*") as tar:
+        with (
+            _open_binary(path) as f,
+            tarfile.open(fileobj=f, mode="r|*" if _is_remote(path) else "r:*") as tar,
+        ):
             for member in tar:
                 if not member.isfile():
                     continue
@@ -339,24 +365,33 @@ class WebDatasetSource:
         """Yields (sample index, load) from sample `start` on; load(rng) -> raw example."""
         for idx, key, files, err in _read_tar(self.shards[shard], start):
             if err:
-                yield idx, functools.partial(_raise_skip, "corrupt_shard",
-                                             f"{self.shards[shard]}: {err}")
+                yield idx, functools.partial(_raise_skip, "corrupt_shard", f"{self.shards[shard]}: {err}")
             else:
                 yield idx, functools.partial(self._load, files, f"{shard}/{key}")
 
     def _load(self, files, key, rng):
         o = self._opts
-        return decode.sample_from_files(files, key, caption_key=o.caption_key, label_key=o.label_key,
-                                        min_side=o.min_side, max_pixels=o.max_pixels)
+        return decode.sample_from_files(
+            files,
+            key,
+            caption_key=o.caption_key,
+            label_key=o.label_key,
+            min_side=o.min_side,
+            max_pixels=o.max_pixels,
+        )
 
 
 # ---------------------------------------------------------------- registry
 
 
 def _opts(cfg) -> DecodeOptions:
-    return DecodeOptions(image_key=cfg.image_key, caption_key=cfg.caption_key,
-                         label_key=cfg.label_key, min_side=int(cfg.min_image_side),
-                         max_pixels=int(cfg.max_image_pixels) or None)
+    return DecodeOptions(
+        image_key=cfg.image_key,
+        caption_key=cfg.caption_key,
+        label_key=cfg.label_key,
+        min_side=int(cfg.min_image_side),
+        max_pixels=int(cfg.max_image_pixels) or None,
+    )
 
 
 def _shapes(cfg, split, **_):
@@ -368,8 +403,12 @@ def _shapes(cfg, split, **_):
         check_train_pairs(cfg.shapes_train_pairs, name="data.shapes_train_pairs")
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    return ShapesSource(split=split, size=int(cfg.shapes_train_size) or None,
-                        one_object_fraction=fraction, train_pairs=cfg.shapes_train_pairs)
+    return ShapesSource(
+        split=split,
+        size=int(cfg.shapes_train_size) or None,
+        one_object_fraction=fraction,
+        train_pairs=cfg.shapes_train_pairs,
+    )
 
 
 def _tfds(cfg, split, *, train):
@@ -390,25 +429,26 @@ def _folder(cfg, split, **_):
         candidates = [os.path.join(cfg.data_dir, f"index.{e}") for e in ("csv", "jsonl", "parquet")]
         index_file = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     if not index_file:
-        raise ConfigError("data.source='folder' needs data.index_file (CSV/JSONL/Parquet of "
-                          "path,caption)")
+        raise ConfigError("data.source='folder' needs data.index_file (CSV/JSONL/Parquet of path,caption)")
     return FolderSource(index_file, split, opts=_opts(cfg))
 
 
 def _webdataset(cfg, split, **_):
-    return WebDatasetSource(_pick(cfg, split, "urls"), opts=_opts(cfg),
-                            shuffle_buffer=int(cfg.shuffle_buffer))
+    return WebDatasetSource(
+        _pick(cfg, split, "urls"), opts=_opts(cfg), shuffle_buffer=int(cfg.shuffle_buffer)
+    )
 
 
 def _tokens(cfg, split, **_):
     if not cfg.data_dir:
-        raise ConfigError("data.source='tokens' needs data.data_dir (a folder written by "
-                          "python -m dalle_jax.encode_dataset)")
+        raise ConfigError(
+            "data.source='tokens' needs data.data_dir (a folder written by "
+            "python -m dalle_jax.encode_dataset)"
+        )
     return TokenShardSource(cfg.data_dir, split)
 
 
-SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _webdataset,
-           "tokens": _tokens}
+SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _webdataset, "tokens": _tokens}
 
 
 def build_source(cfg, split, *, train):

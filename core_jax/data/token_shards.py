@@ -11,6 +11,7 @@ process, holds what is hot). That needs the members stored uncompressed, as `np.
 encode_dataset) writes them; a shard written with `np.savez_compressed` is decompressed into memory
 when the split is opened.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,10 @@ _OPEN_FILES = 64  # shards kept open at once (a global shuffle touches every sha
 def read_index(data_dir: str) -> dict:
     path = os.path.join(data_dir, "index.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"data.source='tokens': no index.json in data.data_dir={data_dir!r} "
-                                f"(write one with python -m dalle_jax.encode_dataset --out_dir DIR)")
+        raise FileNotFoundError(
+            f"data.source='tokens': no index.json in data.data_dir={data_dir!r} "
+            f"(write one with python -m dalle_jax.encode_dataset --out_dir DIR)"
+        )
     with open(path) as f:
         try:
             index = json.load(f)
@@ -104,8 +107,10 @@ class TokenShardSource:
     def __init__(self, data_dir: str, split: str):
         index = read_index(data_dir)
         if split not in index["splits"]:
-            raise ValueError(f"data.source='tokens': split {split!r} is not in {data_dir}/index.json "
-                             f"(it has {sorted(index['splits'])}); encode it with encode_dataset --splits")
+            raise ValueError(
+                f"data.source='tokens': split {split!r} is not in {data_dir}/index.json "
+                f"(it has {sorted(index['splits'])}); encode it with encode_dataset --splits"
+            )
         self.name = f"tokens {data_dir} [{split}]"
         self.grid_size, self.vocab_size = int(index["grid_size"]), int(index["vocab_size"])
         expected = self.grid_size * self.grid_size
@@ -120,11 +125,15 @@ class TokenShardSource:
                 raise ValueError(f"{path}: not a readable token shard ({e})") from None
             for key in ("tokens", "captions"):
                 if key not in columns:
-                    raise ValueError(f"{path}: no {key!r} array (encode_dataset writes tokens, captions, keys)")
+                    raise ValueError(
+                        f"{path}: no {key!r} array (encode_dataset writes tokens, captions, keys)"
+                    )
             n = columns["tokens"].shape[0]
             if columns["tokens"].row_items != expected:
-                raise ValueError(f"{self.name}: {name} holds {columns['tokens'].row_items} tokens per "
-                                 f"image, index.json says a {self.grid_size}x{self.grid_size} grid")
+                raise ValueError(
+                    f"{self.name}: {name} holds {columns['tokens'].row_items} tokens per "
+                    f"image, index.json says a {self.grid_size}x{self.grid_size} grid"
+                )
             if any(c.shape[0] != n for c in columns.values()):
                 raise ValueError(f"{path}: tokens, captions and keys differ in length")
             self._paths.append(path)
@@ -167,5 +176,10 @@ class TokenShardSource:
         key = key or f"{i}"
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise SkipExample("bad_tokens", key)
-        return {"image_tokens": tokens, "caption": caption, "captions": [caption] if caption else [],
-                "label": -1, "key": key}
+        return {
+            "image_tokens": tokens,
+            "caption": caption,
+            "captions": [caption] if caption else [],
+            "label": -1,
+            "key": key,
+        }

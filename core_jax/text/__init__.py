@@ -12,6 +12,12 @@ from core_jax.text.bpe import (
 )
 
 __all__ = [
-    'BPETokenizer', 'bytes_to_unicode', 'clean_text', 'find_open_clip_merges', 'load_captions',
-    'tokenizer_from_config', 'train_bpe', 'training_tokenizer',
+    "BPETokenizer",
+    "bytes_to_unicode",
+    "clean_text",
+    "find_open_clip_merges",
+    "load_captions",
+    "tokenizer_from_config",
+    "train_bpe",
+    "training_tokenizer",
 ]
