@@ -196,12 +196,15 @@ class VisionTower(nn.Module):
 
 
 class TextTower(nn.Module):
-    """Causal transformer over BPE ids; the feature is read at the end-of-text token (max id)."""
+    """Causal transformer over BPE ids; the feature is read at the end-of-text token (max id).
+
+    `return_states=True` also returns the per-token states [B, L, text_width] (after ln_final,
+    before the projection; float32), which the unCLIP decoder attends to."""
 
     cfg: Any
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, return_states: bool = False):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         if tokens.ndim != 2 or tokens.shape[1] > cfg.context_length:
             raise ValueError(
@@ -231,7 +234,8 @@ class TextTower(nn.Module):
             (width, cfg.embed_dim),
             ("embed", None),
         )
-        return (pooled @ proj.astype(dtype)).astype(jnp.float32)
+        features = (pooled @ proj.astype(dtype)).astype(jnp.float32)
+        return (x.astype(jnp.float32), features) if return_states else features
 
 
 def l2_normalize(x, eps: float = 1e-12):
@@ -267,6 +271,11 @@ class CLIP(nn.Module):
     def encode_text(self, tokens, normalize: bool = True):
         features = self.text(tokens)
         return l2_normalize(features) if normalize else features
+
+    def encode_text_tokens(self, tokens, normalize: bool = True):
+        """(per-token states [B, L, text_width], text features [B, E]) from one pass of the tower."""
+        states, features = self.text(tokens, return_states=True)
+        return states, l2_normalize(features) if normalize else features
 
     def temperature(self):
         """exp(logit_scale) clamped at 100: the multiplier of cosine similarities."""
@@ -410,6 +419,20 @@ def encode_image(model: CLIP, params, images, normalize: bool = True):
 def encode_text(model: CLIP, params, tokens, normalize: bool = True):
     """Text features [B, E] at the end-of-text token (L2-normalised unless normalize=False)."""
     return model.apply({"params": params}, tokens, normalize, method=CLIP.encode_text)
+
+
+def encode_text_tokens(model: CLIP, params, tokens, normalize: bool = True):
+    """(states [B, L, text_width] float32, features [B, E]): the text tower's per-token states after
+    its final LayerNorm and before the projection, and the same features as `encode_text`. Positions
+    after the end-of-text token hold states too; `text_token_mask` says which to read."""
+    return model.apply({"params": params}, tokens, normalize, method=CLIP.encode_text_tokens)
+
+
+def text_token_mask(tokens):
+    """bool [B, L]: the positions up to and including the end-of-text token (the argmax id; padding
+    follows it with id 0), i.e. the states a caption's reader should attend to."""
+    tokens = jnp.asarray(tokens)
+    return jnp.arange(tokens.shape[1])[None] <= jnp.argmax(tokens, axis=-1)[:, None]
 
 
 def logit_scale(model: CLIP, params):

@@ -86,6 +86,13 @@ class Attention(nn.Module):
     dots want, so a step transposes only its own S new rows) and the queries attend over all of it;
     prefill (start 0) and one-token steps are the same code. Without a cache the call covers
     positions 0 .. S-1.
+
+    `context` [B, C, D_ctx] (optional; not with a cache): extra keys and values every query attends
+    to besides the S positions (GLIDE's encoder_kv, Nichol et al. 2021 section 4.1), from their
+    own projections `context_{k}_kernel [D_ctx, heads, kv]` and `context_{v}_kernel` (k, v: the
+    second and third of `names`), created only when a context is passed, so a model that never
+    passes one keeps its param tree and outputs. `context_mask` bool [B, C] hides context tokens
+    (False); the S positions stay attendable, so a fully masked context is a valid input.
     """
 
     num_heads: int
@@ -102,19 +109,19 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, start=0):
+    def __call__(self, x, mask=None, start=0, context=None, context_mask=None):
         width, length = x.shape[-1], x.shape[1]
         if self.head_dim is None and width % self.num_heads:
             raise ValueError(f"attention: width {width} is not divisible by {self.num_heads} heads")
         h, k, dtype = self.num_heads, self.head_dim or width // self.num_heads, self.dtype
         in_init = normal(width**-0.5 if self.in_std is None else self.in_std)
 
-        def project(name):
-            kernel = param(self, f"{name}_kernel", in_init, (width, h, k), ("embed", "heads", "kv"))
+        def project(name, source, init):
+            kernel = param(self, f"{name}_kernel", init, (source.shape[-1], h, k), ("embed", "heads", "kv"))
             bias = param(self, f"{name}_bias", nn.initializers.zeros, (h, k), ("heads", "kv"))
-            return constrain(dense(x, kernel.astype(dtype)) + bias.astype(dtype), HEADS)
+            return constrain(dense(source, kernel.astype(dtype)) + bias.astype(dtype), HEADS)
 
-        q, key, value = (project(name) for name in self.names)
+        q, key, value = (project(name, x, in_init) for name in self.names)
         key_spec = "bthk"
         if self.cache_length:
             cache_names = ("act_batch", "act_heads", "act_length", "act_kv")
@@ -143,6 +150,17 @@ class Attention(nn.Module):
             if self.causal:
                 tril = jnp.tril(jnp.ones((length, length), bool))
                 mask = tril if mask is None else mask & tril
+        if context is not None:
+            if self.cache_length:
+                raise ValueError("attention: a context cannot be combined with a KV cache")
+            context = context.astype(dtype)
+            context_init = normal(context.shape[-1] ** -0.5 if self.in_std is None else self.in_std)
+            context_key, context_value = (
+                project(f"context_{name}", context, context_init) for name in self.names[1:]
+            )
+            key = jnp.concatenate([key, context_key], axis=1)
+            value = jnp.concatenate([value, context_value], axis=1)
+            mask = _with_context_mask(mask, context_mask, x.shape[0], length, context.shape[1])
 
         if self.float32_logits:
             logits = jnp.einsum(
@@ -150,13 +168,31 @@ class Attention(nn.Module):
             ) / math.sqrt(k)
         else:
             logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key).astype(jnp.float32) * k**-0.5
-        if mask is not None:
-            logits = jnp.where(mask[None, None], logits, NEG_INF)
+        if mask is not None:  # [q, t] shared by the batch, or [B, 1, q, t] with a context
+            logits = jnp.where(mask if mask.ndim == 4 else mask[None, None], logits, NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = constrain(jnp.einsum(f"bhqt,{key_spec}->bqhk", probs, value), HEADS)
         out_kernel = param(self, "out_kernel", normal(self.out_std), (h, k, width), ("heads", "kv", "embed"))
         out_bias = param(self, "out_bias", nn.initializers.zeros, (width,), ("norm",))
         return dense(out, out_kernel.astype(dtype), in_dims=2) + out_bias.astype(dtype)
+
+
+def _with_context_mask(mask, context_mask, batch: int, length: int, context_length: int):
+    """The [B, 1, S, S + C] key mask of S positions followed by C context tokens, or None when
+    nothing is hidden: the positions' own [S, S] mask (None: all visible) beside each example's
+    context mask (None: all visible), the same for every query."""
+    if mask is None and context_mask is None:
+        return None
+    own = jnp.ones((length, length), bool) if mask is None else mask
+    own = jnp.broadcast_to(own[None, None], (batch, 1, length, length))
+    if context_mask is None:
+        context_mask = jnp.ones((batch, context_length), bool)
+    if context_mask.shape != (batch, context_length):
+        raise ValueError(
+            f"attention: context_mask must be bool [{batch}, {context_length}], got {context_mask.shape}"
+        )
+    extra = jnp.broadcast_to(context_mask.astype(bool)[:, None, None, :], (batch, 1, length, context_length))
+    return jnp.concatenate([own, extra], axis=-1)
 
 
 class MLP(nn.Module):
