@@ -58,6 +58,9 @@ class Task:
     # (params, batch, rng, step, accum) -> (loss, aux, grads) over the whole batch (accumulation="global").
     accum_grads_fn: Callable | None = None
     accumulation_blocker: str = "this task does not declare how its loss accumulates (Task.accumulation)"
+    # The run config with the keys the task derived filled in (e.g. DALL-E's text vocabulary, taken
+    # from its tokenizer): what the workdir's config.json records. None: the config train() got.
+    config: Any = None
 
 
 @flax.struct.dataclass
@@ -474,7 +477,7 @@ def train(
     # Written only once the state matches the config: a run that fails on its config leaves an
     # existing workdir's config.json (what its checkpoints were trained with) as it was.
     if main_process:
-        checkpoint.write_config(workdir, config)
+        checkpoint.write_config(workdir, config if task.config is None else task.config)
         for name, src in task.extra_files.items():
             _copy_into(workdir, name, src)
 
