@@ -303,10 +303,3 @@ def all_rows(local_rows) -> np.ndarray:
 
 def encoder_batch_multiple(encoder) -> int:
     return int(getattr(encoder, "data_parallel", 1))
-
-
-def close_batches(batches) -> None:
-    """Stops a data iterator's worker threads (a no-op for plain generators)."""
-    close = getattr(batches, "close", None)
-    if close is not None:
-        close()

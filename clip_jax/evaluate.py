@@ -25,7 +25,6 @@ from clip_jax.eval_common import (  # noqa: F401
     ParamsEncoder,
     all_rows,
     apply_overrides,
-    close_batches,
     data_parallel_mesh,
     encoder_batch_multiple,
     eval_config,

@@ -10,9 +10,9 @@ from __future__ import annotations
 import numpy as np
 
 from clip_jax import eval_common as ev
-from core_jax import data as data_lib
 from core_jax.data.config import with_defaults
 from core_jax.data.decode import SkipExample
+from core_jax.trainer import host_eval_batches
 
 RECALL_KS = (1, 5, 10)
 CAPTION_BYTES = 400  # per caption, UTF-8; far beyond CLIP's 77-token context
@@ -90,14 +90,14 @@ def retrieval_example_fn(image_size: int, max_captions: int):
     return example_fn
 
 
-def retrieval_data(config, image_size: int, batch_size: int):
+def retrieval_data(config, image_size: int, batch_size: int, skipped: dict | None = None):
+    """One masked pass over `config.eval.retrieval_split` (close it when done early); `skipped` (a
+    dict) receives the skipped-example counts."""
     e = config.eval
     data_cfg = with_defaults(config.data)  # a copy with every key
     data_cfg.eval_split = e.retrieval_split
     example_fn = retrieval_example_fn(image_size, int(e.retrieval_max_captions))
-    return data_lib.make_iterator(
-        data_cfg, e.retrieval_split, global_batch_size=batch_size, seed=0, example_fn=example_fn, train=False
-    )
+    return host_eval_batches(data_cfg, e.retrieval_split, example_fn, batch_size=batch_size, skipped=skipped)
 
 
 def embed_dataset(encoder, batches, max_examples: int = 0):
@@ -131,15 +131,15 @@ def run_retrieval(config, encoder, log=print) -> dict:
     config = ev.with_eval_defaults(config)
     e = config.eval
     batch_size = ev.round_batch_size(e.batch_size, ev.encoder_batch_multiple(encoder))
-    batches = retrieval_data(config, int(encoder.image_size), batch_size)
+    skipped = {}
+    batches = retrieval_data(config, int(encoder.image_size), batch_size, skipped)
     try:
         image_emb, captions, text_image = embed_dataset(encoder, batches, int(e.max_examples))
     finally:
-        ev.close_batches(batches)
+        batches.close()
     text_emb = np.asarray(encoder.embed_texts(captions), np.float32)
     result = recall_at_k(image_emb, text_emb, text_image)
     result["num_images"], result["num_texts"] = len(image_emb), len(captions)
-    skipped = dict(getattr(batches, "skipped", {}) or {})
     if skipped:
         log(f"retrieval: skipped examples {skipped}")
     log(

@@ -19,9 +19,9 @@ import numpy as np
 
 from clip_jax import eval_common as ev
 from clip_jax.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SUBSET7_TEMPLATES
-from core_jax import data as data_lib
 from core_jax.data.config import with_defaults
 from core_jax.data.shapes import CLASS_NAMES, POSITIONS, ShapesSource
+from core_jax.trainer import host_eval_batches
 
 ZEROSHOT_LOGIT_SCALE = 100.0
 TOPK = (1, 5)
@@ -188,8 +188,9 @@ def _image_label_example_fn(image_size: int):
     return example_fn
 
 
-def zeroshot_data(config, image_size: int, batch_size: int):
-    """(batches, dataset class names) for `config.eval`'s zero-shot source, one pass, masked.
+def zeroshot_data(config, image_size: int, batch_size: int, skipped: dict | None = None):
+    """(batches, dataset class names) for `config.eval`'s zero-shot source, one pass, masked;
+    close the batches when done early. `skipped` (a dict) receives the skipped-example counts.
 
     Shapes batches already stop at `max_examples`; TFDS batches are capped by the caller.
     """
@@ -204,6 +205,7 @@ def zeroshot_data(config, image_size: int, batch_size: int):
             batch_size,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
+            skipped=skipped,
         )
         return batches, list(CLASS_NAMES)
     if e.zeroshot_source == "tfds":
@@ -213,15 +215,10 @@ def zeroshot_data(config, image_size: int, batch_size: int):
         data_cfg.data_dir = e.zeroshot_data_dir or data_cfg.data_dir
         data_cfg.label_key, data_cfg.caption_key = e.zeroshot_label_key, ""
         names = tfds_label_names(e.zeroshot_name, data_cfg.data_dir, e.zeroshot_label_key)
-        it = data_lib.make_iterator(
-            data_cfg,
-            e.zeroshot_split,
-            global_batch_size=batch_size,
-            seed=0,
-            example_fn=example_fn,
-            train=False,
+        batches = host_eval_batches(
+            data_cfg, e.zeroshot_split, example_fn, batch_size=batch_size, skipped=skipped
         )
-        return it, names
+        return batches, names
     raise ValueError(f"config.eval.zeroshot_source={e.zeroshot_source!r}; use 'shapes' or 'tfds'")
 
 
@@ -244,7 +241,8 @@ def run_zeroshot(config, encoder, log=print) -> dict:
     check_eval_config(config)
     e = config.eval
     batch_size = ev.round_batch_size(e.batch_size, ev.encoder_batch_multiple(encoder))
-    batches, dataset_names = zeroshot_data(config, int(encoder.image_size), batch_size)
+    skipped = {}
+    batches, dataset_names = zeroshot_data(config, int(encoder.image_size), batch_size, skipped)
     classnames = resolve_classnames(e.classnames, dataset_names)
     templates = resolve_templates(default_templates(e))
     weights = class_embeddings(encoder, classnames, templates)
@@ -252,8 +250,7 @@ def run_zeroshot(config, encoder, log=print) -> dict:
     try:
         result = evaluate_batches(encoder, batches, weights, max_examples=cap)
     finally:
-        ev.close_batches(batches)
-    skipped = dict(getattr(batches, "skipped", {}) or {})
+        batches.close()
     if skipped:
         log(f"zeroshot: skipped examples {skipped}")
     log(

@@ -23,7 +23,7 @@ instead of training a tokenizer on the shapes captions.
 
 from core_jax.config import lock
 from core_jax.data.config import POD_HOST_WORKERS
-from dalle_jax.dalle_task import dalle_config
+from dalle_jax.run_config import dalle_config
 
 
 def get_config(arg=None):

@@ -7,7 +7,7 @@ Train the dVAE first (configs/dvae_shapes.py), then
 """
 
 from core_jax.config import lock
-from dalle_jax.dalle_task import dalle_config
+from dalle_jax.run_config import dalle_config
 
 
 def get_config(arg=None):

@@ -6,6 +6,7 @@ owns the mesh, the sharded train state, the jitted update step, checkpoints and 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -58,6 +59,9 @@ class Task:
     # (params, batch, rng, step, accum) -> (loss, aux, grads) over the whole batch (accumulation="global").
     accum_grads_fn: Callable | None = None
     accumulation_blocker: str = "this task does not declare how its loss accumulates (Task.accumulation)"
+    # The run config with the keys the task derived filled in (e.g. DALL-E's text vocabulary, taken
+    # from its tokenizer): what the workdir's config.json records. None: the config train() got.
+    config: Any = None
 
 
 @flax.struct.dataclass
@@ -149,28 +153,56 @@ def params_global_batch(params, local_batch: Mapping[str, np.ndarray]) -> dict:
     return {k: jnp.asarray(v) for k, v in local_batch.items()}
 
 
+def host_eval_batches(
+    data_config,
+    split: str,
+    example_fn,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    max_batches: int = -1,
+    skipped: dict | None = None,
+) -> Iterator[dict]:
+    """One pass over `split` in order and without augmentation, as this process's numpy rows of
+    global batches of `batch_size`, each with the iterator's `_mask` (False on the rows padding the
+    last batch): at most `max_batches` (< 0: the whole split). The data iterator is opened here
+    (a bad source fails now) and closed when the pass ends or the returned generator is closed;
+    `skipped` (a dict), if given, then holds its skipped-example counts by reason."""
+    it = data_lib.make_iterator(
+        data_config, split, global_batch_size=batch_size, seed=seed, example_fn=example_fn, train=False
+    )
+
+    def batches():
+        try:
+            for i, local in enumerate(it):
+                if 0 <= max_batches <= i:
+                    break
+                yield local
+        finally:
+            if skipped is not None:
+                skipped.update(it.skipped)
+            it.close()
+
+    return batches()
+
+
 def eval_batches(
     config, params, example_fn, *, max_batches: int = -1, batch_fn: Callable[[dict], dict] | None = None
 ) -> Iterator[dict]:
-    """The global batches of `config.data.eval_split` for an evaluator, in order and without
-    augmentation: at most `max_batches` (< 0: the whole split), each on the params' mesh with the
-    iterator's `_mask` (False on the rows padding the last batch). `batch_fn` runs on the host
+    """The global batches of `config.data.eval_split` for an evaluator (`host_eval_batches` at
+    config.batch_size and config.seed), each on the params' mesh. `batch_fn` runs on the host
     first, like Task.batch_fn."""
-    it = data_lib.make_iterator(
+    local_batches = host_eval_batches(
         config.data,
         config.data.eval_split,
-        global_batch_size=config.batch_size,
+        example_fn,
+        batch_size=config.batch_size,
         seed=config.seed,
-        example_fn=example_fn,
-        train=False,
+        max_batches=max_batches,
     )
-    try:
-        for i, local in enumerate(it):
-            if 0 <= max_batches <= i:
-                break
+    with contextlib.closing(local_batches):
+        for local in local_batches:
             yield params_global_batch(params, local if batch_fn is None else batch_fn(local))
-    finally:
-        it.close()
 
 
 def split_micro(batch, k: int):
@@ -474,7 +506,7 @@ def train(
     # Written only once the state matches the config: a run that fails on its config leaves an
     # existing workdir's config.json (what its checkpoints were trained with) as it was.
     if main_process:
-        checkpoint.write_config(workdir, config)
+        checkpoint.write_config(workdir, config if task.config is None else task.config)
         for name, src in task.extra_files.items():
             _copy_into(workdir, name, src)
 

@@ -22,7 +22,7 @@ import numpy as np
 from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from dalle_jax.dvae_api import DVAE
-from dalle_jax.loading import DECODER_FILE
+from dalle_jax.run_config import DECODER_FILE
 
 
 def encoder_mismatch(trained, candidate) -> str | None:

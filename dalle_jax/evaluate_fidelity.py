@@ -29,16 +29,15 @@ import time
 import numpy as np
 from PIL import Image
 
-from clip_jax.api import CLIPModel
-from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from dalle_jax import rerank
-from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh
+from dalle_jax.pipeline import default_mesh
 from dalle_jax.rerank import best_index
+from dalle_jax.sampling_cli import load_models, sampling_settings
 
 TARGETS = {"test_seen": 0.9, "test_unseen": 0.6}
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -306,19 +305,7 @@ def main(argv=None, *, pipeline=None, clip=None):
             path = getattr(args, name)
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
-        check_guidance(
-            pipeline.config if pipeline else read_config(args.workdir), args.cond_scale, args.force_guidance
-        )
-        pipe = pipeline or Pipeline.load(
-            args.workdir,
-            dvae_workdir=args.dvae_workdir,
-            raw_weights=args.raw_weights,
-            mesh=default_mesh("auto"),
-        )
-        if not args.clip_workdir:
-            clip = None
-        elif clip is None:
-            clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
+        pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh("auto"))
         # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
         if (
             args.temperature < 0
@@ -350,21 +337,7 @@ def main(argv=None, *, pipeline=None, clip=None):
         report["dvae_ceiling"] = dvae_ceiling(
             pipe, args.split, args.num_prompts, args.seed, args.batch_size, args.workers
         )
-    report = dict(
-        workdir=args.workdir,
-        dvae_workdir=str(pipe.config.dvae_workdir),
-        clip_workdir=args.clip_workdir,
-        split=args.split,
-        num_prompts=args.num_prompts,
-        num_samples=args.num_samples,
-        cond_scale=args.cond_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        **report,
-    )
+    report = dict(**sampling_settings(args, pipe), split=args.split, num_prompts=args.num_prompts, **report)
     report["headline"] = headline(report, args.split)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

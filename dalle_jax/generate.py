@@ -29,14 +29,13 @@ import time
 import numpy as np
 from PIL import Image
 
-from clip_jax.api import CLIPModel
-from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import SkipExample, decode_image
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from dalle_jax import rerank, sampling
-from dalle_jax.pipeline import Pipeline, check_guidance, default_mesh, default_variation_rows
+from dalle_jax.pipeline import default_mesh, default_variation_rows
+from dalle_jax.sampling_cli import load_models, sampling_settings
 
 
 def build_parser() -> ArgumentParser:
@@ -224,21 +223,7 @@ def main(argv=None, *, pipeline=None, clip=None):
         fail(str(e))
 
     try:
-        # Before loading: a refused guidance scale should not cost a model load first.
-        check_guidance(
-            pipeline.config if pipeline else read_config(args.workdir), args.cond_scale, args.force_guidance
-        )
-        pipe = pipeline or Pipeline.load(
-            args.workdir,
-            step=args.step,
-            dvae_workdir=args.dvae_workdir,
-            raw_weights=args.raw_weights,
-            mesh=default_mesh(args.mesh),
-        )
-        if not args.clip_workdir:
-            clip = None
-        elif clip is None:
-            clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
+        pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh(args.mesh), step=args.step)
         known = None
         if mode == "inpaint":
             known = sampling.rectangle_mask(pipe.grid, *box)
@@ -271,17 +256,8 @@ def main(argv=None, *, pipeline=None, clip=None):
     keep = args.top_k_rerank or args.num_samples
     meta = dict(
         mode=mode,
-        workdir=args.workdir,
-        dvae_workdir=str(pipe.config.dvae_workdir),
-        clip_workdir=args.clip_workdir,
-        num_samples=args.num_samples,
+        **sampling_settings(args, pipe),
         top_k_rerank=args.top_k_rerank,
-        cond_scale=args.cond_scale,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        batch_size=args.batch_size,
         image=args.image,
         rows_kept=args.rows_kept,
         inpaint_box=list(box) if box else None,

@@ -27,7 +27,7 @@ from core_jax.errors import ConfigError
 from core_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from core_jax.text import BPETokenizer
 from dalle_jax import sampling
-from dalle_jax.loading import attached_dvae, load_dvae, resolve_text_vocab
+from dalle_jax.run_config import attached_dvae, load_dvae, text_vocab_size, with_derived
 from dalle_jax.transformer import (
     MAX_UNROLLED_LAYERS,
     DalleConfig,
@@ -49,14 +49,12 @@ def load_tokenizer(config, workdir: str):
                 f"{workdir} holds no tokenizer/merges.txt (written by the DALL-E trainer) and "
                 f"config.text.merges_file={path!r} is not a file"
             )
-    tokenizer = BPETokenizer.from_merges(
+    return BPETokenizer.from_merges(
         path,
         context_length=int(config.text.context_length),
         pad_mode="per_position",
         max_merges=config.text.get("max_merges", None),
     )
-    resolve_text_vocab(config, tokenizer)  # same checks as training; fills text_vocab_size 0
-    return tokenizer
 
 
 def check_guidance(config, cond_scale, force: bool = False) -> None:
@@ -123,7 +121,7 @@ class Pipeline:
         if "model" not in config or "text_len" not in config.model:
             raise ValueError(f"{workdir}/config.json is not a DALL-E config (no model.text_len)")
         tokenizer = load_tokenizer(config, workdir)
-        cfg = DalleConfig.from_config(config, workdir)  # ConfigError if its masks cannot be told
+        vocab = text_vocab_size(config, tokenizer)  # checked as training checks it
         trained_with = str(config.get("dvae_workdir", "") or "")
         attached = None if dvae_workdir or not trained_with else attached_dvae(workdir, trained_with)
         dvae_dir = dvae_workdir or attached or trained_with
@@ -139,8 +137,10 @@ class Pipeline:
                 else f"{workdir}/{'decoder.json' if attached else 'config.json'}; override with --dvae_workdir"
             )
             raise FileNotFoundError(f"dVAE workdir not found: {dvae_dir} (from {source})")
-        config.dvae_workdir = dvae_dir
-        dvae = load_dvae(config, cfg, raw_weights)  # checks the grid and codebook against the model
+        # The dVAE that decodes, recorded where the CLIs report it (their JSON's dvae_workdir).
+        config = with_derived(config, text_vocab_size=vocab, dvae_workdir=dvae_dir)
+        cfg = DalleConfig.from_config(config, workdir)  # ConfigError if its masks cannot be told
+        dvae = load_dvae(dvae_dir, cfg, raw_weights)  # checks the grid and codebook against the model
         shardings = _param_shardings(cfg, mesh) if mesh is not None else None
         _, params = load_params(workdir, step, shardings=shardings, ema=not raw_weights)
         if unroll_layers is None:

@@ -30,10 +30,10 @@ def test_validate_messages(overrides, devices, message):
         validate(toy_config(**overrides), devices)
 
 
-def _run(*args):
+def _run(*args, module="clip_jax.train"):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     return subprocess.run(
-        [sys.executable, "-m", "clip_jax.train", *args],
+        [sys.executable, "-m", module, *args],
         cwd=REPO,
         env=env,
         capture_output=True,
@@ -60,3 +60,15 @@ def test_cli_config_errors_exit_2(tmp_path, args, message):
     err_lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert len(err_lines) == 1 and message in err_lines[0], r.stderr[-3000:]
     assert not os.path.exists(tmp_path / "wd" / "checkpoints")  # failed before anything ran
+
+
+def test_dalle_cli_config_error_exits_2(tmp_path):
+    """The DALL-E config is checked in one place (dalle_jax.run_config.resolve_run), before any
+    tokenizer is trained or dVAE loaded."""
+    r = _run(
+        "--workdir", str(tmp_path / "wd"), "--config.model.caption_dropout=1.5", module="dalle_jax.train"
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    err_lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert err_lines == ["error: config.model.caption_dropout must be in [0, 1), got 1.5"], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "wd")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from core_jax import sharding
-from dalle_jax import dalle_task, masks
+from dalle_jax import dalle_task, masks, run_config
 from dalle_jax.transformer import (
     DalleConfig,
     DalleTransformer,
@@ -262,25 +262,48 @@ def test_task_trains_with_the_trainer(tmp_path, monkeypatch):
     config.eval_every = config.checkpoint_every = 2
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     config.dvae_workdir = str(tmp_path)  # FakeDVAE ignores it
-    monkeypatch.setattr(dalle_task, "load_dvae", lambda config, cfg: FakeDVAE())
+    monkeypatch.setattr(run_config, "load_dvae", lambda workdir, cfg: FakeDVAE())
     workdir = str(tmp_path / "run")
     task = dalle_task.make_task(config, workdir)
-    assert config.model.text_vocab_size > 0  # resolved from the BPE trained into the workdir
+    vocab = task.config.model.text_vocab_size  # resolved from the BPE trained into the workdir
+    assert vocab > 0 and config.model.text_vocab_size == 0  # the config passed in is left as it was
     ex = task.example_fn(shapes.make_example("train", 0), np.random.default_rng(0))
     assert ex["text"].shape == (16,) and ex["image"].shape == (64, 64, 3)
     # Images become tokens per batch (one encoder call), on the host before the step.
     tokens = task.batch_fn({k: v[None] for k, v in ex.items()})
     assert tokens["image_tokens"].shape == (1, 16) and "image" not in tokens
-    assert ex["text"][-1] == config.model.text_vocab_size + 15  # per-position pad
+    assert ex["text"][-1] == vocab + 15  # per-position pad
     logged = []
     scalars = trainer.train(config, workdir, task, log_fn=logged.append)
     assert np.isfinite(scalars["loss"]) and 0.0 <= scalars["captions_dropped"] <= 1.0
     assert os.path.exists(os.path.join(workdir, "tokenizer", "merges.txt"))
     from core_jax.checkpoint import read_config  # sampling rebuilds the model from config.json
 
-    assert read_config(workdir).model.text_vocab_size == config.model.text_vocab_size
+    assert read_config(workdir).model.text_vocab_size == vocab
     assert any("eval" in line and "image_loss" in line for line in logged), logged
     assert os.path.exists(os.path.join(workdir, "images", "samples_0000002.png"))
+
+
+def test_resolve_run_checks_first_and_leaves_the_config_alone(tmp_path):
+    import dataclasses
+
+    from core_jax.errors import ConfigError
+
+    config = load_config("dalle_shapes")
+    config.model.caption_dropout = 1.0
+    with pytest.raises(ConfigError, match=r"^config.model.caption_dropout must be in \[0, 1\), got 1.0$"):
+        run_config.resolve_run(config, str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")  # refused before a tokenizer is trained into it
+    config.model.caption_dropout, config.model.text_vocab_size = 0.3, 40
+    before = config.to_dict()
+    run = run_config.resolve_run(config, None)  # abstract: shapes only, nothing trained or loaded
+    assert run.abstract and run.dvae is None and run.cfg.text_vocab_size == 40
+    assert (run.caption_dropout, run.text_loss_weight, run.image_loss_weight) == (0.3, 0.125, 0.875)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.caption_dropout = 0.5
+    with pytest.raises(AttributeError):
+        run.config.model.caption_dropout = 0.5
+    assert config.to_dict() == before
 
 
 def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
@@ -288,15 +311,15 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
     batch: the same record is dropped or kept wherever it lands, dropped rows carry the all-pad
     text and leave the text term, and eval examples are never dropped."""
     from core_jax.data import shapes
-    from core_jax.text import tokenizer_from_config
 
     config = load_config("dalle_shapes")
     config.model.image_grid, config.model.image_vocab_size = 4, 16
     config.model.caption_dropout = 0.3
     config.dvae_workdir = str(tmp_path)
-    monkeypatch.setattr(dalle_task, "load_dvae", lambda config, cfg: FakeDVAE())
+    monkeypatch.setattr(run_config, "load_dvae", lambda workdir, cfg: FakeDVAE())
+    resolved = run_config.resolve_run(config, str(tmp_path / "run"))
     task = dalle_task.make_task(config, str(tmp_path / "run"))
-    pads = config.model.text_vocab_size + np.arange(16)
+    pads = resolved.cfg.text_vocab_size + np.arange(16)
     raws = [shapes.make_example("train", i) for i in range(200)]
 
     def run(order):
@@ -309,19 +332,14 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
         np.testing.assert_array_equal(shuffled[i]["text"], first[i]["text"])
         assert (first[i]["text"] == pads).all() == (kept[i] == 0)
     assert 30 <= (kept == 0).sum() <= 90  # Binomial(200, 0.3): mean 60, sd 6.5
-    tokenizer = tokenizer_from_config(config.text, str(tmp_path / "run"), data_source="shapes")
     eval_example_fn = dalle_task.make_example_fn(
-        config,
-        DalleConfig.from_config(config),
-        tokenizer,
-        dalle_task.image_tokens_fn(FakeDVAE()),
-        train=False,
+        resolved, dalle_task.image_tokens_fn(FakeDVAE()), train=False
     )
     assert "caption_kept" not in eval_example_fn(raws[0], np.random.default_rng(0))
     assert "caption_kept" in task.batch_spec(8)
 
     # The text term averages over kept rows only; the image term over all rows.
-    cfg = DalleConfig.from_config(config)
+    cfg = resolved.cfg
     params = nn.meta.unbox(init_params(cfg, jax.random.key(0)))
     rows = [first[i] for i in [*np.flatnonzero(kept == 1)[:5], *np.flatnonzero(kept == 0)[:3]]]
     batch = task.batch_fn({k: np.stack([r[k] for r in rows]) for k in rows[0]})
@@ -396,8 +414,8 @@ def test_resume_and_init_from_refuse_checkpoints_of_the_old_masks(tmp_path):
     with pytest.raises(ConfigError, match=rf"^the params in {old} \(config.init_from\) were .*; {fix}"):
         dalle_task.make_task(config, str(tmp_path / "new"))
     config.model.legacy_masks = True  # the fix: continue on the masks they were trained with
-    dalle_task.check_trained_masks(config, old)
-    dalle_task.check_trained_masks(config, str(tmp_path / "new"))
+    run_config.check_trained_masks(config, old)
+    run_config.check_trained_masks(config, str(tmp_path / "new"))
     config.model.attention_pattern = "full"  # a run that does not use the sparse masks: unaffected
     config.model.legacy_masks = False
-    dalle_task.check_trained_masks(config, old)
+    run_config.check_trained_masks(config, old)

@@ -29,10 +29,9 @@ def _dvae_workdir(wd):
 
 def _dalle_workdir(wd, dvae_wd, pattern="full"):
     from core_jax.checkpoint import save_params
-    from core_jax.text import tokenizer_from_config
     from configs.dalle_shapes import get_config
-    from dalle_jax.dalle_task import resolve_text_vocab
-    from dalle_jax.transformer import DalleConfig, init_params
+    from dalle_jax.run_config import resolve_run
+    from dalle_jax.transformer import init_params
 
     c = get_config()
     m = c.model
@@ -40,10 +39,9 @@ def _dalle_workdir(wd, dvae_wd, pattern="full"):
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, len(pattern.split(",")), 32
     c.data.image_size = SIZE
     c.dvae_workdir = dvae_wd
-    tokenizer = tokenizer_from_config(c.text, wd, data_source=c.data.source)  # as the trainer
-    resolve_text_vocab(c, tokenizer)
-    cfg = DalleConfig.from_config(c)
-    save_params(wd, c, random_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))), 2, 0.5))
+    run = resolve_run(c, wd)  # as the trainer: a BPE trained into the workdir, the dVAE checked
+    abstract = jax.eval_shape(lambda: init_params(run.cfg, jax.random.key(0)))
+    save_params(wd, run.config, random_params(abstract, 2, 0.5))
 
 
 def _clip_workdir(wd):

@@ -194,8 +194,11 @@ def test_shards_of_another_grid_or_codebook_are_refused(tmp_path):
 
 
 def test_index_names_the_dvae_for_samples(tmp_path, monkeypatch):
+    from dalle_jax import run_config
+
     config = dalle_config(write_shards(tmp_path / "tok", dvae_workdir="/models/dvae"))
     loaded = []
-    monkeypatch.setattr(dalle_task, "load_dvae", lambda config, cfg: loaded.append(config.dvae_workdir))
-    dalle_task.make_task(config, str(tmp_path / "run"))
-    assert config.dvae_workdir == "/models/dvae" and loaded == ["/models/dvae"]
+    monkeypatch.setattr(run_config, "load_dvae", lambda workdir, cfg: loaded.append(workdir))
+    task = dalle_task.make_task(config, str(tmp_path / "run"))
+    assert task.config.dvae_workdir == "/models/dvae" and loaded == ["/models/dvae"]
+    assert config.dvae_workdir == ""  # the config passed in is left as it was

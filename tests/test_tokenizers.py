@@ -422,27 +422,27 @@ def test_bpe_dropout_only_where_asked(shapes_merges):
         training_tokenizer(plain, dict(bpe_dropout=1.0))
 
 
-def test_dalle_bpe_dropout_on_training_captions_only(shapes_merges):
+def test_dalle_bpe_dropout_on_training_captions_only(shapes_merges, tmp_path):
     import numpy as np
     from configs.dalle_paper import get_config as paper_config
     from configs.dalle_shapes import get_config
-    from dalle_jax import dalle_task
-    from dalle_jax.transformer import DalleConfig
+    from dalle_jax import dalle_task, run_config
 
     assert paper_config().text.bpe_dropout == 0.1 and get_config().text.bpe_dropout == 0.0
     config = get_config()
     config.model.caption_dropout = 0.0
     config.text.bpe_dropout = 0.3
+    config.text.merges_file = shapes_merges
+    config.data.source = "folder"  # examples carry their image tokens: no dVAE needed
+    run = run_config.resolve_run(config, str(tmp_path))
     tokenizer = BPETokenizer.from_merges(shapes_merges, context_length=16, pad_mode="per_position")
-    dalle_task.resolve_text_vocab(config, tokenizer)
-    cfg = DalleConfig.from_config(config)
     raw = {
         "caption": "a purple triangle to the left of a yellow circle",
-        "image_tokens": np.zeros(cfg.num_image_tokens, np.int32),
+        "image_tokens": np.zeros(run.cfg.num_image_tokens, np.int32),
     }
     texts = {}
     for train in (True, False):
-        fn = dalle_task.make_example_fn(config, cfg, tokenizer, None, train=train)
+        fn = dalle_task.make_example_fn(run, None, train=train)
         texts[train] = {tuple(fn(raw, np.random.default_rng(i))["text"]) for i in range(30)}
     assert len(texts[True]) > 5 and texts[False] == {tuple(tokenizer.encode([raw["caption"]])[0])}
 

@@ -122,3 +122,41 @@ def test_eval_batches_follow_the_params_mesh_and_stop_at_max_batches():
         np.testing.assert_array_equal(np.asarray(b["label"]), np.asarray(p["label"]) + 1)
         assert np.asarray(b["_mask"]).all()
     assert list(trainer.eval_batches(config, sharded, example_fn, max_batches=0)) == []
+
+
+def test_host_eval_batches_count_skips_and_close_the_iterator(monkeypatch):
+    from core_jax.data import SkipExample
+
+    config = toy_config()
+    opened, closed = [], []
+    make_iterator = trainer.data_lib.make_iterator
+
+    def recording(*args, **kwargs):
+        it = make_iterator(*args, **kwargs)
+        close = it.close
+        it.close = lambda: (closed.append(it), close())
+        opened.append(it)
+        return it
+
+    def example_fn(raw, rng):
+        if len(raw["caption"]) % 2:
+            raise SkipExample("odd_caption")
+        return {"label": np.int32(len(raw["caption"]))}
+
+    monkeypatch.setattr(trainer.data_lib, "make_iterator", recording)
+    skipped = {}
+    batches = trainer.host_eval_batches(
+        config.data, config.data.eval_split, example_fn, batch_size=16, max_batches=3, skipped=skipped
+    )
+    assert len(opened) == 1 and not closed  # opened by the call, so a bad source fails there
+    first = next(batches)
+    assert isinstance(first["label"], np.ndarray) and first["label"].shape == (16,)
+    assert (first["label"][first["_mask"]] % 2 == 0).all()
+    batches.close()  # the caller stops early: the iterator closes and reports its skips
+    assert closed == opened and skipped["odd_caption"] > 0
+    capped = list(
+        trainer.host_eval_batches(
+            config.data, config.data.eval_split, example_fn, batch_size=16, max_batches=2
+        )
+    )
+    assert len(capped) == 2 and len(closed) == 2  # a pass that stops at max_batches closes too
