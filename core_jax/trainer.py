@@ -11,6 +11,7 @@ import dataclasses
 import os
 import shutil
 import time
+from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import flax.linen as nn
@@ -368,17 +369,22 @@ def state_shardings(task: Task, tx, mesh, config, batch, abstract_boxed=None):
         shardings = with_ema(shardings, param_shardings)
 
     def init_state(rng, batch):
-        params = nn.meta.unbox(task.init_fn(rng, batch)["params"])
-        state = TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            nonfinite_skipped=jnp.zeros((), jnp.int32),
-        )
-        return with_ema(state, _ema_copy(params)) if ema_on else state
+        return state_from_params(tx, config, nn.meta.unbox(task.init_fn(rng, batch)["params"]))
 
     abstract = _abstract_like(jax.eval_shape(init_state, init_rng, batch), shardings)
     return (lambda batch: init_state(init_rng, batch)), abstract, shardings
+
+
+def state_from_params(tx, config, params):
+    """A step-0 train state around `params`: fresh optimizer moments, and the EMA (when on)
+    starting from the params."""
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
+        nonfinite_skipped=jnp.zeros((), jnp.int32),
+    )
+    return with_ema(state, _ema_copy(params)) if ema_decay_schedule(config) is not None else state
 
 
 def create_state(task: Task, tx, mesh, config, batch, abstract_boxed=None):
@@ -444,20 +450,23 @@ def train(
     manager = checkpoint.make_manager(workdir, keep=config.keep_checkpoints)
     batch = next_global_batch(it, task, mesh)
     abstract_boxed = abstract_boxed_params(task, config, batch)
-    state, state_shardings = create_state(task, tx, mesh, config, batch, abstract_boxed)
+    init_state, abstract_state, shardings = state_shardings(task, tx, mesh, config, batch, abstract_boxed)
     warning = sharding.undivided_warning(mesh, abstract_boxed)
     if warning:
         log_fn(warning)
+    if frozen:  # checked on shapes, before anything compiles
+        n_frozen, n_params = finetune.check_frozen(abstract_state.params, frozen)
     start_step = 0
     latest = manager.latest_step()
     if latest is not None:
+        # Restored straight into the abstract state: a resumed run never compiles or runs the init.
         try:
             finetune.check_param_shapes(
                 f"the checkpoint at step {latest} in {workdir}",
                 checkpoint.param_shapes(workdir, latest),
-                state.params,
+                abstract_state.params,
             )
-            state, data_state, ema_note = _restore(manager, workdir, latest, state, state_shardings)
+            state, data_state, ema_note = _restore(manager, workdir, latest, abstract_state, shardings)
         except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
             lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
             detail = lines[0].rstrip(":")
@@ -486,22 +495,25 @@ def train(
         batch = next_global_batch(it, task, mesh)
         log_fn(f"resumed from {workdir} at step {start_step}{ema_note}")
     else:
+        init_from = str(config.get("init_from", "") or "")
+        with jax.set_mesh(mesh):
+            if init_from:
+                # Built around the loaded params (the new run's EMA starts from them too): the
+                # model's own init is never compiled or run.
+                raw = bool(config.get("init_from_raw_weights", False))
+                params, from_ema = finetune.load_init_params(
+                    init_from, abstract_state.params, shardings.params, raw_weights=raw
+                )
+                state = jax.jit(partial(state_from_params, tx, config), out_shardings=shardings)(params)
+            else:
+                state = jax.jit(init_state, out_shardings=shardings)(batch)
         log_fn(
             f"{count_params(state.params):,} parameters on mesh "
             f"{dict(mesh.shape)} ({n_devices} devices, {jax.process_count()} processes)"
         )
-        init_from = str(config.get("init_from", "") or "")
         if init_from:
-            raw = bool(config.get("init_from_raw_weights", False))
-            params, from_ema = finetune.load_init_params(
-                init_from, state.params, state_shardings.params, raw_weights=raw
-            )
-            state = state.replace(params=params)
-            if isinstance(state, EMATrainState):  # the new run's EMA starts where its params do
-                state = state.replace(ema=_ema_from(params, state_shardings.params))
             log_fn(f"params initialised from {init_from}" + (" (its EMA weights)" if from_ema else ""))
     if frozen:
-        n_frozen, n_params = finetune.check_frozen(state.params, frozen)
         log_fn(f"frozen ({','.join(frozen)}): {n_frozen:,} of {n_params:,} parameters get no updates")
     # Written only once the state matches the config: a run that fails on its config leaves an
     # existing workdir's config.json (what its checkpoints were trained with) as it was.
@@ -511,7 +523,7 @@ def train(
             _copy_into(workdir, name, src)
 
     train_step = jit_train_step(
-        task, tx, schedule, config, mesh, state_shardings, jax.tree.map(lambda x: x.sharding, batch)
+        task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, batch)
     )
     peak = (
         metrics_lib.peak_flops(list(mesh.devices.flat), config.compute_dtype)
@@ -576,7 +588,8 @@ def train(
 
 
 def _restore(manager, workdir, step, state, shardings):
-    """(state, data state, note for the log) of checkpoint `step`, onto `state`'s shardings.
+    """(state, data state, note for the log) of checkpoint `step`, restored into the abstract
+    `state` (shapes and dtypes) on `shardings`.
 
     A checkpoint written without EMA resumed with ema_decay > 0 starts the EMA from the restored
     params (turning EMA on mid-run); one with EMA resumed with ema_decay = 0 is an error, since

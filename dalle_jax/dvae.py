@@ -179,39 +179,31 @@ def factor_rows(factors: Sequence[int]) -> np.ndarray:
     return factor_digits(factors) + offsets
 
 
-def check_codebook_factors(factors: Sequence[int], vocab_size: int, colour_codes: int = 0) -> tuple[int, ...]:
-    """The digits of a product codebook, () for a plain one. `colour_codes` > 0 makes it
-    (vocab_size // colour_codes structure values, colour_codes colour values)."""
-    factors = tuple(int(f) for f in factors)
+def colour_code_digits(vocab_size: int, colour_codes: int) -> tuple[int, ...]:
+    """The digits of a code: (vocab_size // colour_codes structure values, colour_codes colour
+    values) when `colour_codes` > 0, () for a plain codebook."""
     colour_codes = int(colour_codes)
-    if colour_codes:
-        if factors:
-            raise ConfigError(
-                f"model.colour_codes={colour_codes} sets the codebook's digits itself; "
-                f"leave model.codebook_factors empty, got {factors}"
-            )
-        if colour_codes < 2 or vocab_size % colour_codes or vocab_size // colour_codes < 2:
-            raise ConfigError(
-                f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
-                f"into >= 2 structure codes, got {colour_codes}"
-            )
-        return (vocab_size // colour_codes, colour_codes)
-    if factors and (len(factors) < 2 or min(factors) < 2 or math.prod(factors) != vocab_size):
+    if not colour_codes:
+        return ()
+    if colour_codes < 2 or vocab_size % colour_codes or vocab_size // colour_codes < 2:
         raise ConfigError(
-            f"model.codebook_factors must be two or more factors >= 2 whose product is "
-            f"vocab_size={vocab_size}, got {factors}"
+            f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
+            f"into >= 2 structure codes, got {colour_codes}"
         )
-    return factors
+    return (vocab_size // colour_codes, colour_codes)
 
 
 def codebook_digits(model_config) -> tuple[int, ...]:
-    """`config.model`'s product-codebook digits (from `codebook_factors` or `colour_codes`), checked;
-    () for a plain codebook."""
-    return check_codebook_factors(
-        model_config.get("codebook_factors", ()),
-        int(model_config.vocab_size),
-        int(model_config.get("colour_codes", 0)),
-    )
+    """`config.model`'s code digits (from `colour_codes`), checked; () for a plain codebook."""
+    # config.json of a workdir trained with the free product codebook this model no longer builds:
+    # refused by name, not as a parameter-shape mismatch at load.
+    legacy = tuple(model_config.get("codebook_factors", ()))
+    if legacy:
+        raise ConfigError(
+            f"this dVAE was trained with model.codebook_factors={legacy}, a product codebook this "
+            f"version no longer builds (model.colour_codes is the one it keeps)"
+        )
+    return colour_code_digits(int(model_config.vocab_size), int(model_config.get("colour_codes", 0)))
 
 
 def structure_view(pixels, window: int):
@@ -264,7 +256,7 @@ class Encoder(nn.Module):
     remat: str = "none"
     logit_init_scale: float = 1.0
     logit_norm: bool = False
-    codebook_factors: Sequence[int] = ()
+    code_digits: Sequence[int] = ()  # a product codebook's digits (colour_code_digits), () for plain
     colour_codes: int = 0
 
     @nn.compact
@@ -307,7 +299,7 @@ class Encoder(nn.Module):
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
             )(x)
         # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
-        factors = tuple(self.codebook_factors)
+        factors = tuple(self.code_digits)
         if not factors:
             logits = Conv(
                 self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output"
@@ -333,12 +325,12 @@ class CodeEmbedding(nn.Module):
     vocab_size: int
     dtype: Any = jnp.float32
     init_std: float = 0.0  # 0: OpenAI's fan-in init (std 1/sqrt(vocab)); > 0: embedding-style normal
-    codebook_factors: Sequence[int] = ()
+    code_digits: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
         init = _kernel_init if self.init_std <= 0 else nn.initializers.normal(self.init_std)
-        factors = tuple(self.codebook_factors)
+        factors = tuple(self.code_digits)
         # With a product codebook a code's row is the sum of one row per factor (see Encoder).
         rows = sum(factors) if factors else self.vocab_size
         kernel = self.param(
@@ -380,7 +372,7 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"
     embed_init_std: float = 0.0
-    codebook_factors: Sequence[int] = ()
+    code_digits: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
@@ -391,7 +383,7 @@ class Decoder(nn.Module):
             self.vocab_size,
             self.dtype,
             self.embed_init_std,
-            tuple(self.codebook_factors),
+            tuple(self.code_digits),
             name="input",
         )(codes)
         x = constrain(x, ACT)
@@ -424,11 +416,10 @@ class DVAE(nn.Module):
     logit_init_scale: float = 1.0
     embed_init_std: float = 0.0
     logit_norm: bool = False
-    codebook_factors: Sequence[int] = ()
     colour_codes: int = 0
 
     def setup(self):
-        factors = check_codebook_factors(self.codebook_factors, self.vocab_size, self.colour_codes)
+        factors = colour_code_digits(self.vocab_size, self.colour_codes)
         self.encoder = Encoder(
             self.vocab_size,
             self.hidden,
@@ -511,7 +502,6 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
         embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
         logit_norm=bool(model_config.get("encoder_logit_norm", False)),
-        codebook_factors=tuple(int(f) for f in model_config.get("codebook_factors", ())),
         colour_codes=colour_codes,
     )
 
@@ -593,10 +583,6 @@ def default_model_config():
             # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
             # features before the logit conv, against codebook collapse in small, short runs.
             encoder_logit_norm=False,
-            # Not in OpenAI's model: () or factors whose product is vocab_size, e.g. (16, 16). Each code
-            # is a tuple of digits; its encoder logit and decoder embedding are sums over the digits.
-            # Tokens are still one index in [0, vocab_size).
-            codebook_factors=(),
             # Not in OpenAI's model: > 0 splits each code into (vocab_size // colour_codes structure
             # values, colour_codes colour values), the first read from a hue-blind view of the image,
             # the second from each token cell's colours (a product codebook of those two digits).

@@ -1,4 +1,5 @@
-"""Eight fake CPU devices for every test, so sharding is exercised for real."""
+"""Eight fake CPU devices for every test, so sharding is exercised for real; each program compiled
+once per test process (tests/compile_memo.py)."""
 
 import os
 
@@ -10,4 +11,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after XLA_FLAGS)
 
+from tests import compile_memo  # noqa: E402
+
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; was jax imported before conftest?"
+compile_memo.install()

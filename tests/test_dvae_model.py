@@ -397,46 +397,26 @@ def test_encoder_logit_norm_is_opt_in_and_feeds_the_logit_conv():
     np.testing.assert_allclose(encode(zeroed), jnp.broadcast_to(bias, (2, 8, 8, 64)), atol=1e-6)
 
 
-def test_codebook_factors_make_logits_and_embeddings_sums_over_digits():
-    x = jnp.asarray(mapped_images(2, size=16))
-    m = tiny_model_config(width_multipliers=(1, 2))
-    assert tuple(m.codebook_factors) == ()  # off by default: OpenAI's param tree is unchanged
-    plain = init(dvae_lib.make_dvae(m), x)
-    assert plain["encoder"]["output"]["kernel"].shape[-1] == 64
-    assert plain["decoder"]["input"]["kernel"].shape[2] == 64
-    m.codebook_factors = (4, 2, 8)
-    model = dvae_lib.make_dvae(m)
-    params = init(model, x)
-    assert params["encoder"]["output"]["kernel"].shape[-1] == 14  # 4 + 2 + 8 logits
-    assert params["decoder"]["input"]["kernel"].shape[2] == 14
-    logits = np.asarray(model.apply({"params": params}, x, method=dvae_lib.DVAE.encode))
-    assert logits.shape == (2, 8, 8, 64)
-    # Code i has digits (a, b, c) = unravel(i, (4, 2, 8)); its logit is l0[a] + l1[b] + l2[c]:
-    # recovered from three codes that differ in one digit each.
-    grid = logits.reshape(2, 8, 8, 4, 2, 8)
-    additive = grid[..., :, :1, :1] + grid[..., :1, :, :1] + grid[..., :1, :1, :] - 2 * grid[..., :1, :1, :1]
-    np.testing.assert_allclose(grid, additive, atol=1e-5)
-    assert np.abs(grid - grid[..., :1, :1, :1]).max() > 1e-3
-    # Decoding int tokens (the embedding lookup) equals decoding their one-hot (the matmul), and a
-    # code's embedding row is the sum of its digits' rows.
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 4, 4)))
-    decode = jax.jit(lambda p, c: model.apply({"params": p}, c, method=dvae_lib.DVAE.decode))
-    np.testing.assert_allclose(decode(params, tokens), decode(params, jax.nn.one_hot(tokens, 64)), atol=1e-5)
-    rows = params["decoder"]["input"]["kernel"][0, 0]
+def test_code_digits_make_embeddings_sums_over_digits():
+    """The product-codebook decoder embedding that model.colour_codes builds on, with three digits:
+    a code's row is the sum of one row per digit, for int tokens (the lookup) and one-hot codes
+    (the matmul) alike."""
+    assert "codebook_factors" not in dvae_lib.default_model_config()  # colour_codes sets the digits
     digits = dvae_lib.factor_digits((4, 2, 8))
-    assert digits[13].tolist() == [0, 1, 5]  # 13 = (0 * 2 + 1) * 8 + 5
+    assert digits[13].tolist() == [0, 1, 5]  # 13 = (0 * 2 + 1) * 8 + 5 (first digit most significant)
+    params = {
+        "kernel": np.random.default_rng(0).normal(size=(1, 1, 14, 16)).astype(np.float32),  # 4 + 2 + 8
+        "bias": np.zeros(16, np.float32),
+    }
+    rows = params["kernel"][0, 0]
     table = rows[digits[:, 0]] + rows[4 + digits[:, 1]] + rows[6 + digits[:, 2]]
-    via_table = dvae_lib.CodeEmbedding(16, 64).apply(
-        {"params": {"kernel": table[None, None], "bias": params["decoder"]["input"]["bias"]}}, tokens
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 4, 4)))
+    embedding = dvae_lib.CodeEmbedding(16, 64, code_digits=(4, 2, 8))
+    embedded = embedding.apply({"params": params}, tokens)
+    np.testing.assert_allclose(embedded, table[np.asarray(tokens)], atol=1e-6)
+    np.testing.assert_allclose(
+        embedding.apply({"params": params}, jax.nn.one_hot(tokens, 64)), embedded, atol=1e-5
     )
-    embedded = dvae_lib.CodeEmbedding(16, 64, codebook_factors=(4, 2, 8)).apply(
-        {"params": params["decoder"]["input"]}, tokens
-    )
-    np.testing.assert_allclose(embedded, via_table, atol=1e-6)
-    for bad in [(8, 4), (64,), (1, 64)]:
-        m.codebook_factors = bad
-        with pytest.raises(ValueError, match=r"model.codebook_factors .*vocab_size=64"):
-            init(dvae_lib.make_dvae(m), x)
 
 
 def test_colour_codes_split_structure_from_colour():
@@ -480,11 +460,15 @@ def test_colour_codes_split_structure_from_colour():
     for bad, message in [
         (dict(colour_codes=3), "divide vocab_size=32"),
         (dict(colour_codes=32), "divide vocab_size=32"),
-        (dict(colour_codes=4, codebook_factors=(4, 8)), "leave model.codebook_factors"),
         (dict(colour_codes=4, input_channels=1), "RGB inputs"),
     ]:
         with pytest.raises(ConfigError, match=message):
             dvae_lib.make_dvae(tiny_model_config(vocab_size=32, **bad))
+    # A workdir trained with the free product codebook this model no longer builds (its config.json
+    # holds the key) is refused by name.
+    old = tiny_model_config(vocab_size=32, codebook_factors=(4, 8))
+    with pytest.raises(ConfigError, match=r"model.codebook_factors=\(4, 8\).*no longer builds"):
+        dvae_lib.make_dvae(old)
 
 
 def test_shapes_config_schedules_follow_total_steps():

@@ -12,15 +12,16 @@ import pytest  # noqa: E402
 from core_jax import finetune, trainer  # noqa: E402
 from core_jax.checkpoint import load_params, save_params  # noqa: E402
 from core_jax.config import ConfigError  # noqa: E402
-from tests.toy_task import make_toy_task, toy_config  # noqa: E402
+from tests.toy_task import counting_inits, make_toy_task, toy_config  # noqa: E402
 
 MESH = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
 
 
-def train(wd, log=None, **overrides):
+def train(wd, log=None, inits=None, **overrides):
     config = toy_config(**MESH, **overrides)
     log_fn = log.append if log is not None else (lambda s: None)
-    trainer.train(config, wd, make_toy_task(config), log_fn=log_fn)
+    task = make_toy_task(config)
+    trainer.train(config, wd, task if inits is None else counting_inits(task, inits), log_fn=log_fn)
     return load_params(wd)[1]
 
 
@@ -32,9 +33,10 @@ def source(tmp_path_factory):
 
 def test_init_from_and_frozen_paths_on_a_sharded_mesh(tmp_path, source):
     src_wd, src = source
-    log = []
-    out = train(str(tmp_path / "ft"), log, init_from=src_wd, frozen="w_in,w1", total_steps=3)
-    fresh = train(str(tmp_path / "fresh"), total_steps=3)
+    log, inits, fresh_inits = [], [], []
+    out = train(str(tmp_path / "ft"), log, inits, init_from=src_wd, frozen="w_in,w1", total_steps=3)
+    fresh = train(str(tmp_path / "fresh"), inits=fresh_inits, total_steps=3)
+    assert not inits and fresh_inits  # the state is built around the loaded params: no init ran
     for name in ("w_in", "w1"):  # frozen: the source's values, bit for bit, after 3 updates
         np.testing.assert_array_equal(np.asarray(out[name]), np.asarray(src[name]))
         assert not np.array_equal(np.asarray(out[name]), np.asarray(fresh[name]))

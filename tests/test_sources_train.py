@@ -25,7 +25,10 @@ CAPTIONS = [
 def common(c, **data):
     c.total_steps, c.batch_size, c.log_every = 2, 8, 1
     c.eval_every = c.checkpoint_every = 2
-    c.optim.warmup_steps = 1
+    # A schedule that does not follow total_steps, so a run resumed to more steps compiles the same
+    # step: with the model and batch shapes the same for every source, each model's programs
+    # compile once for the file (tests/compile_memo.py).
+    c.optim.warmup_steps, c.optim.decay_steps = 1, 10
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 4, 2, 1
     c.data.eval_split = "validation"
     c.data.min_image_side = 1

@@ -146,6 +146,9 @@ def dalle_config(data_dir):
     config.batch_size, config.total_steps, config.log_every = 8, 3, 1
     config.eval_every = config.checkpoint_every = 2
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
+    # A schedule that does not follow total_steps: resumed to more steps, the run compiles the
+    # program it already has (tests/compile_memo.py).
+    config.optim.warmup_steps, config.optim.decay_steps = 1, 10
     config.data.source, config.data.data_dir = "tokens", data_dir
     config.text.train_source = "shapes"  # the shards hold shapes captions
     return config

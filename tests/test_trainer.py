@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from core_jax import trainer
-from tests.toy_task import make_toy_task, toy_config
+from tests.toy_task import counting_inits, make_toy_task, toy_config
 
 # Sharded reductions sum in a different order than one device; 1e-5 relative covers float32 noise
 # over a few steps, while any real sharding bug (wrong rows, missing all-reduce) is off by far more.
@@ -45,10 +45,15 @@ def test_sharded_training_matches_one_device(tmp_path, full_run):
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, full_run):
     full = losses(full_run)
-    wd = run(tmp_path, "crash", (8, 1, 1), stop_at_step=3)
-    assert sorted(losses(wd)) == [1, 2, 3]
     config = toy_config()
-    trainer.train(config, wd, make_toy_task(config), log_fn=lambda s: None)
+    wd, inits = str(tmp_path / "crash"), []
+    trainer.train(
+        config, wd, counting_inits(make_toy_task(config), inits), log_fn=lambda s: None, stop_at_step=3
+    )
+    assert sorted(losses(wd)) == [1, 2, 3] and inits
+    inits.clear()
+    trainer.train(config, wd, counting_inits(make_toy_task(config), inits), log_fn=lambda s: None)
+    assert not inits  # restored into the abstract state: a resumed run never runs the init
     resumed = losses(wd)
     assert sorted(resumed) == [1, 2, 3, 4, 5, 6]
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], rtol=1e-6)

@@ -109,3 +109,15 @@ def make_toy_task(config, workdir=None, poison_step=None, width=32):
         batch_spec=batch_spec,
         accumulation="mean",
     )
+
+
+def counting_inits(task, inits: list):
+    """`task` with an init that appends to `inits` each time it runs (not when it is only traced)."""
+    init_fn = task.init_fn
+
+    def init(rng, batch):
+        jax.debug.callback(lambda: inits.append(1))
+        return init_fn(rng, batch)
+
+    task.init_fn = init
+    return task
