@@ -21,13 +21,17 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
 
 # name: (devices of the slice the config is meant for, total parameters). The CLIP counts are
 # OpenAI's released models, logit scale included; the dVAE's are OpenAI's encoder (53.8M) and
-# decoder (43.8M); the DALL-E's is this implementation of the paper's 12B (64 layers of width 3968).
+# decoder (43.8M); the DALL-E's is this implementation of the paper's 12B (64 layers of width 3968);
+# the unCLIP ones are this implementation's decoder and 64 -> 256 upsampler (unCLIP Table 3: 3.5B
+# with GLIDE's 1.2B text encoder, which ours reads from CLIP instead, and 700M).
 PAPER = {
     "dalle_paper": (128, 12_293_857_024),
     "clip_vit_b32": (64, 151_277_313),
     "clip_vit_b16": (64, 149_620_737),
     "clip_vit_l14": (64, 427_616_513),
     "dvae_openai": (64, 97_616_006),
+    "unclip_decoder_paper": (128, 2_250_745_859),
+    "unclip_upsampler_paper": (64, 729_702_083),
 }
 
 

@@ -33,3 +33,31 @@ def tiny_dvae_workdir(wd, size: int = 16, codes: int = 32):
     abstract = jax.eval_shape(model.init, jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
     save_params(wd, c, random_params(abstract["params"], 1, 0.3))
     return wd
+
+
+def tiny_clip_workdir(wd, image_size: int = 16):
+    """A random shapes CLIP (width 16, one block per tower, 8-dim embeddings) reading
+    image_size x image_size images, with the shapes BPE trained into its workdir."""
+    from core_jax.checkpoint import save_params
+    from core_jax.text import tokenizer_from_config
+    from clip_jax import model as clip_model
+    from configs.clip_shapes import get_config
+
+    c = get_config()
+    c.model.image_size = c.data.image_size = image_size
+    c.model.update(
+        patch_size=8,
+        vision_width=16,
+        vision_layers=1,
+        vision_heads=2,
+        text_width=16,
+        text_layers=1,
+        text_heads=2,
+        embed_dim=8,
+        chroma_layer=0,
+    )
+    c.scan_unroll = 1
+    tokenizer_from_config(c.text, wd, data_source="shapes")
+    abstract = clip_model.abstract_params(clip_model.clip_from_config(c))
+    save_params(wd, c, random_params(abstract, 2, 0.3))
+    return wd

@@ -288,9 +288,15 @@ def example_inputs(spec: UNetSpec, batch_size: int = 1, image_size: int | None =
 
 
 def init_params(model: UNet, rng):
-    """Boxed params (nn.Partitioned leaves carrying logical names)."""
+    """Boxed params (nn.Partitioned leaves carrying logical names).
+
+    The initialisers draw with the non-partitionable Threefry: XLA:CPU takes seconds to compile
+    each partitionable draw, and a U-Net makes one per kernel, so a trainer's jitted init took
+    minutes on 2 cores. The values do not depend on sharding either way.
+    """
     args, kwargs = example_inputs(model.spec)
-    return model.init({"params": rng}, *args, **kwargs)["params"]
+    with jax.threefry_partitionable(False):
+        return model.init({"params": rng}, *args, **kwargs)["params"]
 
 
 def abstract_params(model: UNet):
