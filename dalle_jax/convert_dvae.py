@@ -18,11 +18,10 @@ from typing import Mapping
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags
 
 from core_jax import checkpoint
 from core_jax.app import load_config
-from core_jax.cli import fail
+from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConversionError
 from dalle_jax.dvae import default_model_config, grid_size, make_dvae
 
@@ -200,36 +199,48 @@ def convert(encoder_path: str, decoder_path: str, workdir: str, *, trust_pickle=
     return config
 
 
-flags.DEFINE_string("encoder", None, "OpenAI encoder: pickled module, state_dict, or .npz.")
-flags.DEFINE_string("decoder", None, "OpenAI decoder: pickled module, state_dict, or .npz.")
-flags.DEFINE_string("workdir", None, "Workdir to create.")
-flags.DEFINE_bool("trust_pickle", False, "Allow loading pickled modules (runs code from the files).")
-flags.DEFINE_integer("image_size", 256, "Input size recorded in the workdir's config.")
+def parse_args(argv=None):
+    parser = ArgumentParser(
+        prog="python -m dalle_jax.convert_dvae",
+        description="Convert OpenAI's dVAE weights into a dVAE workdir.",
+    )
+    parser.add_argument(
+        "--encoder", required=True, help="OpenAI encoder: pickled module, state_dict, or .npz."
+    )
+    parser.add_argument(
+        "--decoder", required=True, help="OpenAI decoder: pickled module, state_dict, or .npz."
+    )
+    parser.add_argument("--workdir", required=True, help="Workdir to create.")
+    parser.add_argument(
+        "--trust_pickle",
+        action="store_true",
+        help="Allow loading pickled modules (runs code from the files).",
+    )
+    parser.add_argument(
+        "--image_size", type=int, default=256, help="Input size recorded in the workdir's config."
+    )
+    return parser.parse_args(argv)
 
 
-def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    for name in ("encoder", "decoder", "workdir"):
-        if not getattr(flags.FLAGS, name):
-            fail(f"--{name} is required")
+def main(argv=None):
+    args = parse_args(argv)
     try:
         config = convert(
-            flags.FLAGS.encoder,
-            flags.FLAGS.decoder,
-            flags.FLAGS.workdir,
-            trust_pickle=flags.FLAGS.trust_pickle,
-            image_size=flags.FLAGS.image_size,
+            args.encoder,
+            args.decoder,
+            args.workdir,
+            trust_pickle=args.trust_pickle,
+            image_size=args.image_size,
         )
     except (ConversionError, FileNotFoundError, ValueError) as e:
         fail(str(e))
     m = config.model
     print(
-        f"wrote {flags.FLAGS.workdir}: vocab {m.vocab_size}, hidden {m.hidden}, groups "
+        f"wrote {args.workdir}: vocab {m.vocab_size}, hidden {m.hidden}, groups "
         f"{list(m.width_multipliers)} x {m.blocks_per_group} blocks, image {config.data.image_size}",
         flush=True,
     )
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -15,25 +15,35 @@ import os
 import sys
 
 import numpy as np
-from absl import app, flags
 from PIL import Image
 
-from core_jax.cli import fail
+from core_jax.cli import ArgumentParser, fail
 from core_jax.data import image_ops
 from dalle_jax.dvae_api import DVAE
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 
-flags.DEFINE_string("workdir", None, "dVAE workdir (from train_dvae or convert_dvae).")
-flags.DEFINE_string("input_dir", None, "Folder of PNG/JPEG images.")
-flags.DEFINE_string("out_dir", None, "Where reconstructions are written (created if missing).")
-flags.DEFINE_integer("batch_size", 16, "Images per encode/decode call.")
-flags.DEFINE_bool(
-    "raw_weights",
-    False,
-    "Load the raw trained weights, not their EMA (used by default when the run kept one).",
-)
-FLAGS = flags.FLAGS
+
+def parse_args(argv=None):
+    parser = ArgumentParser(
+        prog="python -m dalle_jax.reconstruct",
+        description="Reconstruct a folder of images through a dVAE; report PSNR.",
+    )
+    parser.add_argument("--workdir", required=True, help="dVAE workdir (from train_dvae or convert_dvae).")
+    parser.add_argument("--input_dir", required=True, help="Folder of PNG/JPEG images.")
+    parser.add_argument(
+        "--out_dir", required=True, help="Where reconstructions are written (created if missing)."
+    )
+    parser.add_argument("--batch_size", type=int, default=16, help="Images per encode/decode call.")
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="Load the raw trained weights, not their EMA (used by default when the run kept one).",
+    )
+    args = parser.parse_args(argv)
+    if args.batch_size <= 0:
+        fail(f"--batch_size must be positive, got {args.batch_size}")
+    return args
 
 
 def list_images(input_dir: str) -> list[str]:
@@ -107,25 +117,18 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
     return {"written": len(scores), "skipped": skipped, "mean_psnr": float(np.mean(scores))}
 
 
-def main(argv):
-    if len(argv) > 1:
-        fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    for name in ("workdir", "input_dir", "out_dir"):
-        if not getattr(FLAGS, name):
-            fail(f"--{name} is required")
-    if FLAGS.batch_size <= 0:
-        fail(f"--batch_size must be positive, got {FLAGS.batch_size}")
-
+def main(argv=None):
+    args = parse_args(argv)
     try:
-        files = list_images(FLAGS.input_dir)
+        files = list_images(args.input_dir)
         if not files:
-            fail(f"--input_dir {FLAGS.input_dir} holds no PNG or JPEG images")
-        vae = DVAE.load(FLAGS.workdir, raw_weights=FLAGS.raw_weights)
-        result = reconstruct_folder(vae, FLAGS.input_dir, FLAGS.out_dir, FLAGS.batch_size)
+            fail(f"--input_dir {args.input_dir} holds no PNG or JPEG images")
+        vae = DVAE.load(args.workdir, raw_weights=args.raw_weights)
+        result = reconstruct_folder(vae, args.input_dir, args.out_dir, args.batch_size)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     print(
-        f"reconstructed {result['written']} images into {FLAGS.out_dir} "
+        f"reconstructed {result['written']} images into {args.out_dir} "
         f"({result['skipped']} skipped); mean PSNR {result['mean_psnr']:.2f} dB",
         flush=True,
     )
@@ -133,4 +136,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

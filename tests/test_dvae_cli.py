@@ -312,3 +312,33 @@ def jax_leaves(tree):
     import jax
 
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+@pytest.mark.parametrize(
+    "module, argv, message",
+    [
+        ("reconstruct", ["--input_dir", "x", "--out_dir", "y"], "required: --workdir"),
+        (
+            "reconstruct",
+            ["--workdir", "w", "--input_dir", "x", "--out_dir", "y", "--batch_size", "0"],
+            "positive",
+        ),
+        ("reconstruct", ["--workdir", "w", "--input_dir", "x", "--out_dir", "y", "--nope"], "unrecognized"),
+        ("convert_dvae", ["--encoder", "e", "--decoder", "d"], "required: --workdir"),
+        (
+            "convert_dvae",
+            ["--encoder", "e", "--decoder", "d", "--workdir", "w", "--image_size", "x"],
+            "invalid int",
+        ),
+    ],
+)
+def test_tool_flag_errors_are_one_line(module, argv, message, capsys):
+    """The dVAE tools parse flags with the shared argparse parser: a bad flag is one `error:` line and
+    exit 2, before any model loads."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(f"dalle_jax.{module}").main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+    assert message in err[0]
