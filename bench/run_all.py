@@ -7,6 +7,7 @@ run against its reference, so it holds on a noisy machine. See bench/README.md.
     python -m bench.run_all                      # everything, ~30 min on 2 cores
     python -m bench.run_all --quick              # smaller/fewer measurements; writes runs/bench_quick/
     python -m bench.run_all --only mfu,sampling  # some benches, merged into the existing results
+    python -m bench.run_all --only unclip --unclip_clip_workdir CW --unclip_decoder_workdir DW
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import traceback
 from bench import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BENCHES = ("mfu", "clip_vs_openclip", "sampling", "memory", "compile", "loader")
+BENCHES = ("mfu", "clip_vs_openclip", "sampling", "memory", "compile", "loader", "unclip")
 DEFAULT_OUT = os.path.join(REPO, "bench", "results.json")
 DEFAULT_MD = os.path.join(REPO, "bench", "RESULTS.md")
 QUICK_DIR = os.path.join(REPO, "runs", "bench_quick")
@@ -109,7 +110,7 @@ def loader_markdown(out: dict) -> str:
 # ----------------------------------------------------------------------------- running
 
 
-def run_one(name: str, size: str, openclip_python: str | None) -> dict:
+def run_one(name: str, size: str, openclip_python: str | None, unclip_workdirs: dict | None = None) -> dict:
     if name == "mfu":
         from bench import bench_mfu
 
@@ -132,6 +133,16 @@ def run_one(name: str, size: str, openclip_python: str | None) -> dict:
         return bench_compile.run(size)
     if name == "loader":
         return run_loader(size)
+    if name == "unclip":
+        from bench import bench_unclip
+
+        workdirs = {k: v for k, v in (unclip_workdirs or {}).items() if v}
+        if not {"clip_workdir", "decoder_workdir"} <= set(workdirs):
+            return bench_unclip.skipped(
+                size,
+                "give --unclip_clip_workdir and --unclip_decoder_workdir (a trained shapes CLIP and decoder)",
+            )
+        return bench_unclip.run(size, **workdirs)
     raise ValueError(f"unknown bench {name!r}; choose from {BENCHES}")
 
 
@@ -236,6 +247,12 @@ def main(argv=None) -> int:
         default=None,
         help="python with torch + open_clip for the CLIP comparison (default: search)",
     )
+    for model in ("clip", "decoder", "upsampler"):
+        ap.add_argument(
+            f"--unclip_{model}_workdir",
+            default=None,
+            help=f"the unclip bench's trained shapes {model} (the bench is skipped without CLIP and decoder)",
+        )
     ap.add_argument("--out", default=None, help="results JSON path")
     ap.add_argument("--md", default=None, help="markdown table path")
     ap.add_argument(
@@ -272,7 +289,10 @@ def main(argv=None) -> int:
         common.log(f"=== {name}")
         start = common.machine_info()
         try:
-            res = run_one(name, size, args.openclip_python)
+            unclip = {
+                f"{m}_workdir": getattr(args, f"unclip_{m}_workdir") for m in ("clip", "decoder", "upsampler")
+            }
+            res = run_one(name, size, args.openclip_python, unclip)
         except Exception as e:  # one broken bench must not lose the others' figures
             traceback.print_exc()
             res = {"name": name, "size": size, "error": f"{type(e).__name__}: {e}", "targets": []}

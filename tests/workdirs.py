@@ -61,3 +61,48 @@ def tiny_clip_workdir(wd, image_size: int = 16):
     abstract = clip_model.abstract_params(clip_model.clip_from_config(c))
     save_params(wd, c, random_params(abstract, 2, 0.3))
     return wd
+
+
+def tiny_unclip_decoder_workdir(wd, clip_workdir, image_size: int = 8, seed: int = 3):
+    """A random unCLIP decoder (one U-Net level of width 8, attention at `image_size`) drawing
+    image_size x image_size images from the embeddings of the CLIP in `clip_workdir`."""
+    from core_jax.checkpoint import save_params
+    from dalle_jax.unclip import decoder_task, unet
+    from configs.unclip_decoder_shapes import get_config
+
+    c = get_config()
+    c.model.update(
+        image_size=image_size,
+        model_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(image_size,),
+        head_channels=8,
+        norm_groups=4,
+    )
+    c.clip_workdir = clip_workdir
+    decoder_task.resolve_clip_sizes(c, decoder_task.load_clip(c))
+    model = unet.UNet(decoder_task.unet_spec(c, **decoder_task.conditioning_sizes(c)))
+    save_params(wd, c, random_params(unet.abstract_params(model), seed, 0.2))
+    return wd
+
+
+def tiny_unclip_upsampler_workdir(wd, low_res_size: int = 8, factor: int = 2, seed: int = 4):
+    """A random unCLIP upsampler (one level of width 8) from low_res_size to factor x that."""
+    from core_jax.checkpoint import save_params
+    from dalle_jax.unclip import unet
+    from dalle_jax.unclip.diffusion_task import unet_spec
+    from configs.unclip_upsampler_shapes import get_config
+
+    c = get_config()
+    c.model.update(
+        image_size=low_res_size * factor,
+        low_res_size=low_res_size,
+        model_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        norm_groups=4,
+    )
+    model = unet.UNet(unet_spec(c, low_res_channels=3))
+    save_params(wd, c, random_params(unet.abstract_params(model), seed, 0.2))
+    return wd

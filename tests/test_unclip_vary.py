@@ -1,0 +1,280 @@
+"""`python -m dalle_jax.unclip.vary` and `bench.bench_unclip` on tiny random workdirs: the promised
+files for variations (with an upsampler), interpolation and inpainting; inpainting keeps every
+pixel outside the box; settings.json; every bad input is one `error:` line, exit 2, nothing
+written; the bench's JSON in --quick mode.
+
+The models are random (a CLIP of width 16 on 16x16 images, a one-level U-Net of width 8 drawing
+8x8 images, an 8 -> 16 upsampler): the cost is compiling the samplers, a few seconds each.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bench import bench_unclip, run_all
+from dalle_jax.unclip import uses, vary
+from dalle_jax.unclip.api import Decoder
+from tests.workdirs import (
+    tiny_clip_workdir,
+    tiny_dvae_workdir,
+    tiny_unclip_decoder_workdir,
+    tiny_unclip_upsampler_workdir,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = "3"
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    clip = tiny_clip_workdir(str(root / "clip"), image_size=16)
+    return {
+        "clip": clip,
+        "decoder": tiny_unclip_decoder_workdir(str(root / "decoder"), clip, image_size=8),
+        "upsampler": tiny_unclip_upsampler_workdir(str(root / "upsampler"), low_res_size=8, factor=2),
+        "dvae": tiny_dvae_workdir(str(root / "dvae")),
+    }
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """a.png 20x24 (resized and centre-cropped to the CLIP's 16, then to the decoder's 8) and
+    b.png 8x8 (the decoder's own size, taken as it is)."""
+    folder = tmp_path_factory.mktemp("inputs")
+    rng = np.random.default_rng(0)
+    images = {
+        "a": rng.integers(0, 256, (20, 24, 3), dtype=np.uint8),
+        "b": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
+    }
+    for name, image in images.items():
+        Image.fromarray(image).save(folder / f"{name}.png")
+    return str(folder), images
+
+
+def read_png(path):
+    return np.asarray(Image.open(path))
+
+
+def vary_args(workdirs, input_dir, out_dir, *extra):
+    return [
+        "--decoder_workdir",
+        workdirs["decoder"],
+        "--input_dir",
+        input_dir,
+        "--out_dir",
+        str(out_dir),
+        "--num_samples",
+        "2",
+        "--steps",
+        STEPS,
+        *extra,
+    ]
+
+
+def test_variations_with_the_upsampler_write_the_promised_files(tmp_path, workdirs, inputs):
+    input_dir, _ = inputs
+    out = tmp_path / "out"
+    settings = vary.main(
+        vary_args(workdirs, input_dir, out, "--upsampler_workdir", workdirs["upsampler"], "--seed", "3")
+    )
+    assert sorted(os.listdir(out)) == ["a", "b", "settings.json"]
+    for name in ("a", "b"):
+        assert sorted(os.listdir(out / name)) == ["000.png", "001.png", "grid.png"]
+        samples = [read_png(out / name / f) for f in ("000.png", "001.png")]
+        assert all(s.shape == (16, 16, 3) for s in samples)  # the upsampler's size
+        assert not np.array_equal(*samples)  # eta > 0: the two samples differ
+        # grid: the input then the two samples, 16 px each with 2 px gaps.
+        assert read_png(out / name / "grid.png").shape == (2 + 2 * 18, 2 + 2 * 18, 3)
+    written = json.loads((out / "settings.json").read_text())
+    assert written == json.loads(json.dumps(settings))
+    expected = {
+        "mode": "variations",
+        "sampler": "ddim",
+        "steps": 3,
+        "cond_scale": 1.0,
+        "eta": uses.VARIATION_ETA,
+        "seed": 3,
+        "num_samples": 2,
+        "inverted_noise": True,
+        "decoder_size": 8,
+        "output_size": 16,
+        "decoder_step": 0,
+        "clip_step": 0,
+        "upsampler_step": 0,
+        "seeds": {"a": 3, "b": 3},
+    }
+    assert {k: written[k] for k in expected} == expected
+    for key in ("decoder_workdir", "clip_workdir", "upsampler_workdir"):
+        model = key.split("_")[0]
+        assert written[key] == os.path.abspath(workdirs[model])
+    assert [(i["name"], i["width"], i["height"]) for i in written["inputs"]] == [("a", 24, 20), ("b", 8, 8)]
+
+
+def test_interpolation_writes_frames_and_a_strip(tmp_path, workdirs, inputs):
+    input_dir, _ = inputs
+    out = tmp_path / "out"
+    settings = vary.main(
+        vary_args(workdirs, input_dir, out, "--interpolate", "a.png", "b.png", "--frames", "3")
+    )
+    assert sorted(os.listdir(out)) == ["interpolate", "settings.json"]
+    assert sorted(os.listdir(out / "interpolate")) == ["000.png", "001.png", "002.png", "strip.png"]
+    # The strip is one row: a, three frames, b.
+    assert read_png(out / "interpolate" / "strip.png").shape == (2 + 10, 2 + 5 * 10, 3)
+    assert settings["mode"] == "interpolate" and settings["frames"] == 3 and settings["eta"] == 0.0
+    assert [i["name"] for i in settings["inputs"]] == ["a", "b"]
+
+
+def test_inpainting_keeps_every_pixel_outside_the_box(tmp_path, workdirs, inputs):
+    input_dir, images = inputs
+    out = tmp_path / "out"
+    settings = vary.main(vary_args(workdirs, input_dir, out, "--inpaint_box", "2,1,6,5"))
+    assert settings["mode"] == "inpaint" and settings["inpaint_box"] == [2, 1, 6, 5]
+    decoder = Decoder.load(workdirs["decoder"])
+    for name in ("a", "b"):
+        assert sorted(os.listdir(out / name)) == ["000.png", "001.png", "grid.png"]
+        redraw = uses.box_mask(images[name].shape[:2], (2, 1, 6, 5), decoder)
+        kept = uses.decoder_view(decoder, images[name][None])[0]
+        for f in ("000.png", "001.png"):
+            sample = read_png(out / name / f)
+            np.testing.assert_array_equal(sample[~redraw], kept[~redraw])
+            assert not np.array_equal(sample[redraw], kept[redraw])
+    # b is at the decoder's size: the kept pixels are the input's own, and the box is x 2..5, y 1..4.
+    np.testing.assert_array_equal(uses.decoder_view(decoder, images["b"][None])[0], images["b"])
+    expected = np.zeros((8, 8), bool)
+    expected[1:5, 2:6] = True
+    np.testing.assert_array_equal(uses.box_mask((8, 8), (2, 1, 6, 5), decoder), expected)
+    assert settings["inpaint_pixels_redrawn"] == {
+        "a": int(uses.box_mask((20, 24), (2, 1, 6, 5), decoder).sum()),
+        "b": 16,
+    }
+
+
+def test_box_mask_follows_the_centre_crop(workdirs):
+    """20x24 -> shorter side 16 (scale 0.8) -> 16x19, centre crop from x = 1 -> 8x8 (2 px each)."""
+    decoder = Decoder.load(workdirs["decoder"])
+    assert uses.box_mask((20, 24), (0, 0, 24, 20), decoder).all()
+    # Input x 12..13 -> crop x 8.5..9.3 -> decoder column 4 only; y 0..5 -> rows 0..1.
+    mask = uses.box_mask((20, 24), (12, 0, 13, 5), decoder)
+    assert np.argwhere(mask).tolist() == [[0, 4], [1, 4]]
+    with pytest.raises(ValueError, match="outside the centre square"):
+        uses.box_mask((20, 24), (0, 0, 1, 20), decoder)  # the column the crop leaves out
+
+
+def bad_input_cases(tmp_path, workdirs, inputs):
+    input_dir, _ = inputs
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "x.png").write_bytes(b"not a png")
+    base = dict(workdirs=workdirs, input_dir=input_dir)
+    return [
+        ("missing input dir", dict(base, input_dir=str(tmp_path / "nope")), [], "--input_dir not found"),
+        ("empty input dir", dict(base, input_dir=str(empty)), [], "holds no images"),
+        ("unreadable image", dict(base, input_dir=str(broken)), [], "cannot read image"),
+        (
+            "a CLIP as the decoder",
+            dict(base, workdirs=dict(workdirs, decoder=workdirs["clip"])),
+            [],
+            "holds a CLIP workdir, not an unCLIP decoder workdir",
+        ),
+        (
+            "a dVAE as the decoder",
+            dict(base, workdirs=dict(workdirs, decoder=workdirs["dvae"])),
+            [],
+            "holds a dVAE workdir, not an unCLIP decoder workdir",
+        ),
+        (
+            "a decoder as the upsampler",
+            base,
+            ["--upsampler_workdir", workdirs["decoder"]],
+            "not an unCLIP upsampler workdir",
+        ),
+        ("box outside the image", base, ["--inpaint_box", "0,0,9,9"], "outside"),  # b is 8x8
+        ("empty box", base, ["--inpaint_box", "3,2,3,6"], "is empty"),
+        ("box not four numbers", base, ["--inpaint_box", "1,2,3"], "four integers"),
+        ("box in the cropped margin", base, ["--inpaint_box", "0,0,1,8"], "outside the centre square"),
+        ("one frame", base, ["--interpolate", "a.png", "b.png", "--frames", "1"], "--frames must be >= 2"),
+        ("missing interpolation end", base, ["--interpolate", "a.png", "c.png"], "c.png not found"),
+        ("too many steps", base, ["--steps", "5000"], "--steps must be <="),
+        ("eta with dpmpp", base, ["--sampler", "dpmpp", "--eta", "0.5"], "--eta is for --sampler ddim only"),
+    ]
+
+
+def test_each_bad_input_is_one_error_line_and_writes_nothing(tmp_path, workdirs, inputs, capsys):
+    for name, where, extra, says in bad_input_cases(tmp_path, workdirs, inputs):
+        out = tmp_path / "out"
+        argv = vary_args(where["workdirs"], where["input_dir"], out, *extra)
+        if "--steps" in extra:
+            argv = argv[: argv.index("--steps")] + argv[argv.index("--steps") + 2 :]
+        with pytest.raises(SystemExit) as exit_info:
+            vary.main(argv)
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], (name, lines)
+        assert not out.exists(), name
+
+
+def test_the_command_line_fails_in_one_line(tmp_path, workdirs):
+    env = dict(
+        os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), JAX_PLATFORMS="cpu"
+    )
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dalle_jax.unclip.vary", "--decoder_workdir", workdirs["decoder"]]
+        + ["--input_dir", str(tmp_path / "nope"), "--out_dir", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: --input_dir not found: {tmp_path / 'nope'}"
+    ]
+    assert not out.exists()
+
+
+def test_bench_quick_run_has_every_key(tmp_path, workdirs, monkeypatch):
+    # Fewer settings than the bench's lists (each compiles a sampler; s = 3 is the ceiling's, on
+    # as many rows, so it compiles nothing new); every part still runs.
+    monkeypatch.setattr(bench_unclip, "VARIATION_ETAS", (uses.VARIATION_ETA,))
+    monkeypatch.setattr(bench_unclip, "GUIDANCE_SCALES", (3.0,))
+    monkeypatch.setattr(bench_unclip, "SAMPLER_ROWS", (("dpmpp", 20), ("ddpm", 1000)))
+    out = tmp_path / "unclip.json"
+    bench_unclip.main(
+        ["--clip_workdir", workdirs["clip"], "--decoder_workdir", workdirs["decoder"], "--quick"]
+        + ["--out", str(out), "--md", str(tmp_path / "unclip.md")]
+    )
+    result = json.loads(out.read_text())
+    assert set(bench_unclip.PARTS) <= set(result) and result["size"] == "quick"
+    ceiling = result["ceiling"]
+    assert set(ceiling["splits"]) == {"test_seen", "test_unseen"}
+    for row in ceiling["splits"].values():
+        assert row["count"] == 4 and set(row["pass_rate"]) == {"all", "one_object", "two_object"}
+        assert 0 <= row["colour_swap_rate"] <= 1
+    v = result["variations"]
+    assert [r["eta"] for r in v["rows"]] == [uses.VARIATION_ETA]
+    assert all(set(r) == {"eta", "pass_rate", "psnr_db", "default"} for r in v["rows"])
+    assert [r["cond_scale"] for r in result["guidance"]["rows"]] == [3.0]
+    assert all(r["diversity"] > 0 for r in result["guidance"]["rows"])
+    rows = result["samplers"]["rows"]
+    assert [r["setting"] for r in rows] == ["dpmpp 20", "ddpm 1000"]
+    assert all(r["seconds_per_image"] > 0 for r in rows)
+    assert all(result[p]["seconds"] > 0 for p in bench_unclip.PARTS)
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 3 and all(t["met"] in (True, False) for t in result["targets"])
+    assert (tmp_path / "unclip.md").read_text().startswith("### unCLIP on the shapes suite")
+    assert run_all.section("unclip", result).startswith("###")
+
+
+def test_the_suite_skips_the_bench_without_workdirs():
+    res = run_all.run_one("unclip", "toy", None)
+    assert res["targets"] == [] and "--unclip_decoder_workdir" in res["skipped"]
+    assert run_all.section("unclip", res).startswith("### unCLIP")
