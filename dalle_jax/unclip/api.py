@@ -28,7 +28,7 @@ from core_jax.checkpoint import load_params
 from core_jax.data import image_ops
 from dalle_jax.unclip import denoise, pixels, unet
 from dalle_jax.unclip.decoder_task import CLIP_SIZES, conditioning_sizes
-from dalle_jax.unclip.diffusion_task import noise_schedule, read_workdir_config, unet_spec
+from dalle_jax.unclip.diffusion_task import network, noise_schedule, read_workdir_config, unet_spec
 from dalle_jax.unclip.upsampler_task import scale_factor
 
 DECODER_TASK = "dalle_jax.unclip.decoder_task"
@@ -60,7 +60,7 @@ class Decoder:
                     f"the decoder was trained with model.{key}={config.model[key]} but this CLIP has "
                     f"{section}.{name}={clip.config[section][name]}: load the CLIP it was trained with"
                 )
-        self.model = unet.UNet(unet_spec(config, **conditioning_sizes(config)))
+        self.model = network(config, **conditioning_sizes(config))
         self.schedule = noise_schedule(config)
         self.image_size = int(config.model.image_size)
         self.text_length = int(config.model.text_length)

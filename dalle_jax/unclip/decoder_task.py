@@ -37,6 +37,7 @@ from dalle_jax.unclip import denoise, pixels, unet
 from dalle_jax.unclip.diffusion_task import (
     check_sample,
     diffusion_section,
+    dit_section,
     draw_noise_seed,
     host_rows,
     make_loss_evaluator,
@@ -44,10 +45,10 @@ from dalle_jax.unclip.diffusion_task import (
     noise_schedule,
     read_workdir_config,
     sample_section,
+    network,
+    train_flops_per_example,
     unet_section,
-    unet_spec,
 )
-from dalle_jax.unclip.unet_spec import train_flops_per_example
 
 CLIP_TASK = "clip_jax.task"
 CONDITION_KEYS = ("clip_embedding", "text_states", "text_mask")
@@ -71,6 +72,10 @@ def decoder_config():
         clip_tokens=4,  # section 2.1: the embedding is also projected into "four extra tokens of context"
         clip_dropout=0.1,  # section 2.1: embedding zeroed 10% of the time (guidance's null)
         caption_dropout=0.5,  # section 2.1: caption dropped 50% of the time
+        # "unet": the paper's (GLIDE's) U-Net, sized by the keys above; "dit": a diffusion
+        # transformer (dalle_jax/unclip/dit.py) sized by model.dit, with the same conditioning.
+        architecture="unet",
+        dit=dit_section(),
     )
     c.diffusion = diffusion_section()
     # DPM-Solver++ reaches a sample in fewest steps (docs/unclip.md); guidance 3 is our choice (the
@@ -268,7 +273,7 @@ def make_task(config, workdir: str | None = None) -> Task:
     if workdir is not None:
         clip = load_clip(config)
         resolve_clip_sizes(config, clip)
-    model = unet.UNet(unet_spec(config, **conditioning_sizes(config)))
+    model = network(config, **conditioning_sizes(config))
     schedule = noise_schedule(config)
     check_sample(config, schedule)
     for key in ("clip_dropout", "caption_dropout"):

@@ -22,6 +22,8 @@ from core_jax import checkpoint
 from core_jax.errors import ConfigError
 from core_jax.trainer import Evaluator, eval_batches
 from dalle_jax.unclip import samplers
+from dalle_jax.unclip.dit import DiT, DiTSpec, check_dit_spec
+from dalle_jax.unclip.dit import forward_flops as dit_forward_flops
 from dalle_jax.unclip.schedule import (
     check_prediction,
     diffusion_loss,
@@ -29,7 +31,9 @@ from dalle_jax.unclip.schedule import (
     q_sample,
     sample_timesteps,
 )
+from dalle_jax.unclip.unet import UNet
 from dalle_jax.unclip.unet_spec import PRESETS, UNetSpec, check_spec
+from dalle_jax.unclip.unet_spec import train_flops_per_example as unet_train_flops
 
 # What a workdir's config.json `task` says it holds, for errors that name it.
 WORKDIR_KINDS = {
@@ -111,6 +115,54 @@ def unet_spec(config, **conditioning) -> UNetSpec:
         **conditioning,
     )
     return check_spec(spec)
+
+
+def dit_section(**values) -> ml_collections.ConfigDict:
+    """`config.model.dit`: the DiT's sizes when `config.model.architecture` is "dit"."""
+    section = dict(patch_size=4, width=128, depth=6, num_heads=4, mlp_ratio=4.0)
+    section.update(values)
+    return ml_collections.ConfigDict(section)
+
+
+def dit_spec(config, clip_dim: int = 0, clip_tokens: int = 4, text_width: int = 0) -> DiTSpec:
+    """The checked DiTSpec of `config.model` (image size, conditioning) and `config.model.dit`."""
+    m, d = config.model, config.model.dit
+    if float(m.get("dropout", 0.0)):
+        raise ConfigError("config.model.dropout: the DiT has no dropout; set it to 0 with architecture='dit'")
+    spec = DiTSpec(
+        image_size=int(m.image_size),
+        patch_size=int(d.patch_size),
+        width=int(d.width),
+        depth=int(d.depth),
+        num_heads=int(d.num_heads),
+        mlp_ratio=float(d.mlp_ratio),
+        clip_dim=clip_dim,
+        clip_tokens=clip_tokens,
+        text_width=text_width,
+        dtype=str(config.get("compute_dtype", "float32")),
+        remat=str(config.get("remat", "none")),
+    )
+    return check_dit_spec(spec)
+
+
+ARCHITECTURES = ("unet", "dit")
+
+
+def network(config, **conditioning):
+    """The denoising network `config.model.architecture` names: the U-Net (the paper's) or a DiT."""
+    arch = str(config.model.get("architecture", "unet"))
+    if arch == "unet":
+        return UNet(unet_spec(config, **conditioning))
+    if arch == "dit":
+        return DiT(dit_spec(config, **conditioning))
+    raise ConfigError(f"config.model.architecture must be one of {ARCHITECTURES}, got {arch!r}")
+
+
+def train_flops_per_example(spec, text_length: int = 0) -> float:
+    """Forward + backward FLOPs of one training example (3x the forward), for MFU reports."""
+    if isinstance(spec, DiTSpec):
+        return 3.0 * dit_forward_flops(spec, text_length=text_length)
+    return unet_train_flops(spec, text_length=text_length)
 
 
 def noise_schedule(config):

@@ -60,9 +60,11 @@ def group_norm(groups: int, dtype, name: str) -> nn.GroupNorm:
     )
 
 
-def linear(module: nn.Module, name: str, x, features: int, axes: tuple[str, str], dtype):
-    """x [..., in] @ `{name}_kernel` [in, features] + `{name}_bias`, in the compute dtype."""
-    kernel = param(module, f"{name}_kernel", _torch_default, (x.shape[-1], features), axes)
+def linear(module: nn.Module, name: str, x, features: int, axes: tuple[str, str], dtype, zero: bool = False):
+    """x [..., in] @ `{name}_kernel` [in, features] + `{name}_bias`, in the compute dtype; `zero`
+    initialises the kernel to zeros (a layer that starts switched off)."""
+    init = nn.initializers.zeros if zero else _torch_default
+    kernel = param(module, f"{name}_kernel", init, (x.shape[-1], features), axes)
     bias = param(module, f"{name}_bias", nn.initializers.zeros, (features,), axes[1:])
     return dense(x.astype(dtype), kernel.astype(dtype)) + bias.astype(dtype)
 
@@ -274,7 +276,7 @@ def unet_from_spec(spec: UNetSpec) -> UNet:
 
 def example_inputs(spec: UNetSpec, batch_size: int = 1, image_size: int | None = None, text_length: int = 1):
     """Zero inputs of the right shapes: (x, t) and the conditioning keywords the spec takes."""
-    size = image_size or 2 ** (spec.num_levels - 1)  # the params do not depend on the size
+    size = image_size or spec.min_size  # the params do not depend on the size
     x = jnp.zeros((batch_size, size, size, spec.image_channels), jnp.float32)
     kwargs = {}
     if spec.clip_dim:

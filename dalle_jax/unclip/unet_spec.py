@@ -42,6 +42,11 @@ class UNetSpec:
         return 4 * self.model_channels
 
     @property
+    def min_size(self) -> int:
+        """The smallest input side the network takes (params do not depend on the size)."""
+        return 2 ** (self.num_levels - 1)
+
+    @property
     def num_levels(self) -> int:
         return len(self.channel_mult)
 
