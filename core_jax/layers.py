@@ -87,6 +87,11 @@ class Attention(nn.Module):
     prefill (start 0) and one-token steps are the same code. Without a cache the call covers
     positions 0 .. S-1.
 
+    `key_mask` bool [B, K] (optional; not with a context) hides keys per example, e.g. padding:
+    K = cache_length with a cache, else S. Every query row must keep at least one key (a fully
+    masked row would average every value); a causal sequence whose first position is always
+    visible guarantees that.
+
     `context` [B, C, D_ctx] (optional; not with a cache): extra keys and values every query attends
     to besides the S positions (GLIDE's encoder_kv, Nichol et al. 2021 section 4.1), from their
     own projections `context_{k}_kernel [D_ctx, heads, kv]` and `context_{v}_kernel` (k, v: the
@@ -109,7 +114,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, start=0, context=None, context_mask=None):
+    def __call__(self, x, mask=None, start=0, context=None, context_mask=None, key_mask=None):
         width, length = x.shape[-1], x.shape[1]
         if self.head_dim is None and width % self.num_heads:
             raise ValueError(f"attention: width {width} is not divisible by {self.num_heads} heads")
@@ -150,6 +155,16 @@ class Attention(nn.Module):
             if self.causal:
                 tril = jnp.tril(jnp.ones((length, length), bool))
                 mask = tril if mask is None else mask & tril
+        if key_mask is not None:
+            if context is not None:
+                raise ValueError("attention: key_mask cannot be combined with a context (use context_mask)")
+            keys = self.cache_length or length
+            if key_mask.shape != (x.shape[0], keys):
+                raise ValueError(
+                    f"attention: key_mask must be bool [{x.shape[0]}, {keys}], got {key_mask.shape}"
+                )
+            own = jnp.ones((length, keys), bool) if mask is None else mask
+            mask = own[None, None] & key_mask.astype(bool)[:, None, None, :]
         if context is not None:
             if self.cache_length:
                 raise ValueError("attention: a context cannot be combined with a KV cache")
@@ -168,7 +183,7 @@ class Attention(nn.Module):
             ) / math.sqrt(k)
         else:
             logits = jnp.einsum(f"bqhk,{key_spec}->bhqt", q, key).astype(jnp.float32) * k**-0.5
-        if mask is not None:  # [q, t] shared by the batch, or [B, 1, q, t] with a context
+        if mask is not None:  # [q, t] shared by the batch, or [B, 1, q, t] with a context or key_mask
             logits = jnp.where(mask if mask.ndim == 4 else mask[None, None], logits, NEG_INF)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         out = constrain(jnp.einsum(f"bhqt,{key_spec}->bqhk", probs, value), HEADS)

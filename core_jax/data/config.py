@@ -16,12 +16,13 @@ POD_HOST_WORKERS = 32
 def default_data_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(
         dict(
-            source="shapes",  # shapes | tfds | webdataset | folder | tokens
+            source="shapes",  # shapes | tfds | webdataset | folder | tokens | embeddings
             name="",  # TFDS builder name (tfds)
             split="train",
             eval_split="test_seen",
             data_dir="",  # TFDS data_dir (local or bucket); folder: dir holding index.*;
             # tokens: encode_dataset's --out_dir
+            embeddings_dir="",  # embeddings: dalle_jax.unclip.encode_embeddings's --out_dir
             urls="",  # webdataset shards: brace pattern / glob / comma list
             eval_urls="",  # shards for eval_split (else `urls`)
             index_file="",  # folder: CSV/TSV/JSONL/Parquet of path,caption

@@ -1,7 +1,8 @@
 """Data sources and the registry that builds one from `config.data`.
 
 Two kinds, both producing raw examples of the data contract, neither deciding order:
-- random access (`shapes`, `tfds`, `folder`, `tokens` (token_shards.py)): `len()` plus `load(i, rng)` (or `src[i]`);
+- random access (`shapes`, `tfds`, `folder`, `tokens` (token_shards.py), `embeddings`
+  (embedding_shards.py)): `len()` plus `load(i, rng)` (or `src[i]`);
 - sequential (`webdataset`): `WebDatasetSource.read(shard, start)` walks one tar shard.
 Order, per-process sharding and resumable positions are iterator.py's job.
 """
@@ -26,6 +27,7 @@ from braceexpand import braceexpand
 
 from core_jax.data import decode
 from core_jax.data.decode import SkipExample
+from core_jax.data.embedding_shards import EmbeddingShardSource
 from core_jax.data.shapes import ShapesSource, check_fraction, check_train_pairs
 from core_jax.data.token_shards import TokenShardSource
 from core_jax.errors import ConfigError
@@ -448,7 +450,23 @@ def _tokens(cfg, split, **_):
     return TokenShardSource(cfg.data_dir, split)
 
 
-SOURCES = {"shapes": _shapes, "tfds": _tfds, "folder": _folder, "webdataset": _webdataset, "tokens": _tokens}
+def _embeddings(cfg, split, **_):
+    if not cfg.get("embeddings_dir", ""):
+        raise ConfigError(
+            "data.source='embeddings' needs data.embeddings_dir (a folder written by "
+            "python -m dalle_jax.unclip.encode_embeddings)"
+        )
+    return EmbeddingShardSource(cfg.embeddings_dir, split)
+
+
+SOURCES = {
+    "shapes": _shapes,
+    "tfds": _tfds,
+    "folder": _folder,
+    "webdataset": _webdataset,
+    "tokens": _tokens,
+    "embeddings": _embeddings,
+}
 
 
 def build_source(cfg, split, *, train):

@@ -72,12 +72,13 @@ def _npy_header(f):
     return read[version](f)  # (shape, fortran_order, dtype)
 
 
-def _open_columns(path: str) -> dict[str, _Column]:
-    """The shard's arrays: stored (uncompressed) members by file offset, others loaded."""
+def _open_columns(path: str, names=_COLUMNS) -> dict[str, _Column]:
+    """The shard's arrays `names` (those present): stored (uncompressed) members by file offset,
+    others loaded."""
     columns = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
         members = {os.path.splitext(i.filename)[0]: i for i in zf.infolist()}
-        for name in _COLUMNS:
+        for name in names:
             info = members.get(name)
             if info is None:
                 continue

@@ -10,6 +10,9 @@
     upsampler = Upsampler.load("runs/unclip_upsampler")
     larger = upsampler.upsample(images, seed=0)               # uint8 [N, S * f, S * f, 3]
 
+    prior = Prior.load("runs/unclip_prior")                   # EMA weights, its CLIP and statistics
+    z = prior.sample(["a red circle"], num_samples_per_caption=4, seed=0)  # [4, E], unit norm
+
 Randomness comes only from `seed`: the start noise is `noise(N, seed)` and a stochastic sampler
 (ddpm, ddim with eta > 0) draws from another key of the same seed. Each sampling function is jitted
 once per (batch size, sampler, steps, guidance scale, eta).
@@ -26,13 +29,15 @@ from clip_jax import model as clip_model
 from clip_jax.api import CLIPModel
 from core_jax.checkpoint import load_params
 from core_jax.data import image_ops
-from dalle_jax.unclip import denoise, pixels, unet
+from dalle_jax.unclip import denoise, embedding_stats, pixels, prior, prior_sample, unet
 from dalle_jax.unclip.decoder_task import CLIP_SIZES, conditioning_sizes
 from dalle_jax.unclip.diffusion_task import network, noise_schedule, read_workdir_config, unet_spec
+from dalle_jax.unclip.prior_task import prior_spec
 from dalle_jax.unclip.upsampler_task import scale_factor
 
 DECODER_TASK = "dalle_jax.unclip.decoder_task"
 UPSAMPLER_TASK = "dalle_jax.unclip.upsampler_task"
+PRIOR_TASK = "dalle_jax.unclip.prior_task"
 SAMPLING_ARGS = ("sampler", "steps", "cond_scale", "eta", "prediction")
 
 
@@ -246,3 +251,140 @@ class Upsampler:
             prediction=self.prediction,
         )
         return pixels.to_uint8(out)
+
+
+class Prior:
+    """The diffusion prior's params and network, the frozen CLIP whose embeddings it draws, the
+    run's embedding statistics, and jitted sampling (one compile per rows, sampler, steps,
+    guidance scale, eta)."""
+
+    def __init__(self, config, params, clip: CLIPModel, stats: dict):
+        self.config, self.params, self.clip, self.stats = config, params, clip, stats
+        for key, (section, name) in CLIP_SIZES.items():
+            if int(config.model[key]) != int(clip.config[section][name]):
+                raise ValueError(
+                    f"the prior was trained with model.{key}={config.model[key]} but this CLIP has "
+                    f"{section}.{name}={clip.config[section][name]}: load the CLIP it was trained with"
+                )
+        self.model = prior.PriorTransformer(prior_spec(config))
+        self.schedule = noise_schedule(config)
+        self.prediction = str(config.diffusion.prediction)
+        self._text = jax.jit(
+            lambda p, tokens: (
+                clip_model.encode_text_tokens(clip.module, p, tokens),
+                clip_model.text_token_mask(tokens),
+            )
+        )
+        self._sample = jax.jit(
+            self._sample_unit,
+            static_argnames=("sampler", "steps", "cond_scale", "eta", "best_of", "use_cache"),
+        )
+
+    @classmethod
+    def load(
+        cls,
+        workdir: str,
+        step: int | None = None,
+        *,
+        raw_weights: bool = False,
+        clip_workdir: str | None = None,
+    ) -> "Prior":
+        """The newest (or given) checkpoint of a prior workdir (its EMA weights when the run kept
+        one, else or with `raw_weights` its raw params), its embedding statistics and the CLIP
+        checkpoint it was trained on (`clip_workdir` names another place, newest step). A workdir
+        of another model is a ValueError saying what it holds."""
+        config = read_workdir_config(workdir, PRIOR_TASK)
+        stats = embedding_stats.load_stats(workdir, int(config.model.clip_dim))
+        _, params = load_params(workdir, step, ema=not raw_weights)
+        if clip_workdir:
+            clip = CLIPModel.load(clip_workdir)
+        else:
+            clip = CLIPModel.load(str(config.clip_workdir), int(config.clip_step))
+        return cls(config, params, clip, stats)
+
+    def _encode(self, captions) -> tuple[dict, np.ndarray]:
+        """(the prior's condition for the captions, their unit CLIP text embeddings [N, E])."""
+        if isinstance(captions, str) or not len(captions):
+            raise ValueError("captions must be a non-empty list of strings")
+        tokens = np.asarray(self.clip.tokenizer.encode(list(captions)), np.int32)
+        (states, text), mask = self._text(self.clip.params, tokens)
+        text = np.asarray(text, np.float32)
+        cond = {
+            "text_states": np.asarray(states, np.float32),
+            "text_mask": np.asarray(mask),
+            "text_embedding": embedding_stats.standardise(text, self.stats, "text").astype(np.float32),
+        }
+        return cond, text
+
+    def text_embeddings(self, captions) -> np.ndarray:
+        """The captions' L2-normalised CLIP text embeddings [N, E]."""
+        return self._encode(captions)[1]
+
+    def _sample_unit(
+        self, params, cond, text, x_T, rng, *, sampler, steps, cond_scale, eta, best_of, use_cache
+    ):
+        """Rows of x_T are (caption, sample, candidate) in that order; -> unit embeddings
+        [rows / best_of, E], the candidate closest to its caption's text embedding kept."""
+        z = prior_sample.sample_prior(
+            self.model,
+            self.schedule,
+            params,
+            cond,
+            x_T,
+            rng,
+            sampler=sampler,
+            steps=steps,
+            cond_scale=cond_scale,
+            eta=eta,
+            prediction=self.prediction,
+            use_cache=use_cache,
+        )
+        z = prior_sample.l2_normalize(embedding_stats.destandardise(z, self.stats, "image"))
+        candidates = z.reshape(-1, best_of, z.shape[-1])
+        return prior_sample.best_by_text(candidates, text)[0]
+
+    def sample(
+        self,
+        captions,
+        *,
+        num_samples_per_caption: int = 1,
+        best_of: int | None = None,
+        sampler: str | None = None,
+        steps: int | None = None,
+        cond_scale: float | None = None,
+        eta: float | None = None,
+        seed: int = 0,
+        use_cache: bool = True,
+    ) -> np.ndarray:
+        """L2-normalised CLIP image embeddings [N * num_samples_per_caption, E] for N captions
+        (caption-major: rows i * k .. i * k + k - 1 are caption i's). Each is the best of
+        `best_of` samples by dot product with the caption's CLIP text embedding (section 2.2:
+        best of 2, config.sample.best_of); classifier-free guidance at `cond_scale` runs the
+        conditional and null rows in one batched pass (1 = the unguided model exactly). Unset
+        sampling arguments take config.sample's values. `use_cache=False` recomputes the caption
+        prefix at every step (same result; a reference for the cache)."""
+        s = self.config.sample
+        k, best_of = int(num_samples_per_caption), int(s.best_of if best_of is None else best_of)
+        if k < 1 or best_of < 1:
+            raise ValueError(f"num_samples_per_caption and best_of must be >= 1, got {k} and {best_of}")
+        cond, text = self._encode(captions)
+        copies = k * best_of
+        cond = {key: np.repeat(value, copies, axis=0) for key, value in cond.items()}
+        noise_key, sampler_key = _keys(seed)
+        x_T = jax.random.normal(
+            noise_key, (len(text) * copies, int(self.config.model.clip_dim)), jax.numpy.float32
+        )
+        out = self._sample(
+            self.params,
+            cond,
+            np.repeat(text, k, axis=0),
+            x_T,
+            sampler_key,
+            sampler=str(sampler or s.sampler),
+            steps=int(steps or s.steps),
+            cond_scale=float(s.cond_scale if cond_scale is None else cond_scale),
+            eta=float(s.eta if eta is None else eta),
+            best_of=best_of,
+            use_cache=bool(use_cache),
+        )
+        return np.asarray(out)

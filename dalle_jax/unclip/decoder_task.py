@@ -94,13 +94,14 @@ def dropout_rate(model_config, key: str) -> float:
     return rate
 
 
-def load_clip(config) -> CLIPModel:
+def load_clip(config, needs: str = "the decoder draws images from a trained CLIP's embeddings") -> CLIPModel:
     """The frozen CLIP of config.clip_workdir (its EMA weights when it kept one) at
-    config.clip_step, which is written back when it was -1 (the newest)."""
+    config.clip_step, which is written back when it was -1 (the newest). `needs` says why a
+    missing one is an error."""
     workdir = str(config.get("clip_workdir", "") or "")
     if not workdir:
         raise ConfigError(
-            "config.clip_workdir is empty: the decoder draws images from a trained CLIP's embeddings; "
+            f"config.clip_workdir is empty: {needs}; "
             "train one (python -m clip_jax.train --config configs/clip_shapes.py --workdir W) and "
             "pass --config.clip_workdir=W"
         )

@@ -42,6 +42,7 @@ WORKDIR_KINDS = {
     "dalle_jax.dvae_task": "dVAE",
     "dalle_jax.unclip.decoder_task": "unCLIP decoder",
     "dalle_jax.unclip.upsampler_task": "unCLIP upsampler",
+    "dalle_jax.unclip.prior_task": "unCLIP prior",
 }
 # Folded with an example's noise_seed into the key of its evaluation timestep and noise.
 EVAL_NOISE_KEY = 20220413
