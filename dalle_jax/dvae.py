@@ -11,26 +11,19 @@ so that `convert_dvae.py` is a plain rename plus OIHW -> HWIO transpose.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from core_jax.data.image_ops import map_pixels, unmap_pixels
 from core_jax.errors import ConfigError
 from core_jax.modeling import constrain, dense, dtype_of, remat_policy
 
 ENCODER_KERNELS = (3, 3, 3, 1)
 DECODER_KERNELS = (1, 3, 3, 3)
 ACT = ("act_batch", "act_height", "act_width", "act_channels")
-
-# The colour split's floor on [0, 1] brightness: below it a cell is dark, and the structure view
-# stops dividing by its neighbourhood's brightness (see structure_view, ColourHead).
-_STRUCTURE_FLOOR = 0.05
 
 # OpenAI's init: normal with std 1/sqrt(fan_in), zero bias.
 _fan_in_normal = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
@@ -166,87 +159,15 @@ def max_pool_2x2(x):
     return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
 
 
-def factor_digits(factors: Sequence[int]) -> np.ndarray:
-    """[vocab, len(factors)] int digits of every code in the mixed radix `factors` (first factor
-    most significant): code i = ((d_0 * f_1) + d_1) * f_2 + ... ."""
-    return np.stack(np.unravel_index(np.arange(math.prod(factors)), tuple(factors)), axis=-1)
-
-
-def factor_rows(factors: Sequence[int]) -> np.ndarray:
-    """[vocab, len(factors)]: for every code, its digits' rows in the `sum(factors)` per-digit
-    logits / embedding rows (factor 0's values first, then factor 1's, ...)."""
-    offsets = np.cumsum((0,) + tuple(factors)[:-1])
-    return factor_digits(factors) + offsets
-
-
-def colour_code_digits(vocab_size: int, colour_codes: int) -> tuple[int, ...]:
-    """The digits of a code: (vocab_size // colour_codes structure values, colour_codes colour
-    values) when `colour_codes` > 0, () for a plain codebook."""
-    colour_codes = int(colour_codes)
-    if not colour_codes:
-        return ()
-    if colour_codes < 2 or vocab_size % colour_codes or vocab_size // colour_codes < 2:
-        raise ConfigError(
-            f"model.colour_codes must be >= 2 and divide vocab_size={vocab_size} "
-            f"into >= 2 structure codes, got {colour_codes}"
-        )
-    return (vocab_size // colour_codes, colour_codes)
-
-
-def codebook_digits(model_config) -> tuple[int, ...]:
-    """`config.model`'s code digits (from `colour_codes`), checked; () for a plain codebook."""
-    # config.json of a workdir trained with the free product codebook this model no longer builds:
-    # refused by name, not as a parameter-shape mismatch at load.
-    legacy = tuple(model_config.get("codebook_factors", ()))
-    if legacy:
-        raise ConfigError(
-            f"this dVAE was trained with model.codebook_factors={legacy}, a product codebook this "
-            f"version no longer builds (model.colour_codes is the one it keeps)"
-        )
-    return colour_code_digits(int(model_config.vocab_size), int(model_config.get("colour_codes", 0)))
-
-
-def structure_view(pixels, window: int):
-    """pixels [B, H, W, 3] in [0, 1] -> mapped [B, H, W, 1]: each pixel's brightest channel over the
-    brightest in the window x window square around it. On solid colours this is blind to hue and
-    to the colour's own brightness, so what the encoder reads from it is where things are."""
-    value = jnp.max(pixels, axis=-1, keepdims=True)
-    local = jax.lax.reduce_window(value, -jnp.inf, jax.lax.max, (1, window, window, 1), (1, 1, 1, 1), "SAME")
-    # The floor keeps near-black regions from being stretched into noise.
-    return jax.lax.stop_gradient(map_pixels(value / jnp.maximum(local, _STRUCTURE_FLOOR)))
-
-
-class ColourHead(nn.Module):
-    """pixels [B, H, W, 3] in [0, 1] -> [B, H/cell, W/cell, colour_codes] logits from each token
-    cell's per-channel maximum, raw and over its largest channel: what colour the cell holds and
-    nothing of where in the cell it is. Colour value 0 is kept for dark cells (every channel under
-    the floor) and only for them: otherwise a colour could share black's value, since the
-    structure digit already tells an object's cells from the background, and then a held-out pair
-    is a combination the decoder never saw (seen in shapes runs: red on both seeds)."""
-
-    colour_codes: int
-    cell: int
-    hidden: int = 64
-
-    @nn.compact
-    def __call__(self, pixels):
-        b, h, w, c = pixels.shape
-        cells = pixels.reshape(b, h // self.cell, self.cell, w // self.cell, self.cell, c)
-        peak = cells.max(axis=(2, 4))
-        brightest = peak.max(-1, keepdims=True)
-        hue = peak / jnp.maximum(brightest, _STRUCTURE_FLOOR)
-        feats = nn.relu(
-            Conv(self.hidden, 1, dtype=jnp.float32, name="hidden")(jnp.concatenate([peak, hue], axis=-1))
-        )
-        logits = Conv(self.colour_codes, 1, dtype=jnp.float32, name="output")(feats)
-        dark = brightest < _STRUCTURE_FLOOR
-        # A large finite value, not -inf: the KL and usage terms take q * log q of these.
-        allowed = jnp.where(jnp.arange(self.colour_codes) == 0, dark, ~dark)
-        return jnp.where(allowed, logits, -1e4)
+LOGITS_ACT = ("act_batch", "act_height", "act_width", "act_vocab")
 
 
 class Encoder(nn.Module):
-    """mapped image [B, H, W, C] -> float32 codebook logits [B, H/2^(G-1), W/2^(G-1), vocab]."""
+    """mapped image [B, H, W, C] -> float32 codebook logits [B, H/2^(G-1), W/2^(G-1), vocab].
+
+    `trunk` and `logit_conv` are separate methods so that a variant (dalle_jax/experiments) can
+    read other inputs or combine the logits differently around the same stack and parameter names.
+    """
 
     vocab_size: int = 8192
     hidden: int = 256
@@ -256,23 +177,16 @@ class Encoder(nn.Module):
     remat: str = "none"
     logit_init_scale: float = 1.0
     logit_norm: bool = False
-    code_digits: Sequence[int] = ()  # a product codebook's digits (colour_code_digits), () for plain
-    colour_codes: int = 0
 
     @nn.compact
     def __call__(self, x):
+        return constrain(self.logit_conv(self.trunk(x), self.vocab_size), LOGITS_ACT)
+
+    def trunk(self, x):
+        """The 7x7 input conv, the groups and the final ReLU (and `logit_norm`): the features the
+        logit conv reads, [B, h, w, hidden * last multiplier]."""
         n_groups = len(self.width_multipliers)
         n_layers = n_groups * self.blocks_per_group
-        colour_logits = None
-        if self.colour_codes:
-            # A structure / colour split (not in OpenAI's model): the code's first digit comes
-            # from the trunk, which sees only the hue-blind structure view; the second from a
-            # per-cell colour head. A colour-shape pair the training images never held is then a
-            # new pair of digits that were each trained, and the decoder draws it.
-            pixels = unmap_pixels(x)
-            cell = 2 ** (n_groups - 1)
-            colour_logits = ColourHead(self.colour_codes, cell, name="colour")(pixels)
-            x = structure_view(pixels, 2 * cell + 1)
         x = Conv(self.hidden, 7, dtype=self.dtype, name="input")(x)
         for g, mult in enumerate(self.width_multipliers):
             x = ResGroup(
@@ -298,49 +212,37 @@ class Encoder(nn.Module):
                 scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)),
             )(x)
+        return x
+
+    def logit_conv(self, features, num_logits: int):
         # Logits in float32 (as OpenAI does): the softmax over 8192 codes is precision-sensitive.
-        factors = tuple(self.code_digits)
-        if not factors:
-            logits = Conv(
-                self.vocab_size, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output"
-            )(x)
-        else:
-            # A product codebook (not in OpenAI's model): one logit per value of each digit, a
-            # code's logit the sum of its digits' logits, so the digits are independent choices
-            # and a code the training images never produced still gets logits and (in the
-            # decoder) an embedding made of trained rows.
-            trunk = sum(factors) - self.colour_codes
-            parts = Conv(trunk, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output")(x)
-            if colour_logits is not None:
-                parts = jnp.concatenate([parts, colour_logits], axis=-1)
-            logits = jnp.take(parts, factor_rows(factors), axis=-1).sum(-1)
-        return constrain(logits, ("act_batch", "act_height", "act_width", "act_vocab"))
+        return Conv(num_logits, 1, dtype=jnp.float32, init_scale=self.logit_init_scale, name="output")(
+            features
+        )
 
 
 class CodeEmbedding(nn.Module):
     """The decoder's first 1x1 conv from `vocab` one-hot channels, which is an embedding table:
-    int tokens take the lookup, (relaxed) one-hot codes the matmul; both use the same kernel."""
+    int tokens take the lookup, (relaxed) one-hot codes the matmul; both use the same kernel.
+
+    A variant may store fewer rows (`num_rows`) and build the [vocab] table from them
+    (`code_kernel`); the lookup and the matmul then read that table."""
 
     features: int
     vocab_size: int
     dtype: Any = jnp.float32
     init_std: float = 0.0  # 0: OpenAI's fan-in init (std 1/sqrt(vocab)); > 0: embedding-style normal
-    code_digits: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
         init = _kernel_init if self.init_std <= 0 else nn.initializers.normal(self.init_std)
-        factors = tuple(self.code_digits)
-        # With a product codebook a code's row is the sum of one row per factor (see Encoder).
-        rows = sum(factors) if factors else self.vocab_size
         kernel = self.param(
             "kernel",
             nn.with_logical_partitioning(init, ("conv_h", "conv_w", "vocab", "conv_out")),
-            (1, 1, rows, self.features),
+            (1, 1, self.num_rows(), self.features),
             jnp.float32,
         )
-        if factors:
-            kernel = jnp.take(kernel, factor_rows(factors), axis=2).sum(3)
+        kernel = self.code_kernel(kernel)
         bias = self.param(
             "bias",
             nn.with_logical_partitioning(nn.initializers.zeros, ("conv_out",)),
@@ -359,6 +261,13 @@ class CodeEmbedding(nn.Module):
             y = dense(codes.astype(jnp.float32), table)
         return (y + bias).astype(self.dtype)
 
+    def num_rows(self) -> int:
+        return self.vocab_size
+
+    def code_kernel(self, kernel):
+        """The stored kernel [1, 1, num_rows, features] -> one row per code [1, 1, vocab, features]."""
+        return kernel
+
 
 class Decoder(nn.Module):
     """codes (int [B, h, w] or float [B, h, w, vocab]) -> float32 [B, H, W, 2 * output_channels]."""
@@ -372,20 +281,12 @@ class Decoder(nn.Module):
     dtype: Any = jnp.float32
     remat: str = "none"
     embed_init_std: float = 0.0
-    code_digits: Sequence[int] = ()
 
     @nn.compact
     def __call__(self, codes):
         n_groups = len(self.width_multipliers)
         n_layers = n_groups * self.blocks_per_group
-        x = CodeEmbedding(
-            self.init_channels,
-            self.vocab_size,
-            self.dtype,
-            self.embed_init_std,
-            tuple(self.code_digits),
-            name="input",
-        )(codes)
+        x = self.code_embedding()(codes)
         x = constrain(x, ACT)
         for g, mult in enumerate(reversed(self.width_multipliers)):
             # Nearest x2 upsampling between groups, done inside the next group's first block.
@@ -401,9 +302,16 @@ class Decoder(nn.Module):
             )(x)
         return Conv(2 * self.output_channels, 1, dtype=jnp.float32, name="output")(nn.relu(x))
 
+    def code_embedding(self) -> CodeEmbedding:
+        """The `input` module: codes -> [B, h, w, init_channels]."""
+        return CodeEmbedding(
+            self.init_channels, self.vocab_size, self.dtype, self.embed_init_std, name="input"
+        )
+
 
 class DVAE(nn.Module):
-    """Encoder + decoder under one param tree {'encoder': ..., 'decoder': ...}."""
+    """Encoder + decoder under one param tree {'encoder': ..., 'decoder': ...}. A variant swaps
+    either half through `make_encoder` / `make_decoder`, which receive these fields."""
 
     vocab_size: int = 8192
     hidden: int = 256
@@ -416,34 +324,31 @@ class DVAE(nn.Module):
     logit_init_scale: float = 1.0
     embed_init_std: float = 0.0
     logit_norm: bool = False
-    colour_codes: int = 0
 
     def setup(self):
-        factors = colour_code_digits(self.vocab_size, self.colour_codes)
-        self.encoder = Encoder(
-            self.vocab_size,
-            self.hidden,
-            tuple(self.width_multipliers),
-            self.blocks_per_group,
-            self.dtype,
-            self.remat,
-            self.logit_init_scale,
-            self.logit_norm,
-            factors,
-            self.colour_codes,
+        shared = dict(
+            vocab_size=self.vocab_size,
+            hidden=self.hidden,
+            width_multipliers=tuple(self.width_multipliers),
+            blocks_per_group=self.blocks_per_group,
+            dtype=self.dtype,
+            remat=self.remat,
         )
-        self.decoder = Decoder(
-            self.vocab_size,
-            self.hidden,
-            tuple(self.width_multipliers),
-            self.blocks_per_group,
-            self.decoder_init_channels,
-            self.input_channels,
-            self.dtype,
-            self.remat,
-            self.embed_init_std,
-            factors,
+        self.encoder = self.make_encoder(
+            **shared, logit_init_scale=self.logit_init_scale, logit_norm=self.logit_norm
         )
+        self.decoder = self.make_decoder(
+            **shared,
+            init_channels=self.decoder_init_channels,
+            output_channels=self.input_channels,
+            embed_init_std=self.embed_init_std,
+        )
+
+    def make_encoder(self, **fields) -> Encoder:
+        return Encoder(**fields)
+
+    def make_decoder(self, **fields) -> Decoder:
+        return Decoder(**fields)
 
     def __call__(self, x):
         """Encode then decode the argmax codes (used for init)."""
@@ -476,6 +381,20 @@ def grid_size(model_config, image_size: int) -> int:
     return image_size // factor
 
 
+def experiment(model_config):
+    """The module of dalle_jax/experiments that `config.model` selects, or None for OpenAI's model.
+
+    The one place the model reaches into the experiments package, which builds on this module (so
+    it is imported here, when selected). A selected module provides
+    `make_dvae(model_config, **dvae_fields)`, `forward_flops(model_config, image_size, soft_codes)`
+    and `eval_metrics(model_config, code_histogram)`."""
+    if int(model_config.get("colour_codes", 0)):
+        from dalle_jax.experiments import colour_split_dvae
+
+        return colour_split_dvae
+    return None
+
+
 def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none") -> DVAE:
     """The DVAE module described by `config.model` (see configs/dvae_openai.py for the keys)."""
     mults = tuple(int(m) for m in model_config.width_multipliers)
@@ -486,11 +405,15 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
             raise ValueError(
                 f"model.hidden * width multiplier must be divisible by 4, got {model_config.hidden} * {m}"
             )
-    codebook_digits(model_config)  # a clear error before any tracing
-    colour_codes = int(model_config.get("colour_codes", 0))
-    if colour_codes and int(model_config.get("input_channels", 3)) != 3:
-        raise ConfigError("model.colour_codes needs RGB inputs (model.input_channels=3)")
-    return DVAE(
+    # config.json of a workdir trained with a product codebook of free digits, which no version
+    # builds any more: refused by name, not as a parameter-shape mismatch at load.
+    retired = tuple(model_config.get("codebook_factors", ()))
+    if retired:
+        raise ConfigError(
+            f"this dVAE was trained with model.codebook_factors={retired}, a product codebook this "
+            f"version no longer builds"
+        )
+    fields = dict(
         vocab_size=int(model_config.vocab_size),
         hidden=int(model_config.hidden),
         width_multipliers=mults,
@@ -502,11 +425,14 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         logit_init_scale=float(model_config.get("encoder_logit_init_scale", 1.0)),
         embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
         logit_norm=bool(model_config.get("encoder_logit_norm", False)),
-        colour_codes=colour_codes,
     )
+    variant = experiment(model_config)
+    if variant is not None:
+        return variant.make_dvae(model_config, **fields)
+    return DVAE(**fields)
 
 
-def _conv_flops(h, w, k, cin, cout):
+def conv_flops(h, w, k, cin, cout):
     return 2 * h * w * k * k * cin * cout
 
 
@@ -518,50 +444,63 @@ def _blocks_flops(h, w, cin, cout, kernels, n_blocks, upsampled_input=False):
         # ResBlock.upsample_input: the input's 1x1 convs run before the x2 upsampling.
         low = 4 if (upsampled_input and b == 0) else 1
         if c_in != cout:
-            total += _conv_flops(h, w, 1, c_in, cout) // low
+            total += conv_flops(h, w, 1, c_in, cout) // low
         widths = [c_in, hid, hid, hid, cout]
         for i, k in enumerate(kernels):
             scale = low if (i == 0 and k == 1) else 1
-            total += _conv_flops(h, w, k, widths[i], widths[i + 1]) // scale
+            total += conv_flops(h, w, k, widths[i], widths[i + 1]) // scale
     return total
 
 
-def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tuple[int, int]:
-    """(encoder, decoder) forward FLOPs for one image, counting multiply-adds as 2. With
-    `soft_codes` the decoder input is the vocab x init_channels matmul that training runs."""
+def encoder_flops(model_config, image_size: int, input_channels=None, num_logits=None) -> int:
+    """Encoder forward FLOPs for one image; `input_channels` / `num_logits` (default: the image's
+    channels, vocab_size) are what the trunk reads and the logit conv writes."""
     hid, mults, nb = (
         int(model_config.hidden),
         list(model_config.width_multipliers),
         int(model_config.blocks_per_group),
     )
-    vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
-    channels = int(model_config.get("input_channels", 3))
-    colour_codes = int(model_config.get("colour_codes", 0))
-    factors = codebook_digits(model_config)
+    if input_channels is None:
+        input_channels = int(model_config.get("input_channels", 3))
+    if num_logits is None:
+        num_logits = int(model_config.vocab_size)
     s = image_size
-    # With colour_codes the trunk reads the one-channel structure view and a per-cell colour head
-    # (6 features -> 64 -> colour_codes) runs beside it.
-    enc = _conv_flops(s, s, 7, 1 if colour_codes else channels, hid)
-    if colour_codes:
-        cells = s // downsample_factor(model_config)
-        enc += _conv_flops(cells, cells, 1, 6, 64) + _conv_flops(cells, cells, 1, 64, colour_codes)
+    enc = conv_flops(s, s, 7, input_channels, hid)
     c = hid
     for g, m in enumerate(mults):
         enc += _blocks_flops(s, s, c, hid * m, ENCODER_KERNELS, nb)
         c = hid * m
         if g < len(mults) - 1:
             s //= 2
-    # A product codebook's logit conv has one output per factor value (the sum over digits is free).
-    enc += _conv_flops(s, s, 1, c, (sum(factors) - colour_codes) if factors else vocab)
-    dec = _conv_flops(s, s, 1, vocab, init) if soft_codes else 0
+    return enc + conv_flops(s, s, 1, c, num_logits)
+
+
+def decoder_flops(model_config, image_size: int, soft_codes: bool = True) -> int:
+    """Decoder forward FLOPs for one image; with `soft_codes` its input is the vocab x
+    init_channels matmul that training runs, else a lookup (free)."""
+    hid, mults, nb = (
+        int(model_config.hidden),
+        list(model_config.width_multipliers),
+        int(model_config.blocks_per_group),
+    )
+    vocab, init = int(model_config.vocab_size), int(model_config.decoder_init_channels)
+    s = image_size // downsample_factor(model_config)
+    dec = conv_flops(s, s, 1, vocab, init) if soft_codes else 0
     c = init
     for g, m in enumerate(reversed(mults)):
         dec += _blocks_flops(s, s, c, hid * m, DECODER_KERNELS, nb, upsampled_input=g > 0)
         c = hid * m
         if g < len(mults) - 1:
             s *= 2
-    dec += _conv_flops(s, s, 1, c, 2 * channels)
-    return enc, dec
+    return dec + conv_flops(s, s, 1, c, 2 * int(model_config.get("input_channels", 3)))
+
+
+def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tuple[int, int]:
+    """(encoder, decoder) forward FLOPs for one image, counting multiply-adds as 2."""
+    variant = experiment(model_config)
+    if variant is not None:
+        return variant.forward_flops(model_config, image_size, soft_codes)
+    return encoder_flops(model_config, image_size), decoder_flops(model_config, image_size, soft_codes)
 
 
 def default_model_config():
@@ -583,9 +522,8 @@ def default_model_config():
             # Not in OpenAI's model (their weights have no such layer): LayerNorm on the encoder's last
             # features before the logit conv, against codebook collapse in small, short runs.
             encoder_logit_norm=False,
-            # Not in OpenAI's model: > 0 splits each code into (vocab_size // colour_codes structure
-            # values, colour_codes colour values), the first read from a hue-blind view of the image,
-            # the second from each token cell's colours (a product codebook of those two digits).
+            # 0: OpenAI's model. > 0 selects the shapes suite's structure / colour split, an experiment
+            # (dalle_jax/experiments/colour_split_dvae.py; see `experiment`).
             colour_codes=0,
             # Training objective (dalle_jax/dvae_loss.py).
             recon_loss="logit_laplace",  # logit_laplace | mse

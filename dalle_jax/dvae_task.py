@@ -180,12 +180,12 @@ def make_eval_step(model):
 
 def make_evaluator(config, model, example_fn):
     """PSNR over the eval split (argmax codes, as at inference) and codebook usage: the count of
-    codes no position of the whole pass picked (`dead_codes`) and the fraction used; for a product
-    codebook also the fraction of its digit rows some used code is made of."""
+    codes no position of the whole pass picked (`dead_codes`) and the fraction used; an
+    experiment's own metrics of the code histogram (`dvae_lib.experiment`) beside them."""
 
     step_fn = make_eval_step(model)
     max_batches = int(config.model.get("eval_max_batches", -1))
-    factors = dvae_lib.codebook_digits(config.model)
+    variant = dvae_lib.experiment(config.model)
 
     def fn(params, step):
         totals = None
@@ -205,11 +205,8 @@ def make_evaluator(config, model, example_fn):
             "codebook_perplexity": float(np.exp(-np.sum(p[p > 0] * np.log(p[p > 0])))),
             "examples": count,
         }
-        if factors:
-            # A product codebook's data need not hold every combination of digits (on the shapes
-            # suite no black cell has an object's outline): a dead row is what collapse looks like.
-            rows = np.unique(dvae_lib.factor_rows(factors)[hist > 0])
-            out["codebook_rows_used_fraction"] = rows.size / sum(factors)
+        if variant is not None:
+            out.update(variant.eval_metrics(config.model, hist))
         return out
 
     return Evaluator(name=config.data.eval_split, fn=fn)

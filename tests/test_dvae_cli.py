@@ -90,28 +90,6 @@ def test_api_round_trip(trained):
         vae.decode(np.full((1, 32, 32), 99))
 
 
-def test_colour_codes_train_sharded_and_load(trained):
-    """The shapes config's structure / colour product codebook (28 = 4 structure x 7 colour codes),
-    trained on the 2 x 2 x 2 mesh of TINY by the module's `trained` run."""
-    from core_jax.checkpoint import param_shapes
-    from core_jax.data.shapes import make_example
-    from dalle_jax.dvae_api import DVAE
-
-    shapes = param_shapes(trained)
-    assert shapes["encoder"]["output"]["kernel"][-1] == 4  # structure logits; colour from its head
-    assert shapes["encoder"]["colour"]["output"]["kernel"][-1] == 7
-    assert shapes["decoder"]["input"]["kernel"][2] == 11  # 4 + 7 rows
-    vae = DVAE.load(trained)  # the digits travel in config.json: tokens are still one index in [0, 28)
-    tokens = vae.encode(np.stack([make_example("test_unseen", i)["image"] for i in range(2)]))
-    assert vae.vocab_size == 28 and tokens.min() >= 0 and tokens.max() < 28
-    assert vae.decode(tokens).shape == (2, 64, 64, 3)
-    with open(os.path.join(trained, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/test_unseen/psnr" in r]
-    rows = evals[-1]["eval/test_unseen/codebook_rows_used_fraction"]  # digit rows some used code holds
-    used = evals[-1]["eval/test_unseen/codebook_used_fraction"]
-    assert 0 < rows <= 1 and rows >= used
-
-
 def test_reconstruct_folder(trained, tmp_path):
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()

@@ -397,78 +397,88 @@ def test_encoder_logit_norm_is_opt_in_and_feeds_the_logit_conv():
     np.testing.assert_allclose(encode(zeroed), jnp.broadcast_to(bias, (2, 8, 8, 64)), atol=1e-6)
 
 
-def test_code_digits_make_embeddings_sums_over_digits():
-    """The product-codebook decoder embedding that model.colour_codes builds on, with three digits:
-    a code's row is the sum of one row per digit, for int tokens (the lookup) and one-hot codes
-    (the matmul) alike."""
-    assert "codebook_factors" not in dvae_lib.default_model_config()  # colour_codes sets the digits
-    digits = dvae_lib.factor_digits((4, 2, 8))
-    assert digits[13].tolist() == [0, 1, 5]  # 13 = (0 * 2 + 1) * 8 + 5 (first digit most significant)
-    params = {
-        "kernel": np.random.default_rng(0).normal(size=(1, 1, 14, 16)).astype(np.float32),  # 4 + 2 + 8
-        "bias": np.zeros(16, np.float32),
-    }
-    rows = params["kernel"][0, 0]
-    table = rows[digits[:, 0]] + rows[4 + digits[:, 1]] + rows[6 + digits[:, 2]]
-    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 4, 4)))
-    embedding = dvae_lib.CodeEmbedding(16, 64, code_digits=(4, 2, 8))
-    embedded = embedding.apply({"params": params}, tokens)
-    np.testing.assert_allclose(embedded, table[np.asarray(tokens)], atol=1e-6)
-    np.testing.assert_allclose(
-        embedding.apply({"params": params}, jax.nn.one_hot(tokens, 64)), embedded, atol=1e-5
+# configs/dvae_shapes.py's param tree (the structure / colour split, 224 codes) as
+# "module: leaf shape, ...": workdirs trained with it (`make demo`'s among them) load only while it
+# stays this.
+SHAPES_DVAE_TREE = """\
+decoder/group_1/block_1/conv_1: bias 64, kernel 1x1x64x64
+decoder/group_1/block_1/conv_2: bias 64, kernel 3x3x64x64
+decoder/group_1/block_1/conv_3: bias 64, kernel 3x3x64x64
+decoder/group_1/block_1/conv_4: bias 256, kernel 3x3x64x256
+decoder/group_1/block_1/id_path: bias 256, kernel 1x1x64x256
+decoder/group_2/block_1/conv_1: bias 32, kernel 1x1x256x32
+decoder/group_2/block_1/conv_2: bias 32, kernel 3x3x32x32
+decoder/group_2/block_1/conv_3: bias 32, kernel 3x3x32x32
+decoder/group_2/block_1/conv_4: bias 128, kernel 3x3x32x128
+decoder/group_2/block_1/id_path: bias 128, kernel 1x1x256x128
+decoder/group_3/block_1/conv_1: bias 16, kernel 1x1x128x16
+decoder/group_3/block_1/conv_2: bias 16, kernel 3x3x16x16
+decoder/group_3/block_1/conv_3: bias 16, kernel 3x3x16x16
+decoder/group_3/block_1/conv_4: bias 64, kernel 3x3x16x64
+decoder/group_3/block_1/id_path: bias 64, kernel 1x1x128x64
+decoder/group_4/block_1/conv_1: bias 8, kernel 1x1x64x8
+decoder/group_4/block_1/conv_2: bias 8, kernel 3x3x8x8
+decoder/group_4/block_1/conv_3: bias 8, kernel 3x3x8x8
+decoder/group_4/block_1/conv_4: bias 32, kernel 3x3x8x32
+decoder/group_4/block_1/id_path: bias 32, kernel 1x1x64x32
+decoder/input: bias 64, kernel 1x1x39x64
+decoder/output: bias 6, kernel 1x1x32x6
+encoder/colour/hidden: bias 64, kernel 1x1x6x64
+encoder/colour/output: bias 7, kernel 1x1x64x7
+encoder/group_1/block_1/conv_1: bias 8, kernel 3x3x32x8
+encoder/group_1/block_1/conv_2: bias 8, kernel 3x3x8x8
+encoder/group_1/block_1/conv_3: bias 8, kernel 3x3x8x8
+encoder/group_1/block_1/conv_4: bias 32, kernel 1x1x8x32
+encoder/group_2/block_1/conv_1: bias 16, kernel 3x3x32x16
+encoder/group_2/block_1/conv_2: bias 16, kernel 3x3x16x16
+encoder/group_2/block_1/conv_3: bias 16, kernel 3x3x16x16
+encoder/group_2/block_1/conv_4: bias 64, kernel 1x1x16x64
+encoder/group_2/block_1/id_path: bias 64, kernel 1x1x32x64
+encoder/group_3/block_1/conv_1: bias 32, kernel 3x3x64x32
+encoder/group_3/block_1/conv_2: bias 32, kernel 3x3x32x32
+encoder/group_3/block_1/conv_3: bias 32, kernel 3x3x32x32
+encoder/group_3/block_1/conv_4: bias 128, kernel 1x1x32x128
+encoder/group_3/block_1/id_path: bias 128, kernel 1x1x64x128
+encoder/group_4/block_1/conv_1: bias 64, kernel 3x3x128x64
+encoder/group_4/block_1/conv_2: bias 64, kernel 3x3x64x64
+encoder/group_4/block_1/conv_3: bias 64, kernel 3x3x64x64
+encoder/group_4/block_1/conv_4: bias 256, kernel 1x1x64x256
+encoder/group_4/block_1/id_path: bias 256, kernel 1x1x128x256
+encoder/input: bias 32, kernel 7x7x1x32
+encoder/output: bias 32, kernel 1x1x256x32
+encoder/output_norm: bias 256, scale 256
+"""
+
+
+def param_tree(model_config, size=64):
+    abstract = jax.eval_shape(
+        dvae_lib.make_dvae(model_config).init, jax.random.key(0), jnp.zeros((1, size, size, 3))
     )
+    modules = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract["params"]))[0]:
+        keys = [k.key for k in path]
+        shape = "x".join(map(str, leaf.shape))
+        modules.setdefault("/".join(keys[:-1]), []).append(f"{keys[-1]} {shape}")
+    return "".join(f"{m}: {', '.join(leaves)}\n" for m, leaves in modules.items())
 
 
-def test_colour_codes_split_structure_from_colour():
-    from core_jax.config import ConfigError
-    from core_jax.data import shapes
-
-    m = tiny_model_config(vocab_size=32, colour_codes=4)  # 8 structure x 4 colour values
-    scene = shapes.make_example("test_unseen", 0)
-    assert len(scene["objects"]) == 1
-    obj = scene["objects"][0]
-    # The same object in every colour of the suite, held-out pairs included.
-    images = np.stack([shapes.render([dict(obj, colour=c)]) for c in shapes.COLOURS])
-    x = jnp.asarray(image_ops.dvae_map_pixels(images))
-    model = dvae_lib.make_dvae(m)
-    params = init(model, x)
-    assert params["encoder"]["input"]["kernel"].shape[2] == 1  # the trunk reads the structure view
-    assert params["encoder"]["output"]["kernel"].shape[-1] == 8
-    assert params["encoder"]["colour"]["output"]["kernel"].shape[-1] == 4
-    assert params["decoder"]["input"]["kernel"].shape[2] == 12  # 8 + 4 rows
-    logits = np.asarray(model.apply({"params": params}, x, method=dvae_lib.DVAE.encode))
-    grid = logits.reshape(6, 8, 8, 8, 4)  # code = structure * 4 + colour
-    # Colour value 0 is the dark cells' and only theirs.
-    dark = images.reshape(6, 8, 8, 8, 8, 3).max(axis=(2, 4, 5)) < 13
-    assert dark.any() and (~dark).any()
-    assert (grid[dark][..., 1:] < -1e3).all() and (grid[dark][..., 0] > -1e3).all()
-    assert (grid[~dark][..., 0] < -1e3).all() and (grid[~dark][..., 1:] > -1e3).all()
-    bright = grid[~dark][..., 1:]  # [cells, structure, colour 1..3]: a code's logit is a sum
-    np.testing.assert_allclose(
-        bright, bright[..., :, :1] + bright[..., :1, :] - bright[..., :1, :1], atol=1e-4
-    )
-    # The structure logits do not move when only the colour changes; the colour logits do.
-    allowed = np.where(dark, 0, 1)[..., None, None]
-    at_allowed = np.take_along_axis(grid, np.broadcast_to(allowed, grid.shape[:-1] + (1,)), -1)[..., 0]
-    structure = at_allowed - at_allowed[..., :1]
-    np.testing.assert_allclose(structure, np.broadcast_to(structure[:1], structure.shape), atol=1e-4)
-    assert np.abs(structure[:, 0, 0] - structure[:, 3, 3]).max() > 1e-4  # not a constant either
-    colour = grid[~dark][:, 0, 1:] - grid[~dark][:, 0, 1:2]
-    per_image = colour.reshape(6, -1, 3)
-    assert np.abs(per_image - per_image[:1]).max() > 1e-3
-    assert dvae_lib.forward_flops(m, 64)[0] != dvae_lib.forward_flops(tiny_model_config(vocab_size=32), 64)[0]
-    for bad, message in [
-        (dict(colour_codes=3), "divide vocab_size=32"),
-        (dict(colour_codes=32), "divide vocab_size=32"),
-        (dict(colour_codes=4, input_channels=1), "RGB inputs"),
+def test_shapes_dvae_param_tree_is_fixed_and_the_plain_one_is_openais():
+    config = load_config("dvae_shapes")
+    assert param_tree(config.model) == SHAPES_DVAE_TREE
+    # The same sizes with a plain codebook: OpenAI's model, built without the experiment, whose tree
+    # differs from the split's only where the split adds or narrows a layer.
+    config.model.colour_codes, config.model.vocab_size = 0, 256
+    assert type(dvae_lib.make_dvae(config.model)) is dvae_lib.DVAE
+    assert dvae_lib.experiment(config.model) is None
+    plain = "".join(line + "\n" for line in SHAPES_DVAE_TREE.splitlines() if "/colour/" not in line)
+    for split, openai in [
+        ("decoder/input: bias 64, kernel 1x1x39x64", "decoder/input: bias 64, kernel 1x1x256x64"),
+        ("encoder/input: bias 32, kernel 7x7x1x32", "encoder/input: bias 32, kernel 7x7x3x32"),
+        ("encoder/output: bias 32, kernel 1x1x256x32", "encoder/output: bias 256, kernel 1x1x256x256"),
     ]:
-        with pytest.raises(ConfigError, match=message):
-            dvae_lib.make_dvae(tiny_model_config(vocab_size=32, **bad))
-    # A workdir trained with the free product codebook this model no longer builds (its config.json
-    # holds the key) is refused by name.
-    old = tiny_model_config(vocab_size=32, codebook_factors=(4, 8))
-    with pytest.raises(ConfigError, match=r"model.codebook_factors=\(4, 8\).*no longer builds"):
-        dvae_lib.make_dvae(old)
+        assert plain.count(split) == 1
+        plain = plain.replace(split, openai)
+    assert param_tree(config.model) == plain
 
 
 def test_shapes_config_schedules_follow_total_steps():

@@ -142,6 +142,30 @@ def test_inference_loads_no_training_or_cli_module():
     ), sorted(loaded)
 
 
+def _imports_anywhere(path: str, package: str) -> bool:
+    """Whether the file imports `package` (or a module of it) anywhere, function bodies included."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
+    for node in ast.walk(tree):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        if any(n == package or n.startswith(package + ".") for n in names):
+            return True
+    return False
+
+
+def test_models_reach_experiments_only_through_the_hook():
+    """dalle_jax/experiments builds on the models; the models reach it only through the dVAE's one
+    selection hook (`dalle_jax.dvae.experiment`, an import inside that function), never at load."""
+    package = "dalle_jax.experiments"
+    outside = {m: path for m, path in _modules().items() if m != package and not m.startswith(package + ".")}
+    graph = import_graph()
+    assert [f"{m} -> {t}" for m in outside for t in graph[m] if t.startswith(package)] == []
+    assert sorted(m for m, path in outside.items() if _imports_anywhere(path, package)) == ["dalle_jax.dvae"]
+    assert "dalle_jax.dvae" in graph["dalle_jax.experiments.colour_split_dvae"]
+
+
 def test_the_graph_sees_imports():
     """Guards the tests above against a graph that silently lost its edges."""
     graph = import_graph()
