@@ -1,30 +1,16 @@
 """The shapes suite's structure / colour split of the dVAE (dalle_jax/experiments/colour_split_dvae.py):
-its product codebook, the split itself, and a sharded training run of configs/dvae_shapes.py."""
-
-import json
-import os
+its product codebook and the split itself (tests/test_dvae_cli.py trains configs/dvae_shapes.py sharded)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_jax.checkpoint import param_shapes
 from core_jax.config import ConfigError
 from core_jax.data import image_ops, shapes
-from core_jax.data.shapes import make_example
 from dalle_jax import dvae as dvae_lib
-from dalle_jax.dvae_api import DVAE
 from dalle_jax.experiments import colour_split_dvae
-from tests.test_dvae_cli import TINY, run
 from tests.test_dvae_model import init, tiny_model_config
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("dvae") / "run")
-    run("dalle_jax.train_dvae", "--config", "configs/dvae_shapes.py", "--workdir", workdir, *TINY)
-    return workdir
 
 
 def test_code_digits_make_embeddings_sums_over_digits():
@@ -96,21 +82,3 @@ def test_colour_codes_split_structure_from_colour():
     old = tiny_model_config(vocab_size=32, codebook_factors=(4, 8))
     with pytest.raises(ConfigError, match=r"model.codebook_factors=\(4, 8\).*no longer builds"):
         dvae_lib.make_dvae(old)
-
-
-def test_colour_codes_train_sharded_and_load(trained):
-    """The shapes config's structure / colour product codebook (28 = 4 structure x 7 colour codes),
-    trained on the 2 x 2 x 2 mesh of TINY by the module's `trained` run."""
-    saved = param_shapes(trained)
-    assert saved["encoder"]["output"]["kernel"][-1] == 4  # structure logits; colour from its head
-    assert saved["encoder"]["colour"]["output"]["kernel"][-1] == 7
-    assert saved["decoder"]["input"]["kernel"][2] == 11  # 4 + 7 rows
-    vae = DVAE.load(trained)  # the digits travel in config.json: tokens are still one index in [0, 28)
-    tokens = vae.encode(np.stack([make_example("test_unseen", i)["image"] for i in range(2)]))
-    assert vae.vocab_size == 28 and tokens.min() >= 0 and tokens.max() < 28
-    assert vae.decode(tokens).shape == (2, 64, 64, 3)
-    with open(os.path.join(trained, "metrics.jsonl")) as f:
-        evals = [r for r in map(json.loads, f) if "eval/test_unseen/psnr" in r]
-    rows = evals[-1]["eval/test_unseen/codebook_rows_used_fraction"]  # digit rows some used code holds
-    used = evals[-1]["eval/test_unseen/codebook_used_fraction"]
-    assert 0 < rows <= 1 and rows >= used

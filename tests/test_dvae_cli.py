@@ -9,6 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core_jax.checkpoint import param_shapes
+from core_jax.data.shapes import make_example
+from dalle_jax.dvae_api import DVAE
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.total_steps=2",
@@ -320,3 +324,21 @@ def test_tool_flag_errors_are_one_line(module, argv, message, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
     assert message in err[0]
+
+
+def test_colour_codes_train_sharded_and_load(trained):
+    """The shapes config's structure / colour product codebook (28 = 4 structure x 7 colour codes),
+    trained on the 2 x 2 x 2 mesh of TINY by the module's `trained` run."""
+    saved = param_shapes(trained)
+    assert saved["encoder"]["output"]["kernel"][-1] == 4  # structure logits; colour from its head
+    assert saved["encoder"]["colour"]["output"]["kernel"][-1] == 7
+    assert saved["decoder"]["input"]["kernel"][2] == 11  # 4 + 7 rows
+    vae = DVAE.load(trained)  # the digits travel in config.json: tokens are still one index in [0, 28)
+    tokens = vae.encode(np.stack([make_example("test_unseen", i)["image"] for i in range(2)]))
+    assert vae.vocab_size == 28 and tokens.min() >= 0 and tokens.max() < 28
+    assert vae.decode(tokens).shape == (2, 64, 64, 3)
+    with open(os.path.join(trained, "metrics.jsonl")) as f:
+        evals = [r for r in map(json.loads, f) if "eval/test_unseen/psnr" in r]
+    rows = evals[-1]["eval/test_unseen/codebook_rows_used_fraction"]  # digit rows some used code holds
+    used = evals[-1]["eval/test_unseen/codebook_used_fraction"]
+    assert 0 < rows <= 1 and rows >= used
