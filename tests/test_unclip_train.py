@@ -256,7 +256,14 @@ def test_api_decodes_and_guidance_at_scale_one_is_unguided(full_run, clip_workdi
             text_mask=cond["text_mask"],
         )
         return samplers.sample(
-            model_fn, x_T, rng, decoder.schedule, sampler="ddim", steps=3, clip_x0=(-1.0, 1.0)
+            model_fn,
+            x_T,
+            rng,
+            decoder.schedule,
+            sampler="ddim",
+            steps=3,
+            prediction=decoder.prediction,
+            clip_x0=(-1.0, 1.0),
         )
 
     rng = jax.random.fold_in(jax.random.key(5), 1)

@@ -67,8 +67,9 @@ def tiny_unclip_decoder_workdir(wd, clip_workdir, image_size: int = 8, seed: int
     """A random unCLIP decoder (one U-Net level of width 8, attention at `image_size`) drawing
     image_size x image_size images from the embeddings of the CLIP in `clip_workdir`."""
     from core_jax.checkpoint import save_params
-    from dalle_jax.unclip import decoder_task, unet
     from configs.unclip_decoder_shapes import get_config
+    from dalle_jax.unclip import decoder_task, unet
+    from dalle_jax.unclip.diffusion_task import network
 
     c = get_config()
     c.model.update(
@@ -82,7 +83,7 @@ def tiny_unclip_decoder_workdir(wd, clip_workdir, image_size: int = 8, seed: int
     )
     c.clip_workdir = clip_workdir
     decoder_task.resolve_clip_sizes(c, decoder_task.load_clip(c))
-    model = unet.UNet(decoder_task.unet_spec(c, **decoder_task.conditioning_sizes(c)))
+    model = network(c, **decoder_task.conditioning_sizes(c))
     save_params(wd, c, random_params(unet.abstract_params(model), seed, 0.2))
     return wd
 

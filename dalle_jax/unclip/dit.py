@@ -28,7 +28,7 @@ import numpy as np
 from core_jax.errors import ConfigError
 from core_jax.layers import MLP, Attention
 from core_jax.modeling import REMAT_POLICIES, constrain, dtype_of, remat_policy
-from dalle_jax.unclip.unet import TOKENS, linear, timestep_embedding
+from dalle_jax.unclip.unet import TOKENS, clip_input, linear, timestep_embedding
 
 DTYPES = ("float32", "bfloat16")
 # DiT's LayerNorms carry no affine params of their own (adaLN supplies shift and scale); eps as DiT.
@@ -176,6 +176,7 @@ class DiT(nn.Module):
             if clip_embedding is None or clip_embedding.shape != (b, spec.clip_dim):
                 got = None if clip_embedding is None else clip_embedding.shape
                 raise ValueError(f"dit: clip_embedding must be [{b}, {spec.clip_dim}], got {got}")
+            clip_embedding = clip_input(clip_embedding)
             cond = cond + linear(self, "clip_emb", clip_embedding, d, ("embed", "mlp"), dtype)
             if spec.clip_tokens:
                 tokens = linear(

@@ -47,6 +47,14 @@ def timestep_embedding(t, dim: int, max_period: float = 10_000.0) -> jax.Array:
     return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
+def clip_input(clip_embedding):
+    """A unit-norm CLIP embedding [B, E] times sqrt(E): components of unit scale, like every other
+    input, where unit norm leaves them at ~1/sqrt(E) (0.03 at the paper's E = 1024) and the
+    conditioning starts as a whisper beside the timestep embedding. DALLE2-pytorch scales its
+    embeddings by sqrt(E) the same way (`image_embed_scale`)."""
+    return clip_embedding * jnp.sqrt(jnp.float32(clip_embedding.shape[-1]))
+
+
 def group_norm(groups: int, dtype, name: str) -> nn.GroupNorm:
     """GroupNorm (float32 statistics) with float32 params carrying the `norm` axis name."""
     return nn.GroupNorm(
@@ -193,6 +201,7 @@ class UNet(nn.Module):
         emb = linear(self, "time_proj", nn.silu(emb), emb_width, ("mlp", "embed"), dtype)
         context, context_mask = [], []
         if spec.clip_dim:
+            clip_embedding = clip_input(clip_embedding)
             emb = emb + linear(self, "clip_emb", clip_embedding, emb_width, ("embed", "mlp"), dtype)
             if spec.has_context and spec.clip_tokens:
                 tokens = linear(
