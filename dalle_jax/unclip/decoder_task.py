@@ -156,6 +156,24 @@ def conditioning_sizes(config) -> dict:
     return dict(clip_dim=int(m.clip_dim), clip_tokens=int(m.clip_tokens), text_width=int(m.text_width))
 
 
+def image_and_caption(raw, rng, tokenizer, size: int, *, random_crop: bool, train: bool) -> dict:
+    """{image uint8 [size, size, 3], text int32 [L]} of a raw example: one of its captions (a random
+    one in training, else the first) and the image resized and cropped for the CLIP; an example
+    without a caption is a counted skip."""
+    captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
+    if train and len(captions) > 1:
+        caption = captions[int(rng.integers(len(captions)))]
+    else:
+        caption = raw.get("caption") or (captions[0] if captions else "")
+    if not caption.strip():
+        raise SkipExample("empty_caption")
+    image = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
+    return {
+        "image": np.ascontiguousarray(image),
+        "text": np.asarray(tokenizer.encode([caption])[0], np.int32),
+    }
+
+
 def make_example_fn(config, tokenizer, *, train: bool):
     """raw example -> {image uint8 [C, C, 3] at the CLIP's size, text int32 [L]} plus the
     guidance-dropout flags (training) or the evaluation noise seed."""
@@ -166,18 +184,7 @@ def make_example_fn(config, tokenizer, *, train: bool):
     # No random flips: captions name left and right ("a circle to the left of ...").
 
     def example_fn(raw, rng):
-        captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
-        if train and len(captions) > 1:
-            caption = captions[int(rng.integers(len(captions)))]
-        else:
-            caption = raw.get("caption") or (captions[0] if captions else "")
-        if not caption.strip():
-            raise SkipExample("empty_caption")
-        image = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
-        out = {
-            "image": np.ascontiguousarray(image),
-            "text": np.asarray(tokenizer.encode([caption])[0], np.int32),
-        }
+        out = image_and_caption(raw, rng, tokenizer, size, random_crop=random_crop, train=train)
         if train:
             out["clip_kept"] = np.float32(rng.random() >= clip_dropout)
             out["caption_kept"] = np.float32(rng.random() >= caption_dropout)

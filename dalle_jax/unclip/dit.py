@@ -28,7 +28,7 @@ import numpy as np
 from core_jax.errors import ConfigError
 from core_jax.layers import MLP, Attention
 from core_jax.modeling import REMAT_POLICIES, constrain, dtype_of, remat_policy
-from dalle_jax.unclip.unet import TOKENS, clip_input, linear, timestep_embedding
+from dalle_jax.unclip.unet import TOKENS, conditioning, linear, timestep_embedding
 
 DTYPES = ("float32", "bfloat16")
 # DiT's LayerNorms carry no affine params of their own (adaLN supplies shift and scale); eps as DiT.
@@ -171,32 +171,17 @@ class DiT(nn.Module):
         cond = timestep_embedding(t, TIME_FREQUENCIES)
         cond = linear(self, "time_fc", cond, d, ("embed", "mlp"), dtype)
         cond = linear(self, "time_proj", nn.silu(cond), d, ("mlp", "embed"), dtype)
-        context, context_mask = [], []
-        if spec.clip_dim:
-            if clip_embedding is None or clip_embedding.shape != (b, spec.clip_dim):
-                got = None if clip_embedding is None else clip_embedding.shape
-                raise ValueError(f"dit: clip_embedding must be [{b}, {spec.clip_dim}], got {got}")
-            clip_embedding = clip_input(clip_embedding)
-            cond = cond + linear(self, "clip_emb", clip_embedding, d, ("embed", "mlp"), dtype)
-            if spec.clip_tokens:
-                tokens = linear(
-                    self, "clip_tokens", clip_embedding, spec.clip_tokens * d, ("embed", "mlp"), dtype
-                )
-                context.append(tokens.reshape(b, spec.clip_tokens, d))
-                context_mask.append(jnp.ones((b, spec.clip_tokens), bool))
-        if spec.text_width:
-            if text_states is None or text_states.ndim != 3 or text_states.shape[::2] != (b, spec.text_width):
-                got = None if text_states is None else text_states.shape
-                raise ValueError(f"dit: text_states must be [{b}, L, {spec.text_width}], got {got}")
-            context.append(linear(self, "text_proj", text_states, d, ("embed", "mlp"), dtype))
-            length = text_states.shape[1]
-            context_mask.append(jnp.ones((b, length), bool) if text_mask is None else text_mask.astype(bool))
-        cond = constrain(cond, ("act_batch", "act_embed"))
-        if context:
-            context = constrain(jnp.concatenate(context, axis=1), TOKENS)
-            context_mask = jnp.concatenate(context_mask, axis=1)
-        else:
-            context = context_mask = None
+        if spec.clip_dim and (clip_embedding is None or clip_embedding.shape != (b, spec.clip_dim)):
+            got = None if clip_embedding is None else clip_embedding.shape
+            raise ValueError(f"dit: clip_embedding must be [{b}, {spec.clip_dim}], got {got}")
+        if spec.text_width and (
+            text_states is None or text_states.ndim != 3 or text_states.shape[::2] != (b, spec.text_width)
+        ):
+            got = None if text_states is None else text_states.shape
+            raise ValueError(f"dit: text_states must be [{b}, L, {spec.text_width}], got {got}")
+        cond, context, context_mask = conditioning(
+            self, spec, cond, clip_embedding, text_states, text_mask, d, dtype, clip_tokens=True
+        )
 
         if spec.low_res_channels:
             if low_res is None or low_res.ndim != 4 or low_res.shape[::3] != (b, spec.low_res_channels):

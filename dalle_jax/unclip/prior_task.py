@@ -30,12 +30,12 @@ import numpy as np
 from clip_jax import model as clip_model
 from clip_jax.api import CLIPModel
 from core_jax.config import base_config
-from core_jax.data import SkipExample, image_ops
+from core_jax.data import image_ops
 from core_jax.data.embedding_shards import read_index
 from core_jax.errors import ConfigError
 from core_jax.trainer import Evaluator, Task, eval_batches, host_eval_batches
 from dalle_jax.unclip import embedding_stats, prior, prior_sample
-from dalle_jax.unclip.decoder_task import CLIP_SIZES, dropout_rate, load_clip
+from dalle_jax.unclip.decoder_task import CLIP_SIZES, dropout_rate, image_and_caption, load_clip
 from dalle_jax.unclip.diffusion_task import (
     check_sample,
     diffusion_section,
@@ -160,18 +160,7 @@ def make_example_fn(config, tokenizer, *, train: bool, shards: bool):
                 "image_embedding": raw["image_embedding"],
             }
         else:
-            captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
-            if train and len(captions) > 1:
-                caption = captions[int(rng.integers(len(captions)))]
-            else:
-                caption = raw.get("caption") or (captions[0] if captions else "")
-            if not caption.strip():
-                raise SkipExample("empty_caption")
-            image = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
-            out = {
-                "image": np.ascontiguousarray(image),
-                "text": np.asarray(tokenizer.encode([caption])[0], np.int32),
-            }
+            out = image_and_caption(raw, rng, tokenizer, size, random_crop=random_crop, train=train)
         if train:
             out["caption_kept"] = np.float32(rng.random() >= caption_dropout)
         else:

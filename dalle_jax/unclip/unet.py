@@ -55,6 +55,34 @@ def clip_input(clip_embedding):
     return clip_embedding * jnp.sqrt(jnp.float32(clip_embedding.shape[-1]))
 
 
+def conditioning(
+    module, spec, emb, clip_embedding, text_states, text_mask, width: int, dtype, clip_tokens: bool
+):
+    """unCLIP's conditioning (section 2.1), shared by the U-Net and the DiT: (the timestep embedding
+    [B, width] plus the projected CLIP embedding, the context tokens [B, C, width] attention reads
+    (`clip_tokens` projections of the embedding when `clip_tokens`, then the caption's token states)
+    or None, their bool mask [B, C] or None)."""
+    b = emb.shape[0]
+    context, context_mask = [], []
+    if spec.clip_dim:
+        clip_embedding = clip_input(clip_embedding)
+        emb = emb + linear(module, "clip_emb", clip_embedding, width, ("embed", "mlp"), dtype)
+        if clip_tokens and spec.clip_tokens:
+            tokens = linear(
+                module, "clip_tokens", clip_embedding, spec.clip_tokens * width, ("embed", "mlp"), dtype
+            )
+            context.append(tokens.reshape(b, spec.clip_tokens, width))
+            context_mask.append(jnp.ones((b, spec.clip_tokens), bool))
+    if spec.text_width:
+        context.append(linear(module, "text_proj", text_states, width, ("embed", "mlp"), dtype))
+        length = text_states.shape[1]
+        context_mask.append(jnp.ones((b, length), bool) if text_mask is None else text_mask.astype(bool))
+    emb = constrain(emb, ("act_batch", "act_embed"))
+    if not context:
+        return emb, None, None
+    return emb, constrain(jnp.concatenate(context, axis=1), TOKENS), jnp.concatenate(context_mask, axis=1)
+
+
 def group_norm(groups: int, dtype, name: str) -> nn.GroupNorm:
     """GroupNorm (float32 statistics) with float32 params carrying the `norm` axis name."""
     return nn.GroupNorm(
@@ -199,26 +227,9 @@ class UNet(nn.Module):
         emb = timestep_embedding(t, spec.model_channels)
         emb = linear(self, "time_fc", emb, emb_width, ("embed", "mlp"), dtype)
         emb = linear(self, "time_proj", nn.silu(emb), emb_width, ("mlp", "embed"), dtype)
-        context, context_mask = [], []
-        if spec.clip_dim:
-            clip_embedding = clip_input(clip_embedding)
-            emb = emb + linear(self, "clip_emb", clip_embedding, emb_width, ("embed", "mlp"), dtype)
-            if spec.has_context and spec.clip_tokens:
-                tokens = linear(
-                    self, "clip_tokens", clip_embedding, spec.clip_tokens * emb_width, ("embed", "mlp"), dtype
-                )
-                context.append(tokens.reshape(b, spec.clip_tokens, emb_width))
-                context_mask.append(jnp.ones((b, spec.clip_tokens), bool))
-        if spec.text_width:
-            context.append(linear(self, "text_proj", text_states, emb_width, ("embed", "mlp"), dtype))
-            length = text_states.shape[1]
-            context_mask.append(jnp.ones((b, length), bool) if text_mask is None else text_mask.astype(bool))
-        emb = constrain(emb, ("act_batch", "act_embed"))
-        if context:
-            context = constrain(jnp.concatenate(context, axis=1), TOKENS)
-            context_mask = jnp.concatenate(context_mask, axis=1)
-        else:
-            context = context_mask = None
+        emb, context, context_mask = conditioning(
+            self, spec, emb, clip_embedding, text_states, text_mask, emb_width, dtype, spec.has_context
+        )
 
         if spec.low_res_channels:
             up = jax.image.resize(
