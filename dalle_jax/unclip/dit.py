@@ -21,16 +21,15 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from core_jax.errors import ConfigError
 from core_jax.layers import MLP, Attention
 from core_jax.modeling import REMAT_POLICIES, constrain, dtype_of, remat_policy
-from dalle_jax.unclip.unet import TOKENS, conditioning, linear, timestep_embedding
+from dalle_jax.unclip.unet import TOKENS, conditioning, linear, timestep_embedding, with_low_res
+from dalle_jax.unclip.unet_spec import DTYPES
 
-DTYPES = ("float32", "bfloat16")
 # DiT's LayerNorms carry no affine params of their own (adaLN supplies shift and scale); eps as DiT.
 NORM_EPS = 1e-6
 # DiT's timestep embedding: 256 sinusoidal frequencies, then an MLP to the width (section 3.1).
@@ -187,10 +186,7 @@ class DiT(nn.Module):
             if low_res is None or low_res.ndim != 4 or low_res.shape[::3] != (b, spec.low_res_channels):
                 got = None if low_res is None else low_res.shape
                 raise ValueError(f"dit: low_res must be [{b}, h, w, {spec.low_res_channels}], got {got}")
-            up = jax.image.resize(
-                low_res.astype(jnp.float32), (b, height, width_px, spec.low_res_channels), "linear"
-            )
-            x = jnp.concatenate([x.astype(jnp.float32), up], axis=-1)
+            x = with_low_res(x, low_res)
         gh, gw = height // p, width_px // p
         patches = x.reshape(b, gh, p, gw, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
         h = linear(self, "patch_embed", patches, d, ("mlp", "embed"), dtype)

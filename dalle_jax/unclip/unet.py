@@ -83,6 +83,14 @@ def conditioning(
     return emb, constrain(jnp.concatenate(context, axis=1), TOKENS), jnp.concatenate(context_mask, axis=1)
 
 
+def with_low_res(x, low_res):
+    """An upsampler's input: x [B, H, W, C] with the low-resolution image resized bilinearly to
+    H x W and concatenated as extra channels (float32)."""
+    b, height, width, _ = x.shape
+    up = jax.image.resize(low_res.astype(jnp.float32), (b, height, width, low_res.shape[-1]), "linear")
+    return jnp.concatenate([x.astype(jnp.float32), up], axis=-1)
+
+
 def group_norm(groups: int, dtype, name: str) -> nn.GroupNorm:
     """GroupNorm (float32 statistics) with float32 params carrying the `norm` axis name."""
     return nn.GroupNorm(
@@ -232,10 +240,7 @@ class UNet(nn.Module):
         )
 
         if spec.low_res_channels:
-            up = jax.image.resize(
-                low_res.astype(jnp.float32), (b, height, width, spec.low_res_channels), "linear"
-            )
-            x = jnp.concatenate([x.astype(jnp.float32), up], axis=-1)
+            x = with_low_res(x, low_res)
         res_block, attention_block = ResBlock, AttentionBlock
         if spec.remat != "none":
             policy = remat_policy(spec.remat)
