@@ -152,12 +152,12 @@ def random_dvae_workdir(workdir: str, image_size: int, vocab_size: int) -> str:
     import jax
     import jax.numpy as jnp
     from core_jax import checkpoint
-    from dalle_jax import dvae as dvae_lib
+    from dalle_jax import dvae_models
 
     config = load_config("dvae_shapes")
     config.model.vocab_size = vocab_size
     config.data.image_size = image_size
-    model = dvae_lib.make_dvae(config.model)
+    model = dvae_models.make_dvae(config.model)
     images = jnp.zeros((1, image_size, image_size, 3))
     abstract = jax.eval_shape(lambda r: nn.meta.unbox(model.init(r, images)["params"]), jax.random.key(0))
     path = os.path.join(workdir, "dvae")

@@ -381,22 +381,9 @@ def grid_size(model_config, image_size: int) -> int:
     return image_size // factor
 
 
-def experiment(model_config):
-    """The module of dalle_jax/experiments that `config.model` selects, or None for OpenAI's model.
-
-    The one place the model reaches into the experiments package, which builds on this module (so
-    it is imported here, when selected). A selected module provides
-    `make_dvae(model_config, **dvae_fields)`, `forward_flops(model_config, image_size, soft_codes)`
-    and `eval_metrics(model_config, code_histogram)`."""
-    if int(model_config.get("colour_codes", 0)):
-        from dalle_jax.experiments import colour_split_dvae
-
-        return colour_split_dvae
-    return None
-
-
-def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none") -> DVAE:
-    """The DVAE module described by `config.model` (see configs/dvae_openai.py for the keys)."""
+def dvae_fields(model_config, compute_dtype: str = "float32", remat: str = "none") -> dict:
+    """The DVAE module's fields from `config.model` (configs/dvae_openai.py lists the keys),
+    checked; experiments build from the same fields (dalle_jax/dvae_models.py)."""
     mults = tuple(int(m) for m in model_config.width_multipliers)
     if not mults:
         raise ValueError("model.width_multipliers must name at least one group")
@@ -426,10 +413,17 @@ def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none")
         embed_init_std=float(model_config.get("decoder_embed_init_std", 0.0)),
         logit_norm=bool(model_config.get("encoder_logit_norm", False)),
     )
-    variant = experiment(model_config)
-    if variant is not None:
-        return variant.make_dvae(model_config, **fields)
-    return DVAE(**fields)
+    return fields
+
+
+def make_dvae(model_config, compute_dtype: str = "float32", remat: str = "none") -> DVAE:
+    """OpenAI's dVAE with `config.model`'s sizes. A config that selects an experiment is built by
+    dalle_jax.dvae_models.make_dvae, which this module cannot import (it builds on this one)."""
+    if int(model_config.get("colour_codes", 0)):
+        raise ConfigError(
+            "model.colour_codes selects an experiment, which dalle_jax.dvae_models.make_dvae builds"
+        )
+    return DVAE(**dvae_fields(model_config, compute_dtype, remat))
 
 
 def conv_flops(h, w, k, cin, cout):
@@ -496,10 +490,8 @@ def decoder_flops(model_config, image_size: int, soft_codes: bool = True) -> int
 
 
 def forward_flops(model_config, image_size: int, soft_codes: bool = True) -> tuple[int, int]:
-    """(encoder, decoder) forward FLOPs for one image, counting multiply-adds as 2."""
-    variant = experiment(model_config)
-    if variant is not None:
-        return variant.forward_flops(model_config, image_size, soft_codes)
+    """(encoder, decoder) forward FLOPs of OpenAI's model for one image, counting multiply-adds
+    as 2 (dalle_jax.dvae_models.forward_flops covers the experiments too)."""
     return encoder_flops(model_config, image_size), decoder_flops(model_config, image_size, soft_codes)
 
 
@@ -523,7 +515,7 @@ def default_model_config():
             # features before the logit conv, against codebook collapse in small, short runs.
             encoder_logit_norm=False,
             # 0: OpenAI's model. > 0 selects the shapes suite's structure / colour split, an experiment
-            # (dalle_jax/experiments/colour_split_dvae.py; see `experiment`).
+            # (dalle_jax/experiments/colour_split_dvae.py, built by dalle_jax/dvae_models.py).
             colour_codes=0,
             # Training objective (dalle_jax/dvae_loss.py).
             recon_loss="logit_laplace",  # logit_laplace | mse

@@ -19,14 +19,16 @@ import numpy as np
 from core_jax.checkpoint import load_params
 from core_jax.data import image_ops
 from dalle_jax import dvae as dvae_lib
-from dalle_jax import dvae_loss
+from dalle_jax import dvae_loss, dvae_models
 
 
 class DVAE:
     def __init__(self, config, params, compute_dtype: str | None = None):
         self.config = config
         self.params = params
-        self.model = dvae_lib.make_dvae(config.model, compute_dtype or config.get("compute_dtype", "float32"))
+        self.model = dvae_models.make_dvae(
+            config.model, compute_dtype or config.get("compute_dtype", "float32")
+        )
         self.image_size = int(config.data.image_size)
         self.grid_size = dvae_lib.grid_size(config.model, self.image_size)
         self.vocab_size = int(config.model.vocab_size)

@@ -15,7 +15,7 @@ from core_jax.finetune import frozen_prefixes
 from core_jax.metrics import image_grid
 from core_jax.trainer import Evaluator, Task, eval_batches
 from dalle_jax import dvae as dvae_lib
-from dalle_jax import dvae_loss
+from dalle_jax import dvae_loss, dvae_models
 
 CODES_ACT = ("act_batch", "act_height", "act_width", "act_vocab")
 
@@ -44,7 +44,7 @@ def preprocess(
 
 
 def model_from_config(config) -> dvae_lib.DVAE:
-    return dvae_lib.make_dvae(
+    return dvae_models.make_dvae(
         config.model, config.get("compute_dtype", "float32"), config.get("remat", "none")
     )
 
@@ -181,11 +181,11 @@ def make_eval_step(model):
 def make_evaluator(config, model, example_fn):
     """PSNR over the eval split (argmax codes, as at inference) and codebook usage: the count of
     codes no position of the whole pass picked (`dead_codes`) and the fraction used; an
-    experiment's own metrics of the code histogram (`dvae_lib.experiment`) beside them."""
+    experiment's own metrics of the code histogram (`dvae_models.experiment`) beside them."""
 
     step_fn = make_eval_step(model)
     max_batches = int(config.model.get("eval_max_batches", -1))
-    variant = dvae_lib.experiment(config.model)
+    variant = dvae_models.experiment(config.model)
 
     def fn(params, step):
         totals = None
@@ -238,7 +238,7 @@ def make_task(config, workdir=None):
     def init_fn(rng, batch):
         return model.init(rng, batch["image"])
 
-    enc, dec = dvae_lib.forward_flops(config.model, size, soft_codes=True)
+    enc, dec = dvae_models.forward_flops(config.model, size, soft_codes=True)
     abstract_only = workdir is None  # core_jax.aot: shapes only, no evaluator data
 
     def batch_spec(batch_size):

@@ -9,6 +9,7 @@ import pytest
 from core_jax.config import ConfigError
 from core_jax.data import image_ops, shapes
 from dalle_jax import dvae as dvae_lib
+from dalle_jax import dvae_models
 from dalle_jax.experiments import colour_split_dvae
 from tests.test_dvae_model import init, tiny_model_config
 
@@ -43,7 +44,7 @@ def test_colour_codes_split_structure_from_colour():
     # The same object in every colour of the suite, held-out pairs included.
     images = np.stack([shapes.render([dict(obj, colour=c)]) for c in shapes.COLOURS])
     x = jnp.asarray(image_ops.dvae_map_pixels(images))
-    model = dvae_lib.make_dvae(m)
+    model = dvae_models.make_dvae(m)
     params = init(model, x)
     assert params["encoder"]["input"]["kernel"].shape[2] == 1  # the trunk reads the structure view
     assert params["encoder"]["output"]["kernel"].shape[-1] == 8
@@ -69,16 +70,22 @@ def test_colour_codes_split_structure_from_colour():
     colour = grid[~dark][:, 0, 1:] - grid[~dark][:, 0, 1:2]
     per_image = colour.reshape(6, -1, 3)
     assert np.abs(per_image - per_image[:1]).max() > 1e-3
-    assert dvae_lib.forward_flops(m, 64)[0] != dvae_lib.forward_flops(tiny_model_config(vocab_size=32), 64)[0]
+    assert (
+        dvae_models.forward_flops(m, 64)[0]
+        != dvae_models.forward_flops(tiny_model_config(vocab_size=32), 64)[0]
+    )
     for bad, message in [
         (dict(colour_codes=3), "divide vocab_size=32"),
         (dict(colour_codes=32), "divide vocab_size=32"),
         (dict(colour_codes=4, input_channels=1), "RGB inputs"),
     ]:
         with pytest.raises(ConfigError, match=message):
-            dvae_lib.make_dvae(tiny_model_config(vocab_size=32, **bad))
+            dvae_models.make_dvae(tiny_model_config(vocab_size=32, **bad))
     # A workdir trained with the free product codebook this model no longer builds (its config.json
     # holds the key) is refused by name.
     old = tiny_model_config(vocab_size=32, codebook_factors=(4, 8))
     with pytest.raises(ConfigError, match=r"model.codebook_factors=\(4, 8\).*no longer builds"):
-        dvae_lib.make_dvae(old)
+        dvae_models.make_dvae(old)
+    # OpenAI's module alone cannot build the experiment (it cannot import what builds on it).
+    with pytest.raises(ConfigError, match="dalle_jax.dvae_models.make_dvae"):
+        dvae_lib.make_dvae(m)

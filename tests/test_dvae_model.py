@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from core_jax import sharding  # noqa: E402
 from core_jax.data import image_ops  # noqa: E402
 from dalle_jax import dvae as dvae_lib  # noqa: E402
-from dalle_jax import dvae_loss, dvae_task  # noqa: E402
+from dalle_jax import dvae_loss, dvae_models, dvae_task  # noqa: E402
 from tests.testfiles import load_config  # noqa: E402
 
 
@@ -452,7 +452,7 @@ encoder/output_norm: bias 256, scale 256
 
 def param_tree(model_config, size=64):
     abstract = jax.eval_shape(
-        dvae_lib.make_dvae(model_config).init, jax.random.key(0), jnp.zeros((1, size, size, 3))
+        dvae_models.make_dvae(model_config).init, jax.random.key(0), jnp.zeros((1, size, size, 3))
     )
     modules = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(abstract["params"]))[0]:
@@ -468,8 +468,8 @@ def test_shapes_dvae_param_tree_is_fixed_and_the_plain_one_is_openais():
     # The same sizes with a plain codebook: OpenAI's model, built without the experiment, whose tree
     # differs from the split's only where the split adds or narrows a layer.
     config.model.colour_codes, config.model.vocab_size = 0, 256
-    assert type(dvae_lib.make_dvae(config.model)) is dvae_lib.DVAE
-    assert dvae_lib.experiment(config.model) is None
+    assert type(dvae_models.make_dvae(config.model)) is dvae_lib.DVAE
+    assert dvae_models.experiment(config.model) is None
     plain = "".join(line + "\n" for line in SHAPES_DVAE_TREE.splitlines() if "/colour/" not in line)
     for split, openai in [
         ("decoder/input: bias 64, kernel 1x1x39x64", "decoder/input: bias 64, kernel 1x1x256x64"),

@@ -155,15 +155,18 @@ def _imports_anywhere(path: str, package: str) -> bool:
     return False
 
 
-def test_models_reach_experiments_only_through_the_hook():
-    """dalle_jax/experiments builds on the models; the models reach it only through the dVAE's one
-    selection hook (`dalle_jax.dvae.experiment`, an import inside that function), never at load."""
+def test_models_reach_experiments_only_through_the_builder():
+    """dalle_jax/experiments builds on the models; only the builder above both
+    (`dalle_jax.dvae_models`, at load) imports it, so no model imports what builds on it."""
     package = "dalle_jax.experiments"
     outside = {m: path for m, path in _modules().items() if m != package and not m.startswith(package + ".")}
     graph = import_graph()
-    assert [f"{m} -> {t}" for m in outside for t in graph[m] if t.startswith(package)] == []
-    assert sorted(m for m, path in outside.items() if _imports_anywhere(path, package)) == ["dalle_jax.dvae"]
+    assert sorted(m for m, path in outside.items() if _imports_anywhere(path, package)) == [
+        "dalle_jax.dvae_models"
+    ]
+    assert "dalle_jax.experiments.colour_split_dvae" in graph["dalle_jax.dvae_models"]
     assert "dalle_jax.dvae" in graph["dalle_jax.experiments.colour_split_dvae"]
+    assert "dalle_jax.dvae_models" not in _reachable(graph, "dalle_jax.dvae")
 
 
 def test_the_graph_sees_imports():

@@ -9,7 +9,7 @@ a colour-shape pair the training images never held is two trained digits the dec
 
 It helps where objects are flat colours on black (the shapes suite's held-out colour-shape pairs)
 and is not expected to help on photographs. Selected by `model.colour_codes > 0` through
-`dalle_jax.dvae.experiment`; configs/dvae_shapes.py uses it. Measurements:
+`dalle_jax.dvae_models`; configs/dvae_shapes.py uses it. Measurements:
 docs/results.md#dvae-a-structure--colour-split-2026-12-01.
 """
 
