@@ -94,7 +94,7 @@ def classify_images(model, named_images, classnames, templates, batch_size: int 
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m clip_jax.classify", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
+    ev.add_weights_flags(parser)
     parser.add_argument("--input_dir", required=True, help="directory of images (not recursive)")
     parser.add_argument("--classnames_file", required=True, help="one class name per line")
     parser.add_argument(
@@ -104,12 +104,6 @@ def main(argv=None):
     )
     parser.add_argument("--out", required=True, help="predictions JSON")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument(
-        "--raw_weights",
-        action="store_true",
-        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
-    )
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 

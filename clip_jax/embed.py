@@ -33,17 +33,11 @@ def embed_image_files(model, input_dir: str, names: list[str], batch_size: int =
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m clip_jax.embed", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
+    ev.add_weights_flags(parser)
     parser.add_argument("--input_dir", default="", help="directory of images (not recursive)")
     parser.add_argument("--texts_file", default="", help="one text per line")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument(
-        "--raw_weights",
-        action="store_true",
-        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
-    )
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 

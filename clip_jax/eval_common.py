@@ -32,6 +32,17 @@ from core_jax.text import tokenizer_from_config
 from core_jax.trainer import make_global_batch
 
 
+def add_weights_flags(parser) -> None:
+    """--workdir, --step and --raw_weights: which CLIP weights a tool loads."""
+    parser.add_argument("--workdir", required=True, help="CLIP workdir (trained or converted)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument(
+        "--raw_weights",
+        action="store_true",
+        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
+    )
+
+
 def eval_config(evaluators: str = "") -> ml_collections.ConfigDict:
     """The `config.eval` keys; CLIP configs add them with `config.eval = eval_config(...)`."""
     c = ml_collections.ConfigDict()

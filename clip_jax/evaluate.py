@@ -23,6 +23,7 @@ from clip_jax import retrieval, zeroshot
 # Re-exported: clip_jax.evaluate.<name> is how docs, configs and tests have reached these.
 from clip_jax.eval_common import (  # noqa: F401
     ParamsEncoder,
+    add_weights_flags,
     all_rows,
     apply_overrides,
     data_parallel_mesh,
@@ -66,13 +67,7 @@ def main(argv=None):
         epilog="Any other --config.KEY=VALUE overrides WORKDIR/config.json, e.g. "
         "--config.eval.zeroshot_source=tfds --config.eval.classnames=imagenet",
     )
-    parser.add_argument("--workdir", required=True)
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument(
-        "--raw_weights",
-        action="store_true",
-        help="load the raw trained weights, not their EMA (used by default when the run kept one)",
-    )
+    add_weights_flags(parser)
     parser.add_argument("--out", default="", help="results JSON (default: WORKDIR/eval_results.json)")
     # Several hosts (TPU pods, GPU clusters) evaluate together, as the trainer does.
     parser.add_argument("--coordinator_address", default=None)
