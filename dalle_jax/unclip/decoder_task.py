@@ -45,6 +45,7 @@ from dalle_jax.unclip.diffusion_task import (
     noise_schedule,
     read_workdir_config,
     sample_section,
+    sampler_options,
     network,
     train_flops_per_example,
     unet_section,
@@ -255,11 +256,7 @@ def make_image_fn(config, model, schedule):
             denoise.sample_decoder,
             model,
             schedule,
-            sampler=str(s.sampler),
-            steps=int(s.preview_steps),
-            cond_scale=float(s.cond_scale),
-            eta=float(s.eta),
-            prediction=str(config.diffusion.prediction),
+            **sampler_options(config, s.preview_steps),
         )
     )
 

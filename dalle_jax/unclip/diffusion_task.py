@@ -99,6 +99,17 @@ def sample_section(sampler: str, steps: int, cond_scale: float = 1.0) -> ml_coll
     )
 
 
+def sampler_options(config, steps: int, guided: bool = True) -> dict:
+    """config.sample's sampler, eta (and guidance scale) with `steps`, and the trained prediction:
+    the keyword arguments of the samplers in denoise.py and prior_sample.py."""
+    s = config.sample
+    options = dict(sampler=str(s.sampler), steps=int(steps), eta=float(s.eta))
+    options["prediction"] = str(config.diffusion.prediction)
+    if guided:
+        options["cond_scale"] = float(s.cond_scale)
+    return options
+
+
 def unet_spec(config, **conditioning) -> UNetSpec:
     """The checked UNetSpec of `config.model` (ConfigError naming what does not build)."""
     m = config.model

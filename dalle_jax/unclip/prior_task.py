@@ -44,6 +44,7 @@ from dalle_jax.unclip.diffusion_task import (
     make_loss_fn,
     noise_schedule,
     sample_section,
+    sampler_options,
 )
 
 EMBEDDINGS_SOURCE = "embeddings"
@@ -295,11 +296,7 @@ def make_sample_evaluator(config, model, schedule, example_fn, batch_fn, stats) 
             prior_sample.sample_prior,
             model,
             schedule,
-            sampler=str(s.sampler),
-            steps=int(s.steps),
-            cond_scale=float(s.cond_scale),
-            eta=float(s.eta),
-            prediction=str(config.diffusion.prediction),
+            **sampler_options(config, s.steps),
         )
     )
     image_mean, image_std = jnp.asarray(stats["image_mean"]), jnp.asarray(stats["image_std"])

@@ -38,6 +38,7 @@ from dalle_jax.unclip.diffusion_task import (
     make_loss_fn,
     noise_schedule,
     sample_section,
+    sampler_options,
     unet_section,
     unet_spec,
 )
@@ -144,10 +145,7 @@ def make_image_fn(config, model, schedule):
             denoise.sample_upsampler,
             model,
             schedule,
-            sampler=str(s.sampler),
-            steps=int(s.preview_steps),
-            eta=float(s.eta),
-            prediction=str(config.diffusion.prediction),
+            **sampler_options(config, s.preview_steps, guided=False),
         )
     )
 
