@@ -21,7 +21,7 @@ from clip_jax.api import CLIPModel
 from dalle_jax import contact_sheet, evaluate_fidelity, rerank
 from dalle_jax.unclip import generate
 from dalle_jax.unclip.api import Upsampler
-from dalle_jax.unclip.text_to_image import TextToImage, check_stack, read_configs
+from dalle_jax.unclip.text_to_image import TextToImage, check_guidance, check_stack, read_configs
 from tests.workdirs import (
     tiny_clip_workdir,
     tiny_unclip_decoder_workdir,
@@ -32,7 +32,6 @@ from tests.workdirs import (
 PROMPT = "a red circle in the top left"
 STEPS = ["--steps", "2", "--prior_steps", "2"]
 ROWS = 4  # every run samples 4 rows, so each stage compiles once (twice for the decoder: s = 3 and 1)
-SINGLE_FILES = ["000.png", "001.png", "embeddings.npy", "grid.png", "scores.json"]
 # What dalle_jax.generate's scores.json holds besides its own sampling flags (tests/test_generate.py
 # reads the same files).
 SHARED_SCORES_KEYS = {
@@ -145,73 +144,88 @@ def run(workdirs, out, *extra, **preloaded):
     return generate.main(argv + STEPS + ["--out_dir", str(out), *extra], **preloaded)
 
 
+def files(n: int) -> list[str]:
+    """What dalle_jax.generate writes for one prompt, tokens.npy as embeddings.npy."""
+    return [f"{i:03d}.png" for i in range(n)] + ["embeddings.npy", "grid.png", "scores.json"]
+
+
 def png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-def test_one_prompt_reranked_and_upsampled(workdirs, upsampled, clip, tmp_path):
+def test_one_prompt_upsampled_in_sample_order(workdirs, upsampled, tmp_path):
     out = tmp_path / "one"
     extra = ["--upsampler_workdir", workdirs["upsampler"], "--decoder_scale", "3", "--seed", "3"]
-    extra += ["--prompt", PROMPT, "--num_samples", str(ROWS), "--top_k_rerank", "2"]
-    run(workdirs, out, *extra, "--clip_workdir", workdirs["clip"], models=upsampled, clip=clip)
-    assert sorted(os.listdir(out)) == SINGLE_FILES
+    run(workdirs, out, *extra, "--prompt", PROMPT, "--num_samples", str(ROWS), models=upsampled)
+    assert sorted(os.listdir(out)) == files(ROWS)
     scores = json.loads((out / "scores.json").read_text())
-    assert SHARED_SCORES_KEYS <= set(scores) and scores["model"] == "unclip" and scores["reranked"]
+    assert SHARED_SCORES_KEYS - {"all_clip_scores"} <= set(scores) and "all_clip_scores" not in scores
+    assert scores["model"] == "unclip" and scores["prompt"] == PROMPT and not scores["reranked"]
     assert (scores["decoder_scale"], scores["steps"], scores["prior_steps"]) == (3.0, 2, 2)
     assert scores["upsampler_workdir"] == workdirs["upsampler"] and scores["image_size"] == 16
-    ranked = [e["clip_score"] for e in scores["images"]]
-    assert [e["rank"] for e in scores["images"]] == [0, 1] and [
-        e["file"] for e in scores["images"]
-    ] == SINGLE_FILES[:2]
-    assert ranked == sorted(scores["all_clip_scores"], reverse=True)[:2]
-    assert len(set(scores["all_clip_scores"])) == ROWS  # the samples differ, so the order means something
-    images = np.stack([png(out / f) for f in SINGLE_FILES[:2]])
-    assert images.shape == (2, 16, 16, 3)  # the upsampler's size
-    # An independent CLIP pass agrees (on 4 rows: the shape the command compiled).
-    again = rerank.clip_scores(clip, np.concatenate([images, images]), PROMPT)[:2]
-    np.testing.assert_allclose(again, ranked, rtol=1e-4, atol=1e-5)
-    # The written files are the chosen samples of the same draw, images and embeddings alike.
+    assert [(e["file"], e["rank"], e["sample"]) for e in scores["images"]] == [
+        (f"{i:03d}.png", i, i) for i in range(ROWS)
+    ]
+    images = np.stack([png(out / f"{i:03d}.png") for i in range(ROWS)])
+    assert images.shape == (ROWS, 16, 16, 3)  # the upsampler's size
+    # The files are the draw of the same seed and batch, images and embeddings alike.
     again = upsampled.generate([PROMPT], ROWS, seed=3, decoder_scale=3.0, steps=2, prior_steps=2)
-    chosen = [e["sample"] for e in scores["images"]]
-    np.testing.assert_array_equal(images, again.images[0, chosen])
+    np.testing.assert_array_equal(images, again.images[0])
     embeddings = np.load(out / "embeddings.npy")
-    np.testing.assert_array_equal(embeddings, again.embeddings[0, chosen])
+    np.testing.assert_array_equal(embeddings, again.embeddings[0])
     np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+    assert len({e.tobytes() for e in embeddings}) == ROWS  # every sample its own
     assert png(out / "grid.png").shape[0] > 16
 
 
-def test_prompts_file_in_one_batch_and_read_by_contact_sheet(workdirs, models, tmp_path, monkeypatch):
+def test_prompts_file_in_one_batch_reranked_and_read_by_contact_sheet(
+    workdirs, models, clip, tmp_path, monkeypatch
+):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle in the top left\na blue square above a green triangle\n")
-    batches, sample = [], models.prior.sample
+    lines = prompts.read_text().splitlines()
+    batches, drawn, sample = [], [], models.prior.sample
 
     def recorded(captions, **kwargs):
         batches.append(list(captions))
-        return sample(captions, **kwargs)
+        drawn.append(sample(captions, **kwargs))
+        return drawn[-1]
 
     monkeypatch.setattr(models.prior, "sample", recorded)
     out = tmp_path / "many"
+    extra = ["--prompts_file", str(prompts), "--num_samples", "2", "--decoder_scale", "3"]
     run(
         workdirs,
         out,
-        "--prompts_file",
-        str(prompts),
-        "--num_samples",
+        *extra,
+        "--top_k_rerank",
         "2",
-        "--decoder_scale",
-        "3",
+        "--clip_workdir",
+        workdirs["clip"],
         models=models,
+        clip=clip,
     )
-    lines = prompts.read_text().splitlines()
     assert batches == [[lines[0]] * 2 + [lines[1]] * 2]  # both prompts, one batch
     assert sorted(os.listdir(out)) == ["000", "001", "prompts.json"]
     assert json.loads((out / "prompts.json").read_text()) == {"000": lines[0], "001": lines[1]}
+    images, ranked, embeddings = [], [], drawn[0].reshape(2, 2, -1)
     for i, line in enumerate(lines):
-        assert sorted(os.listdir(out / f"{i:03d}")) == SINGLE_FILES
-        scores = json.loads((out / f"{i:03d}" / "scores.json").read_text())
-        assert scores["prompt"] == line and not scores["reranked"] and "all_clip_scores" not in scores
-        assert [e["sample"] for e in scores["images"]] == [0, 1]  # sample order without CLIP
-        assert np.load(out / f"{i:03d}" / "embeddings.npy").shape == (2, 8)
+        folder = out / f"{i:03d}"
+        assert sorted(os.listdir(folder)) == files(2)
+        scores = json.loads((folder / "scores.json").read_text())
+        assert SHARED_SCORES_KEYS <= set(scores) and scores["prompt"] == line and scores["reranked"]
+        entries = scores["images"]
+        assert [(e["file"], e["rank"]) for e in entries] == [("000.png", 0), ("001.png", 1)]
+        assert [e["clip_score"] for e in entries] == sorted(scores["all_clip_scores"], reverse=True)
+        assert [scores["all_clip_scores"][e["sample"]] for e in entries] == [e["clip_score"] for e in entries]
+        ranked.append([e["clip_score"] for e in entries])
+        images.append([png(folder / e["file"]) for e in entries])
+        order = [e["sample"] for e in entries]
+        np.testing.assert_array_equal(np.load(folder / "embeddings.npy"), embeddings[i, order])
+    # An independent CLIP pass agrees with the recorded scores, so the files are best first.
+    again = rerank.group_scores(clip, np.asarray(images), lines)
+    np.testing.assert_allclose(again, ranked, rtol=1e-4, atol=1e-5)
+    assert (again[:, 0] >= again[:, 1]).all() and len(set(again.ravel().tolist())) == 4
     rows = contact_sheet.read_run(str(out))
     assert [caption for caption, _ in rows] == lines and all(len(ims) == 2 for _, ims in rows)
     assert (
@@ -328,7 +342,7 @@ def edited_copy(src, dst, section, key, value):
     return str(dst)
 
 
-def test_stack_checks(workdirs, tmp_path):
+def test_stack_and_guidance_checks(workdirs, tmp_path):
     wide = edited_copy(workdirs["prior"], tmp_path / "wide", "model", "clip_dim", 16)
     with pytest.raises(
         ValueError, match="the prior draws 16-wide CLIP embeddings .* the decoder reads 8-wide"
@@ -336,6 +350,11 @@ def test_stack_checks(workdirs, tmp_path):
         read_configs(wide, workdirs["decoder"])
     prior, decoder, _ = read_configs(workdirs["prior"], workdirs["decoder"])
     assert check_stack(prior, decoder) == []
+    # Guidance needs the null condition trained: the decoder's embedding and caption both dropped.
+    decoder.model.clip_dropout = 0.0
+    check_guidance(decoder, 1.0, "decoder", ("clip_dropout", "caption_dropout"))
+    with pytest.raises(ValueError, match="guidance at 3 needs a decoder trained with clip_dropout > 0"):
+        check_guidance(decoder, 3.0, "decoder", ("clip_dropout", "caption_dropout"))
     prior.clip_step = 7
     assert check_stack(prior, decoder) == [
         f"the prior was trained on CLIP {workdirs['clip']} at step 7 and the decoder on {workdirs['clip']} "
