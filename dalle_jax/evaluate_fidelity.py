@@ -1,19 +1,24 @@
-"""Caption fidelity of a DALL-E trained on the shapes suite, scored by the shapes checker.
+"""Caption fidelity of a DALL-E or an unCLIP trained on the shapes suite, scored by the shapes checker.
 
     python -m dalle_jax.evaluate_fidelity --workdir W [--clip_workdir CW] --split test_seen \\
         --num_prompts 200 --num_samples 16 --cond_scale 3 --out fidelity.json
+    python -m dalle_jax.evaluate_fidelity --model unclip --prior_workdir PW --decoder_workdir DW \\
+        [--upsampler_workdir UW] [--clip_workdir CW] --split test_seen ... --out fidelity.json
 
 For `num_prompts` captions of the split (half one-object, half two-object like the data generator;
 a fixed choice for a given --seed) it samples `num_samples` images per caption twice, with guidance
-at --cond_scale and without (s = 1), every caption in the same large batches, decodes them with the
-dVAE and scores each with `caption_fidelity` (1 if the image shows exactly the caption's scene).
+at --cond_scale and without (s = 1), every caption in the same large batches, and scores each with
+`caption_fidelity` (1 if the image shows exactly the caption's scene). DALL-E: the transformer
+samples tokens and the dVAE decodes them. unCLIP: the prior samples CLIP image embeddings (at
+--prior_scale in both rows), the decoder (guided at --cond_scale, then at 1) and the upsampler draw
+the images. Both write the same report, so the two are compared number for number.
 
 Reported per setting (and split by one-/two-object captions):
   first      fidelity of the first sample of each caption (no reranking)
   mean       mean over all samples (the same expectation as `first`, with less noise)
   clip_best  fidelity of the sample CLIP scores highest (with --clip_workdir)
   any        fraction of captions with at least one faithful sample (the best any reranker can do)
-The issue's targets are on the headline number (clip_best at s when CLIP is given, else first at s):
+The project's targets are on the headline number (clip_best at s when CLIP is given, else first at s):
 >= 0.9 on test_seen, >= 0.6 on test_unseen.
 """
 
@@ -29,6 +34,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from clip_jax.api import CLIPModel
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity
@@ -38,6 +44,8 @@ from dalle_jax import rerank
 from dalle_jax.pipeline import default_mesh
 from dalle_jax.rerank import best_index
 from dalle_jax.sampling_cli import load_models, sampling_settings
+from dalle_jax.unclip import generate as generate_unclip
+from dalle_jax.unclip.text_to_image import TextToImage
 
 TARGETS = {"test_seen": 0.9, "test_unseen": 0.6}
 SPLITS = ("train", "test_seen", "test_unseen")
@@ -113,8 +121,47 @@ def save_grids(
         )
 
 
+class DalleSampler:
+    """DALL-E's images for `evaluate`: the transformer samples image tokens (`sample_seconds`), the
+    dVAE decodes them (`decode_seconds`)."""
+
+    def __init__(self, pipe, batch_size: int = 256, **sample_kwargs):
+        self.pipe, self.batch_size, self.sample_kwargs = pipe, batch_size, sample_kwargs
+
+    def __call__(self, captions, num_samples: int, cond_scale: float, seed: int) -> tuple[np.ndarray, dict]:
+        t0 = time.perf_counter()
+        tokens = self.pipe.generate(
+            captions,
+            num_samples,
+            seed=seed,
+            batch_size=self.batch_size,
+            cond_scale=None if cond_scale == 1.0 else cond_scale,
+            **self.sample_kwargs,
+        )
+        t1 = time.perf_counter()
+        images = self.pipe.decode(tokens.reshape(-1, self.pipe.num_image_tokens), self.batch_size)
+        images = images.reshape(tokens.shape[:2] + images.shape[1:])
+        return images, {"sample_seconds": t1 - t0, "decode_seconds": time.perf_counter() - t1}
+
+
+class UnclipSampler:
+    """unCLIP's images for `evaluate`: the prior samples CLIP image embeddings (`sample_seconds`),
+    the decoder and upsampler draw the pixels (`decode_seconds`). `cond_scale` is the decoder's
+    guidance; `sampling` (TextToImage.sampling's other arguments) is the same in every row."""
+
+    def __init__(self, models: TextToImage, batch_size: int = 256, **sampling):
+        self.models, self.batch_size, self.sampling = models, batch_size, sampling
+
+    def __call__(self, captions, num_samples: int, cond_scale: float, seed: int) -> tuple[np.ndarray, dict]:
+        sampling = dict(self.sampling, decoder_scale=cond_scale)
+        out = self.models.generate(captions, num_samples, seed=seed, batch_size=self.batch_size, **sampling)
+        seconds = out.seconds
+        decode = seconds["decoder_seconds"] + seconds["upsampler_seconds"]
+        return out.images, {"sample_seconds": seconds["prior_seconds"], "decode_seconds": decode}
+
+
 def evaluate(
-    pipe,
+    draw,
     captions: list[str],
     *,
     num_samples: int,
@@ -125,9 +172,10 @@ def evaluate(
     workers: int = 1,
     log=print,
     images_dir: str | None = None,
-    **sample_kwargs,
 ) -> dict:
-    """Fidelity at guidance `cond_scale` and at s = 1; returns the report dict (see module doc)."""
+    """Fidelity at guidance `cond_scale` and at s = 1; returns the report dict (see module doc).
+    `draw(captions, num_samples, cond_scale, seed)` -> (uint8 images [P, S, H, W, 3], its
+    `sample_seconds` and `decode_seconds`): a DalleSampler or an UnclipSampler."""
 
     settings = [("guided", float(cond_scale))] if cond_scale != 1.0 else []
     settings.append(("unguided", 1.0))
@@ -141,23 +189,12 @@ def evaluate(
         "prompts": [{"caption": c, "kind": k} for c, k in zip(captions, kinds)],
     }
     for name, scale in settings:
+        images, seconds = draw(captions, num_samples, scale, seed)
         t0 = time.perf_counter()
-        tokens = pipe.generate(
-            captions,
-            num_samples,
-            seed=seed,
-            batch_size=batch_size,
-            cond_scale=None if scale == 1.0 else scale,
-            **sample_kwargs,
-        )
-        t1 = time.perf_counter()
-        images = pipe.decode(tokens.reshape(-1, pipe.num_image_tokens), batch_size)
-        images = images.reshape(tokens.shape[:2] + images.shape[1:])
-        t2 = time.perf_counter()
         fid = fidelity_scores(images, captions, workers)
-        t3 = time.perf_counter()
+        t1 = time.perf_counter()
         scores = rerank.group_scores(clip, images, captions, batch_size) if clip is not None else None
-        t4 = time.perf_counter()
+        t2 = time.perf_counter()
         if images_dir:
             save_grids(images_dir, name, images, scores)
         report["fidelity"][name] = dict(summarize(fid, scores), cond_scale=scale)
@@ -170,19 +207,21 @@ def evaluate(
             entry[name] = fid[i].tolist()
             if scores is not None:
                 entry[f"{name}_clip"] = [round(float(v), 5) for v in scores[i]]
-        n = tokens.shape[0] * tokens.shape[1]
+        n = images.shape[0] * images.shape[1]
+        sample_s, decode_s = seconds["sample_seconds"], seconds["decode_seconds"]
         report["timing"][name] = {
-            "sample_seconds": t1 - t0,
-            "decode_seconds": t2 - t1,
-            "check_seconds": t3 - t2,
-            "clip_seconds": t4 - t3,
+            "sample_seconds": sample_s,
+            "decode_seconds": decode_s,
+            "check_seconds": t1 - t0,
+            "clip_seconds": t2 - t1,
             "images": n,
-            "images_per_second_sampling": n / max(t1 - t0, 1e-9),
+            "images_per_second_sampling": n / max(sample_s, 1e-9),
+            "seconds_per_image": (sample_s + decode_s) / n,
         }
         log(
-            f"{name} (s={scale:g}): {n} images sampled in {t1 - t0:.1f} s, decoded in "
-            f"{t2 - t1:.1f} s, checked in {t3 - t2:.1f} s"
-            + (f", CLIP-scored in {t4 - t3:.1f} s" if clip is not None else "")
+            f"{name} (s={scale:g}): {n} images sampled in {sample_s:.1f} s, decoded in "
+            f"{decode_s:.1f} s, checked in {t1 - t0:.1f} s"
+            + (f", CLIP-scored in {t2 - t1:.1f} s" if clip is not None else "")
         )
     return report
 
@@ -254,50 +293,126 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None, *, pipeline=None, clip=None):
-    """The command; `pipeline` / `clip` (already loaded from the workdirs) skip loading."""
+# Flags of one model only, with their defaults: set with the other --model, they are an error.
+DALLE_FLAGS = {
+    "workdir": None,
+    "force_guidance": False,
+    "temperature": 1.0,
+    "top_k": 0,
+    "top_p": 1.0,
+    "dvae_workdir": None,
+    "dvae_ceiling": False,
+}
+UNCLIP_FLAGS = dict.fromkeys(
+    ("prior_workdir", "decoder_workdir", "upsampler_workdir", "prior_scale", "prior_sampler", "prior_steps")
+    + ("sampler", "steps")
+)
+
+
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m dalle_jax.evaluate_fidelity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="DALL-E workdir trained on the shapes suite")
+    p.add_argument(
+        "--model",
+        choices=("dalle", "unclip"),
+        default="dalle",
+        help="dalle: --workdir; unclip: --prior_workdir and --decoder_workdir [--upsampler_workdir]",
+    )
+    p.add_argument("--workdir", default=None, help="dalle: DALL-E workdir trained on the shapes suite")
+    generate_unclip.add_model_flags(p, required=False)
     p.add_argument("--clip_workdir", default=None, help="CLIP workdir: also report CLIP-best of S")
     p.add_argument("--split", default="test_seen", choices=SPLITS)
     p.add_argument("--num_prompts", type=int, default=200)
     p.add_argument("--num_samples", type=int, default=16)
-    p.add_argument("--cond_scale", type=float, default=3.0)
+    p.add_argument(
+        "--cond_scale",
+        type=float,
+        default=3.0,
+        help="guidance of the guided row (dalle: the transformer's; unclip: the decoder's)",
+    )
     p.add_argument(
         "--force_guidance",
         action="store_true",
-        help="allow --cond_scale != 1 on a model trained without caption dropout",
+        help="dalle: allow --cond_scale != 1 on a model trained without caption dropout",
     )
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
-    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="dalle only")
+    p.add_argument("--top_k", type=int, default=0, help="dalle only")
+    p.add_argument("--top_p", type=float, default=1.0, help="dalle only")
+    generate_unclip.add_sampling_flags(p)
     p.add_argument("--batch_size", type=int, default=256, help="samples per forward")
     p.add_argument("--seed", type=int, default=0, help="picks the captions and the samples")
     p.add_argument(
         "--workers", type=int, default=min(8, os.cpu_count() or 1), help="processes for the checker"
     )
-    p.add_argument("--dvae_workdir", default=None, help="overrides the DALL-E config's dvae_workdir")
+    p.add_argument("--dvae_workdir", default=None, help="dalle: overrides the DALL-E config's dvae_workdir")
     p.add_argument(
         "--raw_weights",
         action="store_true",
-        help="DALL-E, dVAE and CLIP: load the raw trained "
-        "weights, not their EMA (used by default when a run kept one)",
+        help="every model: load the raw trained weights, not their EMA (used by default when a run kept one)",
     )
     p.add_argument("--out", required=True, help="JSON report")
     p.add_argument(
         "--dvae_ceiling",
         action="store_true",
-        help="also score dVAE reconstructions of --num_prompts real scenes of the split",
+        help="dalle: also score dVAE reconstructions of --num_prompts real scenes of the split",
     )
     p.add_argument(
         "--images_dir",
         default=None,
         help="also write grids of the first (and CLIP-best) sample of up to 64 captions",
     )
-    args = p.parse_args(argv)
+    return p
+
+
+def check_model_flags(args) -> None:
+    """ValueError for a flag of the other model, or a missing workdir of this one."""
+    other, kind = (UNCLIP_FLAGS, "unclip") if args.model == "dalle" else (DALLE_FLAGS, "dalle")
+    for name, default in other.items():
+        if getattr(args, name) != default:
+            raise ValueError(f"--{name} is for --model {kind}, not --model {args.model}")
+    needed = ("workdir",) if args.model == "dalle" else ("prior_workdir", "decoder_workdir")
+    missing = [f"--{name}" for name in needed if not getattr(args, name)]
+    if missing:
+        raise ValueError(f"--model {args.model} needs {' and '.join(missing)}")
+
+
+def load_sampler(args, pipeline, clip, models, log):
+    """(the model's sampler for `evaluate`, the reranking CLIP or None, the report's settings)."""
+    if args.model == "unclip":
+        generate_unclip.check_sampling_args(args, "cond_scale")
+        models = generate_unclip.load_models(args, models, log)
+        flags = generate_unclip.sampling_flags(args)  # the decoder's scale is each row's own
+        settings = generate_unclip.settings(
+            args, models, models.sampling(decoder_scale=args.cond_scale, **flags)
+        )
+        settings["cond_scale"] = settings.pop("decoder_scale")
+        if args.clip_workdir and clip is None:
+            clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
+        return UnclipSampler(models, args.batch_size, **flags), clip, settings
+    pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh("auto"))
+    # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
+    if args.temperature < 0 or not 0 <= args.top_k <= pipe.cfg.image_vocab_size or not 0 < args.top_p <= 1:
+        raise ValueError(
+            f"need --temperature >= 0, --top_k in [0, {pipe.cfg.image_vocab_size}], --top_p in (0, 1]"
+        )
+    sampler = DalleSampler(
+        pipe,
+        args.batch_size,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        force_guidance=args.force_guidance,
+    )
+    return sampler, clip, sampling_settings(args, pipe)
+
+
+def main(argv=None, *, pipeline=None, clip=None, models=None):
+    """The command; `pipeline` (DALL-E), `models` (unCLIP's TextToImage) and `clip` (already
+    loaded from the workdirs) skip loading."""
+    args = build_parser().parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     try:
+        check_model_flags(args)
         if args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--num_samples and --batch_size must be >= 1")
         captions = choose_captions(args.split, args.num_prompts, args.seed)
@@ -305,20 +420,11 @@ def main(argv=None, *, pipeline=None, clip=None):
             path = getattr(args, name)
             if path and not os.path.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
-        pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh("auto"))
-        # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
-        if (
-            args.temperature < 0
-            or not 0 <= args.top_k <= pipe.cfg.image_vocab_size
-            or not 0 < args.top_p <= 1
-        ):
-            raise ValueError(
-                f"need --temperature >= 0, --top_k in [0, {pipe.cfg.image_vocab_size}], --top_p in (0, 1]"
-            )
+        draw, clip, settings = load_sampler(args, pipeline, clip, models, log)
     except (ValueError, FileNotFoundError, KeyError, ConfigError) as e:
         fail(str(e))
     report = evaluate(
-        pipe,
+        draw,
         captions,
         num_samples=args.num_samples,
         cond_scale=args.cond_scale,
@@ -328,16 +434,12 @@ def main(argv=None, *, pipeline=None, clip=None):
         workers=args.workers,
         log=log,
         images_dir=args.images_dir,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        force_guidance=args.force_guidance,
     )
     if args.dvae_ceiling:
         report["dvae_ceiling"] = dvae_ceiling(
-            pipe, args.split, args.num_prompts, args.seed, args.batch_size, args.workers
+            draw.pipe, args.split, args.num_prompts, args.seed, args.batch_size, args.workers
         )
-    report = dict(**sampling_settings(args, pipe), split=args.split, num_prompts=args.num_prompts, **report)
+    report = dict(**settings, split=args.split, num_prompts=args.num_prompts, **report)
     report["headline"] = headline(report, args.split)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

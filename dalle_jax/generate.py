@@ -175,16 +175,36 @@ def check_args(args) -> tuple[list, str]:
     return prompts, mode
 
 
+def warn_long_prompts(tokenizer, prompts, reader: str, log, lines: bool = False) -> None:
+    """One `warning:` line naming the prompts longer than `tokenizer` keeps (its `encode` cuts
+    them), `reader` saying whose tokenizer it is; `lines`: prompts are numbered as file lines."""
+    given = [(i, p) for i, p in enumerate(prompts) if p]
+    long = [(given[j][0], n) for j, n in tokenizer.overlong([p for _, p in given])]
+    if not long:
+        return
+    keep = tokenizer.max_text_tokens
+    if not lines:
+        log(
+            f"warning: the prompt is {long[0][1]} tokens, more than the {keep} {reader} reads: the rest is cut"
+        )
+        return
+    shown = ", ".join(f"{i + 1} ({n} tokens)" for i, n in long[:5]) + (", ..." if len(long) > 5 else "")
+    log(
+        f"warning: {len(long)} prompts are longer than the {keep} tokens {reader} reads and are cut: lines {shown}"
+    )
+
+
 def write_prompt_dir(
     out_dir: str,
     prompt,
     images: np.ndarray,
-    tokens: np.ndarray,
+    arrays: dict,
     clip_scores: np.ndarray | None,
     keep: int,
     meta: dict,
 ) -> dict:
-    """Writes NNN.png best first, grid.png, tokens.npy and scores.json; returns the scores dict."""
+    """Writes NNN.png best first, grid.png, each of `arrays` ({file name: [S, ...] per sample, in
+    sample order}) in the images' order, and scores.json; returns the scores dict."""
 
     os.makedirs(out_dir, exist_ok=True)
     order = rerank.rank(clip_scores)[:keep] if clip_scores is not None else np.arange(keep)
@@ -197,7 +217,8 @@ def write_prompt_dir(
             entry["clip_score"] = float(clip_scores[i])
         entries.append(entry)
     Image.fromarray(image_grid(images[order])).save(os.path.join(out_dir, "grid.png"))
-    np.save(os.path.join(out_dir, "tokens.npy"), tokens[order].astype(np.int32))
+    for name, array in arrays.items():
+        np.save(os.path.join(out_dir, name), np.asarray(array)[order])
     scores = dict(meta, prompt=prompt, reranked=clip_scores is not None, images=entries)
     if clip_scores is not None:
         scores["all_clip_scores"] = [float(s) for s in clip_scores]  # in sample order
@@ -224,6 +245,7 @@ def main(argv=None, *, pipeline=None, clip=None):
 
     try:
         pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh(args.mesh), step=args.step)
+        warn_long_prompts(pipe.tokenizer, prompts, "the DALL-E", log, lines=args.prompts_file is not None)
         known = None
         if mode == "inpaint":
             known = sampling.rectangle_mask(pipe.grid, *box)
@@ -270,7 +292,7 @@ def main(argv=None, *, pipeline=None, clip=None):
                 out_dir,
                 prompt,
                 images[p],
-                tokens[p],
+                {"tokens.npy": tokens[p].astype(np.int32)},
                 None if clip_scores is None else clip_scores[p],
                 keep,
                 meta,

@@ -25,9 +25,10 @@ def load_models(args, pipeline=None, clip=None, *, mesh, step: int | None = None
 
 
 def sampling_settings(args, pipe: Pipeline) -> dict:
-    """The run's record (generate's scores.json, evaluate_fidelity's report): the workdirs, the
-    dVAE that decoded, and the sampling flags."""
+    """The run's record (generate's scores.json, evaluate_fidelity's report): the model kind, the
+    workdirs, the dVAE that decoded, and the sampling flags."""
     return dict(
+        model="dalle",
         workdir=args.workdir,
         dvae_workdir=str(pipe.config.dvae_workdir),
         clip_workdir=args.clip_workdir,

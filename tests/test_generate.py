@@ -16,6 +16,7 @@ from PIL import Image
 
 from dalle_jax import evaluate_fidelity, generate, rerank
 from dalle_jax.pipeline import Pipeline
+from tests.test_unclip_generate import FIDELITY_REPORT_LAYOUT, report_layout
 from tests.workdirs import random_params, tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -314,6 +315,8 @@ def test_fidelity_eval_numbers(workdirs, pipe, clip, tmp_path, capsys):
     )
     report = json.load(open(out))
     assert report["top_p"] == 0.7 and report["temperature"] == 1.0  # the demo's sampling, recorded
+    # The keys an unCLIP report has too (tests/test_unclip_generate.py), so the two compare.
+    assert report_layout(report) == FIDELITY_REPORT_LAYOUT and report["model"] == "dalle"
     for setting, scale in (("guided", 3.0), ("unguided", 1.0)):
         nums = report["fidelity"][setting]
         assert nums["cond_scale"] == scale

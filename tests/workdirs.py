@@ -107,3 +107,23 @@ def tiny_unclip_upsampler_workdir(wd, low_res_size: int = 8, factor: int = 2, se
     model = unet.UNet(unet_spec(c, low_res_channels=3))
     save_params(wd, c, random_params(unet.abstract_params(model), seed, 0.2))
     return wd
+
+
+def tiny_unclip_prior_workdir(wd, clip_workdir, seed: int = 5):
+    """A random unCLIP prior (width 16, one block) drawing embeddings of the CLIP in `clip_workdir`,
+    with the embedding statistics of unit vectors spread evenly (mean 0, std 1/sqrt(E))."""
+    from core_jax.checkpoint import save_params
+    from configs.unclip_prior_shapes import get_config
+    from dalle_jax.unclip import embedding_stats, prior, prior_task
+
+    c = get_config()
+    c.model.update(width=16, num_layers=1, num_heads=2)
+    c.clip_workdir = clip_workdir
+    prior_task.resolve_clip_sizes(c, prior_task.load_clip(c))
+    model = prior.PriorTransformer(prior_task.prior_spec(c))
+    save_params(wd, c, random_params(prior.abstract_params(model), seed, 0.3))
+    dim = int(c.model.clip_dim)
+    mean, std = np.zeros(dim, np.float32), np.full(dim, dim**-0.5, np.float32)
+    stats = dict(image_mean=mean, image_std=std, text_mean=mean, text_std=std, count=np.int64(2))
+    embedding_stats.save_stats(wd, dict(stats, clip_workdir=clip_workdir, clip_step=int(c.clip_step)))
+    return wd

@@ -229,6 +229,17 @@ class BPETokenizer:
         """Rows an embedding table needs: real tokens plus the per-position pads, if any."""
         return self.vocab_size + (self.context_length if self.pad_mode == "per_position" else 0)
 
+    @property
+    def max_text_tokens(self) -> int:
+        """Tokens of one text that `encode` keeps: the context less the start and end tokens
+        (zeros padding) or the end token (per-position pads)."""
+        return self.context_length - (2 if self.pad_mode == "zeros" else 1)
+
+    def overlong(self, texts: Sequence[str]) -> list[tuple[int, int]]:
+        """(index, token count) of every text longer than `max_text_tokens`, which `encode` cuts."""
+        counts = [len(ids) for ids in self.tokenize(texts)]
+        return [(i, n) for i, n in enumerate(counts) if n > self.max_text_tokens]
+
     def tokenize(self, texts: Sequence[str]) -> list[list[int]]:
         """Ids of the cleaned texts without start/end tokens, padding or truncation."""
         if isinstance(texts, str):
@@ -243,14 +254,14 @@ class BPETokenizer:
         if self.pad_mode == "zeros":
             out = np.zeros((len(ids), length), np.int32)
             for row, seq in zip(out, ids):
-                seq = seq[: length - 2]
+                seq = seq[: self.max_text_tokens]
                 row[0] = self.start_id
                 row[1 : len(seq) + 1] = seq
                 row[len(seq) + 1] = self.end_id
         else:
             out = np.tile(np.arange(self.vocab_size, self.vocab_size + length, dtype=np.int32), (len(ids), 1))
             for row, seq in zip(out, ids):
-                seq = seq[: length - 1]
+                seq = seq[: self.max_text_tokens]
                 row[: len(seq)] = seq
                 row[len(seq)] = self.end_id
         return out

@@ -70,9 +70,11 @@ class Decoder:
         self.image_size = int(config.model.image_size)
         self.text_length = int(config.model.text_length)
         self.prediction = str(config.diffusion.prediction)
+        # The prior's text program exactly (the text embedding goes unused here), so a cache of
+        # compiled programs serves both when they read one CLIP.
         self._text = jax.jit(
             lambda p, tokens: (
-                clip_model.encode_text_tokens(clip.module, p, tokens)[0],
+                clip_model.encode_text_tokens(clip.module, p, tokens),
                 clip_model.text_token_mask(tokens),
             )
         )
@@ -130,7 +132,8 @@ class Decoder:
             if isinstance(captions, str) or len(captions) != n:
                 raise ValueError(f"captions must be a list of {n} strings (one per embedding), or None")
             tokens = np.asarray(self.clip.tokenizer.encode(list(captions)), np.int32)
-            states, mask = (np.asarray(a) for a in self._text(self.clip.params, tokens))
+            (states, _), mask = self._text(self.clip.params, tokens)
+            states, mask = np.asarray(states), np.asarray(mask)
         return {"clip_embedding": z, "text_states": states, "text_mask": mask}
 
     def targets(self, images_uint8) -> np.ndarray:

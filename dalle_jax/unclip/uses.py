@@ -230,11 +230,14 @@ def upsample(upsampler, images, *, seed: int = 0) -> np.ndarray:
 
 def check_upsampler(decoder, upsampler) -> None:
     """ValueError when the upsampler was trained on inputs of another size than the decoder draws."""
-    if upsampler is None:
-        return
-    low = int(upsampler.config.model.low_res_size)
-    if low != decoder.image_size:
+    if upsampler is not None:
+        check_upsampler_size(int(upsampler.config.model.low_res_size), decoder.image_size)
+
+
+def check_upsampler_size(low_res_size: int, decoder_size: int) -> None:
+    """check_upsampler on the two sizes alone (from config.json files, before anything loads)."""
+    if low_res_size != decoder_size:
         raise ValueError(
-            f"the upsampler takes {low}x{low} images but the decoder draws {decoder.image_size}x"
-            f"{decoder.image_size}: give an upsampler trained on the decoder's size"
+            f"the upsampler takes {low_res_size}x{low_res_size} images but the decoder draws {decoder_size}x"
+            f"{decoder_size}: give an upsampler trained on the decoder's size"
         )
