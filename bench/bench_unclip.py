@@ -1,7 +1,8 @@
 """The unCLIP decoder on the shapes suite: what its images keep of their CLIP embedding.
 
     python -m bench.bench_unclip --clip_workdir CW --decoder_workdir DW [--upsampler_workdir UW] \\
-        [--quick] [--parts ceiling,variations,guidance,samplers] [--out unclip.json] [--md unclip.md]
+        [--quick] [--parts ceiling,variations,guidance,samplers,text_diffs] [--out unclip.json] \\
+        [--md unclip.md]
 
 Reuses a trained CLIP and decoder (it trains nothing). Held-out scenes come from
 `core_jax.data.shapes.make_example` (test_seen / test_unseen, --data_seed), half one-object and
@@ -29,6 +30,16 @@ Parts (full counts; --quick shrinks them for a smoke run):
               seconds per image (compiled ahead, so no compile time). Target: DPM-Solver++ 20
               within 0.05 of DDPM 1000. DDPM 1000 is the expensive row (1000 network passes per
               image, twice with guidance). With an upsampler each row is also scored upsampled.
+  text_diffs  section 3.3's text diffs of 48 one-object scenes (24 per split): the caption with ONE
+              attribute swapped (colour in even scenes, shape in odd ones, never to a held-out
+              pair), edited at strength 0.25 and 0.5 with the new caption (and at 0.5 without a
+              caption, so only the embedding edits), 2 frames each (theta 0 and the strength):
+              the share of final frames that pass the NEW caption, the share of theta-0 frames that
+              pass the OLD one (the control: the inverted noise redraws the source), and the shares
+              of edited embeddings z_theta (what the decoder is given) and of final frames' CLIP
+              embeddings (what it drew) closer to the new caption's embedding than to the old one's.
+              Target: >= 0.7 of edits pass at the default strength. Cost: 96 inversions + 288
+              decodes (DDIM 50).
 """
 
 from __future__ import annotations
@@ -49,27 +60,45 @@ from core_jax.data.shapes_checker import caption_fidelity, detect_objects
 from dalle_jax.unclip import denoise, pixels, uses
 from dalle_jax.unclip.api import Decoder, Upsampler
 
-PARTS = ("ceiling", "variations", "guidance", "samplers")
+PARTS = ("ceiling", "variations", "guidance", "samplers", "text_diffs")
 SPLITS = ("test_seen", "test_unseen")
 PRESETS = {
     "full": dict(
-        ceiling=96, variations=48, variation_samples=4, guidance=48, guidance_samples=4, samplers=64
+        ceiling=96,
+        variations=48,
+        variation_samples=4,
+        guidance=48,
+        guidance_samples=4,
+        samplers=64,
+        text_diffs=48,
     ),
-    "quick": dict(ceiling=4, variations=2, variation_samples=2, guidance=2, guidance_samples=2, samplers=2),
+    "quick": dict(
+        ceiling=4, variations=2, variation_samples=2, guidance=2, guidance_samples=2, samplers=2, text_diffs=2
+    ),
 }
 PRESETS["toy"] = PRESETS["quick"]
 VARIATION_ETAS = (0.0, 0.5, uses.VARIATION_ETA, 1.0)
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0)
 SAMPLER_ROWS = (("dpmpp", 10), ("dpmpp", 20), ("ddim", 25), ("ddim", 50), ("ddpm", 1000))
 REFERENCE_ROW = "ddpm 1000"
+# (strength, whether the decoder reads the new caption): the paper's range of strengths (section
+# 3.3: "typically in [0.25, 0.50]"), and the default strength without a caption, which shows how
+# much of an edit the embedding makes on its own.
+TEXT_DIFF_ROWS = ((0.25, True), (uses.TEXT_DIFF_STRENGTH, True), (uses.TEXT_DIFF_STRENGTH, False))
 # Targets: a variation keeps its scene but is no copy; a 20-step solver matches the 1000-step chain.
 VARIATION_PASS_GOAL = 0.8
 VARIATION_PSNR_GOAL = 25.0
 SAMPLER_GAP_GOAL = 0.05
+TEXT_DIFF_PASS_GOAL = 0.7  # an edit at the default strength shows the new caption
 MAX_PSNR = 100.0  # identical images count as 100 dB, so a mean stays finite
 
 
 # ----------------------------------------------------------------------------- held-out scenes
+
+
+def one_object_scenes(split: str, count: int, seed: int) -> list[dict]:
+    """Scenes 0 .. count - 1 of `split` with the kind forced to one object."""
+    return [shapes.make_example(split, i, seed, one_object_fraction=1.0) for i in range(count)]
 
 
 def held_out_scenes(split: str, count: int, seed: int) -> list[dict]:
@@ -77,9 +106,23 @@ def held_out_scenes(split: str, count: int, seed: int) -> list[dict]:
     share choose_captions draws), scene i of each kind `make_example(split, i, seed)` with the
     kind forced. Fixed for a seed."""
     n_one = int(round(0.5 * count))
-    one = [shapes.make_example(split, i, seed, one_object_fraction=1.0) for i in range(n_one)]
     two = [shapes.make_example(split, i, seed, one_object_fraction=0.0) for i in range(count - n_one)]
-    return one + two
+    return one_object_scenes(split, n_one, seed) + two
+
+
+def swap_attribute(scene: dict, index: int, seed: int) -> tuple[str, str]:
+    """(kind, new caption) of a one-object scene with ONE attribute swapped: its colour when
+    `index` is even, else its shape, to a value drawn (fixed by seed and index) among those whose
+    colour-shape pair is not held out, so the edit aims at a pair the models trained on."""
+    (obj,) = scene["objects"]
+    kind = "colour" if index % 2 == 0 else "shape"
+    if kind == "colour":
+        pairs = [(c, obj["shape"]) for c in shapes.COLOURS if c != obj["colour"]]
+    else:
+        pairs = [(obj["colour"], s) for s in shapes.SHAPES if s != obj["shape"]]
+    pairs = [p for p in pairs if p not in shapes.HELD_OUT_PAIRS]
+    pair = pairs[np.random.default_rng([int(seed), int(index)]).integers(len(pairs))]
+    return kind, shapes.caption_for([pair], position=scene["position"])
 
 
 def images_of(scenes) -> np.ndarray:
@@ -275,6 +318,70 @@ def run_samplers(timed, scenes, cond_scale, seed) -> dict:
     return {"count": len(scenes), "cond_scale": cond_scale, "rows": rows}
 
 
+def mean_where(values: np.ndarray, where: np.ndarray) -> float | None:
+    return float(values[where].mean()) if where.any() else None
+
+
+def run_text_diffs(decoder, scenes, seed, data_seed) -> dict:
+    """Every scene edited per TEXT_DIFF_ROWS with 2 frames (theta 0 and the strength)."""
+    swaps = [swap_attribute(s, i, data_seed) for i, s in enumerate(scenes)]
+    kinds = np.array([kind for kind, _ in swaps])
+    images = images_of(scenes)
+    z = decoder.embed_images(images)
+    news = [new for _, new in swaps]
+    directions = np.stack(
+        [uses.caption_direction(decoder, s["caption"], new) for s, new in zip(scenes, news)]
+    )
+    rows, inverted = [], {}
+    for strength, with_caption in TEXT_DIFF_ROWS:
+        if with_caption not in inverted:  # one inversion per scene and caption, shared by the strengths
+            inverted[with_caption] = uses.text_diff_noise(
+                decoder, images, news, z, decoder_caption=with_caption
+            )
+        first, last = [], []
+        for i, (scene, new) in enumerate(zip(scenes, news)):
+            frames = uses.text_diff(
+                decoder,
+                images[i],
+                scene["caption"],
+                new,
+                strength=strength,
+                frames=2,
+                decoder_caption=with_caption,
+                seed=seed,
+                embedding=z[i : i + 1],
+                inverted=inverted[with_caption][i : i + 1],
+            )
+            first.append(frames[0])
+            last.append(frames[1])
+        passed = np.array([caption_fidelity(im, c) for im, c in zip(last, news)])
+        control = np.array([caption_fidelity(im, s["caption"]) for im, s in zip(first, scenes)])
+        # z . t_new > z . t_old exactly when z . (t_new - t_old) > 0, the text diff's direction:
+        # for the edited embedding the decoder was given, and for its drawing's CLIP embedding.
+        edited = np.stack([uses.text_diff_embeddings(z_i, d, [strength])[0] for z_i, d in zip(z, directions)])
+        closer = np.sum(decoder.embed_images(np.stack(last)) * directions, axis=1) > 0
+        rows.append(
+            {
+                "strength": float(strength),
+                "decoder_caption": "new" if with_caption else "none",
+                "pass_rate": float(passed.mean()),
+                "pass_rate_colour": mean_where(passed, kinds == "colour"),
+                "pass_rate_shape": mean_where(passed, kinds == "shape"),
+                "theta0_pass_old": float(control.mean()),
+                "embedding_closer_to_new": float(np.mean(np.sum(edited * directions, axis=1) > 0)),
+                "clip_closer_to_new": float(np.mean(closer)),
+                "default": float(strength) == uses.TEXT_DIFF_STRENGTH and with_caption,
+            }
+        )
+    return {
+        "count": len(scenes),
+        "swaps": {"colour": int((kinds == "colour").sum()), "shape": int((kinds == "shape").sum())},
+        "sampler": f"{uses.VARIATION_SAMPLER} {uses.VARIATION_STEPS}, inverted noise, eta 0, cond_scale 1",
+        "examples": [{"old": s["caption"], "new": new} for s, (_, new) in list(zip(scenes, swaps))[:4]],
+        "rows": rows,
+    }
+
+
 # ----------------------------------------------------------------------------- run, targets, report
 
 
@@ -327,6 +434,10 @@ def run(
             )
         elif part == "samplers":
             out = run_samplers(timed, both_splits(counts["samplers"] // 2), sampling["cond_scale"], seed)
+        elif part == "text_diffs":
+            per_split = counts["text_diffs"] // 2
+            scenes = [s for split in SPLITS for s in one_object_scenes(split, per_split, data_seed)]
+            out = run_text_diffs(decoder, scenes, seed, data_seed)
         else:
             raise ValueError(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
         out["seconds"] = time.perf_counter() - start
@@ -375,6 +486,18 @@ def targets(result: dict) -> list[dict]:
                     why="" if ok else "20 solver steps do not reach the 1000-step chain's samples",
                 )
             )
+    if "text_diffs" in result:
+        default = next(r for r in result["text_diffs"]["rows"] if r["default"])
+        ok = default["pass_rate"] >= TEXT_DIFF_PASS_GOAL
+        rows.append(
+            common.target(
+                f"unCLIP text diffs show the new caption (one attribute swapped, strength {default['strength']})",
+                round(default["pass_rate"], 3),
+                f">= {TEXT_DIFF_PASS_GOAL}",
+                ok,
+                why="" if ok else "the decoder does not draw the edited embedding's scene",
+            )
+        )
     return rows
 
 
@@ -463,6 +586,42 @@ def markdown(result: dict) -> str:
             f"compiled ahead), {fmt(sm['seconds'])} s.",
             "",
             common.md_table(header, rows),
+            "",
+        ]
+    if "text_diffs" in result:
+        td = result["text_diffs"]
+        example = td["examples"][0] if td["examples"] else None
+        lines += [
+            f"**Text diffs** of {td['count']} one-object scenes ({td['swaps']['colour']} colour and "
+            f"{td['swaps']['shape']} shape swaps"
+            + (f", e.g. {example['old']!r} -> {example['new']!r}" if example else "")
+            + f"; {td['sampler']}), {fmt(td['seconds'])} s.",
+            "",
+            common.md_table(
+                [
+                    "strength",
+                    "decoder caption",
+                    "final frame passes new",
+                    "colour swaps",
+                    "shape swaps",
+                    "theta 0 passes old",
+                    "z_theta closer to new",
+                    "CLIP: final closer to new",
+                ],
+                [
+                    [
+                        fmt(r["strength"]) + (" (default)" if r["default"] else ""),
+                        r["decoder_caption"],
+                        fmt(r["pass_rate"]),
+                        fmt(r["pass_rate_colour"]),
+                        fmt(r["pass_rate_shape"]),
+                        fmt(r["theta0_pass_old"]),
+                        fmt(r["embedding_closer_to_new"]),
+                        fmt(r["clip_closer_to_new"]),
+                    ]
+                    for r in td["rows"]
+                ],
+            ),
             "",
         ]
     return "\n".join(lines).rstrip()

@@ -1,7 +1,8 @@
 """`python -m dalle_jax.unclip.vary` and `bench.bench_unclip` on tiny random workdirs: the promised
-files for variations (with an upsampler), interpolation and inpainting; inpainting keeps every
-pixel outside the box; settings.json; every bad input is one `error:` line, exit 2, nothing
-written; the bench's JSON in --quick mode.
+files for variations (with an upsampler), interpolation, text diffs and inpainting; inpainting
+keeps every pixel outside the box; a text diff starts from the image's own reconstruction and
+moves its embedding toward the text diff by growing angles; settings.json; every bad input is one
+`error:` line, exit 2, nothing written; the bench's JSON in --quick mode.
 
 The models are random (a CLIP of width 16 on 16x16 images, a one-level U-Net of width 8 drawing
 8x8 images, an 8 -> 16 upsampler): the cost is compiling the samplers, a few seconds each.
@@ -28,6 +29,7 @@ from tests.workdirs import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = "3"
+OLD_CAPTION, NEW_CAPTION = "a red circle in the top left", "a blue circle in the top left"
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +42,12 @@ def workdirs(tmp_path_factory):
         "upsampler": tiny_unclip_upsampler_workdir(str(root / "upsampler"), low_res_size=8, factor=2),
         "dvae": tiny_dvae_workdir(str(root / "dvae")),
     }
+
+
+@pytest.fixture(scope="module")
+def decoder(workdirs):
+    """One loaded decoder for the text diff tests, so each sampler is traced once."""
+    return Decoder.load(workdirs["decoder"])
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +163,115 @@ def test_inpainting_keeps_every_pixel_outside_the_box(tmp_path, workdirs, inputs
     }
 
 
+def text_diff_frames(decoder, image, **kwargs):
+    """The CLI's text diff of `image` (OLD -> NEW, 3 frames to strength 0.5) from Python."""
+    return uses.text_diff(
+        decoder, image, OLD_CAPTION, NEW_CAPTION, strength=0.5, frames=3, steps=int(STEPS), **kwargs
+    )
+
+
+def test_text_diff_frame_0_is_the_inverted_noise_reconstruction(decoder, inputs):
+    _, images = inputs
+    image = images["a"]
+    frames = text_diff_frames(decoder, image)
+    assert frames.shape == (3, 8, 8, 3) and frames.dtype == np.uint8
+    # With the new caption: the image inverted and redrawn under its own embedding and that caption.
+    z = decoder.embed_images(image[None])
+    captions = [NEW_CAPTION] * 3
+    x_T = decoder.invert(image[None], z, steps=int(STEPS), captions=captions[:1])
+    redrawn = decoder.decode(
+        np.repeat(z, 3, axis=0),
+        captions,
+        x_T=np.repeat(x_T, 3, axis=0),
+        sampler="ddim",
+        steps=3,
+        eta=0.0,
+        cond_scale=1.0,
+    )
+    np.testing.assert_array_equal(frames[0], redrawn[0])
+    assert not np.array_equal(frames[-1], frames[0])  # the edit moves the image
+    # Without a caption frame 0 is exactly a variation at eta 0 from the inverted noise.
+    uncaptioned = text_diff_frames(decoder, image, decoder_caption=False)
+    variation = uses.variations(decoder, image[None], 3, steps=int(STEPS), eta=0.0)[0]
+    np.testing.assert_array_equal(uncaptioned[0], variation[0])
+
+
+def test_text_diff_slerps_toward_the_caption_difference_by_growing_angles(decoder, inputs, monkeypatch):
+    _, images = inputs
+    text = decoder.text_embeddings([OLD_CAPTION, NEW_CAPTION])
+    np.testing.assert_allclose(np.linalg.norm(text, axis=1), 1.0, rtol=1e-5)  # unit CLIP embeddings
+    direction = (text[1] - text[0]) / np.linalg.norm(text[1] - text[0])
+    np.testing.assert_allclose(
+        uses.caption_direction(decoder, OLD_CAPTION, NEW_CAPTION), direction, rtol=1e-5
+    )
+    decoded = {}
+    decode = decoder.decode
+
+    def recording_decode(z, captions=None, **kwargs):
+        decoded.update(z=np.asarray(z), captions=captions)
+        return decode(z, captions, **kwargs)
+
+    monkeypatch.setattr(decoder, "decode", recording_decode)
+    text_diff_frames(decoder, images["a"])
+    z_i = decoder.embed_images(images["a"][None])[0]
+    z = decoded["z"]
+    assert decoded["captions"] == [NEW_CAPTION] * 3
+    np.testing.assert_array_equal(z[0], z_i)  # theta 0 is the image's own embedding, bit for bit
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+    def angle(a, b):
+        return np.arccos(np.clip(np.dot(a, b) / np.linalg.norm(a) / np.linalg.norm(b), -1.0, 1.0))
+
+    to_image = np.array([angle(row, z_i) for row in z])
+    assert np.all(np.diff(to_image) > 0), to_image  # each frame further from the image
+    # slerp: theta's share of the whole angle to the text diff (thetas 0, 0.25, 0.5).
+    np.testing.assert_allclose(to_image, np.array([0.0, 0.25, 0.5]) * angle(z_i, direction), atol=1e-3)
+    assert angle(z[-1], direction) < angle(z_i, direction)  # and closer to the text diff
+    with pytest.raises(ValueError, match="same CLIP text embedding"):
+        uses.text_diff_direction(text[0], text[0])
+    with pytest.raises(ValueError, match="expected a unit CLIP embedding"):
+        uses.text_diff_direction(2 * text[0], text[1])
+
+
+def test_text_diff_writes_frames_a_strip_and_its_settings(tmp_path, workdirs, decoder, inputs):
+    input_dir, images = inputs
+    out = tmp_path / "out"
+    extra = [
+        "--text_diff",
+        OLD_CAPTION,
+        NEW_CAPTION,
+        "--strength",
+        "0.5",
+        "--frames",
+        "3",
+        "--image",
+        "a.png",
+    ]
+    settings = vary.main(vary_args(workdirs, input_dir, out, *extra), decoder=decoder)
+    assert sorted(os.listdir(out)) == ["settings.json", "text_diff"]
+    assert sorted(os.listdir(out / "text_diff")) == ["000.png", "001.png", "002.png", "strip.png"]
+    # The strip is one row: the image, then three frames.
+    assert read_png(out / "text_diff" / "strip.png").shape == (2 + 10, 2 + 4 * 10, 3)
+    written = np.stack([read_png(out / "text_diff" / f"{i:03d}.png") for i in range(3)])
+    np.testing.assert_array_equal(written, text_diff_frames(decoder, images["a"]))
+    assert json.loads((out / "settings.json").read_text()) == json.loads(json.dumps(settings))
+    expected = {
+        "mode": "text_diff",
+        "old_caption": OLD_CAPTION,
+        "new_caption": NEW_CAPTION,
+        "decoder_caption": NEW_CAPTION,
+        "strength": 0.5,
+        "frames": 3,
+        "thetas": [0.0, 0.25, 0.5],
+        "num_samples": None,
+        "eta": 0.0,
+        "inverted_noise": True,
+        "files": {"text_diff": ["000.png", "001.png", "002.png"]},
+    }
+    assert {k: settings[k] for k in expected} == expected
+    assert [(i["name"], i["width"], i["height"]) for i in settings["inputs"]] == [("a", 24, 20)]
+
+
 def test_box_mask_follows_the_centre_crop(workdirs):
     """20x24 -> shorter side 16 (scale 0.8) -> 16x19, centre crop from x = 1 -> 8x8 (2 px each)."""
     decoder = Decoder.load(workdirs["decoder"])
@@ -174,6 +291,7 @@ def bad_input_cases(tmp_path, workdirs, inputs):
     broken.mkdir()
     (broken / "x.png").write_bytes(b"not a png")
     base = dict(workdirs=workdirs, input_dir=input_dir)
+    text_diff = ["--text_diff", OLD_CAPTION, NEW_CAPTION, "--image", "a.png"]
     return [
         ("missing input dir", dict(base, input_dir=str(tmp_path / "nope")), [], "--input_dir not found"),
         ("empty input dir", dict(base, input_dir=str(empty)), [], "holds no images"),
@@ -204,6 +322,36 @@ def bad_input_cases(tmp_path, workdirs, inputs):
         ("missing interpolation end", base, ["--interpolate", "a.png", "c.png"], "c.png not found"),
         ("too many steps", base, ["--steps", "5000"], "--steps must be <="),
         ("eta with dpmpp", base, ["--sampler", "dpmpp", "--eta", "0.5"], "--eta is for --sampler ddim only"),
+        ("strength above 1", base, text_diff + ["--strength", "1.5"], "--strength must be in (0, 1]"),
+        ("strength 0", base, text_diff + ["--strength", "0"], "--strength must be in (0, 1]"),
+        (
+            "identical captions",
+            base,
+            ["--text_diff", OLD_CAPTION, OLD_CAPTION],
+            "the two captions are the same",
+        ),
+        (
+            "captions CLIP reads the same",
+            base,
+            ["--text_diff", OLD_CAPTION, OLD_CAPTION.upper(), "--image", "a.png"],
+            "the same CLIP text embedding",
+        ),
+        ("empty caption", base, ["--text_diff", " ", NEW_CAPTION], "the old caption is empty"),
+        ("text diff with one caption", base, ["--text_diff", OLD_CAPTION], "expected 2 arguments"),
+        (
+            "over-long caption",
+            base,
+            ["--text_diff", OLD_CAPTION, " and ".join([NEW_CAPTION] * 4), "--image", "a.png"],
+            "tokens but the CLIP reads at most",
+        ),
+        ("text diff of two images", base, ["--text_diff", OLD_CAPTION, NEW_CAPTION], "name one with --image"),
+        ("strength without a text diff", base, ["--strength", "0.5"], "--strength is for --text_diff only"),
+        (
+            "text diff and interpolation",
+            base,
+            text_diff + ["--interpolate", "a.png", "b.png"],
+            "choose one of",
+        ),
     ]
 
 
@@ -267,9 +415,21 @@ def test_bench_quick_run_has_every_key(tmp_path, workdirs, monkeypatch):
     rows = result["samplers"]["rows"]
     assert [r["setting"] for r in rows] == ["dpmpp 20", "ddpm 1000"]
     assert all(r["seconds_per_image"] > 0 for r in rows)
+    td = result["text_diffs"]
+    assert td["count"] == 2 and td["swaps"] == {"colour": 1, "shape": 1}
+    assert [(r["strength"], r["decoder_caption"]) for r in td["rows"]] == [
+        (0.25, "new"),
+        (0.5, "new"),
+        (0.5, "none"),
+    ]
+    rates = ("pass_rate", "pass_rate_colour", "pass_rate_shape", "theta0_pass_old", "clip_closer_to_new")
+    rates += ("embedding_closer_to_new",)
+    assert all(0 <= r[k] <= 1 for r in td["rows"] for k in rates)
+    old, new = td["examples"][0]["old"], td["examples"][0]["new"]
+    assert len(old.split()) == len(new.split()) and sum(a != b for a, b in zip(old.split(), new.split())) == 1
     assert all(result[p]["seconds"] > 0 for p in bench_unclip.PARTS)
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 3 and all(t["met"] in (True, False) for t in result["targets"])
+    assert len(names) == 4 and all(t["met"] in (True, False) for t in result["targets"])
     assert (tmp_path / "unclip.md").read_text().startswith("### unCLIP on the shapes suite")
     assert run_all.section("unclip", result).startswith("###")
 

@@ -5,6 +5,7 @@
     images = decoder.decode(z, seed=0)                        # uint8 [N, S, S, 3]; config.sample's defaults
     images = decoder.decode(z, ["a red circle"] * len(z), cond_scale=3.0)
     x_T = decoder.invert(images_uint8, z, steps=50)           # DDIM inversion
+    t = decoder.text_embeddings(["a red circle"])             # [N, E] CLIP text embeddings, unit norm
     variations = decoder.decode(z, x_T=x_T, sampler="ddim", steps=50, eta=0.8, seed=1)
 
     upsampler = Upsampler.load("runs/unclip_upsampler")
@@ -70,7 +71,8 @@ class Decoder:
         self.image_size = int(config.model.image_size)
         self.text_length = int(config.model.text_length)
         self.prediction = str(config.diffusion.prediction)
-        # The prior's text program exactly (the text embedding goes unused here), so a cache of
+        # One pass of the text tower gives both the caption states the decoder reads and the
+        # caption's embedding (text diffs): the prior's text program exactly, so a cache of
         # compiled programs serves both when they read one CLIP.
         self._text = jax.jit(
             lambda p, tokens: (
@@ -112,6 +114,18 @@ class Decoder:
         """L2-normalised CLIP image embeddings [N, E] (the CLIP's own preprocessing)."""
         return self.clip.embed_images(_uint8_batch(images_uint8, "embed_images"))
 
+    def _encode_captions(self, captions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(token states [N, L, text_width], L2-normalised text embeddings [N, E], mask [N, L])."""
+        tokens = np.asarray(self.clip.tokenizer.encode(list(captions)), np.int32)
+        (states, text), mask = self._text(self.clip.params, tokens)
+        return np.asarray(states), np.asarray(text, np.float32), np.asarray(mask)
+
+    def text_embeddings(self, captions) -> np.ndarray:
+        """The captions' L2-normalised CLIP text embeddings [N, E]."""
+        if isinstance(captions, str) or not len(captions):
+            raise ValueError("captions must be a non-empty list of strings")
+        return self._encode_captions(captions)[1]
+
     def noise(self, n: int, seed: int = 0) -> np.ndarray:
         """The start noise decode uses for `seed` when no x_T is given, float32 [n, S, S, 3]."""
         shape = (int(n), self.image_size, self.image_size, 3)
@@ -131,9 +145,7 @@ class Decoder:
         else:
             if isinstance(captions, str) or len(captions) != n:
                 raise ValueError(f"captions must be a list of {n} strings (one per embedding), or None")
-            tokens = np.asarray(self.clip.tokenizer.encode(list(captions)), np.int32)
-            (states, _), mask = self._text(self.clip.params, tokens)
-            states, mask = np.asarray(states), np.asarray(mask)
+            states, _, mask = self._encode_captions(captions)
         return {"clip_embedding": z, "text_states": states, "text_mask": mask}
 
     def targets(self, images_uint8) -> np.ndarray:

@@ -19,7 +19,8 @@ def slerp(a: jax.Array, b: jax.Array, frac) -> jax.Array:
 
     u = a / |a|, v = b / |b|, theta the angle between them. For unit embeddings this is the plain
     slerp; for two Gaussian noises (norms ~ sqrt(dim)) every point keeps the norm of a noise, where a
-    linear blend would shrink it by up to 1 / sqrt(2). Undefined for exactly opposite vectors."""
+    linear blend would shrink it by up to 1 / sqrt(2). frac 0 and 1 return a and b bit for bit.
+    Undefined for exactly opposite vectors."""
     shape = a.shape
     a32 = a.reshape(shape[0], -1).astype(jnp.float32)
     b32 = b.reshape(shape[0], -1).astype(jnp.float32)
@@ -37,4 +38,7 @@ def slerp(a: jax.Array, b: jax.Array, frac) -> jax.Array:
     linear = (1 - frac) * u + frac * v
     direction = jnp.where(parallel, linear / jnp.linalg.norm(linear, axis=1, keepdims=True), spherical)
     out = ((1 - frac) * norm_a + frac * norm_b) * direction
+    # The formula rounds away the last bit of the ends; returning them as given lets an end frame
+    # redraw exactly what the same embedding and noise draw outside an interpolation.
+    out = jnp.where(frac == 0, a32, jnp.where(frac == 1, b32, out))
     return out.reshape(shape).astype(a.dtype)

@@ -1,8 +1,9 @@
 """What a trained unCLIP decoder does with images (Ramesh et al. 2022, section 3): variations,
-interpolations and inpainting, on top of `dalle_jax.unclip.api.Decoder`.
+interpolations, text diffs and inpainting, on top of `dalle_jax.unclip.api.Decoder`.
 
     images = variations(decoder, inputs, 4, eta=0.8, seed=0)       # uint8 [N, 4, S, S, 3]
     frames = interpolate(decoder, image_a, image_b, 8)             # uint8 [8, S, S, 3]
+    frames = text_diff(decoder, image, "a red circle", "a blue circle", strength=0.5)  # [8, S, S, 3]
     mask = box_mask(image.shape[:2], (x0, y0, x1, y1), decoder)    # bool [S, S], True = redraw
     painted = inpaint(decoder, image[None], mask[None], 4, seed=0) # uint8 [1, 4, S, S, 3]
 
@@ -28,6 +29,15 @@ VARIATION_STEPS = 50
 # whether variations keep their scene (pass rate) and whether they are more than copies (PSNR to
 # the source); the default should be the smallest eta meeting both of its targets.
 VARIATION_ETA = 0.8
+# Frames of an interpolation or a text diff, both ends included.
+FRAMES = 8
+# Section 3.3 raises theta linearly from 0 to a maximum "typically in [0.25, 0.50]".
+TEXT_DIFF_STRENGTH = 0.5
+# A difference of two unit caption embeddings shorter than this has no direction to normalise
+# (identical captions give exactly 0; float32 rounding of one embedding is ~1e-7).
+MIN_TEXT_DIFF = 1e-4
+# CLIP text embeddings are L2-normalised; a row off by more than this is not one.
+UNIT_NORM_TOLERANCE = 1e-3
 # Replacement inpainting harmonises the kept and redrawn regions better when every step injects
 # fresh noise (ancestral sampling) than along the deterministic DDIM path, which never revisits
 # what an early step committed to.
@@ -125,6 +135,133 @@ def interpolate(
         x_T = _repeat(decoder.noise(1, seed), frames)
     z = np.asarray(slerp(_repeat(z_a, frames), _repeat(z_b, frames), fractions))
     return decoder.decode(z, x_T=x_T, sampler=sampler, steps=steps, cond_scale=cond_scale, eta=eta, seed=seed)
+
+
+def check_caption(decoder, caption, what: str = "the caption") -> None:
+    """ValueError unless the caption is a non-empty string that fits the CLIP's context (the
+    tokenizer would cut an over-long caption silently, and a text diff depends on exactly the
+    words that differ)."""
+    if not isinstance(caption, str) or not caption.strip():
+        raise ValueError(f"{what} is empty")
+    tokenizer = decoder.clip.tokenizer
+    room = tokenizer.context_length - 2  # the start and end tokens take two places
+    used = len(tokenizer.tokenize([caption])[0])
+    if used > room:
+        raise ValueError(f"{what} {caption!r} is {used} tokens but the CLIP reads at most {room}: shorten it")
+
+
+def text_diff_direction(old_embedding, new_embedding) -> np.ndarray:
+    """float32 [E]: section 3.3's text diff z_d = normalize(z_t - z_t0) of two unit CLIP text
+    embeddings [E] (or [1, E]). ValueError when an input is not L2-normalised or the two are the
+    same (no direction to move in)."""
+    old = np.asarray(old_embedding, np.float32).reshape(-1)
+    new = np.asarray(new_embedding, np.float32).reshape(-1)
+    for name, z in (("old", old), ("new", new)):
+        norm = float(np.linalg.norm(z))
+        if abs(norm - 1.0) > UNIT_NORM_TOLERANCE:
+            raise ValueError(
+                f"the {name} caption's embedding has norm {norm:.4f}: expected a unit CLIP embedding"
+            )
+    diff = new - old
+    size = float(np.linalg.norm(diff))
+    if size < MIN_TEXT_DIFF:
+        raise ValueError(
+            "the two captions have the same CLIP text embedding, so their difference has no "
+            "direction: change what the new caption says"
+        )
+    return diff / size
+
+
+def caption_direction(decoder, old_caption: str, new_caption: str) -> np.ndarray:
+    """float32 [E]: the text diff from old_caption to new_caption through the decoder's CLIP;
+    ValueError for an empty or over-long caption, or two captions CLIP reads as the same."""
+    check_caption(decoder, old_caption, "the old caption")
+    check_caption(decoder, new_caption, "the new caption")
+    old, new = decoder.text_embeddings([old_caption, new_caption])
+    return text_diff_direction(old, new)
+
+
+def text_diff_fractions(strength: float, frames: int) -> np.ndarray:
+    """float32 [frames]: theta from 0 to `strength` evenly spaced (both ends included)."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"a text diff's strength must be in (0, 1], got {strength}")
+    if frames < 2:
+        raise ValueError(f"a text diff needs at least 2 frames, got {frames}")
+    return np.linspace(0.0, strength, frames, dtype=np.float32)
+
+
+def text_diff_embeddings(image_embedding, direction, fractions) -> np.ndarray:
+    """float32 [F, E]: z_theta = slerp(z_i, z_d, theta) for each of the F fractions theta
+    (section 3.3); theta 0 is z_i exactly, and the angle to z_i grows as theta times the angle
+    between z_i and z_d."""
+    fractions = np.asarray(fractions, np.float32)
+    z_i = np.asarray(image_embedding, np.float32).reshape(1, -1)
+    z_d = np.asarray(direction, np.float32).reshape(1, -1)
+    return np.asarray(slerp(_repeat(z_i, len(fractions)), _repeat(z_d, len(fractions)), fractions))
+
+
+def text_diff_noise(
+    decoder, images, new_captions, embeddings, *, decoder_caption: bool = True, steps: int = VARIATION_STEPS
+) -> np.ndarray:
+    """float32 [N, S, S, 3]: the inverted noise `text_diff` starts from, of images uint8
+    [N, H, W, 3] under their embeddings [N, E] and, when the decoder reads captions, their new
+    captions (a list of N); row i is `inverted` for image i, reusable across strengths."""
+    captions = list(new_captions) if decoder_caption else None
+    return decoder.invert(_batch(images), embeddings, steps=steps, captions=captions)
+
+
+def text_diff(
+    decoder,
+    image,
+    old_caption: str,
+    new_caption: str,
+    *,
+    strength: float = TEXT_DIFF_STRENGTH,
+    frames: int = FRAMES,
+    decoder_caption: bool = True,
+    invert: bool = True,
+    sampler: str = VARIATION_SAMPLER,
+    steps: int = VARIATION_STEPS,
+    cond_scale: float = 1.0,
+    eta: float = 0.0,
+    seed: int = 0,
+    embedding=None,
+    inverted=None,
+) -> np.ndarray:
+    """uint8 [frames, S, S, 3]: the image (uint8 [H, W, 3], described by old_caption) edited
+    toward new_caption (section 3.3): its CLIP embedding z_i is slerped toward the text diff z_d
+    by theta = 0 .. strength, and every frame is decoded from the image's inverted noise (`invert`;
+    `inverted` [1, S, S, 3]: its `text_diff_noise`, when already computed), so the
+    edit keeps what the embedding does not change; frame 0 (theta 0) redraws the image. Without
+    `invert` every frame shares one fresh noise.
+
+    `decoder_caption`: the decoder reads new_caption in every frame and in the inversion (the
+    paper's decoder reads a caption beside the embedding, and the new one describes the frames the
+    edit aims at; inverting under it keeps frame 0 a redraw of the image); False: no caption
+    (masked, as training drops it), so only the embedding moves the image. `embedding` [1, E]
+    replaces the image's own CLIP embedding."""
+    image = np.asarray(image)
+    direction = caption_direction(decoder, old_caption, new_caption)
+    fractions = text_diff_fractions(strength, frames)
+    z_i = decoder.embed_images(image[None]) if embedding is None else np.asarray(embedding, np.float32)
+    if invert:
+        if inverted is None:
+            inverted = text_diff_noise(
+                decoder, image[None], [new_caption], z_i, decoder_caption=decoder_caption, steps=steps
+            )
+        x_T = _repeat(inverted, frames)
+    else:
+        x_T = _repeat(decoder.noise(1, seed), frames)
+    return decoder.decode(
+        text_diff_embeddings(z_i, direction, fractions),
+        [new_caption] * frames if decoder_caption else None,
+        x_T=x_T,
+        sampler=sampler,
+        steps=steps,
+        cond_scale=cond_scale,
+        eta=eta,
+        seed=seed,
+    )
 
 
 def check_box(box, height: int, width: int, what: str = "the image") -> tuple[int, int, int, int]:

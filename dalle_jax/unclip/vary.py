@@ -1,8 +1,9 @@
-"""Variations, interpolations and inpainting of your images with a trained unCLIP decoder
-(Ramesh et al. 2022, section 3).
+"""Variations, interpolations, text diffs and inpainting of your images with a trained unCLIP
+decoder (Ramesh et al. 2022, section 3).
 
     python -m dalle_jax.unclip.vary --decoder_workdir DW [--upsampler_workdir UW] --input_dir IN \\
         --num_samples 4 [--interpolate A.png B.png --frames 8] [--inpaint_box x0,y0,x1,y1] \\
+        [--text_diff "OLD CAPTION" "NEW CAPTION" --strength 0.5 --frames 8 [--image X.png]] \\
         [--sampler ddim|dpmpp|ddpm --steps N --cond_scale S --eta E --seed K] --out_dir OUT
 
 - variations (the default): every image of IN is CLIP-embedded, DDIM-inverted to its start noise
@@ -11,6 +12,11 @@
 - --interpolate A B: --frames images from A to B, slerping the two CLIP embeddings and the two
   inverted noises (section 3.2); names not found as given are looked up in --input_dir. Writes
   OUT/interpolate/000.png ... and strip.png (A, the frames, B in one row).
+- --text_diff OLD NEW: one image (--image, else the only image of --input_dir), described by OLD,
+  edited toward NEW (section 3.3): its CLIP embedding is slerped toward normalize(z_NEW - z_OLD) by
+  theta = 0 .. --strength over --frames frames, each decoded from the image's inverted noise with
+  the NEW caption (--no_decoder_caption: none). Writes OUT/text_diff/000.png (theta 0: the image
+  redrawn) ... and strip.png (the image, then the frames).
 - --inpaint_box x0,y0,x1,y1: in every image of IN the box (input pixels, x1 / y1 exclusive) is
   redrawn under the image's CLIP embedding and the rest kept; OUT/<name>/ as for variations.
 --upsampler_workdir takes every output to the upsampler's size. OUT/settings.json records every
@@ -39,6 +45,8 @@ from dalle_jax.unclip.api import Decoder, Upsampler
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SAMPLERS = ("ddim", "dpmpp", "ddpm")
 INTERPOLATE_DIR = "interpolate"
+TEXT_DIFF_DIR = "text_diff"
+MODE_FLAGS = {"interpolate": "--interpolate", "inpaint": "--inpaint_box", "text_diff": "--text_diff"}
 
 
 def build_parser() -> ArgumentParser:
@@ -52,8 +60,34 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--out_dir", required=True)
     p.add_argument("--num_samples", type=int, default=4, help="samples per input image")
     p.add_argument("--interpolate", nargs=2, metavar=("A", "B"), default=None, help="interpolate A to B")
-    p.add_argument("--frames", type=int, default=8, help="interpolation frames, both ends included")
+    p.add_argument(
+        "--frames",
+        type=int,
+        default=uses.FRAMES,
+        help="frames of an interpolation or a text diff, both ends included",
+    )
     p.add_argument("--inpaint_box", default=None, help="x0,y0,x1,y1 in input pixels (x1, y1 exclusive)")
+    p.add_argument(
+        "--text_diff",
+        nargs=2,
+        metavar=("OLD", "NEW"),
+        default=None,
+        help="edit one image described by caption OLD toward caption NEW",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help=f"text diff: the largest slerp fraction theta, in (0, 1] (default {uses.TEXT_DIFF_STRENGTH})",
+    )
+    p.add_argument(
+        "--image", default=None, help="text diff: the image (default: the only one in --input_dir)"
+    )
+    p.add_argument(
+        "--no_decoder_caption",
+        action="store_true",
+        help="text diff: the decoder reads no caption (default: the new one), so only the embedding edits",
+    )
     p.add_argument("--fresh_noise", action="store_true", help="start from fresh noise, not the inverted one")
     p.add_argument("--sampler", choices=SAMPLERS, default=uses.VARIATION_SAMPLER)
     p.add_argument("--steps", type=int, default=uses.VARIATION_STEPS, help="sampling (and inversion) steps")
@@ -63,7 +97,7 @@ def build_parser() -> ArgumentParser:
         type=float,
         default=None,
         help=f"ddim noise in [0, 1]; default {uses.VARIATION_ETA} for variations, 0 for interpolations "
-        f"(the ends redraw A and B), {uses.INPAINT_ETA} for inpainting",
+        f"and text diffs (the ends redraw the images), {uses.INPAINT_ETA} for inpainting",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=None, help="decoder checkpoint step (default: newest)")
@@ -83,17 +117,45 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
     return box
 
 
+def check_text_diff_args(args, mode: str) -> None:
+    """The text diff's own flags: used only with --text_diff, two different non-empty captions, a
+    strength in (0, 1]."""
+    if mode != "text_diff":
+        for flag, given in (
+            ("--strength", args.strength is not None),
+            ("--image", args.image is not None),
+            ("--no_decoder_caption", args.no_decoder_caption),
+        ):
+            if given:
+                raise ValueError(f"{flag} is for --text_diff only")
+        return
+    if not args.input_dir and not args.image:
+        raise ValueError("--text_diff needs --image or an --input_dir holding one image")
+    old, new = args.text_diff
+    for which, caption in (("old", old), ("new", new)):
+        if not caption.strip():
+            raise ValueError(f"--text_diff: the {which} caption is empty")
+    if " ".join(old.split()) == " ".join(new.split()):
+        raise ValueError(f"--text_diff: the two captions are the same ({old!r}): nothing to edit toward")
+    strength = text_diff_strength(args)
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"--strength must be in (0, 1], got {strength}")
+
+
 def check_args(args) -> str:
-    """The mode (variations | interpolate | inpaint) from the arguments alone, before any file is read."""
-    if args.interpolate is not None and args.inpaint_box is not None:
-        raise ValueError("choose --interpolate or --inpaint_box, not both")
-    mode = "interpolate" if args.interpolate is not None else "inpaint" if args.inpaint_box else "variations"
-    if mode != "interpolate" and not args.input_dir:
+    """The mode (variations | interpolate | inpaint | text_diff) from the arguments alone, before
+    any file is read."""
+    chosen = [mode for mode, flag in MODE_FLAGS.items() if getattr(args, flag[2:]) is not None]
+    if len(chosen) > 1:
+        raise ValueError(f"choose one of {', '.join(MODE_FLAGS[m] for m in chosen)}, not several")
+    mode = chosen[0] if chosen else "variations"
+    if mode in ("variations", "inpaint") and not args.input_dir:
         raise ValueError(f"{mode} needs --input_dir")
+    check_text_diff_args(args, mode)
     if args.num_samples < 1:
         raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
     if args.frames < 2:
-        raise ValueError(f"--frames must be >= 2 (both ends of the interpolation), got {args.frames}")
+        raise ValueError(f"--frames must be >= 2 (both ends included), got {args.frames}")
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {args.steps}")
     if args.cond_scale < 0:
@@ -111,7 +173,12 @@ def check_args(args) -> str:
 def default_eta(mode: str, sampler: str) -> float:
     if sampler != "ddim":
         return 0.0
-    return {"variations": uses.VARIATION_ETA, "interpolate": 0.0, "inpaint": uses.INPAINT_ETA}[mode]
+    return {
+        "variations": uses.VARIATION_ETA,
+        "interpolate": 0.0,
+        "inpaint": uses.INPAINT_ETA,
+        "text_diff": 0.0,
+    }[mode]
 
 
 def read_image(path: str) -> np.ndarray:
@@ -145,17 +212,31 @@ def read_input_dir(input_dir: str) -> list[tuple[str, str, np.ndarray]]:
     ]
 
 
-def find_interpolation_ends(names, input_dir: str | None) -> list[tuple[str, str, np.ndarray]]:
-    ends = []
+def find_named_images(names, input_dir: str | None, flag: str) -> list[tuple[str, str, np.ndarray]]:
+    """(name, path, uint8 image) per file name; a name not found as given is looked up in input_dir."""
+    found = []
     for name in names:
         path = name
         if not os.path.isfile(path) and input_dir and os.path.isfile(os.path.join(input_dir, name)):
             path = os.path.join(input_dir, name)
         if not os.path.isfile(path):
             where = f" (nor in --input_dir {input_dir})" if input_dir else ""
-            raise ValueError(f"--interpolate: {name} not found{where}")
-        ends.append((os.path.splitext(os.path.basename(path))[0], path, read_image(path)))
-    return ends
+            raise ValueError(f"{flag}: {name} not found{where}")
+        found.append((os.path.splitext(os.path.basename(path))[0], path, read_image(path)))
+    return found
+
+
+def find_text_diff_image(args) -> list[tuple[str, str, np.ndarray]]:
+    """[(name, path, image)]: --image, else the one image of --input_dir."""
+    if args.image:
+        return find_named_images([args.image], args.input_dir, "--image")
+    inputs = read_input_dir(args.input_dir)
+    if len(inputs) > 1:
+        raise ValueError(
+            f"--text_diff edits one image but --input_dir {args.input_dir} holds {len(inputs)}: "
+            "name one with --image"
+        )
+    return inputs
 
 
 def load_models(args, decoder=None, upsampler=None):
@@ -225,6 +306,41 @@ def run_interpolate(decoder, upsampler, ends, args, sampling) -> np.ndarray:
     return uses.upsample(upsampler, frames, seed=args.seed)
 
 
+def run_text_diff(decoder, upsampler, inputs, args, sampling) -> np.ndarray:
+    (_, _, image), (old, new) = inputs[0], args.text_diff
+    frames = uses.text_diff(
+        decoder,
+        image,
+        old,
+        new,
+        strength=text_diff_strength(args),
+        frames=args.frames,
+        decoder_caption=not args.no_decoder_caption,
+        invert=not args.fresh_noise,
+        **sampling,
+    )
+    return uses.upsample(upsampler, frames, seed=args.seed)
+
+
+def text_diff_strength(args) -> float:
+    return uses.TEXT_DIFF_STRENGTH if args.strength is None else float(args.strength)
+
+
+def text_diff_settings(args) -> dict:
+    """What settings.json records of a text diff (None in other modes)."""
+    if args.text_diff is None:
+        return dict(old_caption=None, new_caption=None, strength=None, decoder_caption=None, thetas=None)
+    old, new = args.text_diff
+    strength = text_diff_strength(args)
+    return dict(
+        old_caption=old,
+        new_caption=new,
+        strength=strength,
+        decoder_caption=None if args.no_decoder_caption else new,
+        thetas=[round(float(t), 6) for t in uses.text_diff_fractions(strength, args.frames)],
+    )
+
+
 def write_samples(folder: str, samples: np.ndarray, before: list, after: list, grid_name: str) -> list:
     """NNN.png per sample and one sheet: the `before` images, the samples, the `after` images
     (in one row for a strip)."""
@@ -250,7 +366,9 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
     try:
         mode = check_args(args)
         if mode == "interpolate":
-            inputs = find_interpolation_ends(args.interpolate, args.input_dir)
+            inputs = find_named_images(args.interpolate, args.input_dir, "--interpolate")
+        elif mode == "text_diff":
+            inputs = find_text_diff_image(args)
         else:
             inputs = read_input_dir(args.input_dir)
         box = parse_box(args.inpaint_box) if mode == "inpaint" else None
@@ -258,6 +376,8 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
             uses.check_box(box, *image.shape[:2], what=path)
         decoder, upsampler = load_models(args, decoder, upsampler)
         masks = {name: uses.box_mask(image.shape[:2], box, decoder) for name, _, image in inputs if box}
+        if mode == "text_diff":
+            uses.caption_direction(decoder, *args.text_diff)  # empty, over-long or same captions
     except (ValueError, FileNotFoundError, ConfigError) as e:
         fail(str(e))
 
@@ -268,6 +388,8 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
     start = time.perf_counter()
     if mode == "interpolate":
         results = {INTERPOLATE_DIR: run_interpolate(decoder, upsampler, inputs, args, sampling)}
+    elif mode == "text_diff":
+        results = {TEXT_DIFF_DIR: run_text_diff(decoder, upsampler, inputs, args, sampling)}
     elif mode == "inpaint":
         results = run_inpaint(decoder, upsampler, inputs, args, sampling, masks)
     else:
@@ -279,14 +401,17 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
         folder = os.path.join(args.out_dir, name)
         if mode == "interpolate":
             written[name] = write_samples(folder, samples, [inputs[0][2]], [inputs[1][2]], "strip.png")
+        elif mode == "text_diff":
+            written[name] = write_samples(folder, samples, [inputs[0][2]], [], "strip.png")
         else:
             source = next(image for n, _, image in inputs if n == name)
             written[name] = write_samples(folder, samples, [source], [], "grid.png")
     settings = dict(
         mode=mode,
         **sampling,
-        num_samples=None if mode == "interpolate" else args.num_samples,
-        frames=args.frames if mode == "interpolate" else None,
+        num_samples=None if mode in ("interpolate", "text_diff") else args.num_samples,
+        frames=args.frames if mode in ("interpolate", "text_diff") else None,
+        **text_diff_settings(args),
         inverted_noise=not args.fresh_noise and mode != "inpaint",
         inpaint_box=list(box) if box else None,
         inpaint_pixels_redrawn={n: int(m.sum()) for n, m in masks.items()} if box else None,
