@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8
 
-.PHONY: venv test lint demo bench clean
+.PHONY: venv test faults lint demo bench clean
 
 venv: $(STAMP)
 
@@ -28,7 +28,12 @@ $(TEST_STAMP): $(STAMP)
 
 # Two pytest workers; --dist loadfile keeps each file (and its module-scoped trained fixtures) in one.
 test: lint
-	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not faults" tests
+
+# The slow fault-injection runs (tests marked `faults`: all 10 kill -9 points, the trainer command's
+# exit codes, SIGTERM to one of two processes); `make test` runs a quick part of tests/test_faults.py.
+faults: $(TEST_STAMP)
+	$(FAKE_DEVICES) $(VPY) -m pytest -q --durations=15 -m faults tests/test_faults.py
 
 # ruff (pyflakes, pycodestyle, bugbear; rules in ruff.toml) and its formatter come with the test
 # extra; `$(VENV)/bin/ruff format .` applies the format this checks.

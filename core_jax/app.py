@@ -21,6 +21,7 @@ from core_jax import distributed, trainer
 # Re-exported: core_jax.app.ArgumentParser / fail are how tools and docs have reached them.
 from core_jax.cli import ArgumentParser, fail  # noqa: F401
 from core_jax.config import ConfigError, validate
+from core_jax.errors import RunError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
@@ -118,6 +119,8 @@ def run_trainer(make_task: Callable, default_config: str):
         try:
             trainer.train(config, workdir, task)
         except ConfigError as e:  # found once the model's params exist (init_from, frozen)
+            fail(str(e))
+        except RunError as e:  # no intact checkpoint, a refused write, a loss that stays non-finite
             fail(str(e))
 
     app.run(main, flags_parser=_flags_parser)

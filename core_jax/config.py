@@ -39,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
     # layer's saved activations costs a small model's CPU step 10-22%. Compile time grows with it.
     c.scan_unroll = 1
     c.nan_policy = "skip"  # skip: drop the update and count it; abort: stop the run
+    # Under nan_policy='skip', this many non-finite steps in a row stop the run (0: never): a
+    # skipped step leaves the params as they were, so once the params themselves give a
+    # non-finite loss every later step is skipped too and the run would idle to its end.
+    c.max_consecutive_nonfinite = 10
     # Fine-tuning (core_jax/finetune.py): a fresh run starts from the params of this workdir's
     # newest checkpoint; `frozen` (comma list of param-path prefixes, e.g. "encoder") get no updates.
     c.init_from = ""
@@ -120,6 +124,10 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         )
     if config.nan_policy not in ("skip", "abort"):
         raise ConfigError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
+    if int(config.get("max_consecutive_nonfinite", 0)) < 0:
+        raise ConfigError(
+            f"config.max_consecutive_nonfinite must be >= 0 (0 = never stop), got {config.max_consecutive_nonfinite}"
+        )
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
     if int(config.optim.get("decay_steps", 0) or 0) < 0:

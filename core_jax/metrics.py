@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from core_jax.errors import write_error
+
 # Dense bf16 peak per chip, for MFU on accelerators. CPUs are measured instead (see peak_flops).
 PEAK_FLOPS_PER_CHIP = {
     "TPU v4": 275e12,
@@ -61,7 +63,8 @@ def _scalar(v):
 
 
 class MetricsWriter:
-    """Writes one JSON object per logged step; only the main process writes (others are no-ops)."""
+    """Writes one JSON object per logged step; only the main process writes (others are no-ops).
+    A refused write (a full disk) raises a one-line RunError naming the file and the errno."""
 
     def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
         self.workdir = workdir
@@ -70,8 +73,12 @@ class MetricsWriter:
         self._jsonl = None
         if not enabled:
             return
-        os.makedirs(workdir, exist_ok=True)
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            self._jsonl = open(self.path, "a")
+        except OSError as e:
+            raise write_error(e.filename or self.path, e.errno, str(e)) from None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # lazy: optional, see the except below
@@ -85,8 +92,11 @@ class MetricsWriter:
             return
         row = {"step": int(step)}
         row.update({k: _scalar(v) for k, v in scalars.items()})
-        self._jsonl.write(json.dumps(row) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(row) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            raise write_error(self.path, e.errno, str(e)) from None
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
@@ -98,16 +108,25 @@ class MetricsWriter:
             return
 
         d = os.path.join(self.workdir, "images")
-        os.makedirs(d, exist_ok=True)
         for name, img in images.items():
             img = np.asarray(img)
-            Image.fromarray(img).save(os.path.join(d, f"{name.replace('/', '_')}_{step:07d}.png"))
+            path = os.path.join(d, f"{name.replace('/', '_')}_{step:07d}.png")
+            try:
+                os.makedirs(d, exist_ok=True)
+                Image.fromarray(img).save(path)
+            except OSError as e:
+                raise write_error(path, e.errno, str(e)) from None
             if self._tb is not None:
                 self._tb.add_image(name, img, step, dataformats="HWC")
 
     def close(self) -> None:
         if self._jsonl is not None:
-            self._jsonl.close()
+            # Every row was flushed as it was written: closing loses nothing, and must not hide
+            # the write error that stopped the run behind a second one.
+            try:
+                self._jsonl.close()
+            except OSError:
+                pass
         if self._tb is not None:
             self._tb.close()
 

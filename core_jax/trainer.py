@@ -20,14 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from core_jax import checkpoint, finetune, sharding
 from core_jax import data as data_lib
 from core_jax import metrics as metrics_lib
-from core_jax.errors import ConfigError
+from core_jax.errors import ConfigError, RunError, write_error
 from core_jax.optim import make_optimizer
+from core_jax.preemption import Preemption
 
 
 @dataclasses.dataclass
@@ -112,8 +114,41 @@ def _ema_from(params, param_shardings):
     return jax.jit(_ema_copy, out_shardings=param_shardings)(params)
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(RunError):
+    """The loss or gradient stayed non-finite for config.max_consecutive_nonfinite steps (or one
+    step under nan_policy='abort')."""
+
+
+class NonFiniteGuard:
+    """Counts consecutive non-finite steps on the host (from the metrics read one step late) and
+    stops the run after the limit: 1 under nan_policy='abort', else
+    config.max_consecutive_nonfinite (0: never). Skipped steps leave the params untouched, so
+    every checkpoint, the last one included, holds finite params."""
+
+    def __init__(self, config):
+        self.limit = (
+            1 if config.nan_policy == "abort" else int(config.get("max_consecutive_nonfinite", 0) or 0)
+        )
+        self.run = 0
+
+    def observe(self, step: int, scalars: Mapping[str, float]) -> None:
+        if not scalars.get("nonfinite"):
+            self.run = 0
+            return
+        self.run += 1
+        if not self.limit or self.run < self.limit:
+            return
+        bad = [
+            f"{k}={scalars[k]}" for k in ("loss", "grad_norm") if k in scalars and not np.isfinite(scalars[k])
+        ]
+        what = ", ".join(bad) or "loss or gradient not finite"
+        if self.limit == 1:
+            raise NonFiniteLoss(f"non-finite loss or gradient at step {step} ({what}; nan_policy=abort)")
+        raise NonFiniteLoss(
+            f"{self.run} consecutive non-finite steps, the last at step {step} ({what}; "
+            f"config.max_consecutive_nonfinite={self.limit}); their updates were skipped, so the "
+            f"checkpoints hold the last finite params"
+        )
 
 
 def next_global_batch(it, task: Task, mesh, timings: dict | None = None) -> dict:
@@ -424,12 +459,22 @@ def train(
     stop_at_step: int | None = None,
     log_fn=metrics_lib.print_progress,
 ) -> dict:
-    """Trains `task` per `config` into `workdir`, resuming from its newest checkpoint if any.
+    """Trains `task` per `config` into `workdir`, resuming from its newest intact checkpoint if any.
 
     `stop_at_step` ends the run early (as a crash would) after saving nothing extra; tests use it
-    to check that resuming reproduces an uninterrupted run. Returns the last logged scalars.
+    to check that resuming reproduces an uninterrupted run. A SIGTERM ends it early too, after
+    saving the step every process agrees on (core_jax.preemption). Returns the last logged scalars.
+    Raises ConfigError or RunError (one line each) for what a person has to fix.
     """
     check_accumulation(task, config)  # before the workdir is touched
+    preemption = Preemption(check_every=config.log_every)
+    try:
+        return _train(config, workdir, task, preemption, devices, stop_at_step, log_fn)
+    finally:
+        preemption.close()
+
+
+def _train(config, workdir, task, preemption, devices, stop_at_step, log_fn) -> dict:
     main_process = jax.process_index() == 0
     if not main_process:
         log_fn = lambda line: None  # noqa: E731  (only process 0 talks)
@@ -457,25 +502,9 @@ def train(
     if frozen:  # checked on shapes, before anything compiles
         n_frozen, n_params = finetune.check_frozen(abstract_state.params, frozen)
     start_step = 0
-    latest = manager.latest_step()
-    if latest is not None:
-        # Restored straight into the abstract state: a resumed run never compiles or runs the init.
-        try:
-            finetune.check_param_shapes(
-                f"the checkpoint at step {latest} in {workdir}",
-                checkpoint.param_shapes(workdir, latest),
-                abstract_state.params,
-            )
-            state, data_state, ema_note = _restore(manager, workdir, latest, abstract_state, shardings)
-        except ValueError as e:  # before config.json is rewritten, so the workdir stays consistent
-            lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
-            detail = lines[0].rstrip(":")
-            if lines[0].endswith(":") and len(lines) > 1:  # orbax: "... do not match:\nopt_state[1]:"
-                detail += f" at {lines[1].rstrip(':')}"
-            raise ConfigError(
-                f"cannot resume: {detail}; resume with the config it was trained with "
-                f"(its config.json) or pick a new --workdir"
-            ) from None
+    resumed = _resume(manager, workdir, abstract_state, shardings, log_fn)
+    if resumed is not None:
+        state, data_state, ema_note = resumed
         start_step = int(state.step)
         try:
             it.set_state(data_state)
@@ -518,9 +547,12 @@ def train(
     # Written only once the state matches the config: a run that fails on its config leaves an
     # existing workdir's config.json (what its checkpoints were trained with) as it was.
     if main_process:
-        checkpoint.write_config(workdir, config if task.config is None else task.config)
-        for name, src in task.extra_files.items():
-            _copy_into(workdir, name, src)
+        try:
+            checkpoint.write_config(workdir, config if task.config is None else task.config)
+            for name, src in task.extra_files.items():
+                _copy_into(workdir, name, src)
+        except OSError as e:
+            raise write_error(e.filename or workdir, e.errno, str(e)) from None
 
     train_step = jit_train_step(
         task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, batch)
@@ -534,6 +566,8 @@ def train(
     # Opened only now, so a config or init_from error above leaves no writer thread behind, and
     # closed however the loop ends (an abort on a non-finite loss raises out of it).
     writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    guard = NonFiniteGuard(config)
+    finished = preempted = False
     try:
         last_scalars: dict = {}
         pending = None  # the previous step's metrics, read one step late so the host never waits
@@ -547,7 +581,7 @@ def train(
             step += 1
             steps_since_log += 1
             if pending is not None:
-                last_scalars = _handle_metrics(pending, config, writer, log_fn)
+                last_scalars = _handle_metrics(pending, guard, writer, log_fn)
             pending = None
             if step % config.log_every == 0 or step == total:
                 now = time.perf_counter()
@@ -568,10 +602,19 @@ def train(
                 # Read back after the next step is dispatched, so the host never waits on the device.
                 pending = (step, total, step_metrics, extra, rate * (total - step))
                 t_log, steps_since_log, waits = now, 0, {}
-            elif config.nan_policy == "abort":
-                pending = (step, total, {"nonfinite": step_metrics["nonfinite"]}, None, 0)
-            if step % config.checkpoint_every == 0 or step == total:
+            elif guard.limit:
+                pending = (
+                    step,
+                    total,
+                    {k: step_metrics[k] for k in ("nonfinite", "loss", "grad_norm")},
+                    None,
+                    0,
+                )
+            preempted = step < total and preemption.reached(step)  # every process asks at every step
+            if step % config.checkpoint_every == 0 or step == total or preempted:
                 checkpoint.save(manager, step, state, it.get_state(), force=True)
+            if preempted:
+                break
             if (step % config.eval_every == 0 or step == total) and (task.evaluators or task.image_fn):
                 _run_evals(task, state, batch, step, writer, log_fn, mesh)
             if stop_at_step is not None and step >= stop_at_step:
@@ -579,10 +622,19 @@ def train(
             if step < total:
                 batch = next_global_batch(it, task, mesh, waits)
         if pending is not None:
-            last_scalars = _handle_metrics(pending, config, writer, log_fn)
-        manager.wait_until_finished()
-        manager.close()
+            last_scalars = _handle_metrics(pending, guard, writer, log_fn)
+        checkpoint.wait_until_saved(manager)
+        finished = True
+        if preempted:
+            log_fn(f"preempted at step {step}: saved, exiting")
     finally:
+        if not finished:
+            # Stopped by an error: the save in flight still completes, so the newest checkpoint
+            # is whole; an error of that save is the one already raised, or secondary to it.
+            with contextlib.suppress(Exception):
+                manager.wait_until_finished()
+        with contextlib.suppress(Exception):
+            manager.close()
         writer.close()
     return last_scalars
 
@@ -624,12 +676,75 @@ def _restore(manager, workdir, step, state, shardings):
     return restored, data_state, ""
 
 
-def _handle_metrics(pending, config, writer, log_fn) -> dict:
+def _agreed(reason: str | None) -> str | None:
+    """A damage verdict every process shares: damaged anywhere is damaged everywhere."""
+    if jax.process_count() == 1:
+        return reason
+    anywhere = multihost_utils.process_allgather(np.int32(reason is not None))
+    return reason or ("damaged as another process reads it" if np.max(anywhere) else None)
+
+
+def _cannot_resume(e: ValueError) -> ConfigError:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    detail = lines[0].rstrip(":")
+    if lines[0].endswith(":") and len(lines) > 1:  # orbax: "... do not match:\nopt_state[1]:"
+        detail += f" at {lines[1].rstrip(':')}"
+    return ConfigError(
+        f"cannot resume: {detail}; resume with the config it was trained with "
+        f"(its config.json) or pick a new --workdir"
+    )
+
+
+def _resume(manager, workdir, abstract_state, shardings, log_fn):
+    """(state, data state, note for the log) of the newest intact checkpoint, restored straight
+    into the abstract state (a resumed run never compiles or runs the init); None when `workdir`
+    holds no checkpoint.
+
+    Damaged checkpoints (an unfinished save, unreadable metadata, missing or changed bytes) are
+    skipped, one log line each, and moved to WORKDIR/damaged_checkpoints/ once an intact one is
+    restored, so that neither orbax's max_to_keep cleanup nor this run's save of the same step
+    meets them. With none intact, a RunError names the workdir and nothing is moved. A config
+    that does not fit a checkpoint is a ConfigError, raised before config.json is rewritten so
+    the workdir stays consistent."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    if not steps:
+        return None
+    damaged = []
+    for step in steps:
+        reason = _agreed(checkpoint.damage(workdir, step))
+        if reason is None:
+            try:
+                finetune.check_param_shapes(
+                    f"the checkpoint at step {step} in {workdir}",
+                    checkpoint.param_shapes(workdir, step),
+                    abstract_state.params,
+                )
+                restored = _restore(manager, workdir, step, abstract_state, shardings)
+            except checkpoint.DamagedCheckpoint as e:
+                reason = e.reason
+            except ValueError as e:
+                raise _cannot_resume(e) from None
+            reason = _agreed(reason)
+        if reason is None:
+            break
+        damaged.append((step, reason))
+    else:
+        found = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+        raise RunError(
+            f"no intact checkpoint to resume from in {checkpoint.checkpoint_dir(workdir)} ({found}); "
+            f"move the checkpoints away to start afresh, or pick a new --workdir"
+        )
+    moved = checkpoint.set_aside(manager, workdir, [step for step, _ in damaged])
+    for (step, reason), dest in zip(damaged, moved):
+        log_fn(f"warning: skipped damaged checkpoint {step} ({reason}); moved to {dest}")
+    return restored
+
+
+def _handle_metrics(pending, guard: NonFiniteGuard, writer, log_fn) -> dict:
     step, total, scalars, extra, eta = pending
     scalars = {k: float(np.asarray(v)) for k, v in jax.device_get(scalars).items()}
-    if config.nan_policy == "abort" and scalars.get("nonfinite"):
-        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (nan_policy=abort)")
-    if extra is None:  # a step between log lines: only its abort check
+    guard.observe(step, scalars)
+    if extra is None:  # a step between log lines: only its non-finite check
         return {}
     scalars.update(extra)
     writer.write_scalars(step, scalars)

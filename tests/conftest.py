@@ -15,3 +15,9 @@ from tests import compile_memo  # noqa: E402
 
 assert jax.device_count() == 8, "tests need 8 fake CPU devices; was jax imported before conftest?"
 compile_memo.install()
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "faults: the slow fault-injection runs (`make faults`; `make test` leaves them out)"
+    )

@@ -71,7 +71,13 @@ def toy_config(**overrides):
 make_task = lambda config, workdir: make_toy_task(config, workdir)  # noqa: E731  (core_jax.aot entry)
 
 
-def make_toy_task(config, workdir=None, poison_step=None, width=32):
+def get_config(arg=None):
+    """toy_config() as a config file (`--config tests/toy_task.py`, tests/fault_worker.py)."""
+    return toy_config()
+
+
+def make_toy_task(config, workdir=None, poison_step=None, width=32, poison_steps=()):
+    """`poison_step` / `poison_steps`: steps whose loss is NaN."""
     model = ToyClassifier(width=width)
 
     def example_fn(raw, rng):
@@ -89,8 +95,9 @@ def make_toy_task(config, workdir=None, poison_step=None, width=32):
         labels = jnp.where(valid, batch["label"], 0)
         ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], -1)[:, 0]
         loss = jnp.sum(ce * valid) / jnp.maximum(valid.sum(), 1)
-        if poison_step is not None:
-            loss = jnp.where(step == poison_step, jnp.nan, loss)
+        poisoned = tuple(poison_steps) + (() if poison_step is None else (poison_step,))
+        if poisoned:
+            loss = jnp.where(jnp.isin(step, jnp.asarray(poisoned)), jnp.nan, loss)
         acc = jnp.sum((logits.argmax(-1) == labels) * valid) / jnp.maximum(valid.sum(), 1)
         return loss, {"accuracy": acc}
 

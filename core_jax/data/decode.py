@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from core_jax.data import image_ops
+from core_jax.errors import RunError
 
 # Defaults (also in default_data_config): 8 px is the smallest side worth up-sampling to a
 # training resolution; 100M pixels (10000x10000) admits any real photo while keeping a single
@@ -47,8 +48,9 @@ class SkipExample(Exception):
         self.reason = reason
 
 
-class NoUsableExamples(RuntimeError):
-    """A whole pass over a source produced nothing usable; raised instead of looping forever."""
+class NoUsableExamples(RunError):
+    """A whole pass over a source produced nothing usable; raised instead of looping forever
+    (entry points print it as one `error:` line)."""
 
 
 def _check_size(width: int, height: int, min_side: int, max_pixels: int | None) -> None:

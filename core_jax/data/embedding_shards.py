@@ -17,6 +17,7 @@ import zipfile
 
 import numpy as np
 
+from core_jax.data.decode import SkipExample
 from core_jax.data.token_shards import _open_columns
 
 COLUMNS = ("image_embedding", "text_embedding", "text", "captions", "keys")
@@ -96,9 +97,12 @@ class EmbeddingShardSource:
             raise IndexError(f"{self.name}: index {i} out of range for {len(self)} examples")
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         row, columns = i - int(self._starts[shard]), self._columns[shard]
-        with open(self._paths[shard], "rb") as f:
-            fd = f.fileno()
-            out = {key: columns[key].row(fd, row) for key in columns}
+        try:
+            with open(self._paths[shard], "rb") as f:
+                fd = f.fileno()
+                out = {key: columns[key].row(fd, row) for key in columns}
+        except OSError as e:  # a shard deleted or cut short while the run reads it
+            raise SkipExample("unreadable_shard", f"{self._paths[shard]}: {e}") from None
         caption = str(out["captions"])
         key = str(out.get("keys", "")) or f"{i}"
         return {

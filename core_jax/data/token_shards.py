@@ -169,11 +169,14 @@ class TokenShardSource:
             raise IndexError(f"{self.name}: index {i} out of range for {len(self)} examples")
         shard = int(np.searchsorted(self._starts, i, side="right")) - 1
         row, columns = i - int(self._starts[shard]), self._columns[shard]
-        f = self._file(shard)
-        fd = f.fileno()
-        tokens = columns["tokens"].row(fd, row).reshape(-1).astype(np.int32)
-        caption = str(columns["captions"].row(fd, row))
-        key = str(columns["keys"].row(fd, row)) if "keys" in columns else ""
+        try:
+            f = self._file(shard)  # held while reading: an evicted file closes when dropped
+            fd = f.fileno()
+            tokens = columns["tokens"].row(fd, row).reshape(-1).astype(np.int32)
+            caption = str(columns["captions"].row(fd, row))
+            key = str(columns["keys"].row(fd, row)) if "keys" in columns else ""
+        except OSError as e:  # a shard deleted or cut short while the run reads it
+            raise SkipExample("unreadable_shard", f"{self._paths[shard]}: {e}") from None
         key = key or f"{i}"
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise SkipExample("bad_tokens", key)
