@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -12,8 +10,8 @@ from PIL import Image
 from core_jax.checkpoint import param_shapes
 from core_jax.data.shapes import make_example
 from dalle_jax.dvae_api import DVAE
+from tests.testfiles import run_module
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = [
     "--config.total_steps=2",
     "--config.batch_size=8",
@@ -34,15 +32,7 @@ TINY = [
 
 
 def run(*args, check=True):
-    env = dict(
-        os.environ,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
+    proc = run_module(*args)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"

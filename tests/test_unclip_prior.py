@@ -8,8 +8,6 @@ cost is compiling, not running.
 
 import json
 import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import jax
@@ -22,10 +20,9 @@ from core_jax import data as data_lib
 from dalle_jax.unclip import embedding_stats, prior, prior_sample, prior_task, samplers
 from dalle_jax.unclip.api import Prior
 from dalle_jax.unclip.encode_embeddings import encode_split
-from tests.testfiles import load_config
+from tests.testfiles import load_config, run_module
 from tests.workdirs import random_params, tiny_clip_workdir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 LEARNING_RATE = 3e-3
 
@@ -330,24 +327,12 @@ def test_embedding_shards_feed_the_prior(tmp_path, clip_workdir):
     )
 
 
-def run_cli(*args):
-    env = dict(
-        os.environ,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_bad_input_is_one_line_and_exit_2(tmp_path, full_run):
     decoder = str(tmp_path / "decoder")
     checkpoint.write_config(decoder, load_config("unclip_decoder_shapes"))
     base = ["dalle_jax.unclip.train_prior", "--config", "configs/unclip_prior_shapes.py"]
-    missing = run_cli(*base, "--workdir", str(tmp_path / "a"))
-    encode = run_cli(
+    missing = run_module(*base, "--workdir", str(tmp_path / "a"))
+    encode = run_module(
         "dalle_jax.unclip.encode_embeddings", "--clip_workdir", decoder, "--out_dir", str(tmp_path / "emb")
     )
     for proc, says in [

@@ -8,8 +8,6 @@ compiling, not running.
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +18,9 @@ from core_jax import checkpoint, trainer
 from core_jax import data as data_lib
 from dalle_jax.unclip import decoder_task, pixels, samplers, unet, upsampler_task
 from dalle_jax.unclip.api import Decoder
-from tests.testfiles import load_config
+from tests.testfiles import load_config, run_module
 from tests.workdirs import random_params, tiny_clip_workdir, tiny_dvae_workdir
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
 LEARNING_RATE = 3e-3
 
@@ -161,23 +158,11 @@ def test_guidance_dropout_rates_and_the_host_batch(clip_workdir):
     assert not np.asarray(cond["text_mask"])[~(small["caption_kept"] > 0)].any()
 
 
-def run_cli(*args):
-    env = dict(
-        os.environ,
-        PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",
-    )
-    return subprocess.run(
-        [sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
-    )
-
-
 def test_train_decoder_needs_a_clip_workdir(tmp_path):
     base = ["dalle_jax.unclip.train_decoder", "--config", "configs/unclip_decoder_shapes.py"]
-    missing = run_cli(*base, "--workdir", str(tmp_path / "a"))
+    missing = run_module(*base, "--workdir", str(tmp_path / "a"))
     dvae = tiny_dvae_workdir(str(tmp_path / "dvae"))
-    wrong = run_cli(*base, f"--config.clip_workdir={dvae}", "--workdir", str(tmp_path / "b"))
+    wrong = run_module(*base, f"--config.clip_workdir={dvae}", "--workdir", str(tmp_path / "b"))
     for proc, says in [
         (missing, "config.clip_workdir is empty"),
         (wrong, "holds a dVAE workdir, not a CLIP"),
