@@ -4,7 +4,8 @@ once per test process (tests/compile_memo.py)."""
 import os
 
 # LLVM's optimisation level 0: the tests' programs are tiny and compiles dominate the suite
-# (about a third less time); XLA's own passes, and so the numerics under test, are unchanged.
+# (about a third less time). Code generation may round differently from the default level, so a
+# test comparing runs bit for bit runs them all with these flags (subprocesses inherit them).
 TEST_XLA_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
 _kept = [
     f

@@ -435,13 +435,17 @@ KILL_POINTS = kill_points()  # all under `make faults`
 QUICK_KILL_POINTS = ("save:4:0", "step:3")
 
 
+# The suite's XLA flags with one device: bit-exact comparisons need the flags in-process runs have.
+ONE_DEVICE_FLAGS = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=1")
+
+
 def worker(workdir, *args, env=None, wrap=(), steps=STEPS, checkpoint_every=2):
     """tests/fault_worker.py (the toy task as a trainer command) on one CPU device, started by
     the command `wrap` if given."""
     cmd = [*wrap, sys.executable, "-m", "tests.fault_worker", f"--workdir={workdir}", *args]
     cmd += [f"--config.total_steps={steps}", f"--config.checkpoint_every={checkpoint_every}"]
     full_env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-    full_env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    full_env["XLA_FLAGS"] = ONE_DEVICE_FLAGS
     full_env.update(env or {})
     return subprocess.Popen(
         cmd, cwd=REPO, env=full_env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -537,7 +541,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step(tmp_path, servic
     # JAX's sync point takes a few seconds to agree on a step here: a run long enough for it.
     steps, every = 30, 10
     wd = str(tmp_path / "run")
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    env = {"XLA_FLAGS": ONE_DEVICE_FLAGS}
     if service == "allgather":
         env["JAX_ENABLE_PREEMPTION_SERVICE"] = "false"
 
