@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import zipfile
 
 import numpy as np
 
-from core_jax.data.decode import SkipExample
-from core_jax.data.token_shards import _open_columns
+from core_jax.data.token_shards import ShardRows
 
 COLUMNS = ("image_embedding", "text_embedding", "text", "captions", "keys")
 REQUIRED = COLUMNS[:4]
@@ -43,68 +41,30 @@ def read_index(data_dir: str) -> dict:
     return index
 
 
-class EmbeddingShardSource:
+class EmbeddingShardSource(ShardRows):
     """Random access over one split of an embedding-shard directory."""
+
+    COLUMNS, REQUIRED = COLUMNS, REQUIRED
+    source, kind = "data.embeddings_dir", "embedding shard"
 
     def __init__(self, data_dir: str, split: str):
         index = read_index(data_dir)
-        if split not in index["splits"]:
-            raise ValueError(
-                f"data.embeddings_dir: split {split!r} is not in {data_dir}/{INDEX_FILE} "
-                f"(it has {sorted(index['splits'])}); encode it with encode_embeddings --split {split}"
-            )
-        self.name = f"embeddings {data_dir} [{split}]"
+        self.writer = f"encode_embeddings --split {split}"
         self.clip_dim, self.text_length = int(index["clip_dim"]), int(index["text_length"])
+        super().__init__(data_dir, split, index, name=f"embeddings {data_dir} [{split}]")
+
+    def check_shard(self, path, shard, columns):
         widths = {"image_embedding": self.clip_dim, "text_embedding": self.clip_dim, "text": self.text_length}
-        self._paths, self._columns, counts = [], [], []
-        for name in index["splits"][split]["shards"]:
-            path = os.path.join(data_dir, name)
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{data_dir}/{INDEX_FILE} lists {name}, which does not exist")
-            try:
-                columns = _open_columns(path, COLUMNS)
-            except (zipfile.BadZipFile, ValueError, OSError) as e:
-                raise ValueError(f"{path}: not a readable embedding shard ({e})") from None
-            missing = [key for key in REQUIRED if key not in columns]
-            if missing:
+        for key, width in widths.items():
+            if columns[key].shape[1:] != (width,):
                 raise ValueError(
-                    f"{path}: no {', '.join(missing)} (encode_embeddings writes {', '.join(COLUMNS)})"
+                    f"{path}: {key} rows are {columns[key].shape[1:]}, {INDEX_FILE} says ({width},)"
                 )
-            for key, width in widths.items():
-                if columns[key].shape[1:] != (width,):
-                    raise ValueError(
-                        f"{path}: {key} rows are {columns[key].shape[1:]}, {INDEX_FILE} says ({width},)"
-                    )
-            n = columns["image_embedding"].shape[0]
-            if any(c.shape[0] != n for c in columns.values()):
-                raise ValueError(f"{path}: its arrays differ in length")
-            self._paths.append(path)
-            self._columns.append(columns)
-            counts.append(n)
-        if not self._paths:
-            raise ValueError(f"data.embeddings_dir: split {split!r} of {data_dir} has no shards")
-        self._starts = np.concatenate([[0], np.cumsum(counts)])
-
-    def __len__(self):
-        return int(self._starts[-1])
-
-    def __getitem__(self, i):
-        return self.load(i, None)
 
     def load(self, i, rng):
-        i = int(i)
-        if not 0 <= i < len(self):
-            raise IndexError(f"{self.name}: index {i} out of range for {len(self)} examples")
-        shard = int(np.searchsorted(self._starts, i, side="right")) - 1
-        row, columns = i - int(self._starts[shard]), self._columns[shard]
-        try:
-            with open(self._paths[shard], "rb") as f:
-                fd = f.fileno()
-                out = {key: columns[key].row(fd, row) for key in columns}
-        except OSError as e:  # a shard deleted or cut short while the run reads it
-            raise SkipExample("unreadable_shard", f"{self._paths[shard]}: {e}") from None
+        out = self.row(i)
         caption = str(out["captions"])
-        key = str(out.get("keys", "")) or f"{i}"
+        key = str(out.get("keys", "")) or f"{int(i)}"
         return {
             "image_embedding": out["image_embedding"].astype(np.float32),
             "text_embedding": out["text_embedding"].astype(np.float32),

@@ -102,49 +102,55 @@ def _open_columns(path: str, names=_COLUMNS) -> dict[str, _Column]:
     return columns
 
 
-class TokenShardSource:
-    """Random access over one split of a token-shard directory."""
+class ShardRows:
+    """Random access to the rows of one split of a shard directory: the .npz files its index
+    lists, each a set of equal-length arrays (`COLUMNS`, of which `REQUIRED` must be there) read
+    one row at a time from a few open files. Subclasses check each shard (`check_shard`) and
+    make an example of a row (`load`)."""
 
-    def __init__(self, data_dir: str, split: str):
-        index = read_index(data_dir)
+    COLUMNS: tuple[str, ...] = ()
+    REQUIRED: tuple[str, ...] = ()
+    source = ""  # how errors name the source
+    kind = ""  # "token shard", ...
+    writer = ""  # the command that writes such shards
+
+    def __init__(self, data_dir: str, split: str, index: dict, name: str):
         if split not in index["splits"]:
             raise ValueError(
-                f"data.source='tokens': split {split!r} is not in {data_dir}/index.json "
-                f"(it has {sorted(index['splits'])}); encode it with encode_dataset --splits"
+                f"{self.source}: split {split!r} is not in {data_dir}/index.json "
+                f"(it has {sorted(index['splits'])}); encode it with {self.writer}"
             )
-        self.name = f"tokens {data_dir} [{split}]"
-        self.grid_size, self.vocab_size = int(index["grid_size"]), int(index["vocab_size"])
-        expected = self.grid_size * self.grid_size
+        self.name = name
         self._paths, self._columns, counts = [], [], []
-        for name in index["splits"][split]["shards"]:
-            path = os.path.join(data_dir, name)
+        for shard in index["splits"][split]["shards"]:
+            path = os.path.join(data_dir, shard)
             if not os.path.isfile(path):
-                raise FileNotFoundError(f"{data_dir}/index.json lists {name}, which does not exist")
+                raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
             try:
-                columns = _open_columns(path)
+                columns = _open_columns(path, self.COLUMNS)
             except (zipfile.BadZipFile, ValueError, OSError) as e:
-                raise ValueError(f"{path}: not a readable token shard ({e})") from None
-            for key in ("tokens", "captions"):
-                if key not in columns:
-                    raise ValueError(
-                        f"{path}: no {key!r} array (encode_dataset writes tokens, captions, keys)"
-                    )
-            n = columns["tokens"].shape[0]
-            if columns["tokens"].row_items != expected:
+                raise ValueError(f"{path}: not a readable {self.kind} ({e})") from None
+            missing = [key for key in self.REQUIRED if key not in columns]
+            if missing:
                 raise ValueError(
-                    f"{self.name}: {name} holds {columns['tokens'].row_items} tokens per "
-                    f"image, index.json says a {self.grid_size}x{self.grid_size} grid"
+                    f"{path}: no {' or '.join(map(repr, missing))} array ({self.writer.split()[0]} "
+                    f"writes {', '.join(self.COLUMNS)})"
                 )
+            self.check_shard(path, shard, columns)
+            n = columns[self.REQUIRED[0]].shape[0]
             if any(c.shape[0] != n for c in columns.values()):
-                raise ValueError(f"{path}: tokens, captions and keys differ in length")
+                raise ValueError(f"{path}: its arrays differ in length")
             self._paths.append(path)
             self._columns.append(columns)
             counts.append(n)
         if not self._paths:
-            raise ValueError(f"data.source='tokens': split {split!r} of {data_dir} has no shards")
+            raise ValueError(f"{self.source}: split {split!r} of {data_dir} has no shards")
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._files = collections.OrderedDict()  # shard -> open file (LRU)
         self._lock = threading.Lock()
+
+    def check_shard(self, path: str, shard: str, columns: dict) -> None:
+        """Raises ValueError when a shard's arrays do not fit the index."""
 
     def __len__(self):
         return int(self._starts[-1])
@@ -163,7 +169,9 @@ class TokenShardSource:
             self._files[shard] = f
             return f
 
-    def load(self, i, rng):
+    def row(self, i) -> dict[str, np.ndarray]:
+        """Row `i` of the split, every array of its shard; a shard deleted or cut short while
+        the run reads it is a counted skip."""
         i = int(i)
         if not 0 <= i < len(self):
             raise IndexError(f"{self.name}: index {i} out of range for {len(self)} examples")
@@ -171,13 +179,37 @@ class TokenShardSource:
         row, columns = i - int(self._starts[shard]), self._columns[shard]
         try:
             f = self._file(shard)  # held while reading: an evicted file closes when dropped
-            fd = f.fileno()
-            tokens = columns["tokens"].row(fd, row).reshape(-1).astype(np.int32)
-            caption = str(columns["captions"].row(fd, row))
-            key = str(columns["keys"].row(fd, row)) if "keys" in columns else ""
-        except OSError as e:  # a shard deleted or cut short while the run reads it
+            return {key: column.row(f.fileno(), row) for key, column in columns.items()}
+        except OSError as e:
             raise SkipExample("unreadable_shard", f"{self._paths[shard]}: {e}") from None
-        key = key or f"{i}"
+
+    def load(self, i, rng) -> dict:
+        raise NotImplementedError
+
+
+class TokenShardSource(ShardRows):
+    """Random access over one split of a token-shard directory."""
+
+    COLUMNS, REQUIRED = _COLUMNS, ("tokens", "captions")
+    source, kind, writer = "data.source='tokens'", "token shard", "encode_dataset --splits"
+
+    def __init__(self, data_dir: str, split: str):
+        index = read_index(data_dir)
+        self.grid_size, self.vocab_size = int(index["grid_size"]), int(index["vocab_size"])
+        super().__init__(data_dir, split, index, name=f"tokens {data_dir} [{split}]")
+
+    def check_shard(self, path, shard, columns):
+        if columns["tokens"].row_items != self.grid_size * self.grid_size:
+            raise ValueError(
+                f"{self.name}: {shard} holds {columns['tokens'].row_items} tokens per "
+                f"image, index.json says a {self.grid_size}x{self.grid_size} grid"
+            )
+
+    def load(self, i, rng):
+        out = self.row(i)
+        tokens = out["tokens"].reshape(-1).astype(np.int32)
+        caption = str(out["captions"])
+        key = str(out.get("keys", "")) or f"{int(i)}"
         if tokens.min() < 0 or tokens.max() >= self.vocab_size:
             raise SkipExample("bad_tokens", key)
         return {
