@@ -38,9 +38,8 @@ from dalle_jax.pipeline import default_mesh, default_variation_rows
 from dalle_jax.sampling_cli import load_models, sampling_settings
 
 
-def build_parser() -> ArgumentParser:
-    p = ArgumentParser(prog="python -m dalle_jax.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
+def add_prompt_flags(p: ArgumentParser) -> None:
+    """What both text-to-image commands take: prompts, samples, reranking and the output folder."""
     p.add_argument("--out_dir", required=True)
     p.add_argument("--prompt", default=None)
     p.add_argument("--prompts_file", default=None, help="one prompt per line; OUT/NNN/ per line")
@@ -51,7 +50,40 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="keep the K samples CLIP likes best (needs --clip_workdir)",
     )
-    p.add_argument("--clip_workdir", default=None, help="CLIP workdir for reranking")
+    p.add_argument("--clip_workdir", default=None, help="CLIP workdir that scores the samples for reranking")
+
+
+def read_prompts(args, allow_none: bool = False) -> list:
+    """--prompt or --prompts_file as a list of prompts; [None] (unconditional) when neither is
+    given and `allow_none`. Checks --num_samples and --top_k_rerank too."""
+    if args.prompt is not None and args.prompts_file is not None:
+        raise ValueError("give --prompt or --prompts_file, not both")
+    if args.prompts_file is not None:
+        prompts = read_prompts_file(args.prompts_file)
+    elif args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        prompts = [args.prompt]
+    elif allow_none:
+        prompts = [None]
+    else:
+        raise ValueError("give --prompt or --prompts_file")
+    if args.num_samples < 1:
+        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    if args.top_k_rerank is not None:
+        if not args.clip_workdir:
+            raise ValueError("--top_k_rerank needs --clip_workdir (the CLIP that scores the samples)")
+        if not 1 <= args.top_k_rerank <= args.num_samples:
+            raise ValueError(
+                f"--top_k_rerank must be in [1, --num_samples={args.num_samples}], got {args.top_k_rerank}"
+            )
+    return prompts
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(prog="python -m dalle_jax.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--workdir", required=True, help="trained DALL-E workdir")
+    add_prompt_flags(p)
     p.add_argument(
         "--cond_scale",
         type=float,
@@ -126,29 +158,9 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
 
 def check_args(args) -> tuple[list, str]:
     """(prompts, mode) from arguments alone, before any model is loaded."""
-    if args.prompt is not None and args.prompts_file is not None:
-        raise ValueError("give --prompt or --prompts_file, not both")
-    if args.prompts_file is not None:
-        prompts = read_prompts_file(args.prompts_file)
-    elif args.prompt is not None:
-        if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        prompts = [args.prompt]
-    elif args.variations:
-        prompts = [None]  # unconditional variations
-    else:
-        raise ValueError("give --prompt or --prompts_file")
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    prompts = read_prompts(args, allow_none=args.variations)  # [None]: unconditional variations
     if args.batch_size < 1:
         raise ValueError(f"--batch_size must be >= 1, got {args.batch_size}")
-    if args.top_k_rerank is not None:
-        if not args.clip_workdir:
-            raise ValueError("--top_k_rerank needs --clip_workdir (reranking scores samples with CLIP)")
-        if not 1 <= args.top_k_rerank <= args.num_samples:
-            raise ValueError(
-                f"--top_k_rerank must be in [1, --num_samples={args.num_samples}], got {args.top_k_rerank}"
-            )
     if args.clip_workdir and prompts == [None]:
         raise ValueError("CLIP reranking needs a prompt; add --prompt or drop --clip_workdir")
     modes = [

@@ -29,7 +29,7 @@ from clip_jax.api import CLIPModel
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError
 from dalle_jax import rerank
-from dalle_jax.generate import read_prompts_file, warn_long_prompts, write_prompt_dir
+from dalle_jax.generate import add_prompt_flags, read_prompts, warn_long_prompts, write_prompt_dir
 from dalle_jax.unclip.samplers import SAMPLERS
 from dalle_jax.unclip.text_to_image import TextToImage, read_configs
 
@@ -67,17 +67,7 @@ def add_sampling_flags(p: ArgumentParser) -> None:
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(prog="python -m dalle_jax.unclip.generate", description=__doc__.split("\n\n")[0])
     add_model_flags(p)
-    p.add_argument("--out_dir", required=True)
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--prompts_file", default=None, help="one prompt per line; OUT/NNN/ per line")
-    p.add_argument("--num_samples", type=int, default=16, help="samples per prompt")
-    p.add_argument(
-        "--top_k_rerank",
-        type=int,
-        default=None,
-        help="keep the K samples CLIP likes best (needs --clip_workdir)",
-    )
-    p.add_argument("--clip_workdir", default=None, help="CLIP workdir that scores the samples for reranking")
+    add_prompt_flags(p)
     p.add_argument(
         "--decoder_scale",
         type=float,
@@ -115,26 +105,8 @@ def check_sampling_args(args, decoder_scale_flag: str) -> None:
 
 def check_args(args) -> list[str]:
     """The prompts, from the arguments alone, before any model is loaded."""
-    if args.prompt is not None and args.prompts_file is not None:
-        raise ValueError("give --prompt or --prompts_file, not both")
-    if args.prompts_file is not None:
-        prompts = read_prompts_file(args.prompts_file)
-    elif args.prompt is not None:
-        if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
-        prompts = [args.prompt]
-    else:
-        raise ValueError("give --prompt or --prompts_file")
-    if args.num_samples < 1:
-        raise ValueError(f"--num_samples must be >= 1, got {args.num_samples}")
+    prompts = read_prompts(args)
     check_sampling_args(args, "decoder_scale")
-    if args.top_k_rerank is not None:
-        if not args.clip_workdir:
-            raise ValueError("--top_k_rerank needs --clip_workdir (the CLIP that scores the samples)")
-        if not 1 <= args.top_k_rerank <= args.num_samples:
-            raise ValueError(
-                f"--top_k_rerank must be in [1, --num_samples={args.num_samples}], got {args.top_k_rerank}"
-            )
     if args.clip_workdir and not os.path.isdir(args.clip_workdir):
         raise ValueError(f"--clip_workdir not found: {args.clip_workdir}")
     return prompts
