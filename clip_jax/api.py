@@ -13,7 +13,7 @@ import numpy as np
 
 from clip_jax import model as clip_model
 from clip_jax.task import make_tokenizer
-from core_jax.checkpoint import load_params
+from core_jax.checkpoint import load_params, read_config
 from core_jax.data.image_ops import clip_normalize, resize_and_crop
 
 
@@ -21,6 +21,19 @@ def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     if len(x) == rows:
         return x
     return np.concatenate([x, np.zeros((rows - len(x),) + x.shape[1:], x.dtype)])
+
+
+CLIP_TASK = "clip_jax.task"
+
+
+def read_clip_config(workdir: str):
+    """The config.json of a CLIP workdir; a ValueError naming the task when the workdir holds
+    another model (a DALL-E, a dVAE or an unCLIP stage), before its params are read as CLIP's."""
+    config = read_config(workdir)
+    task = str(config.get("task", "") or "")
+    if task != CLIP_TASK:
+        raise ValueError(f"{workdir} is not a CLIP workdir (its config.json names task {task or 'none'!r})")
+    return config
 
 
 class CLIPModel:
@@ -41,6 +54,7 @@ class CLIPModel:
         """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with; its
         EMA weights when the run kept one, else (or with `raw_weights`) its raw params."""
 
+        read_clip_config(workdir)
         config, params = load_params(workdir, step, ema=not raw_weights)
         return cls(config, params, make_tokenizer(config, workdir))
 

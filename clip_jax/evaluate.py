@@ -19,6 +19,7 @@ import sys
 import jax
 
 from clip_jax import retrieval, zeroshot
+from clip_jax.api import read_clip_config
 
 # Re-exported: clip_jax.evaluate.<name> is how docs, configs and tests have reached these.
 from clip_jax.eval_common import (  # noqa: F401
@@ -38,7 +39,7 @@ from clip_jax.eval_common import (  # noqa: F401
     sized_image,
     with_eval_defaults,
 )
-from core_jax import checkpoint, distributed
+from core_jax import distributed
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError
 
@@ -84,7 +85,7 @@ def main(argv=None):
     )
 
     try:
-        config = with_eval_defaults(checkpoint.read_config(args.workdir))
+        config = with_eval_defaults(read_clip_config(args.workdir))
         apply_overrides(config, overrides)
         # Everything that can be checked without the model is checked before loading it.
         zeroshot.check_eval_config(config)

@@ -224,7 +224,7 @@ def main(argv):
         app.fail(
             f"cannot describe TPU {FLAGS.topology} (install the 'tpu' extra: pip install -e '.[tpu]'): {e}"
         )
-    config = FLAGS.config
+    config = app.loaded_config()
     try:
         validate(config, len(devices), 1)
         result = analyse(config, devices, chip.hbm_bytes, log=lambda m: print(m, flush=True))
@@ -250,7 +250,7 @@ def main(argv):
         sys.exit(3)
 
 
-if __name__ == "__main__":
+def cli():
     flags.DEFINE_string(
         "topology", None, "e.g. v4-256, v5litepod-16, v5p-128, v5e:4x4, v4:4x4x8", required=True
     )
@@ -258,3 +258,7 @@ if __name__ == "__main__":
     flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
     app.define_config_flags(None, workdir_required=False)
     absl_app.run(main, flags_parser=app._flags_parser)
+
+
+if __name__ == "__main__":
+    cli()

@@ -50,6 +50,8 @@ def _flags_parser(argv):
     except flags.Error as e:
         # absl would print the whole usage text and exit 1; one line and code 2 is easier to act on.
         fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (AttributeError, KeyError) as e:  # a --config.KEY the config has no KEY for
+        fail(_unknown_key_message(argv, e))
     # Orbax and XLA log every save and compile at INFO; the progress line is what people read.
     # (A flag default alone does not hold: absl resets the level while it starts the app.)
     if "verbosity" in FLAGS and not FLAGS["verbosity"].present:
@@ -59,6 +61,14 @@ def _flags_parser(argv):
 
 def _override_keys(argv) -> list[str]:
     return [a.split("=", 1)[0][len("--config.") :] for a in argv if a.startswith("--config.")]
+
+
+def _unknown_key_message(argv, e: Exception) -> str:
+    # ml_collections' message is a repr holding a "Did you mean" hint on a second line.
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    parts = [line.strip(" \"'") for line in text.splitlines() if line.strip(" \"'")]
+    keys = ", ".join(_override_keys(argv)) or "?"
+    return f"unknown config key in overrides ({keys}): {'; '.join(parts)}"
 
 
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
@@ -73,8 +83,7 @@ def define_config_flags(default_config: str | None, workdir_required: bool = Tru
                 lock_config=True,
             )
         except (AttributeError, KeyError) as e:
-            keys = ", ".join(_override_keys(sys.argv)) or "?"
-            fail(f"unknown config key in overrides ({keys}): {str(e).strip(chr(34) + chr(39))}")
+            fail(_unknown_key_message(sys.argv, e))
         except (flags.Error, ValueError, TypeError, OSError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if "workdir" not in FLAGS:
@@ -88,6 +97,8 @@ def loaded_config():
     """FLAGS.config, or exit 2 naming the file when it could not be loaded."""
     try:
         config = FLAGS.config
+        if config is None:
+            fail("--config is required (a config file, configs/*.py[:arg])")
         config.get("batch_size")  # ml_collections reports a failed load on first access
         return config
     except OSError as e:

@@ -13,6 +13,7 @@ from core_jax.data import default_data_config
 # `from core_jax.config import ConfigError` keeps working.
 from core_jax.errors import ConfigError
 from core_jax.modeling import REMAT_POLICIES
+from core_jax.optim import OPTIMIZERS, SCHEDULES
 from core_jax.sharding import MESH_AXES, mesh_shape
 
 
@@ -122,6 +123,9 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
             f"config.batch_size={config.batch_size} / grad_accum_steps={config.grad_accum_steps} "
             f"must give a micro-batch divisible by mesh.data*mesh.fsdp={data_parallel}"
         )
+    # 0 is allowed: the unCLIP stages take the size from the CLIP they condition on.
+    if "data" in config and "image_size" in config.data and int(config.data.image_size) < 0:
+        raise ConfigError(f"config.data.image_size must be >= 0, got {config.data.image_size}")
     if config.nan_policy not in ("skip", "abort"):
         raise ConfigError(f"config.nan_policy must be 'skip' or 'abort', got {config.nan_policy!r}")
     if int(config.get("max_consecutive_nonfinite", 0)) < 0:
@@ -130,6 +134,11 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
         )
     if config.compute_dtype not in ("float32", "bfloat16"):
         raise ConfigError(f"config.compute_dtype must be float32 or bfloat16, got {config.compute_dtype!r}")
+    for key, known in (("name", OPTIMIZERS), ("schedule", SCHEDULES)):
+        if key in config.optim and config.optim[key] not in known:
+            raise ConfigError(
+                f"config.optim.{key} must be one of {', '.join(known)}, got {config.optim[key]!r}"
+            )
     if int(config.optim.get("decay_steps", 0) or 0) < 0:
         raise ConfigError(
             f"config.optim.decay_steps must be >= 0 (0 = total_steps), got {config.optim.decay_steps}"

@@ -5,6 +5,9 @@ from __future__ import annotations
 import jax
 import optax
 
+OPTIMIZERS = ("adamw", "adafactor", "sgd")
+SCHEDULES = ("cosine", "linear", "constant")
+
 
 def make_schedule(optim_config, total_steps: int):
     peak = float(optim_config.learning_rate)

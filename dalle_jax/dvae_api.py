@@ -16,10 +16,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core_jax.checkpoint import load_params
+from core_jax.checkpoint import load_params, read_config
 from core_jax.data import image_ops
 from dalle_jax import dvae as dvae_lib
 from dalle_jax import dvae_loss, dvae_models
+
+
+def check_dvae_workdir(workdir: str) -> None:
+    """A ValueError unless `workdir`'s config.json describes a dVAE; reads no params."""
+    config = read_config(workdir)
+    if "model" not in config or "vocab_size" not in config.model or "width_multipliers" not in config.model:
+        raise ValueError(f"{workdir} does not hold a dVAE (its config.json has no dVAE model keys)")
 
 
 class DVAE:
@@ -49,13 +56,8 @@ class DVAE:
         its EMA weights when the run kept one (config.ema_decay > 0), else (or with `raw_weights`)
         its raw params."""
 
+        check_dvae_workdir(workdir)
         config, params = load_params(workdir, step, ema=not raw_weights)
-        if (
-            "model" not in config
-            or "vocab_size" not in config.model
-            or "width_multipliers" not in config.model
-        ):
-            raise ValueError(f"{workdir} does not hold a dVAE (its config.json has no dVAE model keys)")
         return cls(config, params, compute_dtype)
 
     # -- pure functions -----------------------------------------------------------------------

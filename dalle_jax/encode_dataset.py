@@ -21,18 +21,25 @@ from core_jax.data import make_iterator
 from core_jax.data.image_ops import resize_and_crop, to_float01
 from dalle_jax.dvae_api import DVAE
 
-flags.DEFINE_string("dvae_workdir", None, "dVAE workdir (from train_dvae or convert_dvae).")
-flags.DEFINE_string("out_dir", None, "Output folder for the token shards and index.json.")
-flags.DEFINE_list("splits", None, "Splits to encode (default: config.data.split and config.data.eval_split).")
-flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
-flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
-flags.DEFINE_integer("max_examples", -1, "Stop each split after this many examples (-1: all).")
-flags.DEFINE_bool(
-    "raw_weights",
-    False,
-    "Encode with the dVAE's raw trained weights, not their EMA (used by default when the run kept one).",
-)
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The tool's own flags, defined when it runs (not on import) so that importing it next to
+    another tool with an --out_dir or --batch_size flag does not collide."""
+    flags.DEFINE_string("dvae_workdir", None, "dVAE workdir (from train_dvae or convert_dvae).")
+    flags.DEFINE_string("out_dir", None, "Output folder for the token shards and index.json.")
+    flags.DEFINE_list(
+        "splits", None, "Splits to encode (default: config.data.split and config.data.eval_split)."
+    )
+    flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
+    flags.DEFINE_integer("batch_size", 64, "Images per encoder call.")
+    flags.DEFINE_integer("max_examples", -1, "Stop each split after this many examples (-1: all).")
+    flags.DEFINE_bool(
+        "raw_weights",
+        False,
+        "Encode with the dVAE's raw trained weights, not their EMA (used by default when the run kept one).",
+    )
 
 
 def encode_split(
@@ -112,7 +119,7 @@ def main(argv):
             app_lib.fail(f"--{name} is required")
     if FLAGS.shard_size <= 0 or FLAGS.batch_size <= 0:
         app_lib.fail("--shard_size and --batch_size must be positive")
-    config = FLAGS.config
+    config = app_lib.loaded_config()
     splits = FLAGS.splits or list(dict.fromkeys([config.data.split, config.data.eval_split]))
 
     try:
@@ -152,5 +159,10 @@ def main(argv):
     print(f"wrote {FLAGS.out_dir}/index.json", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    define_flags()
     app_lib.run(main, default_config=None, workdir_required=False)
+
+
+if __name__ == "__main__":
+    cli()

@@ -85,7 +85,6 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
     files = list_images(input_dir)
     if not files:
         raise FileNotFoundError(f"--input_dir {input_dir} holds no PNG or JPEG images")
-    os.makedirs(out_dir, exist_ok=True)
     names = output_names(files)
     loaded, skipped, scores = [], 0, []
 
@@ -94,6 +93,7 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
             return
         batch = np.stack([img for _, img in loaded])
         rec = np.asarray(vae.decode(vae.encode(batch)))
+        os.makedirs(out_dir, exist_ok=True)  # here: a folder with no readable image writes nothing
         for (name, img), out in zip(loaded, rec):
             Image.fromarray(out).save(os.path.join(out_dir, names[name]))
             scores.append(psnr(img, out))

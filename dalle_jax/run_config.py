@@ -23,7 +23,7 @@ from core_jax.data.token_shards import read_index
 from core_jax.errors import ConfigError
 from core_jax.text import BPETokenizer, tokenizer_from_config, training_tokenizer
 from dalle_jax import masks
-from dalle_jax.dvae_api import DVAE
+from dalle_jax.dvae_api import DVAE, check_dvae_workdir
 from dalle_jax.transformer import DalleConfig
 
 DECODER_FILE = "decoder.json"
@@ -104,6 +104,11 @@ def resolve_run(config, workdir: str | None = None) -> DalleRun:
     vocab = int(config.model.text_vocab_size)
     dvae_workdir = str(config.get("dvae_workdir", "") or "")
     if not (workdir is None and vocab > 0):  # else abstract: core_jax.aot needs shapes only
+        if dvae_workdir:  # before the tokenizer is trained into the workdir
+            try:
+                check_dvae_workdir(dvae_workdir)
+            except (FileNotFoundError, ValueError) as e:
+                raise ConfigError(f"config.dvae_workdir: {e}") from None
         tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
         vocab = text_vocab_size(config, tokenizer)
         train_tokenizer = training_tokenizer(tokenizer, config.text)
@@ -223,7 +228,10 @@ def load_dvae(workdir: str, cfg: DalleConfig, raw_weights: bool = False) -> DVAE
     its EMA weights when it kept one (so training tokenizes with the weights inference decodes with)."""
     if not workdir:
         return None
-    dvae = DVAE.load(workdir, raw_weights=raw_weights)
+    try:
+        dvae = DVAE.load(workdir, raw_weights=raw_weights)
+    except ValueError as e:  # not a dVAE workdir: a config mistake, reported as one
+        raise ConfigError(f"config.dvae_workdir: {e}") from None
     if int(dvae.grid_size) != cfg.image_grid or int(dvae.vocab_size) != cfg.image_vocab_size:
         raise ConfigError(
             f"the dVAE in {workdir} has a {dvae.grid_size}x{dvae.grid_size} grid and "

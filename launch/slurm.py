@@ -26,6 +26,15 @@ class LaunchError(ValueError):
     """A request that cannot be turned into a valid batch script."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one `error: ...` line and exit 2, as in every other command (the launchers
+    import only the standard library, so they do not share core_jax's)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def sbatch_header(
     *,
     job_name: str,
@@ -107,7 +116,7 @@ def sbatch_command(script_path: str) -> list[str]:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--command", required=True, help="training command, run in the repo on every node")
     p.add_argument("--nodes", type=int, default=2)
     p.add_argument("--gpus_per_node", type=int, default=8)

@@ -60,6 +60,15 @@ class LaunchError(ValueError):
     """A request that cannot be turned into a valid gcloud command."""
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """A bad flag is one `error: ...` line and exit 2, as in every other command (the launchers
+    import only the standard library, so they do not share core_jax's)."""
+
+    def error(self, message):
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
 def default_runtime(accelerator_type: str) -> str:
     match = _ACCELERATOR.match(accelerator_type)
     if not match:
@@ -442,7 +451,7 @@ def make_parser() -> argparse.ArgumentParser:
         "--log_name", default=DEFAULT_LOG_NAME, help="REMOTE_DIR/logs/LOG_NAME.log (and .pid) on each worker"
     )
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="subcommand", required=True)
     p = sub.add_parser("create", parents=[common], help="create the TPU VM(s)")
     p.add_argument("--accelerator_type", required=True, help="e.g. v4-32, v5litepod-16, v6e-8")

@@ -34,14 +34,19 @@ from dalle_jax.unclip.prior_task import clip_embeddings
 
 CLIP_TASK = "clip_jax.task"
 
-flags.DEFINE_string("clip_workdir", None, "CLIP workdir (from clip_jax.train or clip_jax.convert).")
-flags.DEFINE_string("out_dir", None, "Output folder for the shards, index.json and the statistics.")
-flags.DEFINE_list("split", None, "Splits to encode (default: config.data.split).")
-flags.DEFINE_integer("num_examples", -1, "Stop each split after this many examples (-1: all).")
-flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
-flags.DEFINE_integer("batch_size", 64, "Examples per CLIP call.")
-flags.DEFINE_bool("raw_weights", False, "Use the CLIP's raw trained weights, not their EMA.")
 FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The tool's own flags, defined when it runs (not on import): dalle_jax.encode_dataset has
+    flags of the same names, and both may be imported into one process."""
+    flags.DEFINE_string("clip_workdir", None, "CLIP workdir (from clip_jax.train or clip_jax.convert).")
+    flags.DEFINE_string("out_dir", None, "Output folder for the shards, index.json and the statistics.")
+    flags.DEFINE_list("split", None, "Splits to encode (default: config.data.split).")
+    flags.DEFINE_integer("num_examples", -1, "Stop each split after this many examples (-1: all).")
+    flags.DEFINE_integer("shard_size", 8192, "Examples per .npz shard.")
+    flags.DEFINE_integer("batch_size", 64, "Examples per CLIP call.")
+    flags.DEFINE_bool("raw_weights", False, "Use the CLIP's raw trained weights, not their EMA.")
 
 
 def encode_split(
@@ -179,5 +184,10 @@ def main(argv):
     print(f"wrote {FLAGS.out_dir}/{INDEX_FILE}", flush=True)
 
 
-if __name__ == "__main__":
+def cli():
+    define_flags()
     app_lib.run(main, default_config=None, workdir_required=False)
+
+
+if __name__ == "__main__":
+    cli()
