@@ -263,6 +263,7 @@ def test_task_trains_with_the_trainer(tmp_path, monkeypatch):
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 2, 2, 2
     config.dvae_workdir = str(tmp_path)  # FakeDVAE ignores it
     monkeypatch.setattr(run_config, "load_dvae", lambda workdir, cfg: FakeDVAE())
+    monkeypatch.setattr(run_config, "check_dvae_workdir", lambda workdir: None)  # no dVAE workdir
     workdir = str(tmp_path / "run")
     task = dalle_task.make_task(config, workdir)
     vocab = task.config.model.text_vocab_size  # resolved from the BPE trained into the workdir
@@ -317,6 +318,7 @@ def test_caption_dropout_is_decided_per_example(tmp_path, monkeypatch):
     config.model.caption_dropout = 0.3
     config.dvae_workdir = str(tmp_path)
     monkeypatch.setattr(run_config, "load_dvae", lambda workdir, cfg: FakeDVAE())
+    monkeypatch.setattr(run_config, "check_dvae_workdir", lambda workdir: None)  # no dVAE workdir
     resolved = run_config.resolve_run(config, str(tmp_path / "run"))
     task = dalle_task.make_task(config, str(tmp_path / "run"))
     pads = resolved.cfg.text_vocab_size + np.arange(16)
