@@ -373,6 +373,8 @@ def downsample_factor(model_config) -> int:
 def grid_size(model_config, image_size: int) -> int:
     """Token grid side for `image_size` inputs; a clear error when the pools do not divide it."""
     factor = downsample_factor(model_config)
+    if image_size < factor:
+        raise ValueError(f"image_size must be >= the dVAE's downsampling factor {factor}, got {image_size}")
     if image_size % factor:
         raise ValueError(
             f"image_size {image_size} is not divisible by the dVAE's downsampling factor "

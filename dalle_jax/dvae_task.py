@@ -216,7 +216,10 @@ def make_task(config, workdir=None):
     check_decoder_finetune(config)
     model = model_from_config(config)
     size = int(config.data.image_size)
-    dvae_lib.grid_size(config.model, size)  # clear error now if the pools do not divide the size
+    try:  # a clear error now if the pools do not divide the size
+        dvae_lib.grid_size(config.model, size)
+    except ValueError as e:
+        raise ConfigError(f"config.data.image_size: {e}") from None
 
     resize_range = tuple(config.data.get("random_resize_range", (1.0, 1.0)))
 

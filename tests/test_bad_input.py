@@ -117,6 +117,8 @@ CASES = [
         "urls",
     ),
     ("dvae.train", "--workdir {out} --config.batch_size=8 --config.data.image_size=-8", "image_size"),
+    ("dvae.train", "--workdir {out} --config.batch_size=8 --config.data.image_size=0", "image_size must be"),
+    ("dvae.train", "--workdir {out} --config.batch_size=8 --config.data.image_size=60", "not divisible"),
     ("decoder.train", "--workdir {out} --config.clip_workdir={missing}", "missing"),
     ("decoder.train", "--workdir {out} --config.clip_workdir={dvae}", "dVAE"),
     ("decoder.train", "--workdir {out} --config.clip_workdir={empty}", "empty"),
