@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core_jax.data import SkipExample, image_ops
+from core_jax.data import image_ops
+from core_jax.data.decode import example_caption
 from core_jax.metrics import image_grid
 from core_jax.trainer import Evaluator, Task, eval_batches, mean_over_micro_batches
 from dalle_jax import sampling
@@ -56,13 +57,7 @@ def make_example_fn(run: DalleRun, encode, *, train: bool):
     pads = np.asarray(model_lib.unconditional_text(cfg, 1), np.int32)[0]
 
     def example_fn(raw, rng):
-        captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
-        if train and len(captions) > 1:
-            caption = captions[int(rng.integers(len(captions)))]
-        else:
-            caption = raw.get("caption") or (captions[0] if captions else "")
-        if not caption.strip():
-            raise SkipExample("empty_caption")
+        caption = example_caption(raw, rng, train)
         kept = dropout == 0 or rng.random() >= dropout
         out = {"text": tokenizer.encode([caption])[0].astype(np.int32) if kept else pads.copy()}
         if dropout > 0:

@@ -125,6 +125,19 @@ def decode_text(data: bytes | str | None) -> str:
     return text
 
 
+def example_caption(raw: dict, rng, train: bool) -> str:
+    """The caption a text-conditioned model trains on: a random one of the example's non-empty
+    `captions` in training, else its `caption` (or the first); none is a counted skip."""
+    captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
+    if train and len(captions) > 1:
+        caption = captions[int(rng.integers(len(captions)))]
+    else:
+        caption = raw.get("caption") or (captions[0] if captions else "")
+    if not caption.strip():
+        raise SkipExample("empty_caption")
+    return caption
+
+
 def parse_json_object(data: bytes | str) -> dict:
     """JSON sidecar / JSONL line -> dict, or SkipExample('bad_json' | 'non_utf8')."""
     if isinstance(data, (bytes, bytearray)):

@@ -29,7 +29,8 @@ from clip_jax import model as clip_model
 from clip_jax.api import CLIPModel
 from core_jax import checkpoint
 from core_jax.config import base_config
-from core_jax.data import SkipExample, image_ops
+from core_jax.data import image_ops
+from core_jax.data.decode import example_caption
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from core_jax.trainer import Task
@@ -161,13 +162,7 @@ def image_and_caption(raw, rng, tokenizer, size: int, *, random_crop: bool, trai
     """{image uint8 [size, size, 3], text int32 [L]} of a raw example: one of its captions (a random
     one in training, else the first) and the image resized and cropped for the CLIP; an example
     without a caption is a counted skip."""
-    captions = [c for c in (raw.get("captions") or []) if c and c.strip()]
-    if train and len(captions) > 1:
-        caption = captions[int(rng.integers(len(captions)))]
-    else:
-        caption = raw.get("caption") or (captions[0] if captions else "")
-    if not caption.strip():
-        raise SkipExample("empty_caption")
+    caption = example_caption(raw, rng, train)
     image = image_ops.resize_and_crop(np.asarray(raw["image"]), size, random_crop, rng)
     return {
         "image": np.ascontiguousarray(image),
