@@ -49,7 +49,7 @@ def eval_config(evaluators: str = "") -> ml_collections.ConfigDict:
     c.evaluators = evaluators  # trainer evaluators, comma list: 'zeroshot', 'retrieval'; '' = none
     c.zeroshot_source = "shapes"  # shapes | tfds | '' (no zero-shot)
     c.zeroshot_name = "imagenet2012"  # TFDS builder (zeroshot_source='tfds')
-    c.zeroshot_split = "test_seen"  # shapes: train|test_seen|test_unseen; tfds: e.g. validation
+    c.zeroshot_split = "test_seen"  # shapes: train|test_seen|test_unseen|test_ood; tfds: e.g. validation
     c.zeroshot_data_dir = ""  # TFDS data_dir; '' = config.data.data_dir
     c.zeroshot_label_key = "label"
     # '' = from the dataset (shapes names; TFDS label names; ImageNet's WordNet ids become the

@@ -5,6 +5,8 @@
 The config is WORKDIR/config.json (what the trainer or a converter wrote); `--config.KEY=VALUE`
 flags override any key of it (`--config.eval.templates=openai80`, `--config.data.data_dir=...`).
 Eval keys missing from an older workdir config take the defaults of `eval_config()`.
+The results go to stdout as one JSON line (zero-shot's per-class table under 'zeroshot/per_class')
+and to --out; the log lines, with the per-class table worst class first, go to stderr.
 
 The shared pieces (`eval_config`, `ParamsEncoder`, `padded_batches`, ...) live in
 clip_jax.eval_common and stay importable from here.
@@ -45,7 +47,8 @@ from core_jax.errors import ConfigError
 
 
 def run_evaluations(config, encoder, workdir: str | None = None, log=print) -> dict:
-    """Runs what `config.eval` switches on -> {'zeroshot/top1': .., 'retrieval/i2t_r1': ..}."""
+    """Runs what `config.eval` switches on -> {'zeroshot/top1': .., 'zeroshot/per_class': {..},
+    'retrieval/i2t_r1': ..}."""
     config = with_eval_defaults(config)
     results = {}
     if config.eval.zeroshot_source:

@@ -20,6 +20,9 @@ Reported per setting (and split by one-/two-object captions):
   any        fraction of captions with at least one faithful sample (the best any reranker can do)
 The project's targets are on the headline number (clip_best at s when CLIP is given, else first at s):
 >= 0.9 on test_seen, >= 0.6 on test_unseen.
+
+Captions say nothing of size, so `test_ood` draws the captions of `test_seen`: for generated images
+it is `test_seen` again, and it differs where real scenes are scored (--dvae_ceiling).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from dalle_jax.unclip import generate as generate_unclip
 from dalle_jax.unclip.text_to_image import TextToImage
 
 TARGETS = {"test_seen": 0.9, "test_unseen": 0.6}
-SPLITS = ("train", "test_seen", "test_unseen")
+SPLITS = shapes.SPLITS
 
 
 def choose_captions(

@@ -235,7 +235,43 @@ def test_evaluate_cli_tfds_imagenet_and_shapes_retrieval(workdir, tmp_path, caps
     assert "1000 classes x 1 templates" in capsys.readouterr().err
 
 
+def test_evaluate_cli_shapes_test_ood_prints_the_per_class_table(workdir, tmp_path, capsys):
+    from core_jax.data.shapes import CLASS_NAMES, ShapesSource
+
+    out = tmp_path / "ood.json"
+    args = ["--workdir", workdir[0], "--out", str(out), "--config.eval.zeroshot_split=test_ood"]
+    ev.main(args + ["--config.eval.max_examples=12", "--config.eval.batch_size=8"])
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out.strip().splitlines()[-1])
+    assert printed == json.loads(out.read_text())
+    source = ShapesSource("test_ood", one_object_only=True)
+    counts = np.bincount([source[i]["label"] for i in range(12)], minlength=len(CLASS_NAMES))
+    per_class = printed["zeroshot/per_class"]
+    assert {name: r["count"] for name, r in per_class.items()} == {
+        CLASS_NAMES[c]: int(n) for c, n in enumerate(counts) if n
+    }
+    assert printed["zeroshot/min_class_top1"] == min(r["top1"] for r in per_class.values())
+    assert printed["zeroshot/num_examples"] == 12
+    # stderr: the summary, then one line per class with images, worst top-1 first.
+    err = captured.err.splitlines()
+    start = next(i for i, line in enumerate(err) if line.startswith("zeroshot per class, worst first"))
+    assert err[start + 1].split() == ["top1", "count", "class"]
+    rows = [line.split(maxsplit=2) for line in err[start + 2 : start + 2 + len(per_class)]]
+    assert [float(r[0]) for r in rows] == sorted(float(r[0]) for r in rows)
+    assert {r[2]: int(r[1]) for r in rows} == {n: r["count"] for n, r in per_class.items()}
+    assert any("zeroshot shapes:test_ood: 18 classes" in line for line in err)
+
+
 def test_evaluate_cli_rejects_unknown_keys(workdir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         ev.main(["--workdir", workdir[0], "--config.eval.templatez=photo"])
     assert e.value.code == 2 and "unknown key 'templatez'" in capsys.readouterr().err
+
+
+def test_evaluate_cli_rejects_a_split_the_shapes_suite_lacks(workdir, capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--workdir", workdir[0], "--config.eval.zeroshot_split=test_odd"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1
+    assert err[0].startswith("error: config.eval.zeroshot_split='test_odd' is not a shapes split")
+    assert "'test_ood'" in err[0]

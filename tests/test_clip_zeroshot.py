@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from clip_jax import evaluate as ev
 from clip_jax import zeroshot
 from clip_jax.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SUBSET7_TEMPLATES
+from core_jax.data.shapes import UNSEEN_PAIRS
 
 
 def id_image(i: int, size: int = 8) -> np.ndarray:
@@ -139,6 +140,68 @@ def test_padded_rows_never_count_even_with_wrong_labels():
     assert result["top1"] == pytest.approx(np.mean(ranks == 0))
 
 
+def expected_per_class(labels, ranks, names):
+    return {
+        names[c]: {"top1": float(np.mean(ranks[labels == c] == 0)), "count": int(np.sum(labels == c))}
+        for c in range(len(names))
+        if np.any(labels == c)
+    }
+
+
+@pytest.mark.parametrize("batch_size,sharded", [(4, False), (64, False), (16, True)])
+def test_per_class_top1_is_exact_and_padding_is_masked(batch_size, sharded):
+    # 10 classes over 37 images: per class 0 to 10 images and top-1 anywhere in [0, 1].
+    labels, ranks, table, names, text_fn = ranked_fixture(num_images=37, seed=3)
+    enc = (ShardedTableEncoder if sharded else TableEncoder)(table, text_fn)
+    weights = zeroshot.class_embeddings(enc, names, ["{}"])
+    result = zeroshot.evaluate_batches(enc, batches_of(labels, batch_size), weights, classnames=names)
+    want = expected_per_class(labels, ranks, names)
+    assert result["per_class"] == want  # exact: both are hits / count in float64
+    assert sum(r["count"] for r in result["per_class"].values()) == result["num_examples"] == 37
+    top1s = [r["top1"] for r in want.values()]
+    assert min(top1s) < result["top1"] < max(top1s)  # the fixture is not uniform across classes
+    # Without names the table is keyed by label.
+    unnamed = zeroshot.evaluate_batches(enc, batches_of(labels, batch_size), weights)
+    assert unnamed["per_class"] == {n[len("class") :]: v for n, v in want.items()}
+
+
+def test_per_class_skips_padded_rows_and_empty_classes():
+    names = ["class0", "class1", "class2", "class3"]
+    predicted, labels = [0, 1, 1, 1, 0, 2], [0, 0, 1, 1, 1, 2]  # class 3 has no real image
+    enc = TableEncoder(np.eye(4)[predicted], lambda t: np.eye(4)[int(t[-1])])
+    weights = zeroshot.class_embeddings(enc, names, ["{}"])
+    batch = {  # padded rows (image 0, predicted 0) claim class 3 and class 0, and must not count
+        "image": np.stack([id_image(i) for i in range(6)] + [id_image(0)] * 2),
+        "label": np.array(labels + [3, 0], np.int32),
+        "_mask": np.array([True] * 6 + [False] * 2),
+    }
+    result = zeroshot.evaluate_batches(enc, [batch], weights, classnames=names)
+    assert result["per_class"] == {
+        "class0": {"top1": 1 / 2, "count": 2},
+        "class1": {"top1": 2 / 3, "count": 3},
+        "class2": {"top1": 1.0, "count": 1},
+    }
+
+
+def test_per_class_names_repeated_in_the_list_stay_apart():
+    table = zeroshot.per_class_top1(np.array([1, 0, 2]), np.array([2, 0, 4]), ["missile", "tench", "missile"])
+    assert table == {"missile (0)": {"top1": 0.5, "count": 2}, "missile (2)": {"top1": 0.5, "count": 4}}
+    with pytest.raises(ValueError, match="2 class names for 3 classes"):
+        zeroshot.per_class_top1(np.zeros(3), np.ones(3), ["a", "b"])
+
+
+def test_per_class_table_lists_the_worst_class_first():
+    table = {"red circle": {"top1": 1.0, "count": 3}, "blue square": {"top1": 0.25, "count": 4}}
+    table["green triangle"] = {"top1": 0.5, "count": 2}
+    lines = zeroshot.format_per_class(table).splitlines()
+    assert lines[0].split() == ["top1", "count", "class"]
+    assert [line.split(maxsplit=2) for line in lines[1:]] == [
+        ["0.2500", "4", "blue square"],
+        ["0.5000", "2", "green triangle"],
+        ["1.0000", "3", "red circle"],
+    ]
+
+
 def test_max_examples_caps_the_count():
     labels, ranks, table, names, text_fn = ranked_fixture()
     enc = TableEncoder(table, text_fn)
@@ -232,7 +295,49 @@ def test_shapes_zeroshot_with_an_oracle_encoder_is_perfect():
     config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test_unseen"
     config.eval.max_examples, config.eval.batch_size = n, 16
     result = zeroshot.run_zeroshot(config, Oracle(), log=lambda m: None)
-    assert result == {"top1": 1.0, "top5": 1.0, "num_examples": n}
+    per_class = result.pop("per_class")
+    assert result == {"top1": 1.0, "top5": 1.0, "num_examples": n, "min_class_top1": 1.0}
+    # test_unseen holds the 4 held-out pairs only: the table has just those classes.
+    held_out = {f"{c} {s}" for c, s in UNSEEN_PAIRS}
+    assert set(per_class) == held_out and sum(r["count"] for r in per_class.values()) == n
+    assert all(r["top1"] == 1.0 for r in per_class.values())
+
+
+def test_shapes_min_class_top1_is_the_worst_class():
+    """An encoder right on every class but one, which it always takes for another: the overall
+    top-1 stays high, the worst class scores 0 (test_ood, one-object scenes)."""
+    from core_jax.data.shapes import CLASS_NAMES, ShapesSource
+
+    n = 48
+    source = ShapesSource("test_ood", one_object_only=True)
+    truth = {source[i]["image"].tobytes(): source[i]["label"] for i in range(n)}
+    counts = np.bincount(list(truth.values()), minlength=len(CLASS_NAMES))
+    confused = int(np.argmax(counts))  # the most frequent class, so its share is known to be > 0
+    eye = np.eye(len(CLASS_NAMES))
+
+    class Confused:
+        image_size = 64
+
+        def embed_images(self, images):
+            labels = [truth[im.tobytes()] for im in np.asarray(images)]
+            return np.stack([eye[(c + 1) % len(eye) if c == confused else c] for c in labels])
+
+        def embed_texts(self, texts):
+            return np.stack(
+                [eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)] for t in texts]
+            )
+
+    config = ev.with_eval_defaults(_minimal_config())
+    config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test_ood"
+    config.eval.max_examples, config.eval.batch_size = n, 16
+    logged = []
+    result = zeroshot.run_zeroshot(config, Confused(), log=logged.append)
+    assert result["top1"] == pytest.approx(1 - counts[confused] / n)
+    assert result["min_class_top1"] == 0.0
+    assert result["per_class"][CLASS_NAMES[confused]] == {"top1": 0.0, "count": int(counts[confused])}
+    table = logged[-1].splitlines()
+    assert table[0].startswith(f"zeroshot per class, worst first ({np.sum(counts > 0)} of 18 classes")
+    assert table[2].split(maxsplit=2) == ["0.0000", str(counts[confused]), CLASS_NAMES[confused]]
 
 
 def test_default_templates_imagenet_80_shapes_own():
@@ -276,6 +381,11 @@ def test_eval_config_overrides():
     config.eval.zeroshot_source = "cifar"
     with pytest.raises(ValueError, match="zeroshot_source"):
         zeroshot.check_eval_config(config)
+    config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "validation"
+    with pytest.raises(ValueError, match="'validation' is not a shapes split; use one of"):
+        zeroshot.check_eval_config(config)
+    config.eval.zeroshot_split = "test_ood"
+    zeroshot.check_eval_config(config)
 
 
 def test_tfds_imagenet_path_with_an_oracle_encoder(tmp_path, monkeypatch):
@@ -401,6 +511,9 @@ def test_evaluators_on_params_sharded_like_the_trainer(tiny_clip):
         result = zs.fn(params, 0)
         assert zs.name == "zeroshot" and result["num_examples"] == 21
         assert 0.0 <= result["top1"] <= result["top5"] <= 1.0
+        # Scalars only, as the trainer writes them; the worst class bounds the mean from below.
+        assert set(result) == {"top1", "top5", "num_examples", "min_class_top1"}
+        assert 0.0 <= result["min_class_top1"] <= result["top1"]
         rt = RetrievalEvaluator(config, workdir)
         result = rt.fn(params, 0)
     assert rt.name == "retrieval"

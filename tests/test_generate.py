@@ -352,6 +352,18 @@ def test_fidelity_scoring_and_caption_choice():
     assert s == {"first": 1.0, "mean": 0.5, "any": 1.0, "clip_best": 0.0}
 
 
+def test_fidelity_takes_every_shapes_split():
+    from core_jax.data import shapes
+
+    parser = evaluate_fidelity.build_parser()
+    for split in shapes.SPLITS:
+        assert parser.parse_args(["--split", split, "--out", "r.json"]).split == split
+    # Captions say nothing of size: test_ood prompts are test_seen's.
+    assert evaluate_fidelity.choose_captions("test_ood", 8, seed=1) == evaluate_fidelity.choose_captions(
+        "test_seen", 8, seed=1
+    )
+
+
 def test_subprocess_cli(workdirs, tmp_path):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     out = tmp_path / "sub"

@@ -58,7 +58,13 @@ def test_constants():
         and S.CLASS_NAMES[0] == "red circle"
         and S.CLASS_NAMES[3 * 2 + 1] == "blue square"
     )
-    assert S.DEFAULT_SPLIT_SIZES == {"train": 100_000, "test_seen": 1000, "test_unseen": 1000}
+    assert S.SPLITS == ("train", "test_seen", "test_unseen", "test_ood")
+    assert S.DEFAULT_SPLIT_SIZES == {
+        "train": 100_000,
+        "test_seen": 1000,
+        "test_unseen": 1000,
+        "test_ood": 1000,
+    }
 
 
 def test_deterministic_and_streams_differ():
@@ -68,7 +74,7 @@ def test_deterministic_and_streams_differ():
         assert a["objects"] == b["objects"] and a["key"] == f"{split}/7"
     for i in range(20):
         imgs = [S.make_example(split, i)["image"].tobytes() for split in S.SPLITS]
-        assert len(set(imgs)) == 3
+        assert len(set(imgs)) == len(S.SPLITS)
         assert S.make_example("train", i, seed=1)["image"].tobytes() != imgs[0]
     assert len({S.make_example("train", i)["image"].tobytes() for i in range(50)}) == 50
     # Each split has its own RNG stream: a shared one would give every index the same scene type
@@ -79,6 +85,7 @@ def test_deterministic_and_streams_differ():
     }
     assert np.mean([a == b for a, b in zip(kinds["train"], kinds["test_seen"])]) < 0.4
     assert np.mean([a == b for a, b in zip(kinds["train"], kinds["test_unseen"])]) < 0.4
+    assert np.mean([a == b for a, b in zip(kinds["test_seen"], kinds["test_ood"])]) < 0.4
 
 
 def test_example_format():
@@ -124,6 +131,34 @@ def test_test_seen_never_repeats_train():
     assert S._scene_bucket_ok("test_seen", two["objects"][::-1])
     train_images = {ex["image"].tobytes() for ex in examples("train", 2000)}
     assert not any(ex["image"].tobytes() in train_images for ex in examples("test_seen", N_CHECK))
+
+
+def test_test_ood_changes_only_the_sizes():
+    ood = examples("test_ood", N_CHECK)
+    # The seen pairs only, in one- and two-object scenes, like test_seen ...
+    assert set().union(*(pairs_of(ex) for ex in ood)) == set(S.SEEN_PAIRS)
+    assert 0.4 < np.mean([len(ex["objects"]) == 1 for ex in ood]) < 0.6
+    assert {ex["position"] for ex in ood} == set(S.POSITIONS) | {None}
+    assert {ex["relation"] for ex in ood} == set(S.RELATIONS) | {None}
+    # ... but every object is smaller or larger than any train object, so no test_ood scene is a
+    # train (or test_seen) scene; both bands occur alone and beside another object.
+    train_sizes = {o["size"] for ex in examples("train", 2000) for o in ex["objects"]}
+    assert train_sizes == set(range(S.MIN_SIZE, S.MAX_SIZE + 1))
+    for kind in (1, 2):
+        sizes = {o["size"] for ex in ood if len(ex["objects"]) == kind for o in ex["objects"]}
+        assert not sizes & train_sizes
+        assert min(sizes) == S.OOD_SMALL_SIZES[0] and max(sizes) >= S.OOD_LARGE_SIZES[1] - 1
+    train_images = {ex["image"].tobytes() for ex in examples("train", 2000)}
+    seen_images = {ex["image"].tobytes() for ex in examples("test_seen", N_CHECK)}
+    assert not any(ex["image"].tobytes() in train_images | seen_images for ex in ood)
+    # Small objects reach nearer the edges than any train centre can (MIN_SIZE / 2 + BORDER = 8).
+    centres = np.array([o["centre"] for ex in ood for o in ex["objects"]])
+    assert centres.min() < 8 and centres.max() > 56
+    # CLIP's zero-shot reads the split's one-object scenes.
+    one = S.ShapesSource("test_ood", size=30, one_object_only=True)
+    assert all(len(one[i]["objects"]) == 1 and one[i]["label"] >= 0 for i in range(30))
+    assert one[4]["key"] == "test_ood/4" and one[4]["objects"][0]["size"] not in train_sizes
+    assert len(S.ShapesSource("test_ood")) == 1000
 
 
 def test_train_pairs_all_is_a_control_that_never_repeats_test_unseen():
@@ -178,8 +213,8 @@ def test_captions_round_trip():
 
 
 def test_all_captions():
-    train, seen, unseen = (S.all_captions(s) for s in S.SPLITS)
-    assert train == seen and len(set(train)) == len(train) == 14 * 5 + 14 * 13 * 4
+    train, seen, unseen, ood = (S.all_captions(s) for s in S.SPLITS)
+    assert train == seen == ood and len(set(train)) == len(train) == 14 * 5 + 14 * 13 * 4
     assert len(set(unseen)) == len(unseen) == 4 * 5 + (18 * 17 - 14 * 13) * 4
     assert not set(train) & set(unseen)
     for caption in unseen:
@@ -193,7 +228,11 @@ def test_geometry():
             masks = []
             for o in ex["objects"]:
                 x0, y0, x1, y1 = o["bbox"]
-                assert 14 <= o["size"] <= 26 and x1 - x0 == y1 - y0 == o["size"]
+                if split == "test_ood":
+                    assert 11 <= o["size"] <= 13 or 27 <= o["size"] <= 34
+                else:
+                    assert 14 <= o["size"] <= 26
+                assert x1 - x0 == y1 - y0 == o["size"]
                 assert 0 < x0 and 0 < y0 and x1 < 64 and y1 < 64
                 assert o["centre"] == ((x0 + x1) / 2, (y0 + y1) / 2)
                 mask = S.shape_mask(o["shape"], x0, y0, o["size"])
@@ -319,6 +358,16 @@ def test_checker_tolerates_noise_and_blur():
     # puts the edges back) -- a model's decoder blurs like this.
     heavy = [blur_and_noise(ex["image"], rng, sigma=0.0, k=5) for ex in exs[:200]]
     assert np.mean([C.fidelity(im, ex) for ex, im in zip(exs, heavy)]) >= 0.97
+
+
+def test_checker_tolerates_noise_and_blur_on_test_ood():
+    # The same promise for the split's 11-13 px and 27-34 px objects (a 5x5 blur is beyond it
+    # there: it rounds an 11 px triangle into a blob).
+    rng = np.random.default_rng(0)
+    exs = examples("test_ood", N_CHECK)
+    found = [C.detect_objects(blur_and_noise(ex["image"], rng)) for ex in exs]
+    assert np.mean([detected_right(ex, f, tol=2.0) for ex, f in zip(exs, found)]) >= 0.95
+    assert np.mean([C.matches(f, ex) for ex, f in zip(exs, found)]) >= 0.95
 
 
 def test_checker_ignores_specks():

@@ -6,6 +6,16 @@ Scenes hold one object ("a red circle in the top left") or two non-overlapping o
 which measures compositional generalisation. (`train_pairs='all'` is a control that does draw them
 into `train`, to measure what holding them out costs; it never draws a default `test_unseen` scene.)
 
+`test_ood` measures generalisation to object size and placement, not composition: the colours,
+shapes, colour-shape pairs (SEEN_PAIRS only), caption grammar, scene mix and geometry rules of
+`test_seen`, but every object is smaller (OOD_SMALL_SIZES, 11-13 px) or larger (OOD_LARGE_SIZES,
+27-34 px) than any `train` object (MIN_SIZE..MAX_SIZE, 14-26 px); each object picks either band
+with probability 1/2 (two large objects rarely fit beside each other, so two-object scenes hold
+mostly small ones). Positions follow the same rules inside the same BORDER, so small objects'
+centres reach nearer the edges and corners (6.5 px) than any `train` centre (8 px). Since the sizes
+differ, no `test_ood` scene is a `train` or `test_seen` scene. 11 px is the floor: the checker
+reads 8-10 px triangles on clean images, but not reliably after the 3x3 blur it otherwise tolerates.
+
 Coordinates are continuous pixel coordinates: pixel (row r, column c) covers [c, c+1) x [r, r+1),
 so the image centre is (32, 32). An object's `bbox` is (x0, y0, x1, y1) with x1 = x0 + size
 (exclusive) and its `centre` is the bbox centre, also for triangles, so that generator and checker
@@ -51,10 +61,12 @@ SEEN_PAIRS = tuple(p for p in ALL_PAIRS if p not in HELD_OUT_PAIRS)
 UNSEEN_PAIRS = tuple(p for p in ALL_PAIRS if p in HELD_OUT_PAIRS)
 CLASS_NAMES: list[str] = [f"{c} {s}" for c, s in ALL_PAIRS]
 IMAGE_SIZE = 64
-SPLITS = ("train", "test_seen", "test_unseen")
-DEFAULT_SPLIT_SIZES = {"train": 100_000, "test_seen": 1000, "test_unseen": 1000}
+SPLITS = ("train", "test_seen", "test_unseen", "test_ood")
+DEFAULT_SPLIT_SIZES = {"train": 100_000, "test_seen": 1000, "test_unseen": 1000, "test_ood": 1000}
 
 MIN_SIZE, MAX_SIZE = 14, 26
+OOD_SMALL_SIZES = (11, 13)  # inclusive, test_ood only
+OOD_LARGE_SIZES = (27, 34)  # 34 px still leaves room for a small object in every relation
 BORDER = 1
 QUADRANT_OFFSET = 8
 CENTER_RADIUS = 7.0  # promise is "within 8 px"; 1 px of slack keeps the checker's boundary clear
@@ -216,6 +228,8 @@ def _object_hash(pair, size, x0, y0) -> np.ndarray:
 
 
 def _bucket_ok(split: str, scene_hash: np.ndarray) -> np.ndarray:
+    # test_unseen (held-out pairs) and test_ood (sizes outside the train range) cannot meet a
+    # train scene, so only test_seen needs a bucket of its own.
     in_seen_bucket = (_mix(scene_hash) % SEEN_BUCKETS) == 0
     if split == "train":
         return ~in_seen_bucket
@@ -260,6 +274,15 @@ def _scene_ok(split: str, scene_hash: np.ndarray, all_pairs: bool) -> np.ndarray
     return ok
 
 
+def _draw_sizes(rng: np.random.Generator, split: str, shape) -> np.ndarray:
+    """Object sizes (bbox sides, px): the train range, or for test_ood one of the two bands outside it."""
+    if split != "test_ood":
+        return rng.integers(MIN_SIZE, MAX_SIZE + 1, size=shape)
+    small = rng.integers(OOD_SMALL_SIZES[0], OOD_SMALL_SIZES[1] + 1, size=shape)
+    large = rng.integers(OOD_LARGE_SIZES[0], OOD_LARGE_SIZES[1] + 1, size=shape)
+    return np.where(rng.random(shape) < 0.5, small, large)
+
+
 def _sample_one(rng: np.random.Generator, split: str, all_pairs: bool = False):
     position = POSITIONS[rng.integers(len(POSITIONS))]
     pairs_idx = _UNSEEN_IDX if split == "test_unseen" else _SEEN_IDX
@@ -268,7 +291,7 @@ def _sample_one(rng: np.random.Generator, split: str, all_pairs: bool = False):
     n = _CANDIDATES
     while True:
         pair = pairs_idx[rng.integers(len(pairs_idx), size=n)]
-        size = rng.integers(MIN_SIZE, MAX_SIZE + 1, size=n)
+        size = _draw_sizes(rng, split, n)
         low, high = np.full(n, BORDER), IMAGE_SIZE - BORDER - size  # inclusive range of x0 / y0
         if position == "center":
             lo = np.maximum(low, np.ceil(_HALF - CENTER_RADIUS - size / 2)).astype(int)
@@ -302,7 +325,7 @@ def _sample_two(rng: np.random.Generator, split: str, all_pairs: bool = False):
         else:
             pa = _SEEN_IDX[rng.integers(len(_SEEN_IDX), size=n)]
             pb = _SEEN_IDX[rng.integers(len(_SEEN_IDX), size=n)]
-        sa, sb = rng.integers(MIN_SIZE, MAX_SIZE + 1, size=(2, n))
+        sa, sb = _draw_sizes(rng, split, (2, n))
         xa, ya = rng.integers(BORDER, IMAGE_SIZE - BORDER - sa + 1, size=(2, n))
         xb, yb = rng.integers(BORDER, IMAGE_SIZE - BORDER - sb + 1, size=(2, n))
         dx = (xb + sb / 2) - (xa + sa / 2)  # > 0: a is left of b

@@ -36,7 +36,7 @@ SPLIT_SHARE = 0.2
 CENTER_TOLERANCE = 9.5  # generator: 'center' <= 7 px, quadrants >= 11.3 px from the centre
 QUADRANT_TOLERANCE = 1.0  # the centre must be this far inside its quadrant
 RELATION_TOLERANCE = 8.0  # generator uses 12
-MAX_EXTENT = 40  # objects are 14-26 px; a larger blob (e.g. a washed-out image) is no shape
+MAX_EXTENT = 40  # objects are 11-34 px; a larger blob (e.g. a washed-out image) is no shape
 UNKNOWN = len(shapes.COLOURS)
 
 _NAMES = list(shapes.COLOURS)
