@@ -1,4 +1,4 @@
-"""A small DALL-E on the shapes suite: 16 text tokens + 8x8 dVAE tokens (224 codes), CPU-sized.
+"""A small DALL-E on the shapes suite: 16 text tokens + 8x8 dVAE tokens (256 codes), CPU-sized.
 
 Train the dVAE first (configs/dvae_shapes.py), then
   python -m dalle_jax.train --config configs/dalle_shapes.py --workdir /tmp/dalle_shapes \
@@ -14,7 +14,7 @@ def get_config(arg=None):
     c = dalle_config()
     m = c.model
     m.text_len = c.text.context_length = 16  # shapes captions are <= 11 BPE tokens with the end token
-    m.image_grid, m.image_vocab_size = 8, 224  # the shapes dVAE: 8x8 tokens, 32 x 7 codes
+    m.image_grid, m.image_vocab_size = 8, 256  # the shapes dVAE: 8x8 tokens of 256 codes
     # Width 128 (1.0M params): the run takes ~12 min on 2 CPU cores; width 256 was 3x the time.
     m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 128, 4, 32, 4, 512
     m.attention_pattern = "full"
