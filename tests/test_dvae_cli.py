@@ -316,9 +316,19 @@ def test_tool_flag_errors_are_one_line(module, argv, message, capsys):
     assert message in err[0]
 
 
-def test_colour_codes_train_sharded_and_load(trained):
-    """The shapes config's structure / colour product codebook (28 = 4 structure x 7 colour codes),
-    trained on the 2 x 2 x 2 mesh of TINY by the module's `trained` run."""
+def test_colour_codes_train_sharded_and_load(tmp_path):
+    """The structure / colour experiment's product codebook (28 = 4 structure x 7 colour codes),
+    trained on the 2 x 2 x 2 mesh of TINY."""
+    trained = str(tmp_path / "colour")
+    run(
+        "dalle_jax.train_dvae",
+        "--config",
+        "configs/dvae_shapes.py",
+        "--workdir",
+        trained,
+        *TINY,
+        "--config.model.colour_codes=7",
+    )
     saved = param_shapes(trained)
     assert saved["encoder"]["output"]["kernel"][-1] == 4  # structure logits; colour from its head
     assert saved["encoder"]["colour"]["output"]["kernel"][-1] == 7
