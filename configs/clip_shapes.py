@@ -9,9 +9,9 @@ from clip_jax.defaults import clip_config, model_config, text_config
 
 
 def get_config(arg=None):
-    # luma_chroma: the first 3 of 4 vision blocks see only each patch's contrast-normalised
-    # luminance, so an outline reads the same in every colour; RGB patches misread held-out pairs
-    # (docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded).
+    # The paper's RGB patch stem. The luma_chroma stem, an experiment (clip_jax/experiments), is
+    # `--config.model.patch_embed=luma_chroma --config.model.chroma_layer=3`; its measurements:
+    # docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded
     model = model_config(
         name="shapes",
         image_size=64,
@@ -24,8 +24,6 @@ def get_config(arg=None):
         text_heads=4,
         embed_dim=128,
         activation="gelu",
-        patch_embed="luma_chroma",
-        chroma_layer=3,
     )
     # merges_file '' trains a small BPE on the shapes captions into the workdir. The longest
     # caption is 12 tokens with it, so a context of 16 loses nothing and saves text-tower time.
