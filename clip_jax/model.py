@@ -16,9 +16,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from core_jax.errors import ConfigError
+
 # quick_gelu / exact_gelu: CLIP's two activations (config.model.activation 'quick_gelu' / 'gelu').
 from core_jax.layers import MLP, Attention, exact_gelu, flax_layer_norm, param, quick_gelu  # noqa: F401
-from core_jax.errors import ConfigError
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
