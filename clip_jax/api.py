@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from clip_jax import clip_models
 from clip_jax import model as clip_model
 from clip_jax.task import make_tokenizer
 from core_jax.checkpoint import load_params, read_config
@@ -43,7 +44,7 @@ class CLIPModel:
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
-        self.module = clip_model.clip_from_config(config)
+        self.module = clip_models.clip_from_config(config)
         self.image_size = int(config.model.image_size)
         self.embed_dim = int(config.model.embed_dim)
         self._image_fn = jax.jit(lambda p, x: clip_model.encode_image(self.module, p, x))

@@ -60,7 +60,8 @@ def model_config(**sizes) -> ml_collections.ConfigDict:
         mlp_ratio=4.0,
         activation="quick_gelu",  # quick_gelu (OpenAI) | gelu (exact erf GELU, open_clip)
         ln_eps=1e-5,
-        patch_embed="rgb",  # rgb (OpenAI's patch conv) | luma_chroma (clip_jax.model; no converter)
+        # rgb (OpenAI's patch conv) | luma_chroma (an experiment: clip_jax/experiments; no converter)
+        patch_embed="rgb",
         chroma_layer=0,  # luma_chroma: the vision block before which patch colours are added
         loss="softmax",  # softmax | sigmoid | sigmoid_chunked
         logit_scale_init=math.log(1 / 0.07),

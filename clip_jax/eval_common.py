@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from clip_jax import clip_models
 from clip_jax import model as clip_model
 from core_jax import checkpoint, sharding
 from core_jax.data.decode import SkipExample
@@ -203,10 +204,9 @@ def _mesh_of(params):
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted_encoders(spec):
-    """Image and text encoders for one model spec, compiled once and shared by every call."""
+def _jitted_encoders(module):
+    """Image and text encoders for one CLIP module, compiled once and shared by every call."""
 
-    module = clip_model.CLIP(spec)
     mean, std = jnp.asarray(CLIP_MEAN), jnp.asarray(CLIP_STD)
 
     def images_fn(params, images_uint8):
@@ -231,7 +231,8 @@ class ParamsEncoder:
     def __init__(
         self, config, params, workdir: str | None = None, *, tokenizer=None, text_batch_size: int = 256
     ):
-        self.spec = clip_model.spec_from_config(config)
+        module = clip_models.clip_from_config(config)
+        self.spec = module.cfg
         self.image_size = int(self.spec.image_size)
         if tokenizer is None:
             tokenizer = tokenizer_from_config(
@@ -245,7 +246,7 @@ class ParamsEncoder:
         self.mesh, self.params = mesh, params
         self.data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
         self.text_batch_size = round_batch_size(text_batch_size, self.data_parallel)
-        self._images_fn, self._texts_fn = _jitted_encoders(self.spec)
+        self._images_fn, self._texts_fn = _jitted_encoders(module)
 
     def put(self, local_rows: np.ndarray):
         return make_global_batch(self.mesh, {"x": np.asarray(local_rows)})["x"]
@@ -291,7 +292,7 @@ def load_replicated_params(workdir: str, config, step: int | None, mesh, raw_wei
     every device of `mesh` (works on every process: no process reads into a device it cannot
     address)."""
 
-    module = clip_model.clip_from_config(config)
+    module = clip_models.clip_from_config(config)
     abstract = nn.meta.unbox(jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0)))
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
     return checkpoint.load_params(workdir, step, shardings=replicated, ema=not raw_weights)[1]

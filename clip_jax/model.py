@@ -16,6 +16,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from core_jax.errors import ConfigError
+
 # quick_gelu / exact_gelu: CLIP's two activations (config.model.activation 'quick_gelu' / 'gelu').
 from core_jax.layers import MLP, Attention, exact_gelu, flax_layer_norm, param, quick_gelu  # noqa: F401
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
@@ -23,15 +25,6 @@ from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
 MAX_LOGIT_SCALE = math.log(100.0)
 ACTIVATIONS = ("quick_gelu", "gelu")
-PATCH_EMBEDS = ("rgb", "luma_chroma")
-# luma_chroma patch embedding: CLIP's normalisation constants (to get pixels back in [0, 1]),
-# BT.601 luminance weights, and the variance floor of a patch's luminance pattern (a uniform patch
-# gives a zero pattern) and of the colour average's weight.
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_LUMA = (0.299, 0.587, 0.114)
-LUMA_EPS = 1e-4
-CHROMA_EPS = 1e-3
 
 
 class ResidualBlock(nn.Module):
@@ -94,40 +87,48 @@ def _transformer(
 
 
 class VisionTower(nn.Module):
-    """ViT: patches -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class) -> proj."""
+    """ViT: patches -> [class token; patches] + positions -> ln_pre -> blocks -> ln_post(class) -> proj.
+
+    Experiments (clip_jax/experiments) subclass it and reuse its steps."""
 
     cfg: Any  # CLIPSpec
 
     @nn.compact
     def __call__(self, images):
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        b, h, w, c = images.shape
-        p, width = cfg.patch_size, cfg.vision_width
-        if (h, w, c) != (cfg.image_size, cfg.image_size, 3):
+        dtype = dtype_of(self.cfg.dtype)
+        x = self.patch_tokens(images, dtype)
+        x = self.add_class_token(x, dtype)
+        x = self.blocks(self.cfg.vision_layers, dtype)(x)
+        return self.project(x, dtype)
+
+    def patch_grid(self, images) -> int:
+        """Patches per side, once `images` is checked to be [B, image_size, image_size, 3]."""
+        cfg = self.cfg
+        if images.shape[1:] != (cfg.image_size, cfg.image_size, 3):
             raise ValueError(
                 f"encode_image: expected images [B, {cfg.image_size}, {cfg.image_size}, 3], "
                 f"got {images.shape}"
             )
-        g = cfg.image_size // p
-        colour = None  # luma_chroma: per-patch colour tokens, added at layer cfg.chroma_layer
-        if cfg.patch_embed == "luma_chroma":
-            x, colour = self._luma_chroma_embed(images, g, p, width, dtype)
-            if cfg.chroma_layer == 0:
-                x, colour = x + colour, None
-        else:
-            # A stride-p conv without bias is one matmul over flattened (row, col, channel) patches.
-            patches = (
-                images.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
-            )
-            patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
-            patch_kernel = param(
-                self,
-                "patch_kernel",
-                nn.initializers.normal((p * p * 3) ** -0.5),
-                (p * p * 3, width),
-                ("patch", "embed"),
-            )
-            x = dense(patches, patch_kernel.astype(dtype))
+        return cfg.image_size // cfg.patch_size
+
+    def patch_tokens(self, images, dtype):
+        """[B, S, S, 3] -> [B, patches, width]: OpenAI's bias-free stride-p conv, written as one
+        matmul over flattened (row, col, channel) patches."""
+        g, p, width = self.patch_grid(images), self.cfg.patch_size, self.cfg.vision_width
+        patches = split_patches(images, g, p).reshape(images.shape[0], g * g, p * p * 3)
+        patches = constrain(patches.astype(dtype), ("act_batch", "act_length", None))
+        patch_kernel = param(
+            self,
+            "patch_kernel",
+            nn.initializers.normal((p * p * 3) ** -0.5),
+            (p * p * 3, width),
+            ("patch", "embed"),
+        )
+        return dense(patches, patch_kernel.astype(dtype))
+
+    def add_class_token(self, x, dtype):
+        """[B, patches, width] -> [class token; patches] + positions, through ln_pre."""
+        b, n, width = x.shape
         class_embedding = param(
             self, "class_embedding", nn.initializers.normal(width**-0.5), (width,), ("norm",)
         )
@@ -137,62 +138,40 @@ class VisionTower(nn.Module):
             self,
             "positional_embedding",
             nn.initializers.normal(width**-0.5),
-            (g * g + 1, width),
+            (n + 1, width),
             ("length", "embed"),
         )
         x = x + positions.astype(dtype)[None]
-        x = flax_layer_norm(cfg.ln_eps, dtype, "ln_pre")(x)
-        if colour is None:
-            x = _transformer(cfg, cfg.vision_layers, cfg.vision_heads, width, False, dtype)(x)
-        else:
-            # Colour-blind blocks first, so outlines are read the same way in every colour; the
-            # colour joins (class token: none) before the last vision_layers - chroma_layer blocks.
-            k = cfg.chroma_layer
-            x = _transformer(cfg, k, cfg.vision_heads, width, False, dtype, depth=cfg.vision_layers)(x)
-            x = x + jnp.pad(colour, ((0, 0), (1, 0), (0, 0)))
-            x = _transformer(
-                cfg,
-                cfg.vision_layers - k,
-                cfg.vision_heads,
-                width,
-                False,
-                dtype,
-                depth=cfg.vision_layers,
-                name="transformer_late",
-            )(x)
-        pooled = flax_layer_norm(cfg.ln_eps, dtype, "ln_post")(x[:, 0])
+        return flax_layer_norm(self.cfg.ln_eps, dtype, "ln_pre")(x)
+
+    def blocks(self, num_layers: int, dtype, name: str = "transformer"):
+        """`num_layers` of the tower's residual blocks, initialised as parts of its full depth."""
+        cfg = self.cfg
+        return _transformer(
+            cfg,
+            num_layers,
+            cfg.vision_heads,
+            cfg.vision_width,
+            False,
+            dtype,
+            depth=cfg.vision_layers,
+            name=name,
+        )
+
+    def project(self, x, dtype):
+        """The class token's state -> ln_post -> the embedding (float32)."""
+        width = self.cfg.vision_width
+        pooled = flax_layer_norm(self.cfg.ln_eps, dtype, "ln_post")(x[:, 0])
         proj = param(
-            self, "proj", nn.initializers.normal(width**-0.5), (width, cfg.embed_dim), ("embed", None)
+            self, "proj", nn.initializers.normal(width**-0.5), (width, self.cfg.embed_dim), ("embed", None)
         )
         return (pooled @ proj.astype(dtype)).astype(jnp.float32)
 
-    def _luma_chroma_embed(self, images, g, p, width, dtype):
-        """Patch tokens from the patch's contrast-normalised luminance plus its colour.
 
-        An RGB patch kernel sees an outline through colour-specific weights, so a shape learned in
-        some colours need not be recognised in another. Here the spatial pattern is the luminance
-        standardised within the patch (the same for an outline in any colour, on any uniform
-        background), and colour enters once per patch as the luminance-weighted mean colour (the
-        colour of what is bright in the patch, not how much of the patch it covers).
-        """
-        b = images.shape[0]
-        mean, std = jnp.asarray(_CLIP_MEAN, dtype), jnp.asarray(_CLIP_STD, dtype)
-        rgb = (images.astype(dtype) * std + mean).reshape(b, g, p, g, p, 3)
-        rgb = rgb.transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p, 3)  # pixels in [0, 1]
-        luma = rgb @ jnp.asarray(_LUMA, dtype)  # [b, n, p*p]
-        centred = luma - luma.mean(-1, keepdims=True)
-        pattern = centred * jax.lax.rsqrt(jnp.mean(jnp.square(centred), -1, keepdims=True) + LUMA_EPS)
-        weights = jnp.maximum(luma, 0.0)[..., None]
-        colour = (weights * rgb).sum(-2) / (weights.sum(-2) + CHROMA_EPS * p * p)
-        colour = (colour - mean) / std
-        pattern = constrain(pattern, ("act_batch", "act_length", None))
-        luma_kernel = param(
-            self, "luma_kernel", nn.initializers.normal((p * p) ** -0.5), (p * p, width), ("patch", "embed")
-        )
-        chroma_kernel = param(
-            self, "chroma_kernel", nn.initializers.normal(3**-0.5), (3, width), (None, "embed")
-        )
-        return (dense(pattern, luma_kernel.astype(dtype)), dense(colour, chroma_kernel.astype(dtype)))
+def split_patches(images, g: int, p: int):
+    """[B, g*p, g*p, C] -> [B, g*g, p*p, C]: row-major patches, each row-major over its pixels."""
+    b, c = images.shape[0], images.shape[-1]
+    return images.reshape(b, g, p, g, p, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p, c)
 
 
 class TextTower(nn.Module):
@@ -246,7 +225,7 @@ class CLIP(nn.Module):
     cfg: Any  # CLIPSpec (hashable; build with spec_from_config)
 
     def setup(self):
-        self.visual = VisionTower(self.cfg)
+        self.visual = self.make_vision_tower()
         self.text = TextTower(self.cfg)
         sigmoid = self.cfg.loss.startswith("sigmoid")
         scale_init = self.cfg.sigmoid_scale_init if sigmoid else self.cfg.logit_scale_init
@@ -263,6 +242,10 @@ class CLIP(nn.Module):
                 (),
                 jnp.float32,
             )
+
+    def make_vision_tower(self) -> VisionTower:
+        """The image tower; an experiment (clip_jax/experiments) swaps in its own."""
+        return VisionTower(self.cfg)
 
     def encode_image(self, images, normalize: bool = True):
         features = self.visual(images)
@@ -341,8 +324,6 @@ class CLIPSpec:
     vocab_size: int
     context_length: int
     dtype: str = "float32"
-    patch_embed: str = "rgb"
-    chroma_layer: int = 0
     scan_layers: bool = True
     remat: str = "none"
     scan_unroll: int = 1
@@ -368,16 +349,6 @@ def spec_from_config(config) -> CLIPSpec:
     ):
         if width % heads:
             raise ValueError(f"config.model.{tower}_width={width} is not divisible by {tower}_heads={heads}")
-    # Optional key: workdirs written before it existed (and converted weights) are "rgb".
-    patch_embed = str(m.get("patch_embed", "rgb"))
-    if patch_embed not in PATCH_EMBEDS:
-        raise ValueError(f"config.model.patch_embed must be one of {PATCH_EMBEDS}, got {patch_embed!r}")
-    chroma_layer = int(m.get("chroma_layer", 0))
-    if not 0 <= chroma_layer < m.vision_layers or (chroma_layer and patch_embed != "luma_chroma"):
-        raise ValueError(
-            f"config.model.chroma_layer={chroma_layer}: needs patch_embed='luma_chroma' "
-            f"and 0 <= chroma_layer < vision_layers={m.vision_layers}"
-        )
     values = {k: m[k] for k in _SPEC_KEYS}
     values["mlp_ratio"] = float(values["mlp_ratio"])
     values["ln_eps"] = float(values["ln_eps"])
@@ -386,8 +357,6 @@ def spec_from_config(config) -> CLIPSpec:
         vocab_size=int(config.text.vocab_size),
         context_length=int(config.text.context_length),
         dtype=str(config.compute_dtype),
-        patch_embed=patch_embed,
-        chroma_layer=chroma_layer,
         scan_layers=bool(config.scan_layers),
         remat=str(config.remat),
         scan_unroll=int(config.get("scan_unroll", 1)),
@@ -395,6 +364,14 @@ def spec_from_config(config) -> CLIPSpec:
 
 
 def clip_from_config(config) -> CLIP:
+    """The paper's CLIP with `config.model`'s sizes. A config that selects an experiment is built by
+    clip_jax.clip_models.clip_from_config, which this module cannot import (it builds on this one)."""
+    patch_embed = str(config.model.get("patch_embed", "rgb"))  # absent in older workdirs: "rgb"
+    if patch_embed != "rgb":
+        raise ConfigError(
+            f"model.patch_embed={patch_embed!r} selects an experiment, which "
+            f"clip_jax.clip_models.clip_from_config builds"
+        )
     return CLIP(spec_from_config(config))
 
 

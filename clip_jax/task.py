@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from clip_jax import losses
-from clip_jax.model import CLIP, clip_from_config, train_flops_per_example
+from clip_jax.clip_models import clip_from_config
+from clip_jax.model import CLIP, train_flops_per_example
 from core_jax.data import image_ops
 from core_jax.errors import ConfigError
 from core_jax.text import tokenizer_from_config, training_tokenizer

@@ -9,9 +9,9 @@ from clip_jax.defaults import clip_config, model_config, text_config
 
 
 def get_config(arg=None):
-    # The paper's vision tower at small size: RGB patches (Radford et al. 2021). The luma_chroma
-    # stem, an experiment, is --config.model.patch_embed=luma_chroma --config.model.chroma_layer=3
-    # (docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded).
+    # The paper's RGB patch stem. The luma_chroma stem, an experiment (clip_jax/experiments), is
+    # `--config.model.patch_embed=luma_chroma --config.model.chroma_layer=3`; its measurements:
+    # docs/results.md#clip-on-the-shapes-suite-budget-and-patch-stem-ablation-date-not-recorded
     model = model_config(
         name="shapes",
         image_size=64,

@@ -93,6 +93,12 @@ CASES = [
     ("clip.train", "--workdir {out} --config.grad_accum_steps=0", "grad_accum_steps"),
     ("clip.train", "--workdir {out} --config.nan_policy=ignore", "nan_policy"),
     ("clip.train", "--workdir {out} --config={missing}/c.py", "c.py"),
+    ("clip.train", "--workdir {out} --config.model.chroma_layer=3", "needs patch_embed='luma_chroma'"),
+    (
+        "clip.train",
+        "--workdir {out} --config.model.patch_embed=luma_chroma --config.model.chroma_layer=4",
+        "chroma_layer=4",
+    ),
     ("dalle.train", "--workdir {out} --config.dvae_workdir={missing}", "missing"),
     ("dalle.train", "--workdir {out} --config.dvae_workdir={clip}", "does not hold a dVAE"),
     ("dalle.train", "--workdir {out} --config.dvae_workdir={empty}", "empty"),

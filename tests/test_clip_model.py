@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from clip_jax import defaults
+from clip_jax import clip_models, defaults
 from clip_jax.model import (
     Attention,
     MAX_LOGIT_SCALE,
@@ -52,7 +52,8 @@ def tiny_config(**model):
 
 
 def make_params(config, seed=0):
-    """Random params in the model's tree, drawn with numpy.
+    """Random params in the tree of the model `config` builds (the paper's, or an experiment's),
+    drawn with numpy.
 
     (Compiling the Flax init with the default threefry RNG costs ~20 s on 2 CPU cores; the layout
     comes from eval_shape, which compiles nothing. Real init is covered once, in test_init.)
@@ -71,7 +72,7 @@ def make_params(config, seed=0):
         std = 0.1 if leaf.ndim == 1 or "bias" in name else fan_in**-0.5
         return (std * rng.standard_normal(leaf.shape)).astype(np.float32)
 
-    abstract = nn.meta.unbox(abstract_params(clip_from_config(config)))
+    abstract = nn.meta.unbox(abstract_params(clip_models.clip_from_config(config)))
     return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -104,71 +105,6 @@ def test_tower_shapes_and_normalisation():
         encode_image(model, params, images[:, :8])
     with pytest.raises(ValueError, match="L<=8"):
         encode_text(model, params, np.zeros((1, CONTEXT + 1), np.int32))
-
-
-@pytest.mark.parametrize("patch_embed,chroma_layer", [("rgb", 0), ("luma_chroma", 0), ("luma_chroma", 1)])
-def test_luma_chroma_stem_sees_colour_only_per_patch(patch_embed, chroma_layer):
-    """Swapping two pixels of one patch whose colours differ but whose luminance is equal keeps the
-    patch's luminance pattern and mean colour: invisible to luma_chroma, visible to rgb."""
-    from clip_jax.model import _CLIP_STD, _LUMA
-
-    config = tiny_config(patch_embed=patch_embed, chroma_layer=chroma_layer)
-    model, params = clip_from_config(config), make_params(config)
-    rng = np.random.default_rng(3)
-    a = rng.normal(size=(1, IMAGE, IMAGE, 3)).astype(np.float32)
-    # Luminance is taken of the un-normalised pixels: d changes the colour, not the luminance.
-    w = np.asarray(_LUMA, np.float32) * np.asarray(_CLIP_STD, np.float32)
-    d = np.cross(w, rng.normal(size=3)).astype(np.float32)
-    u = a[0, 1, 1].copy()
-    a[0, 1, 1], a[0, 2, 5] = u + d, u - d  # one 8x8 patch, equal luminance, different colours
-    b = a.copy()
-    b[0, 1, 1], b[0, 2, 5] = a[0, 2, 5], a[0, 1, 1]
-    fa, fb = encode_image(model, params, a), encode_image(model, params, b)
-    if patch_embed == "luma_chroma":
-        np.testing.assert_allclose(fa, fb, atol=1e-5)
-        assert "luma_kernel" in params["visual"] and "patch_kernel" not in params["visual"]
-        assert ("transformer_late" in params["visual"]) == (chroma_layer > 0)
-        # Without the colour term, one outline drawn in two colours on black is one input.
-        from core_jax.data import image_ops
-        from core_jax.data.shapes import render
-
-        images = np.stack(
-            [
-                image_ops.clip_normalize(
-                    render([{"colour": colour, "shape": "triangle", "bbox": (2, 3, 12, 13), "size": 10}])
-                )[:IMAGE, :IMAGE]
-                for colour in ("red", "green")
-            ]
-        )
-        colour_blind = dict(params, visual=dict(params["visual"]))
-        colour_blind["visual"]["chroma_kernel"] = np.zeros_like(params["visual"]["chroma_kernel"])
-        red, green = encode_image(model, colour_blind, images)
-        np.testing.assert_allclose(red, green, atol=0.02)
-        full = encode_image(model, params, images)  # with the colour term they differ
-        assert np.abs(full[0] - full[1]).max() > 1e-4
-    else:
-        assert np.abs(fa - fb).max() > 1e-3
-
-
-def test_patch_embed_is_checked_and_optional():
-    from clip_jax.model import spec_from_config
-
-    config = tiny_config()
-    assert spec_from_config(config).patch_embed == "rgb"
-    del config.model["patch_embed"]  # workdirs written before the key existed
-    assert spec_from_config(config).patch_embed == "rgb"
-    config.model.patch_embed = "hsv"
-    with pytest.raises(ValueError, match="patch_embed"):
-        spec_from_config(config)
-    config.model.patch_embed = "rgb"
-    config.model.chroma_layer = 1  # colour is added late only to the luma_chroma stem
-    with pytest.raises(ValueError, match="chroma_layer"):
-        spec_from_config(config)
-    config.model.patch_embed = "luma_chroma"
-    assert spec_from_config(config).chroma_layer == 1
-    config.model.chroma_layer = 2  # == vision_layers: no block left to see the colour
-    with pytest.raises(ValueError, match="chroma_layer"):
-        spec_from_config(config)
 
 
 def test_text_features_come_from_the_end_token():

@@ -25,7 +25,6 @@ def tiny_clip_config(mesh):
     c.optim.learning_rate = 3e-3  # large enough that the params really move in 4 steps
     c.mesh.data, c.mesh.fsdp, c.mesh.tensor = mesh
     c.model.image_size = c.data.image_size = 16
-    # One vision block: the shapes config's colour stem must join at block 0 of it.
     c.model.update(
         vision_width=32,
         vision_layers=1,
@@ -34,7 +33,6 @@ def tiny_clip_config(mesh):
         text_layers=1,
         text_heads=2,
         embed_dim=16,
-        chroma_layer=0,
     )
     c.eval.evaluators = ""
     return c

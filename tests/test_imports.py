@@ -9,6 +9,8 @@ from __future__ import annotations
 import ast
 import os
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("core_jax", "clip_jax", "dalle_jax")
 
@@ -155,18 +157,32 @@ def _imports_anywhere(path: str, package: str) -> bool:
     return False
 
 
-def test_models_reach_experiments_only_through_the_builder():
-    """dalle_jax/experiments builds on the models; only the builder above both
-    (`dalle_jax.dvae_models`, at load) imports it, so no model imports what builds on it."""
-    package = "dalle_jax.experiments"
+@pytest.mark.parametrize(
+    "package,builder,experiment,model",
+    [
+        (
+            "dalle_jax.experiments",
+            "dalle_jax.dvae_models",
+            "dalle_jax.experiments.colour_split_dvae",
+            "dalle_jax.dvae",
+        ),
+        (
+            "clip_jax.experiments",
+            "clip_jax.clip_models",
+            "clip_jax.experiments.luma_chroma",
+            "clip_jax.model",
+        ),
+    ],
+)
+def test_models_reach_experiments_only_through_the_builder(package, builder, experiment, model):
+    """An experiments package builds on the models; only the builder above both imports it (at
+    load), so no model imports what builds on it."""
     outside = {m: path for m, path in _modules().items() if m != package and not m.startswith(package + ".")}
     graph = import_graph()
-    assert sorted(m for m, path in outside.items() if _imports_anywhere(path, package)) == [
-        "dalle_jax.dvae_models"
-    ]
-    assert "dalle_jax.experiments.colour_split_dvae" in graph["dalle_jax.dvae_models"]
-    assert "dalle_jax.dvae" in graph["dalle_jax.experiments.colour_split_dvae"]
-    assert "dalle_jax.dvae_models" not in _reachable(graph, "dalle_jax.dvae")
+    assert sorted(m for m, path in outside.items() if _imports_anywhere(path, package)) == [builder]
+    assert experiment in graph[builder]
+    assert model in graph[experiment]
+    assert builder not in _reachable(graph, model)
 
 
 def test_the_graph_sees_imports():

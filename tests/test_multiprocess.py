@@ -34,7 +34,6 @@ JOBS = {
         "clip_jax.task",
         [
             "model.vision_layers=1",
-            "model.chroma_layer=0",
             "model.text_layers=1",
             "model.vision_width=64",
             "model.text_width=64",

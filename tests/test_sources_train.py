@@ -40,7 +40,6 @@ def clip_config(**data):
     c = common(load_config("clip_shapes"), **data)
     c.text.train_source = "shapes"  # the files hold shapes captions: opt in to the shapes BPE
     c.model.image_size = c.data.image_size = 16
-    # One vision block: the shapes config's colour stem must join at block 0 of it.
     c.model.update(
         vision_width=32,
         vision_layers=1,
@@ -49,7 +48,6 @@ def clip_config(**data):
         text_layers=1,
         text_heads=2,
         embed_dim=16,
-        chroma_layer=0,
     )
     c.eval.evaluators = ""  # zero-shot on shapes is tested elsewhere; here the source is the point
     return c

@@ -54,7 +54,6 @@ def tiny_clip_workdir(wd, image_size: int = 16):
         text_layers=1,
         text_heads=2,
         embed_dim=8,
-        chroma_layer=0,
     )
     c.scan_unroll = 1
     tokenizer_from_config(c.text, wd, data_source="shapes")
