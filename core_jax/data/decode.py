@@ -32,6 +32,7 @@ REASONS = {
     "too_small": "shorter side below data.min_image_side (header check)",
     "too_large": "more pixels than data.max_image_pixels (header check, pixels never decoded)",
     "missing_image": "no image in the sample / the indexed file does not exist",
+    "unsafe_path": "the index names a file outside its folder (absolute, '..' or a symlink out)",
     "missing_caption": "no caption field, file or column value",
     "empty_caption": "caption is empty or only whitespace",
     "non_utf8": "caption bytes are not valid UTF-8",

@@ -28,6 +28,7 @@ from braceexpand import braceexpand
 from core_jax.data import decode
 from core_jax.data.decode import SkipExample
 from core_jax.data.embedding_shards import EmbeddingShardSource
+from core_jax.data.index_paths import IndexRoot, UnsafePath
 from core_jax.data.shapes import ShapesSource, check_fraction, check_train_pairs
 from core_jax.data.token_shards import TokenShardSource
 from core_jax.errors import ConfigError
@@ -174,8 +175,9 @@ def _read_index(path: str) -> list[dict]:
 class FolderSource:
     """A directory of images indexed by a CSV/JSONL/Parquet file of (path, caption).
 
-    Paths are relative to the index file's directory. An optional `split` column selects rows
-    for the requested split; without one every split reads all rows.
+    Paths are relative to the index file's directory and must stay inside it (index_paths.py):
+    a row naming a file elsewhere is a counted skip (`unsafe_path`). An optional `split` column
+    selects rows for the requested split; without one every split reads all rows.
     """
 
     def __init__(self, index_file: str, split: str, *, opts: DecodeOptions):
@@ -200,22 +202,15 @@ class FolderSource:
             rows = [r for r in rows if "_bad" in r or str(r.get("split")) == split]
         self._rows = rows
         self._path_col, self._cap_col, self._opts = path_col, cap_col, opts
-        self._base = (
-            posixpath.dirname(index_file)
-            if _is_remote(index_file)
-            else os.path.dirname(os.path.abspath(index_file))
-        )
+        remote = _is_remote(index_file)
+        base = posixpath.dirname(index_file) if remote else os.path.dirname(os.path.abspath(index_file))
+        self._root = IndexRoot(base, remote=remote)
 
     def __len__(self):
         return len(self._rows)
 
     def __getitem__(self, i):
         return self.load(i, None)
-
-    def _resolve(self, path: str) -> str:
-        if _is_remote(path) or os.path.isabs(path):
-            return path
-        return (posixpath.join if _is_remote(self._base) else os.path.join)(self._base, path)
 
     def load(self, i, rng):
         o, row = self._opts, self._rows[int(i)]
@@ -229,7 +224,11 @@ class FolderSource:
         if not isinstance(path, str) or not path.strip():
             raise SkipExample("missing_image", f"row {i}")
         try:
-            with _open_binary(self._resolve(path)) as f:
+            resolved = self._root.resolve(path)
+        except UnsafePath as e:
+            raise SkipExample("unsafe_path", f"row {i}: {e}") from None
+        try:
+            with _open_binary(resolved) as f:
                 data = f.read()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise SkipExample("missing_image", path) from None

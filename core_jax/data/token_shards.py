@@ -24,6 +24,8 @@ import zipfile
 import numpy as np
 
 from core_jax.data.decode import SkipExample
+from core_jax.data.index_paths import IndexRoot, UnsafePath
+from core_jax.errors import ConfigError
 
 _COLUMNS = ("tokens", "captions", "keys")
 _OPEN_FILES = 64  # shards kept open at once (a global shuffle touches every shard)
@@ -106,7 +108,9 @@ class ShardRows:
     """Random access to the rows of one split of a shard directory: the .npz files its index
     lists, each a set of equal-length arrays (`COLUMNS`, of which `REQUIRED` must be there) read
     one row at a time from a few open files. Subclasses check each shard (`check_shard`) and
-    make an example of a row (`load`)."""
+    make an example of a row (`load`). A shard name that leads out of the directory (absolute,
+    `..`, a symlink out) is a ConfigError naming the index and the entry: nothing outside it is
+    opened."""
 
     COLUMNS: tuple[str, ...] = ()
     REQUIRED: tuple[str, ...] = ()
@@ -122,8 +126,15 @@ class ShardRows:
             )
         self.name = name
         self._paths, self._columns, counts = [], [], []
+        root = IndexRoot(data_dir)
         for shard in index["splits"][split]["shards"]:
-            path = os.path.join(data_dir, shard)
+            try:
+                path = root.resolve(str(shard))
+            except UnsafePath as e:
+                raise ConfigError(
+                    f"{os.path.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
+                    f"{data_dir}: {e}; shard names must name files in that folder"
+                ) from None
             if not os.path.isfile(path):
                 raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
             try:
