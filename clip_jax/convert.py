@@ -6,7 +6,9 @@
 
 Checkpoints: torch state_dicts (loaded with `weights_only=True`), `.safetensors` and `.npz` files
 (no pickle, no torch needed), OpenAI's TorchScript archives and old full-pickle saves (these run
-pickle code, so they are refused unless `--trust_pickle`). Torch is imported only when needed.
+pickle code, so they are refused unless `--trust_pickle`; core_jax.pickle_check tells them apart by
+reading the pickle's opcodes, never running them, with or without torch). Torch is imported only
+when needed.
 
 Layouts (reference-facts.md): torch Linear weights are (out, in) and become (in, out) kernels;
 `in_proj_weight` stacks q, k, v rows; per-head dims split as (heads, head_dim); the patch conv
@@ -30,6 +32,7 @@ from clip_jax.task import make_tokenizer
 from core_jax.checkpoint import save_params
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError, ConversionError
+from core_jax.pickle_check import refuse_code
 
 # Keys of OpenAI's TorchScript archives and open_clip buffers that carry no weights.
 IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -103,6 +106,8 @@ def load_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarr
         torch = _require_torch()
         state = torch.jit.load(path, map_location="cpu").state_dict()
     else:
+        # Before torch: a pickle that would run code is refused whether or not torch is installed.
+        refuse_code(path, trust_pickle)
         torch = _require_torch()
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

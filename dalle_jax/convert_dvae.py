@@ -5,7 +5,8 @@ command loads like a trained one.
 
 Inputs may be plain state_dicts (loaded with torch's weights_only=True), OpenAI's whole pickled
 modules (loading a pickle runs code from the file, so it needs --trust_pickle and the `dall_e`
-package importable), or .npz files of the same names (no torch needed). Torch is imported only here.
+package importable; core_jax.pickle_check refuses one before anything is unpickled, torch or not),
+or .npz files of the same names (no torch needed). Torch is imported only here.
 Sizes (hidden width, groups, blocks, vocab, decoder init channels) are read from the weights.
 """
 
@@ -23,6 +24,7 @@ from core_jax import checkpoint
 from core_jax.app import load_config
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConversionError
+from core_jax.pickle_check import refuse_code
 from dalle_jax.dvae import default_model_config, grid_size, make_dvae
 
 _BLOCK = re.compile(r"^blocks\.group_(\d+)\.block_(\d+)\.(id_path|res_path\.conv_(\d+))\.([wb])$")
@@ -145,6 +147,8 @@ def load_weights(path: str, trust_pickle: bool = False) -> dict:
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
+    # Before torch: a pickle that would run code is refused whether or not torch is installed.
+    refuse_code(path, trust_pickle, hint=" (OpenAI's release needs the dall_e package)")
     try:
         import torch  # lazy: optional extra, for converting only
     except ImportError:
