@@ -16,6 +16,7 @@ from clip_jax import model as clip_model
 from clip_jax.task import make_tokenizer
 from core_jax.checkpoint import load_params, read_config
 from core_jax.data.image_ops import clip_normalize, resize_and_crop
+from core_jax.workdir_kinds import describe_workdir
 
 
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def read_clip_config(workdir: str):
     config = read_config(workdir)
     task = str(config.get("task", "") or "")
     if task != CLIP_TASK:
-        raise ValueError(f"{workdir} is not a CLIP workdir (its config.json names task {task or 'none'!r})")
+        raise ValueError(f"{workdir} is not a CLIP workdir (it is {describe_workdir(task)})")
     return config
 
 

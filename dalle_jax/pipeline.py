@@ -26,6 +26,7 @@ from core_jax.data.image_ops import resize_and_crop
 from core_jax.errors import ConfigError
 from core_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from core_jax.text import BPETokenizer
+from core_jax.workdir_kinds import DALLE_TASK, describe_workdir
 from dalle_jax import sampling
 from dalle_jax.run_config import attached_dvae, load_dvae, text_vocab_size, with_derived
 from dalle_jax.transformer import (
@@ -55,6 +56,16 @@ def load_tokenizer(config, workdir: str):
         pad_mode="per_position",
         max_merges=config.text.get("max_merges", None),
     )
+
+
+def check_dalle_config(workdir: str, config) -> None:
+    """A ValueError saying what `workdir` holds when its config.json is not a DALL-E
+    transformer's (a CLIP, a dVAE, an unCLIP stage, or no model the commands know)."""
+    task = str(config.get("task", "") or "")
+    if task and task != DALLE_TASK:
+        raise ValueError(f"{workdir} is not a DALL-E workdir (it is {describe_workdir(task)})")
+    if "model" not in config or "text_len" not in config.model:
+        raise ValueError(f"{workdir} is not a DALL-E workdir (its config.json has no model.text_len)")
 
 
 def check_guidance(config, cond_scale, force: bool = False) -> None:
@@ -118,8 +129,7 @@ class Pipeline:
         if not os.path.isdir(workdir):
             raise FileNotFoundError(f"DALL-E workdir not found: {workdir}")
         config = read_config(workdir)
-        if "model" not in config or "text_len" not in config.model:
-            raise ValueError(f"{workdir}/config.json is not a DALL-E config (no model.text_len)")
+        check_dalle_config(workdir, config)
         tokenizer = load_tokenizer(config, workdir)
         vocab = text_vocab_size(config, tokenizer)  # checked as training checks it
         trained_with = str(config.get("dvae_workdir", "") or "")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from clip_jax.api import CLIPModel
 from core_jax.checkpoint import read_config
-from dalle_jax.pipeline import Pipeline, check_guidance
+from dalle_jax.pipeline import Pipeline, check_dalle_config, check_guidance
 
 
 def load_models(args, pipeline=None, clip=None, *, mesh, step: int | None = None):
@@ -13,9 +13,10 @@ def load_models(args, pipeline=None, clip=None, *, mesh, step: int | None = None
     else loaded from --workdir / --clip_workdir (clip None without --clip_workdir). Guidance
     (--cond_scale, --force_guidance) is checked against the DALL-E's config first, so a refused
     scale costs no model load."""
-    check_guidance(
-        pipeline.config if pipeline else read_config(args.workdir), args.cond_scale, args.force_guidance
-    )
+    config = pipeline.config if pipeline else read_config(args.workdir)
+    if pipeline is None:  # what kind of workdir it is, before its guidance settings are judged
+        check_dalle_config(args.workdir, config)
+    check_guidance(config, args.cond_scale, args.force_guidance)
     pipe = pipeline or Pipeline.load(
         args.workdir, step=step, dvae_workdir=args.dvae_workdir, raw_weights=args.raw_weights, mesh=mesh
     )

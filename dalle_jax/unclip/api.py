@@ -30,9 +30,10 @@ from clip_jax import model as clip_model
 from clip_jax.api import CLIPModel
 from core_jax.checkpoint import load_params
 from core_jax.data import image_ops
+from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import denoise, embedding_stats, pixels, prior, prior_sample, unet
 from dalle_jax.unclip.decoder_task import CLIP_SIZES, conditioning_sizes
-from dalle_jax.unclip.diffusion_task import network, noise_schedule, read_workdir_config, unet_spec
+from dalle_jax.unclip.diffusion_task import network, noise_schedule, unet_spec
 from dalle_jax.unclip.prior_task import prior_spec
 from dalle_jax.unclip.upsampler_task import scale_factor
 

@@ -34,6 +34,7 @@ from core_jax.data.decode import example_caption
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from core_jax.trainer import Task
+from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import denoise, pixels, unet
 from dalle_jax.unclip.diffusion_task import (
     check_sample,
@@ -44,7 +45,6 @@ from dalle_jax.unclip.diffusion_task import (
     make_loss_evaluator,
     make_loss_fn,
     noise_schedule,
-    read_workdir_config,
     sample_section,
     sampler_options,
     network,

@@ -18,7 +18,6 @@ import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 
-from core_jax import checkpoint
 from core_jax.errors import ConfigError
 from core_jax.trainer import Evaluator, eval_batches
 from dalle_jax.unclip import samplers
@@ -35,15 +34,6 @@ from dalle_jax.unclip.unet import UNet
 from dalle_jax.unclip.unet_spec import PRESETS, UNetSpec, check_spec
 from dalle_jax.unclip.unet_spec import train_flops_per_example as unet_train_flops
 
-# What a workdir's config.json `task` says it holds, for errors that name it.
-WORKDIR_KINDS = {
-    "clip_jax.task": "CLIP",
-    "dalle_jax.dalle_task": "DALL-E transformer",
-    "dalle_jax.dvae_task": "dVAE",
-    "dalle_jax.unclip.decoder_task": "unCLIP decoder",
-    "dalle_jax.unclip.upsampler_task": "unCLIP upsampler",
-    "dalle_jax.unclip.prior_task": "unCLIP prior",
-}
 # Folded with an example's noise_seed into the key of its evaluation timestep and noise.
 EVAL_NOISE_KEY = 20220413
 
@@ -298,24 +288,3 @@ def host_rows(x, n: int) -> np.ndarray:
     if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))[:n]
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
-
-
-def describe_workdir(task: str) -> str:
-    """'a CLIP workdir', ... for a config.task value, for errors that say what a workdir holds."""
-    if task in WORKDIR_KINDS:
-        name = WORKDIR_KINDS[task]
-        return f"{'an' if name.startswith('un') else 'a'} {name} workdir"
-    return f"a workdir of task {task!r}" if task else "a workdir without config.task"
-
-
-def read_workdir_config(workdir: str, task: str, error=ValueError):
-    """The config.json of `workdir`, which must have been written for `task`; otherwise `error`
-    naming what the workdir holds instead."""
-    try:
-        config = checkpoint.read_config(workdir)
-    except FileNotFoundError as e:
-        raise error(str(e)) from None
-    found = str(config.get("task", "") or "")
-    if found != task:
-        raise error(f"{workdir} holds {describe_workdir(found)}, not {describe_workdir(task)}")
-    return config

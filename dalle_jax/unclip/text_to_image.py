@@ -22,9 +22,9 @@ import time
 
 import numpy as np
 
+from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import samplers, uses
 from dalle_jax.unclip.api import DECODER_TASK, PRIOR_TASK, UPSAMPLER_TASK, Decoder, Prior, Upsampler
-from dalle_jax.unclip.diffusion_task import read_workdir_config
 
 STAGES = ("prior", "decoder", "upsampler")
 
