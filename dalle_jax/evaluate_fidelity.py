@@ -44,6 +44,7 @@ from core_jax.data.shapes_checker import caption_fidelity
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from dalle_jax import rerank
+from dalle_jax.generate import check_sampling_flags
 from dalle_jax.pipeline import default_mesh
 from dalle_jax.rerank import best_index
 from dalle_jax.sampling_cli import load_models, sampling_settings
@@ -391,12 +392,11 @@ def load_sampler(args, pipeline, clip, models, log):
         if args.clip_workdir and clip is None:
             clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         return UnclipSampler(models, args.batch_size, **flags), clip, settings
+    check_sampling_flags(args)
     pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh("auto"))
     # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
-    if args.temperature < 0 or not 0 <= args.top_k <= pipe.cfg.image_vocab_size or not 0 < args.top_p <= 1:
-        raise ValueError(
-            f"need --temperature >= 0, --top_k in [0, {pipe.cfg.image_vocab_size}], --top_p in (0, 1]"
-        )
+    if args.top_k > pipe.cfg.image_vocab_size:
+        raise ValueError(f"--top_k must be in [0, {pipe.cfg.image_vocab_size}] (0 = off), got {args.top_k}")
     sampler = DalleSampler(
         pipe,
         args.batch_size,

@@ -22,6 +22,7 @@ Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -182,9 +183,21 @@ def check_args(args) -> tuple[list, str]:
         raise ValueError("--image needs an editing mode: --rows_kept, --inpaint_box or --variations")
     if args.inpaint_box is not None:
         parse_box(args.inpaint_box)
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    check_sampling_flags(args)
     return prompts, mode
+
+
+def check_sampling_flags(args) -> None:
+    """--temperature, --top_k, --top_p and --cond_scale on their own, before any model is loaded
+    (top_k's upper bound, the codebook size, is checked once the model is)."""
+    if not math.isfinite(args.temperature) or args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature:g}")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k must be >= 0 (0 = off), got {args.top_k}")
+    if not 0 < args.top_p <= 1:  # also refuses nan
+        raise ValueError(f"--top_p must be in (0, 1] (1 = off), got {args.top_p:g}")
+    if not math.isfinite(args.cond_scale) or args.cond_scale < 0:
+        raise ValueError(f"--cond_scale must be >= 0 (1 = no guidance), got {args.cond_scale:g}")
 
 
 def warn_long_prompts(tokenizer, prompts, reader: str, log, lines: bool = False) -> None:
