@@ -319,8 +319,24 @@ def _reader(directory: str) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(directory, item_handlers=handlers)
 
 
+def _chosen_step(manager, workdir: str, step: int | None) -> int | None:
+    """`step` when `workdir` has a checkpoint there (None: the newest, None when there is none);
+    a FileNotFoundError naming the steps it has otherwise (a --step mistyped or long deleted)."""
+    if step is None:
+        return manager.latest_step()
+    steps = sorted(manager.all_steps())
+    if int(step) not in steps:
+        if not steps:
+            raise FileNotFoundError(f"{workdir} holds no checkpoint under {checkpoint_dir(workdir)}")
+        shown = ", ".join(map(str, steps[-10:]))
+        more = f" (the newest 10 of {len(steps)})" if len(steps) > 10 else ""
+        which = "step" if len(steps) == 1 else "steps"
+        raise FileNotFoundError(f"{workdir} has no checkpoint at step {step}; it has {which} {shown}{more}")
+    return int(step)
+
+
 def _params_metadata(manager, workdir: str, step: int | None, key: str = "params"):
-    step = manager.latest_step() if step is None else step
+    step = _chosen_step(manager, workdir, step)
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint under {checkpoint_dir(workdir)}")
     return step, manager.metadata(step).item_metadata["state"][key]
@@ -348,7 +364,7 @@ def workdir_has_ema(workdir: str, step: int | None = None) -> bool:
     """Whether the newest (or given) checkpoint of `workdir` holds an EMA of the weights
     (trained with config.ema_decay > 0)."""
     with _params_reader(workdir) as manager:
-        step = manager.latest_step() if step is None else step
+        step = _chosen_step(manager, workdir, step)
         return step is not None and _has_ema(manager, step)
 
 
@@ -362,7 +378,7 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None, *,
     """
     config = read_config(workdir)
     with _params_reader(workdir) as manager:
-        step = manager.latest_step() if step is None else step
+        step = _chosen_step(manager, workdir, step)
         key = "ema" if ema and step is not None and _has_ema(manager, step) else "params"
         step, params_meta = _params_metadata(manager, workdir, step, key)
         if shardings is None:
