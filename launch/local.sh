@@ -35,7 +35,7 @@ done
 is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
 [ -z "$fake_devices" ] || is_count "$fake_devices" || die "--fake_devices must be a positive integer, got '$fake_devices'"
 is_count "$processes" || die "--processes must be a positive integer, got '$processes'"
-[ -z "$port" ] || is_count "$port" || die "--port must be a positive integer, got '$port'"
+[ -z "$port" ] || { is_count "$port" && [ "${#port}" -le 5 ] && [ "$port" -le 65535 ]; } || die "--port must be in [1, 65535], got '$port'"
 
 entry="$1"; shift
 if [ -n "${PYTHON:-}" ]; then py="$PYTHON"

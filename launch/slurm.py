@@ -51,6 +51,8 @@ def sbatch_header(
         raise LaunchError(f"--nodes must be >= 1, got {nodes}")
     if gpus_per_node < 0:
         raise LaunchError(f"--gpus_per_node must be >= 0, got {gpus_per_node}")
+    if cpus_per_task is not None and cpus_per_task < 1:
+        raise LaunchError(f"--cpus_per_task must be >= 1, got {cpus_per_task}")
     if not _TIME.match(time):
         raise LaunchError(f"--time {time!r} is not a SLURM time (e.g. 24:00:00 or 2-00:00:00)")
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", job_name):

@@ -105,6 +105,9 @@ def create_commands(
     num_slices: int = 1,
 ) -> list[list[str]]:
     runtime = runtime_version or default_runtime(accelerator_type)
+    size = re.fullmatch(r".+-(\d+)", accelerator_type)
+    if size and int(size.group(1)) < 1:
+        raise LaunchError(f"--accelerator_type {accelerator_type!r}: the size after '-' must be >= 1")
     if spot and preemptible:
         raise LaunchError("pass --spot or --preemptible, not both")
     if num_slices == 1:
@@ -315,6 +318,12 @@ def logs_commands(
     nodes = node_names(name, num_slices)
     if not 0 <= slice_index < len(nodes):
         raise LaunchError(f"--slice must be in [0, {len(nodes)}), got {slice_index}")
+    if worker != "all" and not re.fullmatch(r"\d+(,\d+)*", worker):
+        raise LaunchError(
+            f"--worker must be a worker index (0, 1, ...), a comma list of them, or 'all'; got {worker!r}"
+        )
+    if lines < 0:
+        raise LaunchError(f"--lines must be >= 0, got {lines}")
     tail = f"tail -n {int(lines)}{' -F' if follow else ''} {shlex.quote(remote_dir)}/{log}"
     return [
         [

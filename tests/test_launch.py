@@ -435,6 +435,7 @@ def test_local_dry_run_processes():
     "args, problem",
     [
         (["--fake_devices", "0", "m"], "--fake_devices"),
+        (["--port", "99999", "m"], "--port must be in [1, 65535]"),
         (["--processes", "x", "m"], "--processes"),
         (["--bogus", "m"], "unknown option"),
         ([], "local.sh"),
