@@ -19,6 +19,7 @@ from absl import flags
 from core_jax import app as app_lib
 from core_jax.data import make_iterator
 from core_jax.data.image_ops import resize_and_crop, to_float01
+from core_jax.errors import RunError
 from dalle_jax.dvae_api import DVAE
 
 FLAGS = flags.FLAGS
@@ -42,6 +43,31 @@ def define_flags():
     )
 
 
+def split_iterator(vae, data_config, split: str, *, batch_size: int, seed: int = 0):
+    """One pass over `split` in order, images resized to the dVAE's input. Building it opens the
+    source (an index file, shards, a TFDS split), so a missing one fails here, before anything
+    is written."""
+    size = vae.image_size
+
+    def example_fn(raw, rng):
+        return {
+            "image": to_float01(resize_and_crop(np.asarray(raw["image"]), size)),
+            "caption": np.asarray(str(raw.get("caption", ""))),
+            "key": np.asarray(str(raw.get("key", ""))),
+        }
+
+    return make_iterator(
+        data_config,
+        split,
+        global_batch_size=batch_size,
+        seed=seed,
+        example_fn=example_fn,
+        train=False,
+        process_index=0,
+        process_count=1,
+    )
+
+
 def encode_split(
     vae,
     data_config,
@@ -53,28 +79,11 @@ def encode_split(
     max_examples: int = -1,
     seed: int = 0,
     log=print,
+    iterator=None,
 ) -> dict:
-    """Encodes one split; returns {'examples': n, 'shards': [file names]}."""
-
-    size = vae.image_size
-
-    def example_fn(raw, rng):
-        return {
-            "image": to_float01(resize_and_crop(np.asarray(raw["image"]), size)),
-            "caption": np.asarray(str(raw.get("caption", ""))),
-            "key": np.asarray(str(raw.get("key", ""))),
-        }
-
-    it = make_iterator(
-        data_config,
-        split,
-        global_batch_size=batch_size,
-        seed=seed,
-        example_fn=example_fn,
-        train=False,
-        process_index=0,
-        process_count=1,
-    )
+    """Encodes one split (from `iterator` when given, a split_iterator already opened); returns
+    {'examples': n, 'shards': [file names]}."""
+    it = iterator or split_iterator(vae, data_config, split, batch_size=batch_size, seed=seed)
     shards, pending, total = [], {"tokens": [], "captions": [], "keys": []}, 0
 
     def write(final=False):
@@ -132,6 +141,13 @@ def main(argv):
             f"{vae.image_size}x{vae.image_size}; images are resized to the dVAE's size",
             flush=True,
         )
+    seed = int(config.get("seed", 0))
+    iterators = {}
+    for split in splits:  # every source opens before the output folder exists
+        try:
+            iterators[split] = split_iterator(vae, config.data, split, batch_size=FLAGS.batch_size, seed=seed)
+        except (FileNotFoundError, ValueError) as e:
+            app_lib.fail(f"split {split!r}: {e}")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     index = {
         "grid_size": vae.grid_size,
@@ -150,9 +166,9 @@ def main(argv):
                 shard_size=FLAGS.shard_size,
                 batch_size=FLAGS.batch_size,
                 max_examples=FLAGS.max_examples,
-                seed=int(config.get("seed", 0)),
+                iterator=iterators[split],
             )
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, RunError) as e:
             app_lib.fail(f"split {split!r}: {e}")
     with open(os.path.join(FLAGS.out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=2)

@@ -19,7 +19,7 @@ import ml_collections
 
 from core_jax import checkpoint
 from core_jax.config import base_config
-from core_jax.data.token_shards import read_index
+from core_jax.data.token_shards import TokenShardSource, listed_shards, read_index
 from core_jax.errors import ConfigError
 from core_jax.text import BPETokenizer, tokenizer_from_config, training_tokenizer
 from dalle_jax import masks
@@ -104,17 +104,18 @@ def resolve_run(config, workdir: str | None = None) -> DalleRun:
     vocab = int(config.model.text_vocab_size)
     dvae_workdir = str(config.get("dvae_workdir", "") or "")
     if not (workdir is None and vocab > 0):  # else abstract: core_jax.aot needs shapes only
-        if dvae_workdir:  # before the tokenizer is trained into the workdir
+        # The dVAE and the token shards are checked before the tokenizer is trained into the
+        # workdir, so that a mistake in either leaves the workdir as it was.
+        if dvae_workdir:
             try:
                 check_dvae_workdir(dvae_workdir)
             except (FileNotFoundError, ValueError) as e:
                 raise ConfigError(f"config.dvae_workdir: {e}") from None
+        shards_dvae = token_shards_dvae(config) if config.data.source == "tokens" else ""
         tokenizer = tokenizer_from_config(config.text, workdir, data_source=config.data.source)
         vocab = text_vocab_size(config, tokenizer)
         train_tokenizer = training_tokenizer(tokenizer, config.text)
-        if config.data.source == "tokens":
-            shards_dvae = token_shards_dvae(config)  # checks the shards against the model
-            dvae_workdir = dvae_workdir or shards_dvae
+        dvae_workdir = dvae_workdir or shards_dvae
     derived = with_derived(config, text_vocab_size=vocab, dvae_workdir=dvae_workdir)
     try:
         cfg = DalleConfig.from_config(derived)
@@ -166,11 +167,20 @@ def check_trained_masks(config, workdir: str | None) -> None:
 
 
 def token_shards_dvae(config) -> str:
-    """Pre-encoded shards must match the model's grid and codebook; returns the dVAE their index.json
-    names ('' if none), so sample grids, the workdir's config.json and `generate` all decode with
-    the dVAE the tokens came from."""
+    """Pre-encoded shards must match the model's grid and codebook, and the index must list, for
+    the training split (and the eval split when the run evaluates), shards that exist inside its
+    folder; returns the dVAE their index.json names ('' if none), so sample grids, the workdir's
+    config.json and `generate` all decode with the dVAE the tokens came from."""
+    data_dir = str(config.data.data_dir)
+    splits = [str(config.data.split)]
+    if int(config.model.eval_max_batches) != 0:
+        splits.append(str(config.data.eval_split))
     try:
-        index = read_index(str(config.data.data_dir))
+        index = read_index(data_dir)
+        for split in dict.fromkeys(splits):
+            listed_shards(
+                data_dir, index, split, source=TokenShardSource.source, writer=TokenShardSource.writer
+            )
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from None
     grid, codes = int(config.model.image_grid), int(config.model.image_vocab_size)

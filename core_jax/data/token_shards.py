@@ -104,6 +104,32 @@ def _open_columns(path: str, names=_COLUMNS) -> dict[str, _Column]:
     return columns
 
 
+def listed_shards(data_dir: str, index: dict, split: str, *, source: str, writer: str) -> list[tuple]:
+    """(name, path) of each shard `index` (data_dir/index.json, read) lists for `split`, the path
+    resolved inside data_dir (index_paths.IndexRoot) and checked to exist; nothing is opened. A
+    split the index lacks or a missing shard is a ValueError / FileNotFoundError; a shard named
+    outside data_dir is a ConfigError naming the index and the entry (`source` and `writer` name
+    the data source and the command that writes its shards, for the messages)."""
+    if split not in index["splits"]:
+        raise ValueError(
+            f"{source}: split {split!r} is not in {data_dir}/index.json "
+            f"(it has {sorted(index['splits'])}); encode it with {writer}"
+        )
+    root, shards = IndexRoot(data_dir), []
+    for shard in index["splits"][split]["shards"]:
+        try:
+            path = root.resolve(str(shard))
+        except UnsafePath as e:
+            raise ConfigError(
+                f"{os.path.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
+                f"{data_dir}: {e}; shard names must name files in that folder"
+            ) from None
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
+        shards.append((str(shard), path))
+    return shards
+
+
 class ShardRows:
     """Random access to the rows of one split of a shard directory: the .npz files its index
     lists, each a set of equal-length arrays (`COLUMNS`, of which `REQUIRED` must be there) read
@@ -119,24 +145,10 @@ class ShardRows:
     writer = ""  # the command that writes such shards
 
     def __init__(self, data_dir: str, split: str, index: dict, name: str):
-        if split not in index["splits"]:
-            raise ValueError(
-                f"{self.source}: split {split!r} is not in {data_dir}/index.json "
-                f"(it has {sorted(index['splits'])}); encode it with {self.writer}"
-            )
+        shards = listed_shards(data_dir, index, split, source=self.source, writer=self.writer)
         self.name = name
         self._paths, self._columns, counts = [], [], []
-        root = IndexRoot(data_dir)
-        for shard in index["splits"][split]["shards"]:
-            try:
-                path = root.resolve(str(shard))
-            except UnsafePath as e:
-                raise ConfigError(
-                    f"{os.path.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
-                    f"{data_dir}: {e}; shard names must name files in that folder"
-                ) from None
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
+        for shard, path in shards:
             try:
                 columns = _open_columns(path, self.COLUMNS)
             except (zipfile.BadZipFile, ValueError, OSError) as e:

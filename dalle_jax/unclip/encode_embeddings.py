@@ -28,8 +28,9 @@ from core_jax import checkpoint
 from core_jax.data import make_iterator
 from core_jax.data.embedding_shards import INDEX_FILE
 from core_jax.data.image_ops import clip_normalize, resize_and_crop
+from core_jax.errors import RunError
+from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import embedding_stats
-from dalle_jax.unclip.diffusion_task import read_workdir_config
 from dalle_jax.unclip.prior_task import clip_embeddings
 
 CLIP_TASK = "clip_jax.task"
@@ -49,21 +50,11 @@ def define_flags():
     flags.DEFINE_bool("raw_weights", False, "Use the CLIP's raw trained weights, not their EMA.")
 
 
-def encode_split(
-    clip: CLIPModel,
-    data_config,
-    split: str,
-    out_dir: str,
-    *,
-    shard_size: int,
-    batch_size: int,
-    num_examples: int = -1,
-    log=print,
-) -> tuple[dict, dict]:
-    """Encodes one split; returns ({'examples': n, 'shards': [file names]}, the split's
-    embedding_stats.StatsAccumulator)."""
+def split_iterator(clip: CLIPModel, data_config, split: str, *, batch_size: int):
+    """One pass over `split` in order: images resized to the CLIP's input, captions tokenized.
+    Building it opens the source (an index file, shards, a TFDS split), so a missing one fails
+    here, before anything is written."""
     size = clip.image_size
-    encode = jax.jit(functools.partial(clip_embeddings, clip.module))
 
     def example_fn(raw, rng):
         caption = str(raw.get("caption", "") or "")
@@ -74,7 +65,7 @@ def encode_split(
             "key": np.asarray(str(raw.get("key", ""))),
         }
 
-    it = make_iterator(
+    return make_iterator(
         data_config,
         split,
         global_batch_size=batch_size,
@@ -84,6 +75,24 @@ def encode_split(
         process_index=0,
         process_count=1,
     )
+
+
+def encode_split(
+    clip: CLIPModel,
+    data_config,
+    split: str,
+    out_dir: str,
+    *,
+    shard_size: int,
+    batch_size: int,
+    num_examples: int = -1,
+    log=print,
+    iterator=None,
+) -> tuple[dict, dict]:
+    """Encodes one split (from `iterator` when given, a split_iterator already opened); returns
+    ({'examples': n, 'shards': [file names]}, the split's embedding_stats.StatsAccumulator)."""
+    encode = jax.jit(functools.partial(clip_embeddings, clip.module))
+    it = iterator or split_iterator(clip, data_config, split, batch_size=batch_size)
     columns = ("image_embedding", "text_embedding", "text", "captions", "keys")
     pending = {key: [] for key in columns}
     stats = embedding_stats.StatsAccumulator()
@@ -155,6 +164,12 @@ def main(argv):
         app_lib.fail(f"--clip_workdir: {e}")
     data_config = FLAGS.config.data if FLAGS.config is not None else clip_config.data
     splits = FLAGS.split or [str(data_config.split)]
+    iterators = {}
+    for split in splits:  # every source opens before the output folder exists
+        try:
+            iterators[split] = split_iterator(clip, data_config, split, batch_size=FLAGS.batch_size)
+        except (FileNotFoundError, ValueError) as e:
+            app_lib.fail(f"split {split!r}: {e}")
     os.makedirs(FLAGS.out_dir, exist_ok=True)
     index = {
         "clip_dim": clip.embed_dim,
@@ -173,8 +188,9 @@ def main(argv):
                 shard_size=FLAGS.shard_size,
                 batch_size=FLAGS.batch_size,
                 num_examples=FLAGS.num_examples,
+                iterator=iterators[split],
             )
-        except (FileNotFoundError, ValueError) as e:
+        except (FileNotFoundError, ValueError, RunError) as e:
             app_lib.fail(f"split {split!r}: {e}")
         if split == str(data_config.split) and stats.count >= 2:
             path = embedding_stats.save_stats(FLAGS.out_dir, dict(stats.result(), stats_split=split))
