@@ -11,13 +11,15 @@ test_config_errors.py, CLIP's classify / embed / evaluate in test_clip_cli.py, D
 fidelity eval in test_generate.py, unCLIP's generate and vary in test_unclip_generate.py and
 test_unclip_vary.py, attach_decoder in test_attach_decoder.py, the dVAE tools in test_dvae_cli.py,
 the launchers in test_launch.py, bad images, rows and shards in test_data_bad_input.py and
-test_token_shards.py, and the converters' pickle checks in test_clip_convert.py and
-test_dvae_convert.py.
+test_token_shards.py, index entries that lead out of their folder in test_index_paths.py, and the
+converters' pickle checks in test_pickle_refusal.py, test_clip_convert.py and test_dvae_convert.py.
+The DALL-E workdir here is a real (tiny, random) one, so the checks made after a model loads run too.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import shlex
 import sys
@@ -28,7 +30,8 @@ import pytest
 from absl import flags
 
 from tests import workdirs as wd_lib
-from tests.testfiles import encode_image, load_config
+from tests.test_pickle_refusal import malicious_files
+from tests.testfiles import encode_image
 
 # name -> (module, function, how it is called): "argv" mains take the argument list; "absl"
 # entry points read sys.argv through absl and the flags they define when called.
@@ -67,6 +70,8 @@ CLASSIFY = "--workdir {clip} --input_dir {images} --classnames_file {classes} --
 EMBED = "--workdir {clip} --out {out}/e.npz"
 ENC = "--dvae_workdir {dvae} --out_dir {out}"
 EMB = "--clip_workdir {clip} --out_dir {out}"
+FOLDER_MISSING = " --config.data.source=folder --config.data.index_file={missing}/index.csv"
+WDS_MISSING = " --config.data.source=webdataset --config.data.urls={missing}/s-{{0..1}}.tar"
 
 # (entry, arguments with {placeholders} for the fixture's paths, what the error line must contain)
 CASES = [
@@ -110,7 +115,12 @@ CASES = [
     (
         "dalle.train",
         "--workdir {out} --config.data.source=tokens --config.data.data_dir={empty}",
-        "text.train_source",
+        "no index.json",
+    ),
+    (
+        "dalle.train",
+        "--workdir {out} --config.data.source=tokens --config.data.data_dir={escaping_tokens} --config.text.train_source=shapes",
+        "lists a shard outside",
     ),
     (
         "dvae.train",
@@ -152,6 +162,8 @@ CASES = [
     ("encode_dataset", "--dvae_workdir {empty} --out_dir {out} --config configs/dvae_shapes.py", "empty"),
     ("encode_dataset", ENC, "--config"),
     ("encode_dataset", ENC + " --config configs/dvae_shapes.py --config.data.batchsize=1", "batchsize"),
+    ("encode_dataset", ENC + " --config configs/dvae_shapes.py" + FOLDER_MISSING, "{missing}/index.csv"),
+    ("encode_dataset", ENC + " --config configs/dvae_shapes.py" + WDS_MISSING, "{missing}/s-0.tar"),
     # --- dalle_jax.unclip.encode_embeddings
     ("encode_embeddings", "--out_dir {out}", "--clip_workdir"),
     ("encode_embeddings", "--clip_workdir {clip}", "--out_dir"),
@@ -161,12 +173,31 @@ CASES = [
     ("encode_embeddings", "--clip_workdir {missing} --out_dir {out}", "missing"),
     ("encode_embeddings", "--clip_workdir {empty} --out_dir {out}", "empty"),
     ("encode_embeddings", EMB + " stray", "unexpected arguments: stray"),
+    ("encode_embeddings", EMB + " --config configs/clip_shapes.py" + FOLDER_MISSING, "{missing}/index.csv"),
     # --- dalle_jax.generate
-    ("generate", GEN.replace("{dalle}", "{clip}"), "not a DALL-E config"),
+    ("generate", GEN.replace("{dalle}", "{clip}"), "is not a DALL-E workdir (it is a CLIP workdir)"),
+    (
+        "generate",
+        GEN.replace("{dalle}", "{prior}"),
+        "is not a DALL-E workdir (it is an unCLIP prior workdir)",
+    ),
     ("generate", GEN.replace("{dalle}", "{empty}"), "empty"),
     ("generate", GEN + " --num_samples 0", "num_samples"),
     ("generate", GEN + " --num_samples -2", "num_samples"),
     ("generate", GEN + " --temperature -1", "temperature"),
+    ("generate", GEN + " --temperature nan", "--temperature must be >= 0"),
+    ("generate", GEN + " --top_p 1.5", "--top_p must be in (0, 1]"),
+    ("generate", GEN + " --top_p 0", "--top_p must be in (0, 1]"),
+    ("generate", GEN + " --top_k -1", "--top_k must be >= 0"),
+    ("generate", GEN + " --cond_scale -2", "--cond_scale must be >= 0"),
+    ("generate", GEN + " --cond_scale inf", "--cond_scale must be >= 0"),
+    # ... and the checks made once the (real, tiny) DALL-E is loaded
+    ("generate", GEN + " --top_k 33", "top_k must be in [0, 32]"),
+    ("generate", GEN + " --step 5", "no checkpoint at step 5; it has step 0"),
+    ("generate", GEN + " --image {good_png} --rows_kept 9", "rows_kept must be in [0, 4]"),
+    ("generate", GEN + " --image {good_png} --inpaint_box 0,0,9,9", "4x4 token grid"),
+    ("generate", GEN + " --dvae_workdir {clip}", "does not hold a dVAE"),
+    ("generate", GEN + " --clip_workdir {dvae} --top_k_rerank 1", "not a CLIP workdir"),
     ("generate", GEN + " --batch_size 0", "batch_size"),
     ("generate", GEN + " --num_samples two", "num_samples"),
     ("generate", "--workdir {dalle} --out_dir {out}", "--prompt"),
@@ -205,6 +236,15 @@ CASES = [
     ("fidelity", FID, "--model"),
     ("fidelity", FID + " --model dalle", "--workdir"),
     ("fidelity", FID + " --model dalle --workdir {missing}", "missing"),
+    ("fidelity", FID + " --model dalle --workdir {clip}", "is not a DALL-E workdir (it is a CLIP workdir)"),
+    (
+        "fidelity",
+        FID + " --model dalle --workdir {decoder}",
+        "not a DALL-E workdir (it is an unCLIP decoder workdir)",
+    ),
+    ("fidelity", FID + " --model dalle --workdir {dalle} --cond_scale -1", "--cond_scale must be >= 0"),
+    ("fidelity", FID + " --model dalle --workdir {dalle} --top_p 2", "--top_p must be in (0, 1]"),
+    ("fidelity", FID + " --model dalle --workdir {dalle} --top_k 33", "--top_k must be in [0, 32]"),
     ("fidelity", FID + " --model unclip --prior_workdir {dvae} --decoder_workdir {decoder}", "dVAE"),
     ("fidelity", FID + " --model unclip --prior_workdir {prior}", "--decoder_workdir"),
     ("fidelity", FID + " --model dalle --workdir {dalle} --num_prompts 0", "num_prompts"),
@@ -228,9 +268,11 @@ CASES = [
         "unexpected weight",
     ),
     ("convert_dvae", "--encoder {good_npz} --workdir {out}", "--decoder"),
+    ("convert_dvae", "--encoder {evil_pickle} --decoder {good_npz} --workdir {out}", "--trust_pickle"),
+    ("convert_dvae", "--encoder {good_npz} --decoder {evil_zip} --workdir {out}", "posix.system"),
     # --- dalle_jax.attach_decoder
     ("attach_decoder", "--workdir {clip} --dvae_workdir {dvae}", "names no dvae_workdir"),
-    ("attach_decoder", "--workdir {dalle} --dvae_workdir {clip}", "names no dvae_workdir"),
+    ("attach_decoder", "--workdir {dalle} --dvae_workdir {clip}", "{clip} does not hold a dVAE"),
     ("attach_decoder", "--workdir {empty} --dvae_workdir {dvae}", "empty"),
     ("attach_decoder", "--workdir {dalle}", "--dvae_workdir"),
     # --- clip_jax.evaluate / classify / embed / convert
@@ -238,15 +280,16 @@ CASES = [
     ("evaluate", "--workdir {dvae}", "not a CLIP workdir"),
     ("evaluate", "--workdir {missing}", "missing"),
     ("evaluate", "--workdir {empty}", "empty"),
-    ("evaluate", "--workdir {clip} --step -1", "-1"),
-    ("evaluate", "--workdir {clip} --step 7", "7"),
+    ("evaluate", "--workdir {clip} --step -1", "no checkpoint at step -1; it has step 0"),
+    ("evaluate", "--workdir {clip} --step 7", "{clip} has no checkpoint at step 7; it has step 0"),
+    ("evaluate", "--workdir {clip} --step x", "--step"),
     ("classify", CLASSIFY.replace("{clip}", "{dalle}"), "not a CLIP workdir"),
     ("classify", CLASSIFY.replace("{clip}", "{decoder}"), "not a CLIP workdir"),
     ("classify", CLASSIFY.replace("{images}", "{garbage_dir}"), "garbage"),
     ("classify", CLASSIFY.replace("{classes}", "{missing}"), "missing"),
     ("classify", CLASSIFY + " --batch_size 0", "batch_size"),
     ("classify", CLASSIFY + " --templates_file {empty_file}", "templates"),
-    ("classify", CLASSIFY + " --step 99", "99"),
+    ("classify", CLASSIFY + " --step 99", "no checkpoint at step 99; it has step 0"),
     ("embed", EMBED, "--input_dir"),
     ("embed", EMBED.replace("{clip}", "{dalle}") + " --texts_file {classes}", "not a CLIP workdir"),
     ("embed", EMBED + " --texts_file {empty_file}", "empty"),
@@ -255,6 +298,16 @@ CASES = [
     ("embed", EMBED + " --input_dir {images} --batch_size -4", "batch_size"),
     ("convert", "--source nosuch --checkpoint {good_npz} --workdir {out}", "nosuch"),
     ("convert", "--source open_clip --checkpoint {good_npz} --workdir {out}", "--model"),
+    (
+        "convert",
+        "--source openai --checkpoint {evil_pickle} --model ViT-B-32 --workdir {out}",
+        "--trust_pickle",
+    ),
+    (
+        "convert",
+        "--source open_clip --checkpoint {evil_zip} --model ViT-B-32 --workdir {out}",
+        "posix.system",
+    ),
     # --- launchers (--dry_run: they would print what they run)
     ("tpu_pod", f"create {POD} --accelerator_type v9-8 --dry_run", "v9-8"),
     ("tpu_pod", f"create {POD} --dry_run", "--accelerator_type"),
@@ -263,12 +316,27 @@ CASES = [
     ("tpu_pod", f"logs {POD} --lines abc --dry_run", "lines"),
     ("tpu_pod", f"create {POD} --accelerator_type v4-32 --num_slices 0 --dry_run", "num_slices"),
     ("tpu_pod", f"reboot {POD} --dry_run", "reboot"),
+    ("tpu_pod", f"logs {POD} --worker x --dry_run", "--worker"),
+    ("tpu_pod", f"logs {POD} --worker -1 --dry_run", "--worker"),
+    ("tpu_pod", f"logs {POD} --worker 0,x --dry_run", "--worker"),
+    ("tpu_pod", f"logs {POD} --lines -5 --dry_run", "--lines"),
+    ("tpu_pod", f"logs {POD} --slice 1 --dry_run", "--slice"),
+    ("tpu_pod", f"logs {POD} --slice x --dry_run", "--slice"),
+    ("tpu_pod", f"create {POD} --accelerator_type v4-0 --dry_run", "v4-0"),
+    ("tpu_pod", f"create {POD} --accelerator_type v4-0 --runtime_version r --dry_run", "v4-0"),
+    ("tpu_pod", f"setup {POD} --num_slices -1 --dry_run", "num_slices"),
+    ("tpu_pod", f"run {POD} --command ls --num_slices 0 --dry_run", "num_slices"),
+    ("tpu_pod", f"stop {POD} --num_slices x --dry_run", "num_slices"),
+    ("tpu_pod", f"delete {POD} --num_slices 0 --dry_run", "num_slices"),
     ("slurm", SLURM + " --nodes 0", "nodes"),
     ("slurm", SLURM + " --nodes two", "nodes"),
     ("slurm", SLURM + " --gpus_per_node -1", "gpus_per_node"),
     ("slurm", SLURM + " --time forever", "forever"),
     ("slurm", SLURM + " --env NOEQUALS", "NOEQUALS"),
     ("slurm", SLURM + " --port 99999", "port"),
+    ("slurm", SLURM + " --port 0", "port"),
+    ("slurm", SLURM + " --cpus_per_task 0", "cpus_per_task"),
+    ("slurm", SLURM + " --cpus_per_task x", "cpus_per_task"),
     ("slurm", "--dry_run", "--command"),
 ]
 
@@ -276,15 +344,13 @@ CASES = [
 @pytest.fixture(scope="module")
 def paths(tmp_path_factory):
     """Tiny workdirs of every kind and the bad files the cases point at, under one root."""
-    from core_jax.checkpoint import write_config
-
     root = tmp_path_factory.mktemp("bad_input")
     p = {name: str(root / name) for name in ("clip", "dvae", "decoder", "prior", "dalle", "empty", "images")}
     wd_lib.tiny_clip_workdir(p["clip"])
     wd_lib.tiny_dvae_workdir(p["dvae"])
     wd_lib.tiny_unclip_decoder_workdir(p["decoder"], p["clip"])
     wd_lib.tiny_unclip_prior_workdir(p["prior"], p["clip"])
-    write_config(p["dalle"], load_config("dalle_shapes"))  # enough to tell what kind it is
+    wd_lib.tiny_dalle_workdir(p["dalle"], p["dvae"])  # real: commands get past loading it
     os.makedirs(p["empty"])
     os.makedirs(p["images"])
     good = encode_image(np.full((16, 16, 3), 128, np.uint8))
@@ -297,7 +363,14 @@ def paths(tmp_path_factory):
     (root / "prompts.txt").write_text("\n  \n\n")
     (root / "classes.txt").write_text("cat\ndog\n")
     np.savez(root / "weights.npz", w=np.zeros(3, np.float32))
+    os.makedirs(root / "escaping_tokens")
+    split = {"examples": 1, "shards": ["../weights.npz"]}
+    index = dict(grid_size=8, vocab_size=224, image_size=64)  # the dalle_shapes model's
+    index["splits"] = dict(train=split, test_unseen=split)
+    (root / "escaping_tokens" / "index.json").write_text(json.dumps(index))
     (root / "model.pkl").write_bytes(b"\x80\x04\x95" + b"\x00" * 20)
+    os.makedirs(root / "evil")  # pickles that would create root/marker: "nothing written" catches it
+    evil = malicious_files(root / "evil", str(root / "marker"))
     p.update(
         root=str(root),
         out=str(root / "out"),
@@ -310,6 +383,9 @@ def paths(tmp_path_factory):
         classes=str(root / "classes.txt"),
         good_npz=str(root / "weights.npz"),
         pickle=str(root / "model.pkl"),
+        evil_pickle=evil["protocol2_system.pkl"],
+        evil_zip=evil["zip_archive.pt"],
+        escaping_tokens=str(root / "escaping_tokens"),
     )
     return p
 

@@ -17,7 +17,7 @@ from PIL import Image
 from dalle_jax import evaluate_fidelity, generate, rerank
 from dalle_jax.pipeline import Pipeline
 from tests.test_unclip_generate import FIDELITY_REPORT_LAYOUT, report_layout
-from tests.workdirs import random_params, tiny_dvae_workdir
+from tests.workdirs import random_params, tiny_dalle_workdir, tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, GRID, CODES = 16, 4, 32
@@ -29,20 +29,7 @@ def _dvae_workdir(wd):
 
 
 def _dalle_workdir(wd, dvae_wd, pattern="full"):
-    from core_jax.checkpoint import save_params
-    from configs.dalle_shapes import get_config
-    from dalle_jax.run_config import resolve_run
-    from dalle_jax.transformer import init_params
-
-    c = get_config()
-    m = c.model
-    m.image_grid, m.image_vocab_size, m.attention_pattern = GRID, CODES, pattern
-    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, len(pattern.split(",")), 32
-    c.data.image_size = SIZE
-    c.dvae_workdir = dvae_wd
-    run = resolve_run(c, wd)  # as the trainer: a BPE trained into the workdir, the dVAE checked
-    abstract = jax.eval_shape(lambda: init_params(run.cfg, jax.random.key(0)))
-    save_params(wd, run.config, random_params(abstract, 2, 0.5))
+    tiny_dalle_workdir(wd, dvae_wd, grid=GRID, codes=CODES, image_size=SIZE, pattern=pattern)
 
 
 def _clip_workdir(wd):

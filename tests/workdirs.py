@@ -126,3 +126,26 @@ def tiny_unclip_prior_workdir(wd, clip_workdir, seed: int = 5):
     stats = dict(image_mean=mean, image_std=std, text_mean=mean, text_std=std, count=np.int64(2))
     embedding_stats.save_stats(wd, dict(stats, clip_workdir=clip_workdir, clip_step=int(c.clip_step)))
     return wd
+
+
+def tiny_dalle_workdir(
+    wd, dvae_workdir, *, grid: int = 4, codes: int = 32, image_size: int = 16, pattern: str = "full"
+):
+    """A random DALL-E (width 16, 2 heads, one layer per attention kind in `pattern`) over the
+    grid x grid tokens of the dVAE in `dvae_workdir` (made with tiny_dvae_workdir(image_size,
+    codes)), written as the trainer writes it: the BPE trained into the workdir, the dVAE checked."""
+    from core_jax.checkpoint import save_params
+    from configs.dalle_shapes import get_config
+    from dalle_jax.run_config import resolve_run
+    from dalle_jax.transformer import init_params
+
+    c = get_config()
+    m = c.model
+    m.image_grid, m.image_vocab_size, m.attention_pattern = grid, codes, pattern
+    m.d_model, m.num_heads, m.head_dim, m.num_layers, m.mlp_dim = 16, 2, 8, len(pattern.split(",")), 32
+    c.data.image_size = image_size
+    c.dvae_workdir = dvae_workdir
+    run = resolve_run(c, wd)
+    abstract = jax.eval_shape(lambda: init_params(run.cfg, jax.random.key(0)))
+    save_params(wd, run.config, random_params(abstract, 2, 0.5))
+    return wd
