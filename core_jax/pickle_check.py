@@ -19,7 +19,15 @@ from core_jax.errors import ConversionError
 # Outside torch's namespace, the callables plain state_dicts and training checkpoints name (torch's
 # weights_only loader allows these too).
 _PLAIN = frozenset(
-    {"collections.OrderedDict", "_codecs.encode", "builtins.set", "builtins.frozenset", "builtins.bytearray"}
+    {
+        "collections.OrderedDict",
+        "collections.Counter",
+        "_codecs.encode",
+        "builtins.set",
+        "builtins.frozenset",
+        "builtins.bytearray",
+        "builtins.complex",
+    }
 )
 # torch.save's legacy (pre-zip) format is five pickles in a row, then raw storage bytes.
 _LEGACY_PICKLES = 5
