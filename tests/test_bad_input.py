@@ -31,7 +31,7 @@ from absl import flags
 
 from tests import workdirs as wd_lib
 from tests.test_pickle_refusal import malicious_files
-from tests.testfiles import encode_image
+from tests.testfiles import encode_image, load_config
 
 # name -> (module, function, how it is called): "argv" mains take the argument list; "absl"
 # entry points read sys.argv through absl and the flags they define when called.
@@ -365,7 +365,8 @@ def paths(tmp_path_factory):
     np.savez(root / "weights.npz", w=np.zeros(3, np.float32))
     os.makedirs(root / "escaping_tokens")
     split = {"examples": 1, "shards": ["../weights.npz"]}
-    index = dict(grid_size=8, vocab_size=224, image_size=64)  # the dalle_shapes model's
+    model = load_config("dalle_shapes").model  # shards the model takes, but one lies outside
+    index = dict(grid_size=model.image_grid, vocab_size=model.image_vocab_size, image_size=64)
     index["splits"] = dict(train=split, test_unseen=split)
     (root / "escaping_tokens" / "index.json").write_text(json.dumps(index))
     (root / "model.pkl").write_bytes(b"\x80\x04\x95" + b"\x00" * 20)
