@@ -72,7 +72,7 @@ def test_dalle_shapes_param_tree():
     want = {
         "bos": ((128,), ("embed",)),
         "text_embedding": ((116, 128), ("vocab", "embed")),
-        "image_embedding": ((224, 128), ("vocab", "embed")),
+        "image_embedding": ((256, 128), ("vocab", "embed")),
         "text_position": ((17, 128), ("length", "embed")),
         "image_row_position": ((8, 128), ("length", "embed")),
         "image_column_position": ((8, 128), ("length", "embed")),
@@ -80,8 +80,8 @@ def test_dalle_shapes_param_tree():
         "ln_final/bias": ((128,), ("norm",)),
         "text_head_kernel": ((128, 116), ("embed", "vocab")),
         "text_head_bias": ((116,), ("vocab",)),
-        "image_head_kernel": ((128, 224), ("embed", "vocab")),
-        "image_head_bias": ((224,), ("vocab",)),
+        "image_head_kernel": ((128, 256), ("embed", "vocab")),
+        "image_head_bias": ((256,), ("vocab",)),
         **scanned_block(
             "layers",
             4,
