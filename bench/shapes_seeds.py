@@ -16,13 +16,14 @@ a markdown table. Targets are on the mean over seeds (docs/results.md explains e
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+
+from core_jax.cli import ArgumentParser
 
 SPLITS = ("test_seen", "test_unseen")
 ROWS = ("first", "mean", "clip_best")
@@ -74,7 +75,9 @@ def clip_per_class(clip_dir: str, split: str, out: str, python: str) -> dict:
             "--out",
             out,
         ]
-        rc = subprocess.call(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+        # As launch/demo.sh: the CPU unless the caller names a platform.
+        env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+        rc = subprocess.call(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
         if rc != 0:
             raise SystemExit(f"error: {' '.join(cmd)} failed (exit {rc})")
     with open(out) as f:
@@ -159,7 +162,7 @@ def markdown(per_seed: dict[int, dict], summary: dict, walls: dict[int, float]) 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out_dir", default="runs/seeds")
     parser.add_argument("--num_prompts", type=int, default=96, help="prompts per split for caption fidelity")

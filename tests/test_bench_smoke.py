@@ -236,3 +236,56 @@ def test_demo_steps_at_toy_sizes():
         bench_demo_steps.main(["--models", "vit"])
     with pytest.raises(SystemExit, match="key=value"):
         bench_demo_steps.parse_sets(["scan_layers"])
+
+
+def fake_seed_dir(root, seed, best_unseen):
+    """The files one finished `bench.shapes_seeds` seed leaves, with the figures the test expects."""
+    from bench import shapes_seeds
+
+    d = root / f"seed{seed}"
+    for stage, key, value in [
+        ("dvae", "eval/test_unseen/psnr", 25.0 + seed),
+        ("dvae_decoder", "eval/test_unseen/psnr", 28.0),
+        ("clip", "eval/zeroshot/top1", 0.9),
+    ]:
+        (d / stage).mkdir(parents=True)
+        rows = [
+            {"step": 1, key: 0.0},
+            {"step": 2, key: value, "eval/test_unseen/codebook_used_fraction": 0.5},
+        ]
+        (d / stage / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for split in shapes_seeds.SPLITS:
+        best = best_unseen if split == "test_unseen" else 0.95
+        row = {"first": 0.5, "mean": 0.5, "clip_best": best}
+        fidelity = {"guided": row, "unguided": dict(row, clip_best=best - 0.1)}
+        (d / f"fidelity_{split}.json").write_text(json.dumps({"fidelity": fidelity}))
+    for split in ("test_unseen", "test_ood"):
+        per_class = {"green circle": {"top1": 0.5 + 0.1 * seed, "count": 10}}
+        res = {
+            "zeroshot/top1": 0.9,
+            "zeroshot/min_class_top1": 0.5 + 0.1 * seed,
+            "zeroshot/per_class": per_class,
+        }
+        (d / f"clip_{split}.json").write_text(json.dumps(res))
+    return str(d)
+
+
+def test_shapes_seeds_reads_a_seed_and_summarises_on_the_mean(tmp_path):
+    """bench.shapes_seeds without its training: the figures of finished seeds, their mean and range,
+    and the targets judged on the mean (CLIP-best unseen 0.55 and 0.75 average to 0.65 >= 0.60)."""
+    from bench import shapes_seeds
+
+    per_seed = {
+        s: shapes_seeds.seed_figures(fake_seed_dir(tmp_path, s, best), "unused-python")
+        for s, best in [(0, 0.55), (1, 0.75)]
+    }
+    assert per_seed[1]["dvae_psnr"] == 26.0 and per_seed[0]["test_unseen/guided/clip_best"] == 0.55
+    summary = shapes_seeds.summarise(per_seed)
+    assert summary["dvae_psnr"] == {"mean": 25.5, "min": 25.0, "max": 26.0}
+    verdicts = dict(shapes_seeds.targets(summary))
+    assert verdicts["CLIP-best, s=3, unseen >= 0.60"] and verdicts["CLIP-best, s=3, seen >= 0.90"]
+    assert verdicts["test_unseen clip_best: guided >= unguided"]
+    assert not verdicts["CLIP zero-shot >= 0.95 on every held-out pair"]  # min class 0.5 / 0.6
+    text = shapes_seeds.markdown(per_seed, summary, {0: 60.0, 1: 120.0})
+    assert "| dvae_psnr | 25.000 | 26.000 | 25.500 | 25.000-26.000 |" in text
+    assert "- MISSED: CLIP zero-shot >= 0.95 on every held-out pair" in text
