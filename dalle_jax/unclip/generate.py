@@ -205,5 +205,10 @@ def main(argv=None, *, models: TextToImage | None = None, clip=None):
     return results
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its results to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
