@@ -141,5 +141,10 @@ def main(argv=None):
     return predictions
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its predictions to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -72,5 +72,10 @@ def main(argv=None):
     return arrays
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its arrays to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

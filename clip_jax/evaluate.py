@@ -109,5 +109,10 @@ def main(argv=None):
     return results
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its results to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

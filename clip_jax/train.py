@@ -6,7 +6,7 @@ from clip_jax.task import make_task
 
 
 def main():
-    run_trainer(make_task, "configs/clip_shapes.py")
+    run_trainer(make_task, "configs/clip_shapes.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ so a DALL-E trained on the original dVAE's tokens samples the same tokens, and
 How to use it: docs/dvae.md, "Decoder fine-tuning"; measurements: docs/results.md.
 """
 
-from core_jax.app import load_config
+from core_jax.config_files import load_config
 from core_jax.config import lock
 
 
 def get_config(arg=None):
-    c = load_config("configs/dvae_shapes.py")
+    c = load_config("dvae_shapes")
     c.unlock()
     c.init_from = arg or ""
     c.frozen = "encoder"

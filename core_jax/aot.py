@@ -21,7 +21,6 @@ import time
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a stale lockfile must not block a compile
 
 import jax
-from absl import app as absl_app
 from absl import flags
 from jax.experimental import topologies
 
@@ -256,8 +255,7 @@ def cli():
     )
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
     flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
-    app.define_config_flags(None, workdir_required=False)
-    absl_app.run(main, flags_parser=app._flags_parser)
+    app.run(main, workdir_required=False)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ everywhere: one line on stderr and exit code 2, before anything compiles.
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import sys
 from typing import Callable
 
@@ -16,40 +14,27 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from core_jax import distributed, trainer
+from core_jax import distributed, flag_help, trainer
 
 # Re-exported: core_jax.app.ArgumentParser / fail are how tools and docs have reached them.
 from core_jax.cli import ArgumentParser, fail  # noqa: F401
 from core_jax.config import ConfigError, validate
+from core_jax.config_files import config_names, config_path, resolve
+
+# Re-exported: tools and tests load configs through core_jax.app.
+from core_jax.config_files import load_config  # noqa: F401
 from core_jax.errors import RunError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS = flags.FLAGS
 
 
-def config_path(name: str) -> str:
-    """configs/NAME resolved against the working directory first, then the repository."""
-    return name if os.path.exists(name) else os.path.join(REPO_ROOT, name)
-
-
-def load_config(name: str, arg=None):
-    """`get_config(arg)` of a config file, loaded as `--config` loads it: NAME is configs/NAME.py
-    or a path to a .py file (resolved like config_path)."""
-
-    path = config_path(name if name.endswith(".py") else os.path.join("configs", f"{name}.py"))
-    stem = os.path.splitext(os.path.basename(path))[0]
-    spec = importlib.util.spec_from_file_location(f"_config_{stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
-
-
-def _flags_parser(argv):
+def _flags_parser(argv, usage: str | None = None):
+    flag_help.exit_if_asked(argv, usage)
     try:
         rest = FLAGS(argv)
     except flags.Error as e:
         # absl would print the whole usage text and exit 1; one line and code 2 is easier to act on.
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(_flag_error_line(e))
     except (AttributeError, KeyError) as e:  # a --config.KEY the config has no KEY for
         fail(_unknown_key_message(argv, e))
     # Orbax and XLA log every save and compile at INFO; the progress line is what people read.
@@ -57,6 +42,17 @@ def _flags_parser(argv):
     if "verbosity" in FLAGS and not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
     return rest
+
+
+def _flag_error_line(e: Exception) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    # ml_collections puts the traceback of a get_config that raised (an unknown :ARG) under this
+    # line; its last line says why.
+    if lines[0].endswith("Error whilst parsing config file:") and len(lines) > 1:
+        return f"--config: {lines[-1]}"
+    return lines[0]
 
 
 def _override_keys(argv) -> list[str]:
@@ -71,6 +67,19 @@ def _unknown_key_message(argv, e: Exception) -> str:
     return f"unknown config key in overrides ({keys}): {'; '.join(parts)}"
 
 
+class _ConfigNameParser(flags.ArgumentParser):
+    """Wraps ml_collections' `--config` parser: hands it the file a config name or path leads to."""
+
+    def __init__(self, file_parser: flags.ArgumentParser):
+        self.file_parser = file_parser
+
+    def parse(self, argument):
+        return self.file_parser.parse(resolve(argument))
+
+    def flag_type(self):
+        return self.file_parser.flag_type()
+
+
 def define_config_flags(default_config: str | None, workdir_required: bool = True):
     # `--verbosity=0` brings INFO logs back (see _flags_parser).
     if "config" not in FLAGS:
@@ -79,13 +88,18 @@ def define_config_flags(default_config: str | None, workdir_required: bool = Tru
             config_flags.DEFINE_config_file(
                 "config",
                 config_path(default_config) if default_config else None,
-                "Config file (configs/*.py[:arg]); override keys with --config.KEY=VALUE.",
+                "A config by name (one of: "
+                + ", ".join(config_names())
+                + "), or a config file; either may end in :ARG for get_config(ARG). Override "
+                "keys with --config.KEY=VALUE.",
                 lock_config=True,
             )
         except (AttributeError, KeyError) as e:
             fail(_unknown_key_message(sys.argv, e))
         except (flags.Error, ValueError, TypeError, OSError) as e:
             fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        # The default above is already a file; what the command line gives may be a name.
+        FLAGS["config"].parser = _ConfigNameParser(FLAGS["config"].parser)
     if "workdir" not in FLAGS:
         flags.DEFINE_string(
             "workdir", None, "Run directory: checkpoints, metrics, images.", required=workdir_required
@@ -98,7 +112,7 @@ def loaded_config():
     try:
         config = FLAGS.config
         if config is None:
-            fail("--config is required (a config file, configs/*.py[:arg])")
+            fail("--config is required (a config name or file, e.g. clip_shapes or configs/clip_shapes.py)")
         config.get("batch_size")  # ml_collections reports a failed load on first access
         return config
     except OSError as e:
@@ -107,12 +121,15 @@ def loaded_config():
 
 
 def run(main: Callable, default_config: str | None = None, workdir_required: bool = True):
+    """absl's app.run with the project's flags; `--help` prints the docstring of `main`'s module
+    and every flag the command takes."""
     define_config_flags(default_config, workdir_required)
-    app.run(main, flags_parser=_flags_parser)
+    usage = sys.modules[main.__module__].__doc__
+    app.run(main, flags_parser=lambda argv: _flags_parser(argv, usage))
 
 
-def run_trainer(make_task: Callable, default_config: str):
-    """The main of every `python -m <pkg>.train*` entry point."""
+def run_trainer(make_task: Callable, default_config: str, usage: str | None = None):
+    """The main of every `python -m <pkg>.train*` entry point; `usage` is its module docstring."""
     define_config_flags(default_config)
 
     def main(argv):
@@ -134,4 +151,4 @@ def run_trainer(make_task: Callable, default_config: str):
         except RunError as e:  # no intact checkpoint, a refused write, a loss that stays non-finite
             fail(str(e))
 
-    app.run(main, flags_parser=_flags_parser)
+    app.run(main, flags_parser=lambda argv: _flags_parser(argv, usage))

@@ -98,5 +98,10 @@ def main(argv=None):
     return record
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its record to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

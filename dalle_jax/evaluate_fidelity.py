@@ -451,5 +451,10 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
     return report
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its report to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -200,23 +200,26 @@ def check_sampling_flags(args) -> None:
         raise ValueError(f"--cond_scale must be >= 0 (1 = no guidance), got {args.cond_scale:g}")
 
 
-def warn_long_prompts(tokenizer, prompts, reader: str, log, lines: bool = False) -> None:
+def warn_long_prompts(tokenizer, prompts, reader: str, log, lines: bool = False) -> dict[int, dict]:
     """One `warning:` line naming the prompts longer than `tokenizer` keeps (its `encode` cuts
-    them), `reader` saying whose tokenizer it is; `lines`: prompts are numbered as file lines."""
+    them), `reader` saying whose tokenizer it is; `lines`: prompts are numbered as file lines.
+    Returns {prompt index: {"tokens": its length, "kept": what is kept}} of the prompts cut."""
     given = [(i, p) for i, p in enumerate(prompts) if p]
     long = [(given[j][0], n) for j, n in tokenizer.overlong([p for _, p in given])]
-    if not long:
-        return
     keep = tokenizer.max_text_tokens
+    cuts = {i: {"tokens": n, "kept": keep} for i, n in long}
+    if not long:
+        return cuts
     if not lines:
         log(
             f"warning: the prompt is {long[0][1]} tokens, more than the {keep} {reader} reads: the rest is cut"
         )
-        return
+        return cuts
     shown = ", ".join(f"{i + 1} ({n} tokens)" for i, n in long[:5]) + (", ..." if len(long) > 5 else "")
     log(
         f"warning: {len(long)} prompts are longer than the {keep} tokens {reader} reads and are cut: lines {shown}"
     )
+    return cuts
 
 
 def write_prompt_dir(
@@ -270,7 +273,9 @@ def main(argv=None, *, pipeline=None, clip=None):
 
     try:
         pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh(args.mesh), step=args.step)
-        warn_long_prompts(pipe.tokenizer, prompts, "the DALL-E", log, lines=args.prompts_file is not None)
+        cuts = warn_long_prompts(
+            pipe.tokenizer, prompts, "the DALL-E", log, lines=args.prompts_file is not None
+        )
         known = None
         if mode == "inpaint":
             known = sampling.rectangle_mask(pipe.grid, *box)
@@ -320,7 +325,7 @@ def main(argv=None, *, pipeline=None, clip=None):
                 {"tokens.npy": tokens[p].astype(np.int32)},
                 None if clip_scores is None else clip_scores[p],
                 keep,
-                meta,
+                dict(meta, truncated={"dalle": cuts[p]} if p in cuts else None),
             )
         )
     if args.prompts_file is not None:
@@ -333,5 +338,10 @@ def main(argv=None, *, pipeline=None, clip=None):
     return results
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its results to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

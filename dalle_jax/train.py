@@ -5,7 +5,7 @@ from dalle_jax.dalle_task import make_task
 
 
 def main():
-    run_trainer(make_task, "configs/dalle_shapes.py")
+    run_trainer(make_task, "configs/dalle_shapes.py", __doc__)
 
 
 if __name__ == "__main__":

@@ -196,6 +196,26 @@ def test_prompts_file_layout(workdirs, pipe, clip, tmp_path):
         assert json.load(open(out / f"{i:03d}" / "scores.json"))["prompt"] == line
 
 
+def test_a_cut_prompt_is_one_warning_and_recorded_in_its_scores(workdirs, pipe, tmp_path, capsys):
+    long_prompt = " ".join([PROMPT] * 4)
+    count = len(pipe.tokenizer.tokenize([long_prompt])[0])
+    keep = pipe.tokenizer.max_text_tokens
+    assert count > keep
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n{long_prompt}\n")
+    out = tmp_path / "cut"
+    capsys.readouterr()
+    _run(["--prompts_file", str(prompts), "--num_samples", "3"], workdirs, out, pipeline=pipe)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: 1 prompts are longer than the {keep} tokens the DALL-E reads and are cut: "
+        f"lines 2 ({count} tokens)"
+    ]
+    assert json.load(open(out / "000" / "scores.json"))["truncated"] is None
+    cut = json.load(open(out / "001" / "scores.json"))["truncated"]
+    assert cut == {"dalle": {"tokens": count, "kept": keep}}
+
+
 @pytest.mark.parametrize(
     "args,match",
     [

@@ -46,6 +46,7 @@ SHARED_SCORES_KEYS = {
     "reranked",
     "images",
     "all_clip_scores",
+    "truncated",
 }
 # The fidelity report's layout apart from each model's own settings; tests/test_generate.py checks
 # that the DALL-E report has it too.
@@ -161,6 +162,7 @@ def test_one_prompt_upsampled_in_sample_order(workdirs, upsampled, tmp_path):
     scores = json.loads((out / "scores.json").read_text())
     assert SHARED_SCORES_KEYS - {"all_clip_scores"} <= set(scores) and "all_clip_scores" not in scores
     assert scores["model"] == "unclip" and scores["prompt"] == PROMPT and not scores["reranked"]
+    assert scores["truncated"] is None
     assert (scores["decoder_scale"], scores["steps"], scores["prior_steps"]) == (3.0, 2, 2)
     assert scores["upsampler_workdir"] == workdirs["upsampler"] and scores["image_size"] == 16
     assert [(e["file"], e["rank"], e["sample"]) for e in scores["images"]] == [
@@ -269,6 +271,9 @@ def test_same_seed_same_pngs_and_an_overlong_prompt_warned(workdirs, models, tmp
             "reads: the rest is cut"
         )
         assert len(err) == 2  # the warning (both models share one CLIP) and the summary
+        cut = {"tokens": count, "kept": tokenizer.max_text_tokens}
+        truncated = json.loads((tmp_path / name / "scores.json").read_text())["truncated"]
+        assert truncated == {"prior": cut, "decoder": cut}
         written[name] = [(tmp_path / name / f"{i:03d}.png").read_bytes() for i in range(ROWS)]
     assert written["a"] == written["b"]
     assert all(x != y for x, y in zip(written["a"], written["c"]))

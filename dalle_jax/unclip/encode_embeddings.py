@@ -1,6 +1,6 @@
 """Pre-compute CLIP embeddings into shards, so a diffusion prior trains without the CLIP image tower.
 
-    python -m dalle_jax.unclip.encode_embeddings --clip_workdir CW --out_dir D \
+    python -m dalle_jax.unclip.encode_embeddings --clip_workdir CW --out_dir D \\
         [--split train[,test_unseen]] [--num_examples N] [--config FILE]
 
 Reads `config.data` of --config (default: the CLIP's own training data, from its config.json) and,

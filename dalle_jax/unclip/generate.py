@@ -153,14 +153,18 @@ def settings(args, models: TextToImage, sampling: dict) -> dict:
     )
 
 
-def warn_long_captions(models: TextToImage, prompts: list[str], log, lines: bool) -> None:
-    """warn_long_prompts for the prior's CLIP, and for the decoder's when it tokenizes differently."""
-    seen = set()
+def warn_long_captions(models: TextToImage, prompts: list[str], log, lines: bool) -> dict[int, dict]:
+    """warn_long_prompts for the prior's CLIP, and for the decoder's when it tokenizes differently.
+    Returns {prompt index: {stage: {"tokens", "kept"}}} for every stage that cuts a prompt."""
+    seen, cuts = set(), {}
     for stage, tokenizer in models.tokenizers.items():
         key = (tokenizer.path, tokenizer.context_length, tokenizer.pad_mode)
-        if key not in seen:
-            seen.add(key)
-            warn_long_prompts(tokenizer, prompts, f"the {stage}'s CLIP", log, lines=lines)
+        said = key in seen  # the same tokenizer cuts the same prompts: warned once
+        seen.add(key)
+        stage_log = (lambda m: None) if said else log
+        for i, cut in warn_long_prompts(tokenizer, prompts, f"the {stage}'s CLIP", stage_log, lines).items():
+            cuts.setdefault(i, {})[stage] = cut
+    return cuts
 
 
 def main(argv=None, *, models: TextToImage | None = None, clip=None):
@@ -175,7 +179,7 @@ def main(argv=None, *, models: TextToImage | None = None, clip=None):
         sampling = models.sampling(**flags)
         if args.clip_workdir and clip is None:
             clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
-        warn_long_captions(models, prompts, log, lines=args.prompts_file is not None)
+        cuts = warn_long_captions(models, prompts, log, lines=args.prompts_file is not None)
     except (ValueError, FileNotFoundError, ConfigError) as e:
         fail(str(e))
 
@@ -193,7 +197,8 @@ def main(argv=None, *, models: TextToImage | None = None, clip=None):
         out_dir = args.out_dir if args.prompts_file is None else os.path.join(args.out_dir, f"{p:03d}")
         scores = None if clip_scores is None else clip_scores[p]
         arrays = {"embeddings.npy": out.embeddings[p]}
-        results.append(write_prompt_dir(out_dir, prompt, out.images[p], arrays, scores, keep, meta))
+        prompt_meta = dict(meta, truncated=cuts.get(p))
+        results.append(write_prompt_dir(out_dir, prompt, out.images[p], arrays, scores, keep, prompt_meta))
     if args.prompts_file is not None:
         with open(os.path.join(args.out_dir, "prompts.json"), "w") as f:
             json.dump({f"{p:03d}": prompt for p, prompt in enumerate(prompts)}, f, indent=1)
@@ -205,5 +210,10 @@ def main(argv=None, *, models: TextToImage | None = None, clip=None):
     return results
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its results to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -8,7 +8,7 @@ from dalle_jax.unclip.upsampler_task import make_task
 
 
 def main():
-    run_trainer(make_task, "configs/unclip_upsampler_shapes.py")
+    run_trainer(make_task, "configs/unclip_upsampler_shapes.py", __doc__)
 
 
 if __name__ == "__main__":

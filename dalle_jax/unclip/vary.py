@@ -435,5 +435,10 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
     return settings
 
 
-if __name__ == "__main__":
+def cli():
+    """The console script: main returns its settings to Python callers, the command exits 0 on success."""
     main()
+
+
+if __name__ == "__main__":
+    cli()
