@@ -96,7 +96,10 @@ def seed_figures(seed_dir: str, python: str) -> dict:
     }
     for split in SPLITS:
         with open(f"{seed_dir}/fidelity_{split}.json") as f:
-            fidelity = json.load(f)["fidelity"]
+            result = json.load(f)
+        fidelity = result["fidelity"]
+        # What the checker passes of the dVAE's reconstructions of real scenes: the DALL-E's ceiling.
+        fig[f"{split}/dvae_ceiling"] = (result.get("dvae_ceiling") or {}).get("reconstructions")
         for g in GUIDANCE:
             for row in ROWS:
                 fig[f"{split}/{g}/{row}"] = fidelity[g][row]

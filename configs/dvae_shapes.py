@@ -22,21 +22,19 @@ def get_config(arg=None):
     c.model.width_multipliers = (1, 2, 4, 8)  # 64 -> 32 -> 16 -> 8
     c.model.blocks_per_group = 1
     c.model.decoder_init_channels = 64
-    # The paper's objective, the ELB (Ramesh et al. 2021, sec. 2.1): reconstruction plus beta times
-    # the KL to the uniform prior over codes, gumbel-softmax relaxed. MSE is the reconstruction term
-    # (a Gaussian likelihood): PSNR is the goal here and it reached it faster than logit-Laplace,
-    # whose run collapsed to 5 codes at 17 dB. Beta ramps from 0 over the first quarter, as the
-    # paper ramps it early; it is small because the squared-error sum is not scaled by a variance.
+    # The paper's objective, the ELB (Ramesh et al. 2021, sec. 2.1): reconstruction plus beta x KL
+    # to the uniform prior, gumbel-softmax relaxed. MSE as the reconstruction (a Gaussian
+    # likelihood, unscaled, hence the small beta), ramped from 0 early as the paper does.
     c.model.recon_loss = "mse"
     run = c.get_ref("total_steps")
     c.model.kl_weight_schedule = "cosine"
     c.model.kl_weight_start = 0.0
     c.model.kl_weight_end = 0.01
     c.model.kl_weight_ramp_steps = run // 4
-    # Not in the paper, general: a codebook-diversity term on the batch-average code distribution
-    # (log K - H(q_avg), as wav2vec 2.0's diversity loss, Baevski et al. 2020, sec. 3.2). Without it
-    # the ELB alone kept 5-24 of the 256 codes in every run tried (docs/results.md). It fades to a
-    # tenth over the run: collapse threatens early only.
+    # Not in the paper, general: a codebook-diversity term, log K - H(batch-average codes), as
+    # wav2vec 2.0's (Baevski et al. 2020, sec. 3.2); without it the ELB collapsed to a few codes
+    # (docs/results.md#shapes-on-the-papers-mechanisms-three-seeds-2-core-amd-epyc-2026-12-07).
+    # It fades to a tenth: collapse threatens early only.
     c.model.usage_weight = 3.0
     c.model.usage_weight_schedule = "cosine"
     c.model.usage_weight_end = 0.3

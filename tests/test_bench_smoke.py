@@ -258,7 +258,8 @@ def fake_seed_dir(root, seed, best_unseen):
         best = best_unseen if split == "test_unseen" else 0.95
         row = {"first": 0.5, "mean": 0.5, "clip_best": best}
         fidelity = {"guided": row, "unguided": dict(row, clip_best=best - 0.1)}
-        (d / f"fidelity_{split}.json").write_text(json.dumps({"fidelity": fidelity}))
+        ceiling = {"originals": 1.0, "reconstructions": 0.9, "images": 96}
+        (d / f"fidelity_{split}.json").write_text(json.dumps({"fidelity": fidelity, "dvae_ceiling": ceiling}))
     for split in ("test_unseen", "test_ood"):
         per_class = {"green circle": {"top1": 0.5 + 0.1 * seed, "count": 10}}
         res = {
@@ -280,6 +281,7 @@ def test_shapes_seeds_reads_a_seed_and_summarises_on_the_mean(tmp_path):
         for s, best in [(0, 0.55), (1, 0.75)]
     }
     assert per_seed[1]["dvae_psnr"] == 26.0 and per_seed[0]["test_unseen/guided/clip_best"] == 0.55
+    assert per_seed[0]["test_seen/dvae_ceiling"] == 0.9
     summary = shapes_seeds.summarise(per_seed)
     assert summary["dvae_psnr"] == {"mean": 25.5, "min": 25.0, "max": 26.0}
     verdicts = dict(shapes_seeds.targets(summary))
