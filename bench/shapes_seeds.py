@@ -92,7 +92,6 @@ def seed_figures(seed_dir: str, python: str) -> dict:
             f"{seed_dir}/dvae/metrics.jsonl", "eval/test_unseen/codebook_used_fraction"
         ),
         "decoder_psnr": last_eval(f"{seed_dir}/dvae_decoder/metrics.jsonl", "eval/test_unseen/psnr"),
-        "clip_zeroshot_unseen": last_eval(f"{seed_dir}/clip/metrics.jsonl", "eval/zeroshot/top1"),
     }
     for split in SPLITS:
         with open(f"{seed_dir}/fidelity_{split}.json") as f:

@@ -246,7 +246,6 @@ def fake_seed_dir(root, seed, best_unseen):
     for stage, key, value in [
         ("dvae", "eval/test_unseen/psnr", 25.0 + seed),
         ("dvae_decoder", "eval/test_unseen/psnr", 28.0),
-        ("clip", "eval/zeroshot/top1", 0.9),
     ]:
         (d / stage).mkdir(parents=True)
         rows = [
