@@ -335,18 +335,23 @@ def _chosen_step(manager, workdir: str, step: int | None) -> int | None:
     return int(step)
 
 
-def _params_metadata(manager, workdir: str, step: int | None, key: str = "params"):
+def _required_step(manager, workdir: str, step: int | None) -> int:
+    """`_chosen_step`, and a FileNotFoundError when the workdir holds no checkpoint at all."""
     step = _chosen_step(manager, workdir, step)
     if step is None:
         raise FileNotFoundError(f"{workdir} holds no checkpoint under {checkpoint_dir(workdir)}")
-    return step, manager.metadata(step).item_metadata["state"][key]
+    return step
+
+
+def _saved_metadata(manager, step: int, key: str = "params"):
+    return manager.metadata(step).item_metadata["state"][key]
 
 
 def param_shapes(workdir: str, step: int | None = None) -> Any:
     """The params tree of the newest (or given) checkpoint with each array's shape, read from the
     checkpoint's metadata (no array is loaded)."""
     with _params_reader(workdir) as manager:
-        _, meta = _params_metadata(manager, workdir, step)
+        meta = _saved_metadata(manager, _required_step(manager, workdir, step))
     return jax.tree.map(lambda m: tuple(m.shape), meta, is_leaf=lambda m: hasattr(m, "shape"))
 
 
@@ -378,9 +383,9 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None, *,
     """
     config = read_config(workdir)
     with _params_reader(workdir) as manager:
-        step = _chosen_step(manager, workdir, step)
-        key = "ema" if ema and step is not None and _has_ema(manager, step) else "params"
-        step, params_meta = _params_metadata(manager, workdir, step, key)
+        step = _required_step(manager, workdir, step)
+        key = "ema" if ema and _has_ema(manager, step) else "params"
+        params_meta = _saved_metadata(manager, step, key)
         if shardings is None:
             device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             target = jax.tree.map(

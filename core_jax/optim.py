@@ -30,7 +30,7 @@ def make_schedule(optim_config, total_steps: int):
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, warmup), optax.constant_schedule(peak)], [warmup]
         )
-    raise ValueError(f"optim.schedule: unknown schedule {kind!r} (cosine, linear, constant)")
+    raise ValueError(f"optim.schedule: unknown schedule {kind!r} ({', '.join(SCHEDULES)})")
 
 
 def _decay_mask(params):
@@ -56,7 +56,7 @@ def make_optimizer(optim_config, total_steps: int):
     elif name == "sgd":
         core = optax.sgd(schedule, momentum=optim_config.b1)
     else:
-        raise ValueError(f"optim.name: unknown optimizer {name!r} (adamw, adafactor, sgd)")
+        raise ValueError(f"optim.name: unknown optimizer {name!r} ({', '.join(OPTIMIZERS)})")
     parts = []
     if optim_config.grad_clip_norm and optim_config.grad_clip_norm > 0:
         parts.append(optax.clip_by_global_norm(optim_config.grad_clip_norm))

@@ -270,6 +270,15 @@ def test_resolve_classnames_and_templates(tmp_path):
         zeroshot.resolve_templates("openai81")
 
 
+def caption_class_one_hots(texts):
+    """One-hot of the shapes class each prompt ("a {colour} {shape} in ...") names: a text tower
+    that reads every caption right."""
+    from core_jax.data.shapes import CLASS_NAMES
+
+    eye = np.eye(len(CLASS_NAMES))
+    return np.stack([eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)] for t in texts])
+
+
 def test_shapes_zeroshot_with_an_oracle_encoder_is_perfect():
     """Labels, class names and templates line up: an encoder that knows each image's true class
     (by looking the rendered pixels up) and each prompt's class (by its name) scores 100%."""
@@ -287,9 +296,7 @@ def test_shapes_zeroshot_with_an_oracle_encoder_is_perfect():
             return np.stack([eye[truth[im.tobytes()]] for im in np.asarray(images)])
 
         def embed_texts(self, texts):
-            return np.stack(
-                [eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)] for t in texts]
-            )
+            return caption_class_one_hots(texts)
 
     config = ev.with_eval_defaults(_minimal_config())
     config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test_unseen"
@@ -323,9 +330,7 @@ def test_shapes_min_class_top1_is_the_worst_class():
             return np.stack([eye[(c + 1) % len(eye) if c == confused else c] for c in labels])
 
         def embed_texts(self, texts):
-            return np.stack(
-                [eye[next(i for i, c in enumerate(CLASS_NAMES) if f"a {c} in" in t)] for t in texts]
-            )
+            return caption_class_one_hots(texts)
 
     config = ev.with_eval_defaults(_minimal_config())
     config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test_ood"
