@@ -15,7 +15,6 @@ clip_jax.eval_common and stay importable from here.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import jax
@@ -41,7 +40,7 @@ from clip_jax.eval_common import (  # noqa: F401
     sized_image,
     with_eval_defaults,
 )
-from core_jax import distributed
+from core_jax import distributed, storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError
 
@@ -88,6 +87,7 @@ def main(argv=None):
     )
 
     try:
+        storage.check_reachable(args.workdir, args.out)
         config = with_eval_defaults(read_clip_config(args.workdir))
         apply_overrides(config, overrides)
         # Everything that can be checked without the model is checked before loading it.
@@ -102,8 +102,8 @@ def main(argv=None):
     except (ValueError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
     if jax.process_index() == 0:
-        out = args.out or os.path.join(args.workdir, "eval_results.json")
-        with open(out, "w") as f:
+        out = args.out or storage.join(args.workdir, "eval_results.json")
+        with storage.open(out, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
         print(json.dumps(results, sort_keys=True))
     return results

@@ -13,14 +13,13 @@ serves the whole call. Chunk c uses `fold_in(key(seed), c)`, so results are a fu
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import numpy as np
 
-from core_jax import sharding
+from core_jax import sharding, storage
 from core_jax.checkpoint import load_params, read_config
 from core_jax.data.image_ops import resize_and_crop
 from core_jax.errors import ConfigError
@@ -42,10 +41,10 @@ def load_tokenizer(config, workdir: str):
     """The tokenizer a DALL-E workdir was trained with: WORKDIR/tokenizer/merges.txt (the trainer
     copies it there whatever text.merges_file said), else text.merges_file. Never trains one."""
 
-    path = os.path.join(workdir, "tokenizer", "merges.txt")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "tokenizer", "merges.txt")
+    if not storage.isfile(path):
         path = str(config.text.get("merges_file", "") or "")
-        if not path or not os.path.isfile(path):
+        if not path or not storage.isfile(path):
             raise FileNotFoundError(
                 f"{workdir} holds no tokenizer/merges.txt (written by the DALL-E trainer) and "
                 f"config.text.merges_file={path!r} is not a file"
@@ -126,7 +125,7 @@ class Pipeline:
         The transformer and the dVAE load their EMA weights when their runs kept one; `raw_weights`
         loads the raw params of both."""
 
-        if not os.path.isdir(workdir):
+        if not storage.isdir(workdir):
             raise FileNotFoundError(f"DALL-E workdir not found: {workdir}")
         config = read_config(workdir)
         check_dalle_config(workdir, config)
@@ -140,7 +139,7 @@ class Pipeline:
                 f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
                 f"explicitly (--dvae_workdir)"
             )
-        if not os.path.isdir(dvae_dir) and "://" not in dvae_dir:
+        if not storage.isdir(dvae_dir):
             source = (
                 "--dvae_workdir"
                 if dvae_workdir

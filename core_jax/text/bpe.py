@@ -17,13 +17,13 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
 import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 
+from core_jax import storage
 from core_jax.data import shapes
 from core_jax.errors import ConfigError
 
@@ -91,8 +91,7 @@ def find_open_clip_merges() -> str | None:
 
 
 def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     if data[:2] == b"\x1f\x8b":  # by content, not by name: people gunzip and keep the name
         data = gzip.decompress(data)
     return data.decode("utf-8")
@@ -210,7 +209,7 @@ class BPETokenizer:
         cls, path: str, context_length: int = 77, pad_mode: str = "zeros", max_merges: int | None = None
     ) -> "BPETokenizer":
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"BPE merges file not found: {path}")
         merges, eow_chars = read_merges(path, max_merges)
         return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
@@ -336,18 +335,8 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *, min_fr
     lines = [f"#version: 0.2 core_jax.text.train_bpe {_EOW_KEY}{eow}"]
     lines += [f"{a} {b}" for a, b in merges]
     out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
     # Several processes may train into one shared workdir: readers must never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".merges-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    storage.write_text(out_path, "\n".join(lines) + "\n")
     return out_path
 
 
@@ -355,8 +344,8 @@ def load_captions(source: str) -> list[str]:
     """Captions to train on: 'shapes' (its train split) or a file with one caption per line."""
     if source == "shapes":
         return list(shapes.all_captions("train"))
-    path = os.path.expanduser(source)
-    if not os.path.isfile(path):
+    path = storage.expanduser(source)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"captions file not found: {path}")
     return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
@@ -372,14 +361,12 @@ def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
 
 
 def _trained_source(source: str) -> str:
-    return source if source == "shapes" else os.path.abspath(os.path.expanduser(source))
+    return source if source == "shapes" else storage.absolute(source)
 
 
 def _write_json(path: str, record: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".merges-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)  # atomic: processes training into one shared workdir write the same
+    # Whole or not at all: processes training into one shared workdir write the same.
+    storage.write_text(path, json.dumps(record, indent=1))
 
 
 def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
@@ -387,22 +374,20 @@ def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
     the config asks for: its record (merges.json, written when it was trained) or, for files without
     one, the workdir's config.json. A mismatch is one ConfigError line; nothing to compare, no check."""
     record_path = os.path.splitext(path)[0] + ".json"
-    if os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            had = json.load(f)
+    if storage.isfile(record_path):
+        had = json.loads(storage.read_text(record_path))
         had = {k: had.get(k) for k in wanted}
     else:
-        config_path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(config_path):
+        config_path = storage.join(workdir, "config.json")
+        if not storage.isfile(config_path):
             return
-        with open(config_path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(config_path))
         text = old.get("text", {})
         if text.get("merges_file"):
             raise ConfigError(
                 f"{path} is a copy of text.merges_file={text['merges_file']!r} (the "
                 f"workdir's config.json) but text.merges_file is '' now; set it back, or "
-                f"delete {os.path.dirname(path)} to train a new tokenizer"
+                f"delete {storage.dirname(path)} to train a new tokenizer"
             )
         source = text.get("train_source") or (
             "shapes" if old.get("data", {}).get("source", "shapes") == "shapes" else None
@@ -414,7 +399,7 @@ def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
         raise ConfigError(
             f"{path} was trained with vocab_size={had['vocab_size']} on {had['train_source']!r} but "
             f"config.text asks for vocab_size={wanted['vocab_size']} on {wanted['train_source']!r}; "
-            f"set text.vocab_size / text.train_source back, or delete {os.path.dirname(path)} to "
+            f"set text.vocab_size / text.train_source back, or delete {storage.dirname(path)} to "
             f"train a new tokenizer"
         )
 
@@ -444,8 +429,8 @@ def tokenizer_from_config(
                 "pip install open_clip_torch (it is not imported) or set merges_file to the file"
             )
     elif merges_file:
-        path = os.path.expanduser(merges_file)
-        if not os.path.isfile(path):
+        path = storage.expanduser(merges_file)
+        if not storage.isfile(path):
             raise FileNotFoundError(f"text.merges_file not found: {path}")
     else:
         if workdir is None:
@@ -461,16 +446,16 @@ def tokenizer_from_config(
         vocab_size = get("vocab_size")
         if not vocab_size:
             raise ValueError("text.vocab_size is needed to train a BPE (text.merges_file is empty)")
-        path = os.path.join(workdir, "tokenizer", "merges.txt")
+        path = storage.join(workdir, "tokenizer", "merges.txt")
         wanted = dict(vocab_size=int(vocab_size), train_source=_trained_source(source))
         # An existing file wins over retraining (a resumed run must keep the ids it trained with),
         # but only when it was trained from what the config asks for.
-        if os.path.isfile(path):
+        if storage.isfile(path):
             _check_workdir_merges(path, workdir, wanted)
         else:
             log.info("training a %d-token BPE on %s into %s", vocab_size, source, path)
             captions = load_captions(source)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            storage.makedirs(storage.dirname(path))
             # The record first: a crash between the two leaves no merges file without its record.
             _write_json(os.path.splitext(path)[0] + ".json", wanted)
             train_bpe(captions, int(vocab_size), path)
