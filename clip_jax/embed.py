@@ -18,6 +18,7 @@ import numpy as np
 from clip_jax import eval_common as ev
 from clip_jax.api import CLIPModel
 from clip_jax.classify import chunks, list_image_files, read_image_files
+from core_jax import storage
 from core_jax.cli import ArgumentParser, fail
 
 
@@ -44,6 +45,7 @@ def main(argv=None):
     if not args.input_dir and not args.texts_file:
         fail("give --input_dir (images), --texts_file (one text per line), or both")
     try:
+        storage.check_reachable(args.workdir, args.input_dir, args.texts_file, args.out)
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
         names = list_image_files(args.input_dir) if args.input_dir else []
@@ -66,7 +68,7 @@ def main(argv=None):
         arrays["text_embeddings"] = model.embed_texts(texts).astype(np.float32)
         arrays["texts"] = np.asarray(texts)
         summary.append(f"{len(texts)} texts")
-    with open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
+    with storage.open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
         np.savez(f, **arrays)
     log(f"embedded {' and '.join(summary)} (dim {model.embed_dim}) -> {args.out}")
     return arrays

@@ -7,6 +7,7 @@ Checkpoints go through orbax, which reads and writes the same URLs itself (core_
 from __future__ import annotations
 
 import builtins
+import logging
 import os
 import posixpath
 import shutil
@@ -169,6 +170,18 @@ def listdir(path) -> list[str]:
     )
 
 
+def files_in(path) -> list[str]:
+    """The names of the files (not folders) directly inside a folder, sorted; one listing request
+    on a bucket."""
+    if not is_remote(path):
+        local = _local(path)
+        return sorted(n for n in os.listdir(local) if os.path.isfile(os.path.join(local, n)))
+    fs, p = _fs(path)
+    return sorted(
+        posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(p, detail=True) if e["type"] == "file"
+    )
+
+
 def glob(pattern) -> list[str]:
     """Paths matching a glob pattern, sorted; URLs keep their protocol."""
     if not is_remote(pattern):
@@ -185,10 +198,32 @@ def copy_file(src, dst) -> None:
         shutil.copyfileobj(fin, fout)
 
 
+class RangeReader:
+    """Byte ranges of one file, read from many threads at once: os.pread on a local file, one
+    ranged request per read on a bucket (no shared file position either way)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self._file = None if is_remote(path) else builtins.open(_local(path), "rb")
+        if self._file is None:
+            self._fs, self._key = _fs(path)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if self._file is not None:
+            return os.pread(self._file.fileno(), size, offset)
+        return self._fs.cat_file(self._key, start=offset, end=offset + size)
+
+
 def _bucket(path) -> str:
     """`gs://bucket` of `gs://bucket/a/b`."""
     scheme, rest = os.fspath(path).split("://", 1)
     return f"{scheme}://{rest.split('/', 1)[0]}"
+
+
+# S3: one try, not botocore's retries with back-off, before an unreachable endpoint is reported
+# (the commands themselves keep the defaults). gcsfs fixes its retries per class: an unreachable
+# GCS endpoint is reported after them (about half a minute).
+_PROBE_OPTIONS = {"gcs": {}, "s3": {"config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 10}}}
 
 
 def check_reachable(*paths) -> None:
@@ -199,14 +234,24 @@ def check_reachable(*paths) -> None:
     for path in paths:
         if not path or not is_remote(path):
             continue
-        fs, _ = _fs(path)
-        if protocol(path) not in _PREFIX_STORES - {"memory"}:
+        _fs(path)  # a missing extra, named
+        extra = EXTRAS.get(protocol(path))
+        if extra is None:  # another fsspec store: its own errors will say what is wrong
             continue
         bucket = _bucket(path)
+        # The clients log every failed try with a traceback; the error line below says it once.
+        quiet = [logging.getLogger(name) for name in ("gcsfs", "s3fs", "aiobotocore", "botocore")]
+        levels = [logger.level for logger in quiet]
         try:
-            found = fs.exists(bucket.split("://", 1)[1])
+            for logger in quiet:
+                logger.setLevel(logging.CRITICAL)
+            fs = fsspec.filesystem(protocol(path), **_PROBE_OPTIONS[extra], skip_instance_cache=True)
+            fs.ls(bucket.split("://", 1)[1], detail=False)
+        except FileNotFoundError:
+            raise ConfigError(f"bucket {bucket} does not exist (for {path})") from None
         except Exception as e:  # any transport or permission failure: the bucket cannot be used
             detail = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"cannot reach {bucket} (for {path}): {detail}") from None
-        if not found:
-            raise ConfigError(f"bucket {bucket} does not exist or is not visible (for {path})")
+        finally:
+            for logger, level in zip(quiet, levels):
+                logger.setLevel(level)

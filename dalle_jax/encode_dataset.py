@@ -11,12 +11,12 @@ shards: [file, ...]}}}. Images are resized/centre-cropped to the dVAE's input si
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 from absl import flags
 
 from core_jax import app as app_lib
+from core_jax import storage
 from core_jax.data import make_iterator
 from core_jax.data.image_ops import resize_and_crop, to_float01
 from core_jax.errors import RunError
@@ -90,12 +90,13 @@ def encode_split(
         while len(pending["tokens"]) >= shard_size or (final and pending["tokens"]):
             n = min(shard_size, len(pending["tokens"]))
             name = f"{split}-{len(shards):05d}.npz"
-            np.savez(
-                os.path.join(out_dir, name),
-                tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
-                captions=np.asarray(pending["captions"][:n], dtype=str),
-                keys=np.asarray(pending["keys"][:n], dtype=str),
-            )
+            with storage.open(storage.join(out_dir, name), "wb") as f:
+                np.savez(
+                    f,
+                    tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
+                    captions=np.asarray(pending["captions"][:n], dtype=str),
+                    keys=np.asarray(pending["keys"][:n], dtype=str),
+                )
             shards.append(name)
             for k in pending:
                 del pending[k][:n]
@@ -129,6 +130,10 @@ def main(argv):
     if FLAGS.shard_size <= 0 or FLAGS.batch_size <= 0:
         app_lib.fail("--shard_size and --batch_size must be positive")
     config = app_lib.loaded_config()
+    try:
+        storage.check_reachable(FLAGS.dvae_workdir, FLAGS.out_dir)
+    except ValueError as e:
+        app_lib.fail(str(e))
     splits = FLAGS.splits or list(dict.fromkeys([config.data.split, config.data.eval_split]))
 
     try:
@@ -148,12 +153,12 @@ def main(argv):
             iterators[split] = split_iterator(vae, config.data, split, batch_size=FLAGS.batch_size, seed=seed)
         except (FileNotFoundError, ValueError) as e:
             app_lib.fail(f"split {split!r}: {e}")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    storage.makedirs(FLAGS.out_dir)
     index = {
         "grid_size": vae.grid_size,
         "vocab_size": vae.vocab_size,
         "image_size": vae.image_size,
-        "dvae_workdir": os.path.abspath(FLAGS.dvae_workdir),
+        "dvae_workdir": storage.absolute(FLAGS.dvae_workdir),
         "splits": {},
     }
     for split in splits:
@@ -170,7 +175,7 @@ def main(argv):
             )
         except (FileNotFoundError, ValueError, RunError) as e:
             app_lib.fail(f"split {split!r}: {e}")
-    with open(os.path.join(FLAGS.out_dir, "index.json"), "w") as f:
+    with storage.open(storage.join(FLAGS.out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
     print(f"wrote {FLAGS.out_dir}/index.json", flush=True)
 

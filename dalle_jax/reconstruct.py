@@ -17,6 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
+from core_jax import storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import image_ops
 from dalle_jax.dvae_api import DVAE
@@ -47,13 +48,9 @@ def parse_args(argv=None):
 
 
 def list_images(input_dir: str) -> list[str]:
-    if not os.path.isdir(input_dir):
+    if not storage.isdir(input_dir):
         raise FileNotFoundError(f"--input_dir {input_dir} is not a directory")
-    return sorted(
-        f
-        for f in os.listdir(input_dir)
-        if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(input_dir, f))
-    )
+    return [f for f in storage.files_in(input_dir) if f.lower().endswith(EXTENSIONS)]
 
 
 def output_names(files: list[str]) -> dict[str, str]:
@@ -67,7 +64,7 @@ def output_names(files: list[str]) -> dict[str, str]:
 
 def read_image(path: str, size: int) -> np.ndarray:
 
-    with Image.open(path) as img:
+    with storage.open(path, "rb") as f, Image.open(f) as img:
         img = image_ops.exif_transpose(img)
         img.load()
         rgb = image_ops.pil_to_rgb(img)
@@ -93,15 +90,16 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
             return
         batch = np.stack([img for _, img in loaded])
         rec = np.asarray(vae.decode(vae.encode(batch)))
-        os.makedirs(out_dir, exist_ok=True)  # here: a folder with no readable image writes nothing
+        storage.makedirs(out_dir)  # here: a folder with no readable image writes nothing
         for (name, img), out in zip(loaded, rec):
-            Image.fromarray(out).save(os.path.join(out_dir, names[name]))
+            with storage.open(storage.join(out_dir, names[name]), "wb") as f:
+                Image.fromarray(out).save(f, format="PNG")
             scores.append(psnr(img, out))
         loaded.clear()
 
     for name in files:
         try:
-            img = read_image(os.path.join(input_dir, name), vae.image_size)
+            img = read_image(storage.join(input_dir, name), vae.image_size)
         except Exception as e:  # PIL raises many types for broken files
             skipped += 1
             log(f"skipping {name}: cannot read it as an image ({type(e).__name__}: {e})")
@@ -120,6 +118,7 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
 def main(argv=None):
     args = parse_args(argv)
     try:
+        storage.check_reachable(args.workdir, args.input_dir, args.out_dir)
         files = list_images(args.input_dir)
         if not files:
             fail(f"--input_dir {args.input_dir} holds no PNG or JPEG images")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import urllib.request
@@ -65,6 +66,10 @@ def gcs_emulator(monkeypatch_module, buckets=("bucket",)):
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
     server.start()
+    # Quiet: it logs every lookup of a missing object (how orbax and gcsfs probe) as an error, and
+    # prints a traceback whenever a client drops a kept-alive connection.
+    logging.getLogger("gcp_storage_emulator").setLevel(logging.CRITICAL)
+    server._api._httpd.handle_error = lambda request, client_address: None
     url = f"http://127.0.0.1:{port}"
     try:
         for name in buckets:
@@ -92,6 +97,7 @@ def s3_server(monkeypatch_module, buckets=("bucket",)):
     """Yields moto's S3 server URL with `buckets` created; dummy credentials and a region."""
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # a line per request otherwise
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

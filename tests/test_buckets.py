@@ -3,12 +3,16 @@
 
 import json
 import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from core_jax import storage, trainer
 from core_jax.app import load_config
-from tests.buckets import gcs_emulator, local_files, s3_server
+from core_jax.errors import ConfigError
+from tests.buckets import free_port, gcs_emulator, local_files, s3_server
 from tests.workdirs import tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,3 +130,126 @@ def test_gs_workdirs_train_resume_generate_and_evaluate_with_nothing_on_local_di
     assert json.loads(storage.read_text("gs://bucket/eval.json"))
 
     assert local_files(cwd) == [] and local_files(home) == [], (local_files(cwd), local_files(home))
+
+
+def test_s3_metrics_config_tokenizer_and_token_shards_round_trip(s3, tmp_path, monkeypatch):
+    """What goes to s3:// besides checkpoints (orbax writes those to local paths and gs:// only):
+    metrics appended across two runs through the local mirror, TensorBoard events, images,
+    config.json, the BPE trained into the workdir, token shards read back row by row."""
+    from core_jax.checkpoint import read_config, write_config
+    from core_jax.data.token_shards import TokenShardSource
+    from core_jax.metrics import MetricsWriter
+    from core_jax.text import tokenizer_from_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    wd = "s3://bucket/run"
+    config = clip_config()
+    write_config(wd, config)
+    assert read_config(wd).to_dict() == json.loads(json.dumps(config.to_dict(), default=str))
+    for step in (1, 2):  # two runs: the second appends to the first's metrics.jsonl
+        writer = MetricsWriter(wd)
+        writer.write_scalars(step, {"loss": float(step)})
+        writer.write_images(step, {"samples": np.full((4, 4, 3), step, np.uint8)})
+        writer.close()
+    assert losses(wd) == {1: 1.0, 2: 2.0}
+    assert storage.files_in(f"{wd}/images") == ["samples_0000001.png", "samples_0000002.png"]
+    events = storage.glob(f"{wd}/tensorboard/events.out.tfevents.*")
+    assert events and all(storage.read_bytes(e) for e in events), events
+    assert local_files(tmp_path / "cache") == []  # the mirrors are gone once closed
+
+    tokenizer = tokenizer_from_config(config.text, wd, data_source="shapes")
+    again = tokenizer_from_config(config.text, wd, data_source="shapes")  # read back, not retrained
+    assert storage.isfile(f"{wd}/tokenizer/merges.txt")
+    assert (tokenizer.encode(["a red circle"]) == again.encode(["a red circle"])).all()
+
+    shards = "s3://bucket/tokens"
+    tokens = np.arange(2 * 16, dtype=np.int32).reshape(2, 4, 4) % 32
+    with storage.open(f"{shards}/train-00000.npz", "wb") as f:
+        np.savez(f, tokens=tokens, captions=np.asarray(["a", "b"]), keys=np.asarray(["k0", "k1"]))
+    index = {"grid_size": 4, "vocab_size": 32, "splits": {"train": {"shards": ["train-00000.npz"]}}}
+    storage.write_text(f"{shards}/index.json", json.dumps(index))
+    source = TokenShardSource(shards, "train")
+    assert len(source) == 2 and (source[1]["image_tokens"] == tokens[1].reshape(-1)).all()
+    index["splits"]["train"]["shards"] = ["../run/config.json"]  # an entry leading out of the folder
+    storage.write_text(f"{shards}/index.json", json.dumps(index))
+    with pytest.raises(ConfigError, match="climbs out of the folder"):
+        TokenShardSource(shards, "train")
+
+
+def command(tmp_path, module, *args, setup=""):
+    """`python -m module args` in an empty folder; (exit code, stderr lines, files left there)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    code = f"{setup}import runpy, sys; sys.argv = ['{module}', *{list(args)!r}]; runpy.run_module('{module}', run_name='__main__')"
+    env = dict(
+        os.environ, PYTHONPATH=REPO, HOME=str(tmp_path / "home"), XDG_CACHE_HOME=str(tmp_path / "cache")
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
+    return proc.returncode, proc.stderr.strip().splitlines(), local_files(tmp_path)
+
+
+# A filesystem package that is not installed: importing it fails, as `import gcsfs` would.
+NO_GCSFS = "import sys; sys.modules['gcsfs'] = None; "
+NO_S3FS = "import sys; sys.modules['s3fs'] = None; "
+
+
+def test_missing_gcsfs_is_one_line_naming_the_extra_before_anything_is_written(tmp_path):
+    code, err, left = command(
+        tmp_path, "clip_jax.train", "--config", "clip_shapes", "--workdir", "gs://bucket/run", setup=NO_GCSFS
+    )
+    assert code == 2 and err == ["error: gs://bucket/run needs gcsfs: pip install 'dalle-clip-jax[gcs]'"], err
+    assert left == []
+
+
+def test_missing_s3fs_is_one_line_naming_the_extra_before_anything_is_written(tmp_path):
+    code, err, left = command(
+        tmp_path,
+        "dalle_jax.generate",
+        "--workdir",
+        "runs/dalle",
+        "--prompt",
+        "a red circle",
+        "--out_dir",
+        "s3://bucket/samples",
+        setup=NO_S3FS,
+    )
+    assert code == 2 and err == ["error: s3://bucket/samples needs s3fs: pip install 'dalle-clip-jax[s3]'"], (
+        err
+    )
+    assert left == []
+
+
+def test_nonexistent_bucket_is_one_line_naming_it_before_anything_is_written(gcs, tmp_path):
+    code, err, left = command(
+        tmp_path, "clip_jax.train", "--config", "clip_shapes", "--workdir", "gs://no-such-bucket/run"
+    )
+    assert code == 2 and err == [
+        "error: bucket gs://no-such-bucket does not exist (for gs://no-such-bucket/run)"
+    ], err
+    assert left == []
+
+
+def test_unreachable_endpoint_is_one_line_naming_the_bucket(tmp_path, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    code, err, left = command(
+        tmp_path, "clip_jax.embed", "--workdir", "s3://bucket/clip", "--texts_file", "t.txt", "--out", "e.npz"
+    )
+    assert (
+        code == 2
+        and len(err) == 1
+        and err[0].startswith("error: cannot reach s3://bucket (for s3://bucket/clip): ")
+    ), err
+    assert left == []
+
+
+def test_s3_workdir_for_a_trainer_is_refused_in_one_line(s3, tmp_path):
+    code, err, left = command(
+        tmp_path, "clip_jax.train", "--config", "clip_shapes", "--workdir", "s3://bucket/run"
+    )
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: --workdir s3://bucket/run: orbax-checkpoint") and "gs://" in err[0], err
+    assert left == []
