@@ -14,7 +14,6 @@ config.json keeps saying which dVAE the DALL-E was trained with.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
