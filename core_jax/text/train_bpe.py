@@ -12,7 +12,9 @@ import time
 import types
 from typing import Sequence
 
+from core_jax import storage
 from core_jax.cli import ArgumentParser
+from core_jax.errors import ConfigError
 from core_jax.text.bpe import BPETokenizer, load_captions, train_bpe
 
 __all__ = ["main", "train_bpe"]
@@ -41,8 +43,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.time()
     try:
+        storage.check_reachable(args.out, args.captions_file)
         captions = load_captions(args.source or args.captions_file)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ConfigError) as e:
         parser.error(str(e))
     if not captions:
         parser.error("no captions to train on")
