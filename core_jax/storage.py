@@ -1,12 +1,13 @@
 """One filesystem for every path a command reads or writes: a local path or any fsspec URL
 (`gs://`, `s3://`, ...). Local paths go straight to `os` (no behaviour change, no overhead); URLs
 go through fsspec, which reaches buckets through gcsfs / s3fs (the `[gcs]` / `[s3]` extras).
-Checkpoints go through orbax, which reads and writes the same URLs itself (core_jax/checkpoint.py).
+Checkpoints go through orbax, which writes local paths and gs:// itself (core_jax/checkpoint.py).
 """
 
 from __future__ import annotations
 
 import builtins
+import glob as globlib
 import logging
 import os
 import posixpath
@@ -185,9 +186,7 @@ def files_in(path) -> list[str]:
 def glob(pattern) -> list[str]:
     """Paths matching a glob pattern, sorted; URLs keep their protocol."""
     if not is_remote(pattern):
-        import glob as glob_lib  # the stdlib module, shadowed here by this function's name
-
-        return sorted(glob_lib.glob(_local(pattern)))
+        return sorted(globlib.glob(_local(pattern)))
     fs, p = _fs(pattern)
     return sorted(fs.unstrip_protocol(m) for m in fs.glob(p))
 
