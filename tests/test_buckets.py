@@ -255,3 +255,21 @@ def test_s3_workdir_for_a_trainer_is_refused_in_one_line(s3, tmp_path):
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("error: --workdir s3://bucket/run: orbax-checkpoint") and "gs://" in err[0], err
     assert left == []
+
+
+def test_storage_helpers_on_local_paths_and_another_fsspec_url(tmp_path):
+    """The same calls on a local folder, its file:// URL and fsspec's in-memory store."""
+    for root in (str(tmp_path / "local"), f"file://{tmp_path}/url", "memory://helpers"):
+        storage.makedirs(storage.join(root, "sub"))
+        storage.write_text(storage.join(root, "sub", "a.txt"), "hello")
+        with storage.open(storage.join(root, "sub", "b.bin"), "wb") as f:
+            f.write(b"0123456789")
+        assert storage.read_text(storage.join(root, "sub", "a.txt")) == "hello"
+        assert storage.isdir(storage.join(root, "sub")) and not storage.isfile(storage.join(root, "sub"))
+        assert storage.files_in(storage.join(root, "sub")) == ["a.txt", "b.bin"]
+        assert [storage.basename(p) for p in storage.glob(storage.join(root, "sub", "*.txt"))] == ["a.txt"]
+        assert storage.RangeReader(storage.join(root, "sub", "b.bin")).read(3, 4) == b"3456"
+        assert not storage.exists(storage.join(root, "missing"))
+        storage.check_reachable(root)  # local paths and stores without buckets pass
+    assert storage.is_remote("memory://helpers") and not storage.is_remote(f"file://{tmp_path}")
+    assert storage.absolute("gs://b/run") == "gs://b/run" and storage.dirname("gs://b/run/") == "gs://b"
