@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import sys
 import unicodedata
 from typing import Iterable, Sequence
 
@@ -99,7 +100,12 @@ def _read_text(path: str) -> str:
 
 def read_merges(path: str, max_merges: int | None = None):
     """Returns (merges, end-of-word characters or None meaning all 256) from a merges file."""
-    lines = _read_text(path).split("\n")
+    return parse_merges(_read_text(path), path, max_merges)
+
+
+def parse_merges(text: str, path: str, max_merges: int | None = None):
+    """read_merges of a merges file's text; `path` names it in errors."""
+    lines = text.split("\n")
     header = lines[0] if "#version" in lines[0] else None
     body = lines[1:] if header is not None else lines
     eow_chars = None
@@ -214,6 +220,19 @@ class BPETokenizer:
         merges, eow_chars = read_merges(path, max_merges)
         return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
 
+    @classmethod
+    def from_merges_text(
+        cls,
+        text: str,
+        path: str,
+        context_length: int = 77,
+        pad_mode: str = "zeros",
+        max_merges: int | None = None,
+    ) -> "BPETokenizer":
+        """from_merges of a merges file's text, as it is (or will be) at `path`."""
+        merges, eow_chars = parse_merges(text, path, max_merges)
+        return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
+
     def with_dropout(self, dropout: float) -> "BPETokenizer":
         """The same vocabulary with BPE dropout, for encoding training captions only (the ids of
         every piece exist already; eval and sampling keep the deterministic tokenizer)."""
@@ -309,6 +328,14 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *, min_fr
     `vocab_size` counts every id, start/end included; the file may come out smaller when the
     captions run out of pairs seen `min_frequency` times. Returns `out_path`.
     """
+    out_path = os.fspath(out_path)
+    # Several processes may train into one shared workdir: readers must never see half a file.
+    storage.write_text(out_path, bpe_merges_text(captions, vocab_size, min_frequency=min_frequency))
+    return out_path
+
+
+def bpe_merges_text(captions: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> str:
+    """The merges file train_bpe writes, as text."""
     byte_chars = list(bytes_to_unicode().values())
     tok = Tokenizer(models.BPE(end_of_word_suffix=EOW))
     tok.pre_tokenizer = _pre_tokenizer()
@@ -334,10 +361,7 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *, min_fr
     merges = [m.split(" ") if isinstance(m, str) else m for m in merges][:num_merges]
     lines = [f"#version: 0.2 core_jax.text.train_bpe {_EOW_KEY}{eow}"]
     lines += [f"{a} {b}" for a, b in merges]
-    out_path = os.fspath(out_path)
-    # Several processes may train into one shared workdir: readers must never see half a file.
-    storage.write_text(out_path, "\n".join(lines) + "\n")
-    return out_path
+    return "\n".join(lines) + "\n"
 
 
 def load_captions(source: str) -> list[str]:
@@ -362,6 +386,13 @@ def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
 
 def _trained_source(source: str) -> str:
     return source if source == "shapes" else storage.absolute(source)
+
+
+def _main_process() -> bool:
+    """Process 0 of a multi-process JAX run, or a run without JAX (the train-bpe command, which
+    never imports it): looked up, not imported, so this module loads without JAX."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
 
 
 def _write_json(path: str, record: dict) -> None:
@@ -421,6 +452,7 @@ def tokenizer_from_config(
         return getattr(text_config, key, default)
 
     merges_file = get("merges_file", "") or ""
+    trained = None  # the merges trained here, when they were
     if merges_file == "open_clip":
         path = find_open_clip_merges()
         if path is None:
@@ -454,17 +486,22 @@ def tokenizer_from_config(
             _check_workdir_merges(path, workdir, wanted)
         else:
             log.info("training a %d-token BPE on %s into %s", vocab_size, source, path)
-            captions = load_captions(source)
-            storage.makedirs(storage.dirname(path))
-            # The record first: a crash between the two leaves no merges file without its record.
-            _write_json(os.path.splitext(path)[0] + ".json", wanted)
-            train_bpe(captions, int(vocab_size), path)
-    tokenizer = BPETokenizer.from_merges(
-        path,
+            trained = bpe_merges_text(load_captions(source), int(vocab_size))
+            # Every process trains the same merges; the first writes them.
+            if _main_process():
+                storage.makedirs(storage.dirname(path))
+                # The record first: a crash between the two leaves no merges file without its record.
+                _write_json(os.path.splitext(path)[0] + ".json", wanted)
+                storage.write_text(path, trained)
+    options = dict(
         context_length=int(get("context_length", 77)),
         pad_mode=get("pad_mode", "zeros"),
         max_merges=get("max_merges", None),
     )
+    if trained is not None:
+        tokenizer = BPETokenizer.from_merges_text(trained, path, **options)
+    else:
+        tokenizer = BPETokenizer.from_merges(path, **options)
     configured = get("vocab_size")
     if configured and tokenizer.vocab_size > int(configured):
         log.warning(
