@@ -2,6 +2,7 @@
 (tests/buckets.py), the real gcsfs / s3fs / tensorstore clients talking to them."""
 
 import dataclasses
+import io
 import json
 import os
 import subprocess
@@ -87,12 +88,12 @@ def train(config, workdir, make_task, stop_at_step=None):
     trainer.train(config, workdir, task, devices=ONE_DEVICE, stop_at_step=stop_at_step, log_fn=lambda _: None)
 
 
-def test_gs_workdirs_train_resume_generate_and_evaluate_with_nothing_on_local_disk(
+def test_gs_workdirs_train_resume_and_commands_use_the_bucket_with_nothing_on_local_disk(
     gcs, tmp_path, monkeypatch
 ):
-    from clip_jax import evaluate
+    from clip_jax import embed, evaluate
     from clip_jax.task import make_task as clip_task
-    from dalle_jax import generate
+    from dalle_jax import generate, reconstruct
     from dalle_jax.dalle_task import make_task as dalle_task
 
     cwd, home = tmp_path / "cwd", tmp_path / "home"
@@ -130,6 +131,27 @@ def test_gs_workdirs_train_resume_generate_and_evaluate_with_nothing_on_local_di
         + ["--config.eval.zeroshot_source=shapes", "--config.eval.max_examples=8"]
     )
     assert json.loads(storage.read_text("gs://bucket/eval.json"))
+
+    # The samples in the bucket as input: embedded by the CLIP, reconstructed by the dVAE.
+    storage.write_text("gs://bucket/texts.txt", "a red circle\na blue square\n")
+    arrays = embed.main(
+        ["--workdir", "gs://bucket/clip", "--input_dir", "gs://bucket/samples"]
+        + ["--texts_file", "gs://bucket/texts.txt", "--out", "gs://bucket/embeddings.npz"]
+    )
+    with np.load(io.BytesIO(storage.read_bytes("gs://bucket/embeddings.npz"))) as saved:
+        assert list(saved["image_files"]) == ["000.png", "001.png", "grid.png"]
+        assert saved["text_embeddings"].shape == arrays["text_embeddings"].shape == (2, 8)
+    reconstruct.main(
+        [
+            "--workdir",
+            "gs://bucket/dvae",
+            "--input_dir",
+            "gs://bucket/samples",
+            "--out_dir",
+            "gs://bucket/rec",
+        ]
+    )
+    assert storage.files_in("gs://bucket/rec") == ["000.png", "001.png", "grid.png"]
 
     assert local_files(cwd) == [] and local_files(home) == [], (local_files(cwd), local_files(home))
 
