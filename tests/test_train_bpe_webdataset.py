@@ -1,20 +1,13 @@
 """core_jax.text.train_bpe --webdataset_urls: a BPE trained on captions streamed out of tar shards."""
 
-import io
 import json
-import tarfile
 
 import pytest
 
 from core_jax.data.sources import webdataset_captions
 from core_jax.text import BPETokenizer
 from core_jax.text.train_bpe import main as train_bpe_main
-
-
-def _add(tar, name, data: bytes):
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
+from tests.testfiles import write_tar
 
 
 @pytest.fixture(scope="module")
@@ -22,16 +15,17 @@ def shards(tmp_path_factory):
     """Two img2dataset-style shards: captions in .txt, in .json, and one sample with neither."""
     folder = tmp_path_factory.mktemp("wds")
     for shard in range(2):
-        with tarfile.open(folder / f"part-{shard:05d}.tar", "w") as tar:
-            for i in range(6):
-                key = f"{shard:02d}{i:03d}"
-                _add(tar, f"{key}.jpg", b"pixels are never decoded")
-                if i == 5:
-                    continue  # no caption: counted, not trained on
-                if i % 2:
-                    _add(tar, f"{key}.txt", f"zebrafinch {shard} number {i}".encode())
-                else:
-                    _add(tar, f"{key}.json", json.dumps({"text": f"quokka {shard} number {i}"}).encode())
+        members = []
+        for i in range(6):
+            key = f"{shard:02d}{i:03d}"
+            members.append((f"{key}.jpg", b"pixels are never decoded"))
+            if i == 5:
+                continue  # no caption: counted, not trained on
+            if i % 2:
+                members.append((f"{key}.txt", f"zebrafinch {shard} number {i}".encode()))
+            else:
+                members.append((f"{key}.json", json.dumps({"text": f"quokka {shard} number {i}"}).encode()))
+        write_tar(folder / f"part-{shard:05d}.tar", members)
     return str(folder)
 
 
