@@ -227,9 +227,10 @@ def test_bad_commands_fail_the_dry_run():
         ("clip_jax.train", None, ["--config", "clip_vit_b32"]),  # --workdir is required
         ("clip_jax.evaluate", None, ["--workdir", "w", "--config.eval.zeroshot_sauce=tfds"]),
         ("dalle_jax.generate", None, ["--workdir", "w", "--out_dir", "o", "--top_k_rerankk", "4"]),
-        ("clip-jax-train", "main", ["--config", "clip_shapes", "--workdir", "w", "--config.optim.lr=1"]),
     ]
-    bad[-1] = ("clip_jax.train", "main", bad[-1][2])
+    console = classify(["clip-jax-train", "--config", "clip_shapes", "--workdir", "w", "--config.optim.lr=1"])
+    assert console == [("entry", "clip_jax.train", "main", console[0][3], "local")]
+    bad.append(console[0][1:4])
     good = [
         (
             "clip_jax.train",
