@@ -3,8 +3,10 @@ once, then forks a child per command, which runs it under CORE_JAX_DRY_RUN=1.
 
     python tests/recipe_dry_run.py < commands.json > results.json
 
-stdin: [[module, function or null, argv], ...] (function: a console script's target in module,
-null: `python -m module`); stdout: [[exit code, stderr and stdout], ...] in the same order.
+stdin: [[module, function or null, argv(, options)], ...] (function: a console script's target in
+module, null: `python -m module`; options: {"dry_run": false} runs the command for real,
+{"missing": [name, ...]} makes those modules fail to import); stdout: [[exit code, stderr and
+stdout], ...] in the same order.
 """
 
 import importlib
@@ -25,10 +27,13 @@ import core_jax.app  # noqa: F401
 from core_jax.cli import DRY_RUN_ENV
 
 
-def _child(module: str, function: str | None, argv: list[str], out_fd: int) -> None:
+def _child(module: str, function: str | None, argv: list[str], options: dict, out_fd: int) -> None:
     os.dup2(out_fd, 1)
     os.dup2(out_fd, 2)
-    os.environ[DRY_RUN_ENV] = "1"
+    if options.get("dry_run", True):
+        os.environ[DRY_RUN_ENV] = "1"
+    for name in options.get("missing", ()):
+        sys.modules[name] = None  # import name -> ImportError
     code = 0
     try:
         if function:
@@ -49,11 +54,11 @@ def _child(module: str, function: str | None, argv: list[str], out_fd: int) -> N
 
 def main() -> None:
     results = []
-    for module, function, argv in json.load(sys.stdin):
+    for module, function, argv, *options in json.load(sys.stdin):
         with tempfile.TemporaryFile() as out:
             pid = os.fork()
             if pid == 0:
-                _child(module, function, argv, out.fileno())
+                _child(module, function, argv, options[0] if options else {}, out.fileno())
             _, status = os.waitpid(pid, 0)
             out.seek(0)
             results.append([os.waitstatus_to_exitcode(status), out.read().decode("utf-8", "replace")])

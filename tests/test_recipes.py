@@ -160,7 +160,8 @@ def _without_awaited(module: str, args: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------ running
 
 
-def dry_run(entries: list[tuple[str, str | None, list[str]]]) -> list[tuple[int, str]]:
+def dry_run(entries: list[tuple]) -> list[tuple[int, str]]:
+    """(exit code, output) of each (module, function or None, argv[, options]): see recipe_dry_run.py."""
     env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
         [sys.executable, RUNNER],
@@ -220,7 +221,7 @@ def test_every_recipe_command_parses(recipes, tmp_path, capsys, monkeypatch):
         assert code == 0 and "dry run:" in output, f"{label}\nexit {code}: {output[-2000:]}"
 
 
-def test_bad_commands_fail_the_dry_run():
+def test_bad_commands_fail_the_dry_run(tmp_path):
     bad = [
         ("clip_jax.train", None, ["--config", "clip_vit_b32", "--workdir", "w", "--config.data.urlz=x"]),
         ("clip_jax.train", None, ["--config", "clip_vit_b33", "--workdir", "w"]),
@@ -238,10 +239,20 @@ def test_bad_commands_fail_the_dry_run():
             ["--config", "clip_shapes", "--workdir", "w", "--config.optim.learning_rate=1"],
         )
     ]
-    results = dry_run(bad + good)
-    for (module, _, args), (code, output) in zip(bad, results):
+    # Not a dry run: W&B logging asked for without wandb installed stops before the workdir exists.
+    workdir = str(tmp_path / "w")
+    no_wandb = (
+        "clip_jax.train",
+        None,
+        ["--config", "clip_shapes", "--workdir", workdir, "--config.wandb.project=p"],
+        {"dry_run": False, "missing": ["wandb"]},
+    )
+    results = dry_run(bad + [no_wandb] + good)
+    for (module, _, args, *_), (code, output) in zip(bad + [no_wandb], results):
         assert code == 2 and output.startswith("error: "), f"{module} {args}: exit {code}: {output}"
-        assert "Traceback" not in output
+        assert len(output.strip().splitlines()) == 1, output
+    assert "pip install '.[wandb]'" in results[len(bad)][1]
+    assert not os.path.exists(workdir)
     assert results[-1][0] == 0, results[-1][1]
 
 
