@@ -202,68 +202,82 @@ def test_three_recipes_each_run_a_project_command(recipes):
         assert any(c[0] == "entry" for c in checks), title
 
 
-def test_every_recipe_command_parses(recipes, tmp_path, capsys, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # slurm.py's dry run renders without writing; nothing lands in the repo
-    launchers = {name: _launcher(name) for name in LAUNCHERS.values()}
+BAD_COMMANDS = [
+    ("clip_jax.train", None, ["--config", "clip_vit_b32", "--workdir", "w", "--config.data.urlz=x"]),
+    ("clip_jax.train", None, ["--config", "clip_vit_b33", "--workdir", "w"]),
+    ("clip_jax.train", None, ["--config", "clip_vit_b32"]),  # --workdir is required
+    ("clip_jax.evaluate", None, ["--workdir", "w", "--config.eval.zeroshot_sauce=tfds"]),
+    ("dalle_jax.generate", None, ["--workdir", "w", "--out_dir", "o", "--top_k_rerankk", "4"]),
+    ("clip_jax.train", "main", ["--config", "clip_shapes", "--workdir", "w", "--config.optim.lr=1"]),
+]
+GOOD_COMMAND = (
+    "clip_jax.train",
+    "main",
+    ["--config", "clip_shapes", "--workdir", "w", "--config.optim.learning_rate=1"],
+)
+AWAITED_COMMANDS = [
+    (module, None, ["--workdir", "w", "--out_dir", "o", "--prompt", "p", f"{flag}=1"])
+    for module, flags in AWAITED_FLAGS.items()
+    for flag in flags
+]
+
+
+@pytest.fixture(scope="module")
+def runs(recipes, tmp_path_factory):
+    """Every project command of the recipes, then the commands that must fail, one that must pass
+    and the awaited flags, through one runner. The W&B one is not a dry run: a project without
+    wandb installed must stop the trainer before its workdir exists."""
     entries, labels = [], []
     for title, checks in recipes.items():
-        for check in checks:
-            if check[0] == "launcher":
-                _, name, args = check
-                code = launchers[name].main(args + ["--dry_run"])
-                assert code == 0, f"{title}: {name} {shlex.join(args)}\n{capsys.readouterr().err}"
-            elif check[0] == "entry":
-                _, module, function, args, where = check
-                entries.append((module, function, _without_awaited(module, args)))
-                labels.append(f"{title} ({where}): {module} {shlex.join(args)}")
-    assert len(entries) >= 11
-    for label, (code, output) in zip(labels, dry_run(entries)):
-        assert code == 0 and "dry run:" in output, f"{label}\nexit {code}: {output[-2000:]}"
-
-
-def test_bad_commands_fail_the_dry_run(tmp_path):
-    bad = [
-        ("clip_jax.train", None, ["--config", "clip_vit_b32", "--workdir", "w", "--config.data.urlz=x"]),
-        ("clip_jax.train", None, ["--config", "clip_vit_b33", "--workdir", "w"]),
-        ("clip_jax.train", None, ["--config", "clip_vit_b32"]),  # --workdir is required
-        ("clip_jax.evaluate", None, ["--workdir", "w", "--config.eval.zeroshot_sauce=tfds"]),
-        ("dalle_jax.generate", None, ["--workdir", "w", "--out_dir", "o", "--top_k_rerankk", "4"]),
-    ]
-    console = classify(["clip-jax-train", "--config", "clip_shapes", "--workdir", "w", "--config.optim.lr=1"])
-    assert console == [("entry", "clip_jax.train", "main", console[0][3], "local")]
-    bad.append(console[0][1:4])
-    good = [
-        (
-            "clip_jax.train",
-            "main",
-            ["--config", "clip_shapes", "--workdir", "w", "--config.optim.learning_rate=1"],
-        )
-    ]
-    # Not a dry run: W&B logging asked for without wandb installed stops before the workdir exists.
-    workdir = str(tmp_path / "w")
+        for _, module, function, args, where in (c for c in checks if c[0] == "entry"):
+            entries.append((module, function, _without_awaited(module, args)))
+            labels.append(f"{title} ({where}): {module} {shlex.join(args)}")
+    workdir = str(tmp_path_factory.mktemp("no_wandb") / "w")
     no_wandb = (
         "clip_jax.train",
         None,
         ["--config", "clip_shapes", "--workdir", workdir, "--config.wandb.project=p"],
         {"dry_run": False, "missing": ["wandb"]},
     )
-    results = dry_run(bad + [no_wandb] + good)
-    for (module, _, args, *_), (code, output) in zip(bad + [no_wandb], results):
+    results = iter(dry_run(entries + BAD_COMMANDS + [no_wandb, GOOD_COMMAND] + AWAITED_COMMANDS))
+    return {
+        "recipes": [(label, next(results)) for label in labels],
+        "bad": [next(results) for _ in BAD_COMMANDS],
+        "no_wandb": next(results),
+        "no_wandb_workdir": workdir,
+        "good": next(results),
+        "awaited": list(results),
+    }
+
+
+def test_every_recipe_command_parses(recipes, runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # slurm.py's dry run renders without writing; nothing lands in the repo
+    launchers = {name: _launcher(name) for name in LAUNCHERS.values()}
+    for title, checks in recipes.items():
+        for _, name, args in (c for c in checks if c[0] == "launcher"):
+            code = launchers[name].main(args + ["--dry_run"])
+            assert code == 0, f"{title}: {name} {shlex.join(args)}\n{capsys.readouterr().err}"
+    assert len(runs["recipes"]) >= 11
+    for label, (code, output) in runs["recipes"]:
+        assert code == 0 and "dry run:" in output, f"{label}\nexit {code}: {output[-2000:]}"
+
+
+def test_bad_commands_fail_the_dry_run(runs):
+    console = classify(["clip-jax-train", *BAD_COMMANDS[-1][2]])
+    assert console == [("entry", *BAD_COMMANDS[-1], "local")]  # console scripts run their target
+    for (module, _, args), (code, output) in zip(BAD_COMMANDS, runs["bad"]):
         assert code == 2 and output.startswith("error: "), f"{module} {args}: exit {code}: {output}"
         assert len(output.strip().splitlines()) == 1, output
-    assert "pip install '.[wandb]'" in results[len(bad)][1]
-    assert not os.path.exists(workdir)
-    assert results[-1][0] == 0, results[-1][1]
+    code, output = runs["no_wandb"]
+    assert code == 2 and output.startswith("error: ") and len(output.strip().splitlines()) == 1, output
+    assert "pip install '.[wandb]'" in output
+    assert not os.path.exists(runs["no_wandb_workdir"])
+    assert runs["good"][0] == 0, runs["good"][1]
 
 
-def test_awaited_flags_are_still_missing():
+def test_awaited_flags_are_still_missing(runs):
     """Once a flag in AWAITED_FLAGS exists on this branch, drop it there so the recipes check it."""
-    entries = [
-        (module, None, ["--workdir", "w", "--out_dir", "o", "--prompt", "p", f"{flag}=1"])
-        for module, flags in AWAITED_FLAGS.items()
-        for flag in flags
-    ]
-    for (module, _, args), (code, output) in zip(entries, dry_run(entries)):
+    for (module, _, args), (code, output) in zip(AWAITED_COMMANDS, runs["awaited"]):
         assert code == 2, f"{module} now takes {args[-1]}: remove it from AWAITED_FLAGS ({output.strip()})"
 
 

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from core_jax import trainer
+from core_jax import trainer, wandb_log
 from core_jax.config import ConfigError, validate
 from tests.toy_task import make_toy_task, toy_config
 
@@ -76,11 +76,10 @@ def test_offline_run_has_the_metrics_rows_and_the_config(tmp_path, monkeypatch):
     assert run_config["optim"]["learning_rate"] == config.optim.learning_rate
 
 
-def test_no_wandb_run_without_a_project(tmp_path):
-    config = toy_config(total_steps=1)
-    workdir = str(tmp_path / "run")
-    trainer.train(config, workdir, make_toy_task(config), log_fn=lambda s: None)
-    assert not os.path.exists(os.path.join(workdir, "wandb"))
+def test_no_wandb_run_without_a_project(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # off must not even import it
+    assert wandb_log.start(toy_config(), str(tmp_path)) is None
+    assert not os.listdir(tmp_path)
 
 
 def test_project_without_wandb_names_the_extra(monkeypatch):
