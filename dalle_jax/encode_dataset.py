@@ -220,7 +220,10 @@ def main(argv):
         "grid_size": vae.grid_size,
         "vocab_size": vae.vocab_size,
         "image_size": vae.image_size,
-        "dvae_workdir": os.path.abspath(FLAGS.dvae_workdir),
+        # abspath would turn a bucket URL into a local path.
+        "dvae_workdir": FLAGS.dvae_workdir
+        if "://" in FLAGS.dvae_workdir
+        else os.path.abspath(FLAGS.dvae_workdir),
         "splits": {},
     }
     for split in splits:
