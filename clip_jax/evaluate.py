@@ -22,6 +22,7 @@ import jax
 
 from clip_jax import retrieval, zeroshot
 from clip_jax.api import read_clip_config
+from clip_jax.defaults import vit_config
 
 # Re-exported: clip_jax.evaluate.<name> is how docs, configs and tests have reached these.
 from clip_jax.eval_common import (  # noqa: F401
@@ -42,7 +43,7 @@ from clip_jax.eval_common import (  # noqa: F401
     with_eval_defaults,
 )
 from core_jax import distributed
-from core_jax.cli import ArgumentParser, fail
+from core_jax.cli import ArgumentParser, end_dry_run, fail, is_dry_run
 from core_jax.errors import ConfigError
 
 
@@ -78,6 +79,14 @@ def main(argv=None):
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     args, overrides = parser.parse_known_args(argv)
+    if is_dry_run():
+        # The workdir may not exist yet: the overrides are checked against the keys every CLIP
+        # workdir's config has.
+        try:
+            apply_overrides(with_eval_defaults(vit_config("ViT-B-32")), overrides)
+        except ValueError as e:
+            fail(str(e))
+        end_dry_run(parser.prog)
 
     distributed.maybe_initialize(
         {

@@ -64,12 +64,14 @@ def _scalar(v):
 
 class MetricsWriter:
     """Writes one JSON object per logged step; only the main process writes (others are no-ops).
-    A refused write (a full disk) raises a one-line RunError naming the file and the errno."""
+    A refused write (a full disk) raises a one-line RunError naming the file and the errno.
+    `wandb_run` (core_jax.wandb_log.start) gets every row too, at the same step."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, wandb_run=None):
         self.workdir = workdir
         self.enabled = enabled
         self._tb = None
+        self._wandb = wandb_run if enabled else None
         self._jsonl = None
         if not enabled:
             return
@@ -101,6 +103,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8 [H, W, 3] images -> WORKDIR/images/<name>_<step>.png and TensorBoard."""
@@ -129,6 +133,8 @@ class MetricsWriter:
                 pass
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
 
 
 def image_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.ndarray:

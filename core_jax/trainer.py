@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from core_jax import checkpoint, finetune, sharding
+from core_jax import checkpoint, finetune, sharding, wandb_log
 from core_jax import data as data_lib
 from core_jax import metrics as metrics_lib
 from core_jax.errors import ConfigError, RunError, write_error
@@ -565,7 +565,12 @@ def _train(config, workdir, task, preemption, devices, stop_at_step, log_fn) -> 
 
     # Opened only now, so a config or init_from error above leaves no writer thread behind, and
     # closed however the loop ends (an abort on a non-finite loss raises out of it).
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    recorded = config if task.config is None else task.config
+    writer = metrics_lib.MetricsWriter(
+        workdir,
+        enabled=main_process,
+        wandb_run=wandb_log.start(recorded, workdir) if main_process else None,
+    )
     guard = NonFiniteGuard(config)
     finished = preempted = False
     try:
