@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from clip_jax import embed, eval_common
 from clip_jax.api import CLIPModel
 from core_jax import sharded_inference
 from core_jax.checkpoint import read_config
@@ -63,6 +64,28 @@ def test_clip_embeddings_sharded_equal_one_device(workdirs):
     texts = [PROMPT, "a blue square in the center", "two shapes"]
     np.testing.assert_allclose(sharded.embed_images(images), one.embed_images(images), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(sharded.embed_texts(texts), one.embed_texts(texts), rtol=1e-5, atol=1e-6)
+
+    # clip_jax.evaluate's encoder on params loaded onto the training shardings of an fsdp mesh.
+    config = read_config(workdirs["clip"])
+    fsdp = sharded_inference.train_mesh(config, dict(data=1, fsdp=8, tensor=1))
+    params = eval_common.load_clip_params(workdirs["clip"], config, None, fsdp)
+    encoder = eval_common.ParamsEncoder(config, params, workdirs["clip"])
+    assert encoder.mesh is fsdp and _sharded_leaves(params)
+    got = encoder.gather(encoder.embed_images(np.concatenate([images, images[:3]])))[:5]
+    np.testing.assert_allclose(got, one.embed_images(images), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(encoder.embed_texts(texts), one.embed_texts(texts), rtol=1e-5, atol=1e-6)
+
+
+def test_embed_command_sharded_equals_one_device(workdirs, tmp_path):
+    texts = tmp_path / "texts.txt"
+    texts.write_text(f"{PROMPT}\na blue square\nthree shapes\n")
+    common = ["--workdir", workdirs["clip"], "--texts_file", str(texts)]
+    one = embed.main(common + ["--out", str(tmp_path / "one.npz"), "--mesh", "none"])
+    sharded = embed.main(common + ["--out", str(tmp_path / "sharded.npz"), "--config.mesh.fsdp=4"])
+    np.testing.assert_allclose(sharded["text_embeddings"], one["text_embeddings"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        np.load(tmp_path / "sharded.npz")["text_embeddings"], sharded["text_embeddings"]
+    )
 
 
 def _free_port() -> int:
