@@ -157,3 +157,24 @@ def test_mesh_flags_that_cannot_fill_the_devices_fail_in_one_line(workdirs, tmp_
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: config.mesh") and "fsdp" in err[0], err
+
+
+def test_reconstruct_command_sharded_equals_one_device(workdirs, tmp_path):
+    from PIL import Image
+
+    from dalle_jax import reconstruct
+    from dalle_jax.dvae_api import DVAE
+
+    mesh = sharded_inference.train_mesh(read_config(workdirs["dvae"]), dict(data=2, fsdp=2, tensor=2))
+    assert _sharded_leaves(DVAE.load(workdirs["dvae"], mesh=mesh).params)
+    pixels = np.random.default_rng(1).integers(0, 256, (4, 16, 16, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(tmp_path / "in" / f"{i}.png")
+    common = ["--workdir", workdirs["dvae"], "--input_dir", str(tmp_path / "in"), "--batch_size", "4"]
+    reconstruct.main(common + ["--out_dir", str(tmp_path / "one"), "--mesh", "none"])
+    reconstruct.main(common + ["--out_dir", str(tmp_path / "sharded")] + MESH_FLAGS)
+    for i in range(len(pixels)):
+        one, sharded = (np.asarray(Image.open(tmp_path / d / f"{i}.png")) for d in ("one", "sharded"))
+        # Reconstructions are uint8: a float32 difference moves a pixel by one step at most.
+        assert np.abs(one.astype(int) - sharded.astype(int)).max() <= 1
