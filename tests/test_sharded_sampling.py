@@ -1,7 +1,6 @@
 """Sampling and embedding with params sharded as in training (core_jax.sharded_inference) give
 what one device gives, on 8 fake CPU devices and across two processes of 4 devices each."""
 
-import json
 import os
 import socket
 import subprocess
@@ -109,10 +108,6 @@ def _generate_args(workdirs, out_dir):
         "8",
         "--seed",
         "1",
-        "--clip_workdir",
-        workdirs["clip"],
-        "--top_k_rerank",
-        "4",
         "--out_dir",
         str(out_dir),
     ] + MESH_FLAGS
@@ -146,9 +141,10 @@ def test_two_processes_sample_what_one_process_samples(workdirs, tmp_path):
     generate.main(_generate_args(workdirs, tmp_path / "one") + ["--mesh", "train"])
     two, one = tmp_path / "out0", tmp_path / "one"
     np.testing.assert_array_equal(np.load(two / "tokens.npy"), np.load(one / "tokens.npy"))
-    scores = [json.loads((d / "scores.json").read_text())["all_clip_scores"] for d in (two, one)]
-    np.testing.assert_allclose(scores[0], scores[1], rtol=1e-5)
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    for name in os.listdir(one):
+        if name != "scores.json":  # it records the flags, --mesh among them
+            assert (two / name).read_bytes() == (one / name).read_bytes(), name
 
 
 def test_mesh_flags_that_cannot_fill_the_devices_fail_in_one_line(workdirs, tmp_path, capsys):
