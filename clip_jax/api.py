@@ -66,9 +66,12 @@ class CLIPModel:
 
         config = read_clip_config(workdir)
         module = clip_models.clip_from_config(config)
-        abstract_boxed = jax.eval_shape(lambda: clip_model.init_params(module, jax.random.key(0)))
         config, params = sharded_inference.load_params(
-            workdir, abstract_boxed, mesh, step=step, ema=not raw_weights
+            workdir,
+            lambda: clip_model.init_params(module, jax.random.key(0)),
+            mesh,
+            step=step,
+            ema=not raw_weights,
         )
         return cls(config, params, make_tokenizer(config, workdir), mesh)
 

@@ -292,8 +292,8 @@ def load_clip_params(workdir: str, config, step: int | None, mesh, raw_weights: 
     every process: none reads into a device it cannot address."""
 
     module = clip_models.clip_from_config(config)
-    abstract_boxed = jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0))
-    return sharded_inference.load_params(workdir, abstract_boxed, mesh, step=step, ema=not raw_weights)[1]
+    init_fn = lambda: clip_model.init_params(module, jax.random.key(0))  # noqa: E731
+    return sharded_inference.load_params(workdir, init_fn, mesh, step=step, ema=not raw_weights)[1]
 
 
 def put_rows(encoder, rows: np.ndarray):

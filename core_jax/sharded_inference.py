@@ -11,7 +11,7 @@ result back, and only process 0 (`is_writer`) writes.
     args = parser.parse_args()
     start(args)                        # joins a multi-process run, before any device is touched
     mesh = choose_mesh(args, config)   # None: one device, params unsharded
-    params = load_params(workdir, abstract_boxed, mesh, step=None, ema=True)
+    params = load_params(workdir, init_fn, mesh, step=None, ema=True)[1]
     with jax.set_mesh(mesh):
         out = gather(fn(params, shard_rows(mesh, rows)))
 """
@@ -100,11 +100,12 @@ def param_shardings(mesh, abstract_boxed) -> Any:
     return nn.meta.unbox(sharding.tree_shardings(mesh, abstract_boxed))
 
 
-def load_params(workdir: str, abstract_boxed, mesh, *, step: int | None = None, ema: bool = True):
+def load_params(workdir: str, init_fn, mesh, *, step: int | None = None, ema: bool = True):
     """(config, params) of `workdir`, each array restored straight onto its training sharding on
     `mesh` (every process reads only its own shards); mesh None: onto one local device.
-    `abstract_boxed`: the model's boxed abstract params (jax.eval_shape of its init)."""
-    shardings = None if mesh is None else param_shardings(mesh, abstract_boxed)
+    `init_fn()` gives the model's boxed params; only its shapes and logical names are used
+    (jax.eval_shape), and only with a mesh."""
+    shardings = None if mesh is None else param_shardings(mesh, jax.eval_shape(init_fn))
     return checkpoint.load_params(workdir, step, shardings=shardings, ema=ema)
 
 

@@ -64,10 +64,12 @@ class DVAE:
         config = read_config(workdir)
         model = dvae_models.make_dvae(config.model, compute_dtype or config.get("compute_dtype", "float32"))
         size, channels = int(config.data.image_size), int(config.model.get("input_channels", 3))
-        images = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
-        abstract_boxed = jax.eval_shape(model.init, jax.random.key(0), images)["params"]
         config, params = sharded_inference.load_params(
-            workdir, abstract_boxed, mesh, step=step, ema=not raw_weights
+            workdir,
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))["params"],
+            mesh,
+            step=step,
+            ema=not raw_weights,
         )
         return cls(config, params, compute_dtype, mesh)
 

@@ -383,6 +383,8 @@ def check_model_flags(args) -> None:
 def load_sampler(args, pipeline, clip, models, log):
     """(the model's sampler for `evaluate`, the reranking CLIP or None, the report's settings)."""
     if args.model == "unclip":
+        if sharded_inference.mesh_overrides(args) or args.mesh in ("train", "data"):
+            raise ValueError("--mesh and --config.mesh.* shard the DALL-E; --model unclip runs on one device")
         generate_unclip.check_sampling_args(args, "cond_scale")
         models = generate_unclip.load_models(args, models, log)
         flags = generate_unclip.sampling_flags(args)  # the decoder's scale is each row's own

@@ -14,6 +14,9 @@ Editing (all with --image PNG, token-grid units; the prompt conditions the new t
   --inpaint_box top,left,h,w        regenerate only the tokens inside the rectangle
   --variations [--rows_kept N]      variations of the image (keeps a quarter of the rows by
                                     default; the prompt is optional: none = unconditional)
+Large models: --config.mesh.fsdp=N (or --mesh train) shards the params as in training, and
+--coordinator_address/--num_processes/--process_id run one job over several hosts (process 0
+writes); see docs/generate.md.
 --cond_scale != 1 needs a model trained with caption dropout (model.caption_dropout > 0 in its
 config.json); --force_guidance guides anyway.
 Bad input: one line on stderr, exit code 2.

@@ -144,9 +144,8 @@ class Pipeline:
         config = with_derived(config, text_vocab_size=vocab, dvae_workdir=dvae_dir)
         cfg = DalleConfig.from_config(config, workdir)  # ConfigError if its masks cannot be told
         dvae = load_dvae(dvae_dir, cfg, raw_weights)  # checks the grid and codebook against the model
-        abstract_boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
         _, params = sharded_inference.load_params(
-            workdir, abstract_boxed, mesh, step=step, ema=not raw_weights
+            workdir, lambda: init_params(cfg, jax.random.key(0)), mesh, step=step, ema=not raw_weights
         )
         if unroll_layers is None:
             unroll_layers = cfg.num_layers <= MAX_UNROLLED_LAYERS
