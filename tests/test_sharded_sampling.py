@@ -174,3 +174,16 @@ def test_reconstruct_command_sharded_equals_one_device(workdirs, tmp_path):
         one, sharded = (np.asarray(Image.open(tmp_path / d / f"{i}.png")) for d in ("one", "sharded"))
         # Reconstructions are uint8: a float32 difference moves a pixel by one step at most.
         assert np.abs(one.astype(int) - sharded.astype(int)).max() <= 1
+
+
+def test_process_flags_and_mesh_choices_are_checked_before_any_load(workdirs, tmp_path, capsys):
+    args = _generate_args(workdirs, tmp_path / "bad")[:-3]
+    for extra, said in [
+        (["--num_processes=2", "--process_id=0"], "missing --coordinator_address"),
+        (["--mesh", "none", "--config.mesh.fsdp=8"], "does not go with --mesh none"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            generate.main(args + extra)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and said in err[0], err
+    assert not (tmp_path / "bad").exists()
