@@ -48,7 +48,8 @@ def add_flags(parser) -> None:
             dest=f"mesh_{axis}",
             type=int,
             default=None,
-            help=f"overrides the workdir's config.mesh.{axis} (-1 = the rest of the devices)",
+            help=f"overrides the workdir's config.mesh.{axis} (-1 = the rest of the devices, "
+            "taken from the axis the config gave them)",
         )
     distributed.add_argparse_flags(parser)
 
@@ -67,9 +68,15 @@ def start(args) -> bool:
 
 def train_mesh(config, overrides: dict[str, int] | None = None, devices=None):
     """The mesh of `config.mesh` with `overrides` applied, over `devices` (default: all devices of
-    all processes); a ConfigError when the sizes cannot fill them."""
+    all processes); a ConfigError when the sizes cannot fill them. An override of -1 takes the
+    rest of the devices from the config's own -1 axis (which becomes 1): one flag such as
+    `--config.mesh.fsdp=-1` then serves every model a command loads, whatever axis each config
+    gave the rest to."""
+    overrides = dict(overrides or {})
     mesh_config = {axis: int(config.mesh[axis]) for axis in sharding.MESH_AXES}
-    mesh_config.update(overrides or {})
+    if -1 in overrides.values():
+        mesh_config = {axis: 1 if size == -1 else size for axis, size in mesh_config.items()}
+    mesh_config.update(overrides)
     try:
         return sharding.make_mesh(mesh_config, devices)
     except ValueError as e:

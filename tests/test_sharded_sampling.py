@@ -148,6 +148,11 @@ def test_two_processes_sample_what_one_process_samples(workdirs, tmp_path):
 
 
 def test_mesh_flags_that_cannot_fill_the_devices_fail_in_one_line(workdirs, tmp_path, capsys):
+    # -1 takes the rest from the config's own -1 axis (data here), so one flag fits every model.
+    config = read_config(workdirs["clip"])
+    assert int(config.mesh.data) == -1
+    got = sharded_inference.train_mesh(config, {"fsdp": -1})
+    assert dict(got.shape) == {"data": 1, "fsdp": 8, "tensor": 1}
     with pytest.raises(SystemExit) as e:
         generate.main(_generate_args(workdirs, tmp_path / "bad")[:-3] + ["--config.mesh.fsdp=3"])
     assert e.value.code == 2
