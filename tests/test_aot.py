@@ -111,7 +111,6 @@ def test_sampling_mode_compiles_the_decode_step_with_sharded_params():
     # The cache grows with the rows (8x here); the params do not.
     wide = aot.analyse_sampling(config, devices, hbm, rows=64)
     assert wide["argument_bytes"] > 3 * r["argument_bytes"], (wide, r)
-    assert not aot.analyse_sampling(config, devices, hbm_bytes=r["peak_bytes"] - 1, rows=8)["fits"]
 
 
 def test_sampling_mode_cli_exit_3_when_the_cache_does_not_fit(tmp_path):
