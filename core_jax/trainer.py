@@ -52,6 +52,10 @@ class Task:
     # (global batch size) -> {key: jax.ShapeDtypeStruct}: the batch's shapes without any data, for
     # ahead-of-time compiles (core_jax.aot).
     batch_spec: Callable[[int], Mapping[str, jax.ShapeDtypeStruct]] | None = None
+    # (rows) -> (step, boxed abstract args, params first): one step of sampling, `step(*args)`,
+    # whose arguments after the params it updates in place (a KV cache), for core_jax.aot's
+    # --mode=sample. None: the task has no sampler to check.
+    decode_step: Callable[[int], tuple[Callable, tuple]] | None = None
     extra_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # How grad_accum_steps > 1 keeps the full batch's objective. "mean": the loss is a mean of
     # per-example terms, so the mean over equal micro-batches is exact. "global": the loss couples
