@@ -83,5 +83,7 @@ setup(
         # Workdirs, datasets and outputs on gs:// and s3://: fsspec opens those URLs through these.
         "gcs": ["gcsfs>=2024.1"],
         "s3": ["s3fs>=2024.1"],
+        # Optional W&B logging (config.wandb.project); metrics.jsonl is written either way.
+        "wandb": ["wandb>=0.31"],
     },
 )

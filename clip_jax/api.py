@@ -1,4 +1,5 @@
-"""Load a CLIP workdir (trained or converted) for inference on one host.
+"""Load a CLIP workdir (trained or converted) for inference: on one device, or sharded on a mesh
+(`mesh=`, see core_jax.sharded_inference) across the devices of one or several hosts.
 
 clip = CLIPModel.load("/tmp/clip_shapes")
 image_emb = clip.embed_images(images_uint8)        # [N, E], L2-normalised
@@ -14,7 +15,8 @@ import numpy as np
 from clip_jax import clip_models
 from clip_jax import model as clip_model
 from clip_jax.task import make_tokenizer
-from core_jax.checkpoint import load_params, read_config
+from core_jax import sharded_inference
+from core_jax.checkpoint import read_config
 from core_jax.data.image_ops import clip_normalize, resize_and_crop
 from core_jax.workdir_kinds import describe_workdir
 
@@ -39,12 +41,15 @@ def read_clip_config(workdir: str):
 
 
 class CLIPModel:
-    """Params + tokenizer of one workdir, with jitted encoders (one compile per batch size)."""
+    """Params + tokenizer of one workdir, with jitted encoders (one compile per batch size).
+    With a `mesh` the params are sharded on it and every batch is split over its (data, fsdp)
+    axes; every process passes the same rows and gets all embeddings back."""
 
-    def __init__(self, config, params, tokenizer):
+    def __init__(self, config, params, tokenizer, mesh=None):
         self.config = config
         self.params = params
         self.tokenizer = tokenizer
+        self.mesh = mesh
         self.module = clip_models.clip_from_config(config)
         self.image_size = int(config.model.image_size)
         self.embed_dim = int(config.model.embed_dim)
@@ -52,13 +57,32 @@ class CLIPModel:
         self._text_fn = jax.jit(lambda p, t: clip_model.encode_text(self.module, p, t))
 
     @classmethod
-    def load(cls, workdir: str, step: int | None = None, *, raw_weights: bool = False) -> "CLIPModel":
+    def load(
+        cls, workdir: str, step: int | None = None, *, raw_weights: bool = False, mesh=None
+    ) -> "CLIPModel":
         """The newest (or given) checkpoint of `workdir` and the tokenizer it was trained with; its
-        EMA weights when the run kept one, else (or with `raw_weights`) its raw params."""
+        EMA weights when the run kept one, else (or with `raw_weights`) its raw params. `mesh`:
+        the params are restored onto their training shardings there (None: one device)."""
 
-        read_clip_config(workdir)
-        config, params = load_params(workdir, step, ema=not raw_weights)
-        return cls(config, params, make_tokenizer(config, workdir))
+        config = read_clip_config(workdir)
+        module = clip_models.clip_from_config(config)
+        config, params = sharded_inference.load_params(
+            workdir,
+            lambda: clip_model.init_params(module, jax.random.key(0)),
+            mesh,
+            step=step,
+            ema=not raw_weights,
+        )
+        return cls(config, params, make_tokenizer(config, workdir), mesh)
+
+    def _run(self, fn, rows: np.ndarray) -> np.ndarray:
+        if self.mesh is None:
+            return np.asarray(fn(self.params, rows))
+        with jax.set_mesh(self.mesh):
+            return sharded_inference.gather(fn(self.params, sharded_inference.shard_rows(self.mesh, rows)))
+
+    def _chunk(self, batch_size: int, n: int) -> int:
+        return sharded_inference.pad_rows(self.mesh, min(batch_size, n))
 
     def preprocess_images(self, images_uint8: np.ndarray) -> np.ndarray:
         """uint8 [N, H, W, 3] (or a list of [H, W, 3]) -> CLIP-normalised float32 [N, S, S, 3].
@@ -86,8 +110,8 @@ class CLIPModel:
         for start in range(0, n, batch_size):
             chunk = self.preprocess_images(images_uint8[start : start + batch_size])
             # Padding the last chunk keeps one compiled shape per batch size.
-            emb = self._image_fn(self.params, _pad_rows(chunk, min(batch_size, n)))
-            out[start : start + len(chunk)] = np.asarray(emb)[: len(chunk)]
+            emb = self._run(self._image_fn, _pad_rows(chunk, self._chunk(batch_size, n)))
+            out[start : start + len(chunk)] = emb[: len(chunk)]
         return out
 
     def embed_texts(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
@@ -99,8 +123,8 @@ class CLIPModel:
         out = np.zeros((n, self.embed_dim), np.float32)
         for start in range(0, n, batch_size):
             tokens = np.asarray(self.tokenizer.encode(texts[start : start + batch_size]), np.int32)
-            emb = self._text_fn(self.params, _pad_rows(tokens, min(batch_size, n)))
-            out[start : start + len(tokens)] = np.asarray(emb)[: len(tokens)]
+            emb = self._run(self._text_fn, _pad_rows(tokens, self._chunk(batch_size, n)))
+            out[start : start + len(tokens)] = emb[: len(tokens)]
         return out
 
     def logit_scale(self) -> float:

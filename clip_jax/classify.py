@@ -21,7 +21,8 @@ import numpy as np
 
 from clip_jax import eval_common as ev
 from clip_jax import zeroshot
-from clip_jax.api import CLIPModel
+from clip_jax.api import CLIPModel, read_clip_config
+from core_jax import sharded_inference
 from core_jax import storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import IMAGE_EXTS, SkipExample, decode_image
@@ -100,6 +101,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", required=True, help="predictions JSON")
     parser.add_argument("--batch_size", type=int, default=64)
+    sharded_inference.add_flags(parser)
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -118,7 +120,9 @@ def main(argv=None):
         fail(str(e))
 
     try:
-        model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
+        sharded_inference.start(args)  # several hosts embed as one job; before any device is used
+        mesh = sharded_inference.choose_mesh(args, read_clip_config(args.workdir))
+        model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights, mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     skipped = {}
@@ -127,6 +131,8 @@ def main(argv=None):
     num_skipped = sum(skipped.values())
     if not predictions:
         fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
+    if not sharded_inference.is_writer():  # every process holds all predictions; one writes them
+        return predictions
     with storage.open(args.out, "w") as f:
         json.dump(predictions, f, indent=1)
     log(

@@ -16,9 +16,9 @@ import sys
 import numpy as np
 
 from clip_jax import eval_common as ev
-from clip_jax.api import CLIPModel
+from clip_jax.api import CLIPModel, read_clip_config
 from clip_jax.classify import chunks, list_image_files, read_image_files
-from core_jax import storage
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 
 
@@ -39,6 +39,7 @@ def main(argv=None):
     parser.add_argument("--texts_file", default="", help="one text per line")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--batch_size", type=int, default=64)
+    sharded_inference.add_flags(parser)
     args = parser.parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
@@ -54,7 +55,9 @@ def main(argv=None):
         fail(str(e))
 
     try:
-        model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights)
+        sharded_inference.start(args)  # several hosts embed as one job; before any device is used
+        mesh = sharded_inference.choose_mesh(args, read_clip_config(args.workdir))
+        model = CLIPModel.load(args.workdir, args.step, raw_weights=args.raw_weights, mesh=mesh)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     arrays, summary = {}, []
@@ -68,6 +71,8 @@ def main(argv=None):
         arrays["text_embeddings"] = model.embed_texts(texts).astype(np.float32)
         arrays["texts"] = np.asarray(texts)
         summary.append(f"{len(texts)} texts")
+    if not sharded_inference.is_writer():  # every process holds all embeddings; one writes them
+        return arrays
     with storage.open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
         np.savez(f, **arrays)
     log(f"embedded {' and '.join(summary)} (dim {model.embed_dim}) -> {args.out}")

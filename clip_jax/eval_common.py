@@ -14,7 +14,6 @@ import functools
 import math
 from typing import Callable, Iterable, Iterator
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -25,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import clip_models
 from clip_jax import model as clip_model
-from core_jax import checkpoint, sharding, storage
+from core_jax import sharded_inference, sharding, storage
 from core_jax.data.decode import SkipExample
 from core_jax.data.image_ops import CLIP_MEAN, CLIP_STD, resize_and_crop
 from core_jax.text import tokenizer_from_config
@@ -286,15 +285,14 @@ def data_parallel_mesh():
     return sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
 
 
-def load_replicated_params(workdir: str, config, step: int | None, mesh, raw_weights: bool = False):
+def load_clip_params(workdir: str, config, step: int | None, mesh, raw_weights: bool = False):
     """Params of `workdir` (its EMA when it kept one, unless `raw_weights`) restored straight onto
-    every device of `mesh` (works on every process: no process reads into a device it cannot
-    address)."""
+    their training shardings on `mesh` (replicated on a data-only mesh; None: one device). Works on
+    every process: none reads into a device it cannot address."""
 
     module = clip_models.clip_from_config(config)
-    abstract = nn.meta.unbox(jax.eval_shape(lambda k: clip_model.init_params(module, k), jax.random.key(0)))
-    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), abstract)
-    return checkpoint.load_params(workdir, step, shardings=replicated, ema=not raw_weights)[1]
+    init_fn = lambda: clip_model.init_params(module, jax.random.key(0))  # noqa: E731
+    return sharded_inference.load_params(workdir, init_fn, mesh, step=step, ema=not raw_weights)[1]
 
 
 def put_rows(encoder, rows: np.ndarray):

@@ -17,10 +17,10 @@ from __future__ import annotations
 import json
 import sys
 
-import jax
 
 from clip_jax import retrieval, zeroshot
 from clip_jax.api import read_clip_config
+from clip_jax.defaults import vit_config
 
 # Re-exported: clip_jax.evaluate.<name> is how docs, configs and tests have reached these.
 from clip_jax.eval_common import (  # noqa: F401
@@ -28,11 +28,11 @@ from clip_jax.eval_common import (  # noqa: F401
     add_weights_flags,
     all_rows,
     apply_overrides,
-    data_parallel_mesh,
     encoder_batch_multiple,
     eval_config,
     gather_rows,
-    load_replicated_params,
+    data_parallel_mesh,
+    load_clip_params,
     padded_batches,
     put_rows,
     read_lines,
@@ -40,8 +40,8 @@ from clip_jax.eval_common import (  # noqa: F401
     sized_image,
     with_eval_defaults,
 )
-from core_jax import distributed, storage
-from core_jax.cli import ArgumentParser, fail
+from core_jax import sharded_inference, storage
+from core_jax.cli import ArgumentParser, end_dry_run, fail, is_dry_run
 from core_jax.errors import ConfigError
 
 
@@ -73,35 +73,33 @@ def main(argv=None):
     add_weights_flags(parser)
     parser.add_argument("--out", default="", help="results JSON (default: WORKDIR/eval_results.json)")
     # Several hosts (TPU pods, GPU clusters) evaluate together, as the trainer does.
-    parser.add_argument("--coordinator_address", default=None)
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    sharded_inference.add_flags(parser)
     args, overrides = parser.parse_known_args(argv)
-
-    distributed.maybe_initialize(
-        {
-            "coordinator_address": args.coordinator_address,
-            "num_processes": args.num_processes,
-            "process_id": args.process_id,
-        }
-    )
+    if is_dry_run():
+        # The workdir may not exist yet: the overrides are checked against the keys every CLIP
+        # workdir's config has.
+        try:
+            apply_overrides(with_eval_defaults(vit_config("ViT-B-32")), overrides)
+        except ValueError as e:
+            fail(str(e))
+        end_dry_run(parser.prog)
 
     try:
         storage.check_reachable(args.workdir, args.out)
+        sharded_inference.start(args)  # before any device is used
         config = with_eval_defaults(read_clip_config(args.workdir))
         apply_overrides(config, overrides)
         # Everything that can be checked without the model is checked before loading it.
         zeroshot.check_eval_config(config)
-        params = load_replicated_params(
-            args.workdir, config, args.step, data_parallel_mesh(), args.raw_weights
-        )
+        mesh = sharded_inference.choose_mesh(args, config)
+        params = load_clip_params(args.workdir, config, args.step, mesh, args.raw_weights)
         encoder = ParamsEncoder(config, params, args.workdir)
         results = run_evaluations(
             config, encoder, args.workdir, log=lambda m: print(m, file=sys.stderr, flush=True)
         )
     except (ValueError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
-    if jax.process_index() == 0:
+    if sharded_inference.is_writer():
         out = args.out or storage.join(args.workdir, "eval_results.json")
         with storage.open(out, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)

@@ -1,10 +1,13 @@
 """Will it fit? Compiles the real train step for a TPU slice on this (CPU) machine.
 
     python -m core_jax.aot --config configs/dalle_paper.py --topology v4-256
+    python -m core_jax.aot --config configs/dalle_paper.py --topology v4-64 --mode=sample --sample_batch=64
 
 Uses the same task, mesh rules and jitted step as training, for devices described by libtpu
 (the `tpu` extra) rather than present. Prints per-device memory against the chip's HBM and the
-FLOPs of one step; exit code 3 when it does not fit.
+FLOPs of one step; exit code 3 when it does not fit. `--mode=sample` compiles one step of the
+task's sampler instead (a DALL-E's KV-cache decode step for --sample_batch rows, params on their
+training shardings as the sampling commands load them).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # a stale lockfile mus
 
 import jax
 from absl import flags
+import flax.linen as nn
 from jax.experimental import topologies
 
 from core_jax import app, finetune, sharding, storage, trainer
@@ -131,27 +135,40 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
     step = trainer.jit_train_step(
         task, tx, schedule, config, mesh, shardings, jax.tree.map(lambda x: x.sharding, batch)
     )
-    t = time.perf_counter()
     n_params = trainer.count_params(abstract.params)
     warning = sharding.undivided_warning(mesh, abstract_boxed)
     if warning and log:
         log(warning)
+    head = {"devices": len(devices), "mesh": dict(mesh.shape), "params": n_params}
+    result = _compile_figures(lambda: step.lower(abstract, batch).compile(), mesh, hbm_bytes)
+    result = dict(head, **result, sharding_warning=warning)
+    if "compile_error" not in result:
+        # XLA counts the body of a scanned layer stack once, so prefer the task's analytic count.
+        xla_flops = result["xla_flops_per_step_per_device"]
+        result["flops_per_step_per_device"] = (
+            task.flops_per_example * int(config.batch_size) / len(devices)
+            if task.flops_per_example
+            else xla_flops
+        )
+    return result
+
+
+def _compile_figures(compile_fn, mesh, hbm_bytes: int) -> dict:
+    """Memory per device of what `compile_fn` compiles under `mesh` (fits: its peak within
+    `hbm_bytes`), or the compile error when XLA already finds it cannot fit."""
+    t = time.perf_counter()
     try:
         with jax.set_mesh(mesh):
-            compiled = step.lower(abstract, batch).compile()
+            compiled = compile_fn()
     except Exception as e:  # XLA reports a step that cannot fit as RESOURCE_EXHAUSTED at compile
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         detail = next((l.strip() for l in str(e).splitlines() if "RESOURCE_EXHAUSTED" in l), str(e))
         return {
-            "devices": len(devices),
-            "mesh": dict(mesh.shape),
-            "params": n_params,
             "fits": False,
             "hbm_bytes": hbm_bytes,
             "compile_error": detail,
             "compile_seconds": time.perf_counter() - t,
-            "sharding_warning": warning,
         }
     compile_s = time.perf_counter() - t
     mem = compiled.memory_analysis()
@@ -164,9 +181,6 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
     code = int(getattr(mem, "generated_code_size_in_bytes", 0))
     peak = args + out - alias + temp + code
     return {
-        "devices": len(devices),
-        "mesh": dict(mesh.shape),
-        "params": n_params,
         "argument_bytes": args,
         "output_bytes": out,
         "alias_bytes": alias,
@@ -174,37 +188,65 @@ def analyse(config, devices, hbm_bytes: int, log=None) -> dict:
         "peak_bytes": peak,
         "hbm_bytes": hbm_bytes,
         "fits": peak <= hbm_bytes,
-        # XLA counts the body of a scanned layer stack once, so prefer the task's analytic count.
         "xla_flops_per_step_per_device": float(cost.get("flops", 0.0)) if cost else 0.0,
-        "flops_per_step_per_device": (
-            task.flops_per_example * int(config.batch_size) / len(devices)
-            if task.flops_per_example
-            else float(cost.get("flops", 0.0))
-            if cost
-            else 0.0
-        ),
         "compile_seconds": compile_s,
-        "sharding_warning": warning,
     }
+
+
+def analyse_sampling(config, devices, hbm_bytes: int, rows: int, log=None) -> dict:
+    """Lowers and compiles one step of the task's sampler (Task.decode_step) for `rows` rows on
+    `devices`, params and carried state (the KV cache) sharded as the sampling commands shard
+    them; returns the memory figures `analyse` returns (FLOPs: XLA's count of the step)."""
+    task = load_task_module(config).make_task(config, None)
+    if task.decode_step is None:
+        raise ValueError(f"{config.task} has no sampler to compile (Task.decode_step); use --mode=train")
+    mesh = sharding.make_mesh(config.mesh, devices)
+    step, boxed_args = task.decode_step(rows)
+    shardings = sharding.tree_shardings(mesh, boxed_args)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.meta.unbox(boxed_args),
+        shardings,
+    )
+    warning = sharding.undivided_warning(mesh, boxed_args[0])
+    if warning and log:
+        log(warning)
+    # The carried state is updated in place, as the sampling loop updates its cache.
+    jitted = jax.jit(step, donate_argnums=tuple(range(1, len(abstract))))
+    head = {
+        "devices": len(devices),
+        "mesh": dict(mesh.shape),
+        "params": trainer.count_params(abstract[0]),
+        "rows": rows,
+    }
+    result = dict(head, **_compile_figures(lambda: jitted.lower(*abstract).compile(), mesh, hbm_bytes))
+    if "compile_error" not in result:
+        result["flops_per_step_per_device"] = result["xla_flops_per_step_per_device"]
+    return dict(result, sharding_warning=warning)
 
 
 def format_report(name: str, r: dict) -> str:
     g = lambda b: f"{b / GIB:.2f} GiB"
+    step = f"decode step of {r['rows']} rows" if "rows" in r else "train step"
     if "compile_error" in r:
         return (
-            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params\n"
+            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params, {step}\n"
             f"  DOES NOT FIT: {r['compile_error']}"
         )
     return "\n".join(
         [
-            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params",
+            f"topology {name}: {r['devices']} devices, mesh {r['mesh']}, {r['params']:,} params, {step}",
             f"  per device: arguments {g(r['argument_bytes'])}, outputs {g(r['output_bytes'])} "
             f"(aliased {g(r['alias_bytes'])}), temporaries {g(r['temp_bytes'])}",
             f"  peak {g(r['peak_bytes'])} of {g(r['hbm_bytes'])} HBM "
             f"({100 * r['peak_bytes'] / r['hbm_bytes']:.1f}%) -> {'FITS' if r['fits'] else 'DOES NOT FIT'}",
-            f"  {r['flops_per_step_per_device'] / 1e12:.2f} TFLOPs per step per device "
-            f"(model FLOPs; XLA's cost analysis: {r['xla_flops_per_step_per_device'] / 1e12:.2f}, "
-            f"a scanned layer counted once); compiled in {r['compile_seconds']:.1f}s",
+            (
+                f"  {r['flops_per_step_per_device'] / 1e12:.2f} TFLOPs per step per device "
+                f"(model FLOPs; XLA's cost analysis: {r['xla_flops_per_step_per_device'] / 1e12:.2f}, "
+                f"a scanned layer counted once); compiled in {r['compile_seconds']:.1f}s"
+                if "rows" not in r
+                else f"  compiled in {r['compile_seconds']:.1f}s"
+            ),
         ]
     )
 
@@ -225,8 +267,15 @@ def main(argv):
         )
     config = app.loaded_config()
     try:
-        validate(config, len(devices), 1)
-        result = analyse(config, devices, chip.hbm_bytes, log=lambda m: print(m, flush=True))
+        log = lambda m: print(m, flush=True)  # noqa: E731
+        if FLAGS.mode == "sample":
+            if FLAGS.sample_batch < 1:
+                raise ValueError(f"--sample_batch must be >= 1, got {FLAGS.sample_batch}")
+            sharding.mesh_shape(config.mesh, len(devices))  # a mesh that cannot fill the slice, said plainly
+            result = analyse_sampling(config, devices, chip.hbm_bytes, FLAGS.sample_batch, log=log)
+        else:
+            validate(config, len(devices), 1)
+            result = analyse(config, devices, chip.hbm_bytes, log=log)
     except (ConfigError, ValueError) as e:
         app.fail(str(e))
     result["topology"] = FLAGS.topology
@@ -240,10 +289,14 @@ def main(argv):
             if "peak_bytes" in result
             else "ran out of memory while compiling"
         )
+        advice = (
+            "raise mesh.fsdp or lower --sample_batch"
+            if FLAGS.mode == "sample"
+            else "raise mesh.fsdp, lower batch_size, or set remat=full"
+        )
+        what = f"the {FLAGS.sample_batch}-row decode step" if FLAGS.mode == "sample" else "the train step"
         print(
-            f"error: the train step {need}; a {chip.generation} chip has "
-            f"{chip.hbm_bytes / GIB:.0f} GiB: raise mesh.fsdp, lower batch_size, or set "
-            f"remat=full",
+            f"error: {what} {need}; a {chip.generation} chip has {chip.hbm_bytes / GIB:.0f} GiB: {advice}",
             file=sys.stderr,
         )
         sys.exit(3)
@@ -254,6 +307,8 @@ def cli():
         "topology", None, "e.g. v4-256, v5litepod-16, v5p-128, v5e:4x4, v4:4x4x8", required=True
     )
     flags.DEFINE_integer("num_slices", 1, "Number of slices (multi-slice).")
+    flags.DEFINE_enum("mode", "train", ["train", "sample"], "train: the train step; sample: one decode step.")
+    flags.DEFINE_integer("sample_batch", 64, "--mode=sample: rows per decode step (guidance: 2 per sample).")
     flags.DEFINE_string("json_out", "", "Also write the figures as JSON here.")
     app.run(main, workdir_required=False)
 

@@ -18,6 +18,7 @@ from core_jax import checkpoint, distributed, flag_help, trainer
 
 # Re-exported: core_jax.app.ArgumentParser / fail are how tools and docs have reached them.
 from core_jax.cli import ArgumentParser, fail  # noqa: F401
+from core_jax.cli import end_dry_run, is_dry_run
 from core_jax.config import ConfigError, validate
 from core_jax.config_files import config_names, config_path, resolve
 
@@ -41,6 +42,12 @@ def _flags_parser(argv, usage: str | None = None):
     # (A flag default alone does not hold: absl resets the level while it starts the app.)
     if "verbosity" in FLAGS and not FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)
+    if is_dry_run():
+        if len(rest) > 1:
+            fail(f"unexpected arguments: {' '.join(rest[1:])}")
+        if "config" in FLAGS:
+            loaded_config()
+        end_dry_run(argv[0])
     return rest
 
 

@@ -16,6 +16,7 @@ from core_jax.errors import ConfigError
 from core_jax.modeling import REMAT_POLICIES
 from core_jax.optim import OPTIMIZERS, SCHEDULES
 from core_jax.sharding import MESH_AXES, mesh_shape
+from core_jax import wandb_log
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -79,6 +80,8 @@ def base_config() -> ml_collections.ConfigDict:
     )
     c.data = default_data_config()
     c.model = ml_collections.ConfigDict()
+    # Optional W&B logging from process 0, beside metrics.jsonl (core_jax/wandb_log.py).
+    c.wandb = wandb_log.default_config()
     return c
 
 
@@ -163,6 +166,7 @@ def validate(config, num_devices: int, process_count: int = 1) -> None:
     if config.remat not in REMAT_POLICIES:
         raise ConfigError(f"config.remat must be one of {REMAT_POLICIES}, got {config.remat!r}")
     check_paths(config)
+    wandb_log.check(config)
 
 
 # Keys (dotted) that name a file or directory which must exist when set.

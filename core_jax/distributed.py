@@ -64,6 +64,18 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
         )
 
 
+def add_argparse_flags(parser) -> None:
+    """The same three process flags for the commands that parse with argparse; pass the parsed
+    namespace to `maybe_initialize`."""
+    parser.add_argument(
+        "--coordinator_address", default=None, help="host:port of process 0 for a multi-process run"
+    )
+    parser.add_argument("--num_processes", type=int, default=None, help="processes in a multi-process run")
+    parser.add_argument(
+        "--process_id", type=int, default=None, help="this process's index in [0, num_processes)"
+    )
+
+
 def _flag(flag_values: Any, name: str):
     """Reads a flag from absl FlagValues, a Mapping, or any object with attributes; None if unset."""
     if flag_values is None:

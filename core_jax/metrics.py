@@ -66,12 +66,14 @@ def _scalar(v):
 
 class MetricsWriter:
     """Writes one JSON object per logged step; only the main process writes (others are no-ops).
-    A refused write (a full disk) raises a one-line RunError naming the file and the errno."""
+    A refused write (a full disk) raises a one-line RunError naming the file and the errno.
+    `wandb_run` (core_jax.wandb_log.start) gets every row too, at the same step."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, workdir: str, *, enabled: bool = True, tensorboard: bool = True, wandb_run=None):
         self.workdir = workdir
         self.enabled = enabled
         self._tb = None
+        self._wandb = wandb_run if enabled else None
         self._jsonl = None
         self._mirror = None
         if not enabled:
@@ -105,6 +107,8 @@ class MetricsWriter:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
         self._sync()
 
     def _sync(self) -> None:
@@ -142,6 +146,8 @@ class MetricsWriter:
                 pass
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
         if self._mirror is not None:
             try:
                 self._mirror.sync()

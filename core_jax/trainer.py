@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from core_jax import checkpoint, finetune, sharding, storage
+from core_jax import checkpoint, finetune, sharding, storage, wandb_log
 from core_jax import data as data_lib
 from core_jax import metrics as metrics_lib
 from core_jax.errors import ConfigError, RunError, write_error
@@ -50,6 +50,10 @@ class Task:
     # (global batch size) -> {key: jax.ShapeDtypeStruct}: the batch's shapes without any data, for
     # ahead-of-time compiles (core_jax.aot).
     batch_spec: Callable[[int], Mapping[str, jax.ShapeDtypeStruct]] | None = None
+    # (rows) -> (step, boxed abstract args, params first): one step of sampling, `step(*args)`,
+    # whose arguments after the params it updates in place (a KV cache), for core_jax.aot's
+    # --mode=sample. None: the task has no sampler to check.
+    decode_step: Callable[[int], tuple[Callable, tuple]] | None = None
     extra_files: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # How grad_accum_steps > 1 keeps the full batch's objective. "mean": the loss is a mean of
     # per-example terms, so the mean over equal micro-batches is exact. "global": the loss couples
@@ -563,7 +567,12 @@ def _train(config, workdir, task, preemption, devices, stop_at_step, log_fn) -> 
 
     # Opened only now, so a config or init_from error above leaves no writer thread behind, and
     # closed however the loop ends (an abort on a non-finite loss raises out of it).
-    writer = metrics_lib.MetricsWriter(workdir, enabled=main_process)
+    recorded = config if task.config is None else task.config
+    writer = metrics_lib.MetricsWriter(
+        workdir,
+        enabled=main_process,
+        wandb_run=wandb_log.start(recorded, workdir) if main_process else None,
+    )
     guard = NonFiniteGuard(config)
     finished = preempted = False
     try:

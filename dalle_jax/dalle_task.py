@@ -251,6 +251,7 @@ def make_task(config, workdir: str | None = None) -> Task:
         image_fn=make_image_fn(cfg, dvae) if dvae is not None else None,
         batch_fn=batch_fn,
         batch_spec=batch_spec,
+        decode_step=lambda rows: sampling.decode_step(cfg, rows),
         # generate/sampling rebuild the tokenizer from the workdir (tokenizer_from_config's default)
         extra_files={} if run.abstract else {"tokenizer/merges.txt": run.tokenizer.path},
         config=run.config,

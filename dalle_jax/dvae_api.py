@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from core_jax.checkpoint import load_params, read_config
+from core_jax import sharded_inference
+from core_jax.checkpoint import read_config
 from core_jax.data import image_ops
 from dalle_jax import dvae as dvae_lib
 from dalle_jax import dvae_loss, dvae_models
@@ -30,9 +31,11 @@ def check_dvae_workdir(workdir: str) -> None:
 
 
 class DVAE:
-    def __init__(self, config, params, compute_dtype: str | None = None):
+    def __init__(self, config, params, compute_dtype: str | None = None, mesh=None):
         self.config = config
         self.params = params
+        # None: the API runs on this process's device; a mesh: params sharded on it, rows split.
+        self.mesh = mesh
         self.model = dvae_models.make_dvae(
             config.model, compute_dtype or config.get("compute_dtype", "float32")
         )
@@ -51,14 +54,33 @@ class DVAE:
         compute_dtype: str | None = None,
         *,
         raw_weights: bool = False,
+        mesh=None,
     ) -> "DVAE":
         """The newest (or given) checkpoint of a dVAE workdir written by train_dvae or convert_dvae:
         its EMA weights when the run kept one (config.ema_decay > 0), else (or with `raw_weights`)
-        its raw params."""
+        its raw params. `mesh`: restored onto their training shardings there (None: one device)."""
 
         check_dvae_workdir(workdir)
-        config, params = load_params(workdir, step, ema=not raw_weights)
-        return cls(config, params, compute_dtype)
+        config = read_config(workdir)
+        model = dvae_models.make_dvae(config.model, compute_dtype or config.get("compute_dtype", "float32"))
+        size, channels = int(config.data.image_size), int(config.model.get("input_channels", 3))
+        config, params = sharded_inference.load_params(
+            workdir,
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, channels)))["params"],
+            mesh,
+            step=step,
+            ema=not raw_weights,
+        )
+        return cls(config, params, compute_dtype, mesh)
+
+    def _run(self, fn, rows):
+        # Without a mesh the API runs on this process's device whatever mesh the caller has set (a
+        # trainer's evaluator tokenizes under the training mesh, which spans other processes' devices).
+        if self.mesh is None:
+            with jax.set_mesh(None):
+                return fn(self.params, rows)
+        with jax.set_mesh(self.mesh):
+            return sharded_inference.gather(fn(self.params, sharded_inference.shard_rows(self.mesh, rows)))
 
     # -- pure functions -----------------------------------------------------------------------
     def encode_fn(self, params, images01):
@@ -92,10 +114,7 @@ class DVAE:
 
     def encode(self, images) -> jax.Array:
         """uint8 [B,H,W,3] (or float in [0, 1]) -> int32 tokens [B, grid, grid]."""
-        # The API runs on this process's device whatever mesh the caller has set (a trainer's
-        # evaluator tokenizes under the training mesh, which spans other processes' devices).
-        with jax.set_mesh(None):
-            return self._encode(self.params, self._images01(images))
+        return self._run(self._encode, self._images01(images))
 
     def decode(self, tokens) -> jax.Array:
         """int tokens [B, grid, grid] -> uint8 images [B, H, W, 3]."""
@@ -114,8 +133,7 @@ class DVAE:
             raise ValueError(
                 f"tokens must lie in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
             )
-        with jax.set_mesh(None):  # local, as in encode
-            return _to_uint8(self._decode(self.params, jnp.asarray(tokens)))
+        return _to_uint8(self._run(self._decode, jnp.asarray(tokens)))
 
     def reconstruct(self, images) -> jax.Array:
         return self.decode(self.encode(images))

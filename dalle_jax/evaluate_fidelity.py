@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from clip_jax.api import CLIPModel
-from core_jax import storage
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity
@@ -46,7 +46,6 @@ from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from dalle_jax import rerank
 from dalle_jax.generate import check_sampling_flags
-from dalle_jax.pipeline import default_mesh
 from dalle_jax.rerank import best_index
 from dalle_jax.sampling_cli import load_models, sampling_settings
 from dalle_jax.unclip import generate as generate_unclip
@@ -365,6 +364,7 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="also write grids of the first (and CLIP-best) sample of up to 64 captions",
     )
+    sharded_inference.add_flags(p)  # dalle: the DALL-E and the CLIP
     return p
 
 
@@ -383,6 +383,8 @@ def check_model_flags(args) -> None:
 def load_sampler(args, pipeline, clip, models, log):
     """(the model's sampler for `evaluate`, the reranking CLIP or None, the report's settings)."""
     if args.model == "unclip":
+        if sharded_inference.mesh_overrides(args) or args.mesh in ("train", "data"):
+            raise ValueError("--mesh and --config.mesh.* shard the DALL-E; --model unclip runs on one device")
         generate_unclip.check_sampling_args(args, "cond_scale")
         models = generate_unclip.load_models(args, models, log)
         flags = generate_unclip.sampling_flags(args)  # the decoder's scale is each row's own
@@ -394,7 +396,7 @@ def load_sampler(args, pipeline, clip, models, log):
             clip = CLIPModel.load(args.clip_workdir, raw_weights=args.raw_weights)
         return UnclipSampler(models, args.batch_size, **flags), clip, settings
     check_sampling_flags(args)
-    pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh("auto"))
+    pipe, clip = load_models(args, pipeline, clip)
     # Checked here, so that a bad value is a one-line error and not a traceback mid-run.
     if args.top_k > pipe.cfg.image_vocab_size:
         raise ValueError(f"--top_k must be in [0, {pipe.cfg.image_vocab_size}] (0 = off), got {args.top_k}")
@@ -417,6 +419,7 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
 
     try:
         storage.check_reachable(args.out, args.images_dir, args.workdir, args.clip_workdir)
+        sharded_inference.start(args)  # several hosts sample as one job; before any device is used
         check_model_flags(args)
         if args.num_samples < 1 or args.batch_size < 1:
             raise ValueError("--num_samples and --batch_size must be >= 1")
@@ -438,7 +441,7 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
         batch_size=args.batch_size,
         workers=args.workers,
         log=log,
-        images_dir=args.images_dir,
+        images_dir=args.images_dir if sharded_inference.is_writer() else None,
     )
     if args.dvae_ceiling:
         report["dvae_ceiling"] = dvae_ceiling(
@@ -446,6 +449,8 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
         )
     report = dict(**settings, split=args.split, num_prompts=args.num_prompts, **report)
     report["headline"] = headline(report, args.split)
+    if not sharded_inference.is_writer():  # every process holds the whole report; one writes it
+        return report
     storage.makedirs(storage.dirname(storage.absolute(args.out)))
     with storage.open(args.out, "w") as f:
         json.dump(report, f, indent=1)

@@ -14,6 +14,9 @@ Editing (all with --image PNG, token-grid units; the prompt conditions the new t
   --inpaint_box top,left,h,w        regenerate only the tokens inside the rectangle
   --variations [--rows_kept N]      variations of the image (keeps a quarter of the rows by
                                     default; the prompt is optional: none = unconditional)
+Large models: --config.mesh.fsdp=N (or --mesh train) shards the params as in training, and
+--coordinator_address/--num_processes/--process_id run one job over several hosts (process 0
+writes); see docs/generate.md.
 --cond_scale != 1 needs a model trained with caption dropout (model.caption_dropout > 0 in its
 config.json); --force_guidance guides anyway.
 Bad input: one line on stderr, exit code 2.
@@ -29,13 +32,13 @@ import time
 import numpy as np
 from PIL import Image
 
-from core_jax import storage
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import SkipExample, decode_image
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
 from dalle_jax import rerank, sampling
-from dalle_jax.pipeline import default_mesh, default_variation_rows
+from dalle_jax.pipeline import default_variation_rows
 from dalle_jax.sampling_cli import load_models, sampling_settings
 
 
@@ -113,12 +116,7 @@ def build_parser() -> ArgumentParser:
         help="DALL-E, dVAE and CLIP: load the raw trained "
         "weights, not their EMA (used by default when a run kept one)",
     )
-    p.add_argument(
-        "--mesh",
-        choices=("auto", "none", "data"),
-        default="auto",
-        help="data = split rows over all devices; auto = data off CPU when >1 device",
-    )
+    sharded_inference.add_flags(p)
     return p
 
 
@@ -267,6 +265,7 @@ def main(argv=None, *, pipeline=None, clip=None):
         storage.check_reachable(
             args.out_dir, args.workdir, args.clip_workdir, args.dvae_workdir, args.image, args.prompts_file
         )
+        sharded_inference.start(args)  # several hosts sample as one job; before any device is used
         prompts, mode = check_args(args)
         box = parse_box(args.inpaint_box) if args.inpaint_box is not None else None
         source = read_image(args.image) if args.image is not None else None
@@ -278,7 +277,7 @@ def main(argv=None, *, pipeline=None, clip=None):
         fail(str(e))
 
     try:
-        pipe, clip = load_models(args, pipeline, clip, mesh=default_mesh(args.mesh), step=args.step)
+        pipe, clip = load_models(args, pipeline, clip, step=args.step)
         cuts = warn_long_prompts(
             pipe.tokenizer, prompts, "the DALL-E", log, lines=args.prompts_file is not None
         )
@@ -310,6 +309,8 @@ def main(argv=None, *, pipeline=None, clip=None):
     clip_scores = None
     if clip is not None:
         clip_scores = rerank.group_scores(clip, images, prompts, batch_size=args.batch_size)
+    if not sharded_inference.is_writer():  # every process holds all samples; one writes them
+        return None
 
     keep = args.top_k_rerank or args.num_samples
     meta = dict(

@@ -15,15 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from core_jax import sharding, storage
-from core_jax.checkpoint import load_params, read_config
+from core_jax import sharded_inference, storage
+from core_jax.checkpoint import read_config
 from core_jax.data.image_ops import resize_and_crop
 from core_jax.errors import ConfigError
-from core_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 from core_jax.text import BPETokenizer
 from core_jax.workdir_kinds import DALLE_TASK, describe_workdir
 from dalle_jax import sampling
@@ -89,11 +87,6 @@ def check_guidance(config, cond_scale, force: bool = False) -> None:
         )
 
 
-def _param_shardings(cfg: DalleConfig, mesh):
-    boxed = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return nn.meta.unbox(sharding.tree_shardings(mesh, boxed))
-
-
 @dataclasses.dataclass
 class Pipeline:
     workdir: str
@@ -102,7 +95,7 @@ class Pipeline:
     params: Any  # unboxed transformer params
     tokenizer: Any  # BPETokenizer, per-position pads
     dvae: Any  # dalle_jax.dvae_api.DVAE
-    mesh: Any = None  # jax Mesh: rows are split over (data, fsdp); None = one device
+    mesh: Any = None  # jax Mesh the params are sharded on, rows split over (data, fsdp); None = one device
 
     @classmethod
     def load(
@@ -150,8 +143,9 @@ class Pipeline:
         config = with_derived(config, text_vocab_size=vocab, dvae_workdir=dvae_dir)
         cfg = DalleConfig.from_config(config, workdir)  # ConfigError if its masks cannot be told
         dvae = load_dvae(dvae_dir, cfg, raw_weights)  # checks the grid and codebook against the model
-        shardings = _param_shardings(cfg, mesh) if mesh is not None else None
-        _, params = load_params(workdir, step, shardings=shardings, ema=not raw_weights)
+        _, params = sharded_inference.load_params(
+            workdir, lambda: init_params(cfg, jax.random.key(0)), mesh, step=step, ema=not raw_weights
+        )
         if unroll_layers is None:
             unroll_layers = cfg.num_layers <= MAX_UNROLLED_LAYERS
         if unroll_layers and cfg.scan_layers:
@@ -229,10 +223,8 @@ class Pipeline:
             raise ValueError("nothing to sample: no text rows")
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        chunk = min(batch_size, rows)
-        if self.mesh is not None:
-            dp = data_parallel_size(self.mesh)
-            chunk = -(-chunk // dp) * dp  # padded rows are dropped; the split needs a multiple
+        # Padded rows are dropped; the split over (data, fsdp) needs a multiple of its size.
+        chunk = sharded_inference.pad_rows(self.mesh, min(batch_size, rows))
         known = None if known_mask is None else np.asarray(known_mask, bool).reshape(-1)
         key = jax.random.key(int(seed))
         out = []
@@ -261,10 +253,10 @@ class Pipeline:
             kwargs.update(prefix_image_tokens=prefix, known_mask=known)
         if self.mesh is None:
             return np.asarray(sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs))
-        text = jax.device_put(text, batch_sharding(self.mesh, 2))
+        text = sharded_inference.shard_rows(self.mesh, text)
         with jax.set_mesh(self.mesh):
             tokens = sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs)
-        return np.asarray(jax.device_get(tokens))
+        return sharded_inference.gather(tokens)
 
     def generate(
         self, prompts: Sequence[str | None], num_samples: int, *, image_tokens=None, known_mask=None, **kwargs
@@ -314,21 +306,3 @@ def _pad_to(x: np.ndarray, rows: int) -> np.ndarray:
     if len(x) == rows:
         return x
     return np.concatenate([x, np.repeat(x[-1:], rows - len(x), axis=0)])
-
-
-def data_parallel_mesh():
-    """A mesh over every device with all of them on the data axis (inference: params replicated
-    where they fit, rows split)."""
-    return make_mesh(dict(data=-1, fsdp=1, tensor=1))
-
-
-def default_mesh(choice: str = "auto"):
-    """'none' = one device; 'data' = `data_parallel_mesh()`; 'auto' = 'data' on accelerators
-    with more than one device (fake CPU devices share the same cores: no gain there)."""
-    if choice not in ("auto", "none", "data"):
-        raise ValueError(f"mesh must be auto, none or data, got {choice!r}")
-    if choice == "none" or (
-        choice == "auto" and (jax.device_count() == 1 or jax.devices()[0].platform == "cpu")
-    ):
-        return None
-    return data_parallel_mesh()

@@ -17,7 +17,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from core_jax import storage
+from core_jax import sharded_inference, storage
+from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import image_ops
 from dalle_jax.dvae_api import DVAE
@@ -41,6 +42,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Load the raw trained weights, not their EMA (used by default when the run kept one).",
     )
+    sharded_inference.add_flags(parser)
     args = parser.parse_args(argv)
     if args.batch_size <= 0:
         fail(f"--batch_size must be positive, got {args.batch_size}")
@@ -76,8 +78,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(-10.0 * np.log10(max(mse, 1e-10)))
 
 
-def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, log=print) -> dict:
-    """Returns {'written': n, 'skipped': n, 'mean_psnr': dB}."""
+def reconstruct_folder(
+    vae, input_dir: str, out_dir: str, batch_size: int = 16, log=print, write: bool = True
+) -> dict:
+    """Returns {'written': n, 'skipped': n, 'mean_psnr': dB}; `write` False: the figures only (the
+    processes of a multi-host run other than the one that writes)."""
 
     files = list_images(input_dir)
     if not files:
@@ -90,11 +95,12 @@ def reconstruct_folder(vae, input_dir: str, out_dir: str, batch_size: int = 16, 
             return
         batch = np.stack([img for _, img in loaded])
         rec = np.asarray(vae.decode(vae.encode(batch)))
-        storage.makedirs(out_dir)  # here: a folder with no readable image writes nothing
-        for (name, img), out in zip(loaded, rec):
-            with storage.open(storage.join(out_dir, names[name]), "wb") as f:
-                Image.fromarray(out).save(f, format="PNG")
-            scores.append(psnr(img, out))
+        scores.extend(psnr(img, out) for (_, img), out in zip(loaded, rec))
+        if write:
+            storage.makedirs(out_dir)  # here: a folder with no readable image writes nothing
+            for (name, _), out in zip(loaded, rec):
+                with storage.open(storage.join(out_dir, names[name]), "wb") as f:
+                    Image.fromarray(out).save(f, format="PNG")
         loaded.clear()
 
     for name in files:
@@ -122,8 +128,11 @@ def main(argv=None):
         files = list_images(args.input_dir)
         if not files:
             fail(f"--input_dir {args.input_dir} holds no PNG or JPEG images")
-        vae = DVAE.load(args.workdir, raw_weights=args.raw_weights)
-        result = reconstruct_folder(vae, args.input_dir, args.out_dir, args.batch_size)
+        sharded_inference.start(args)  # several hosts reconstruct as one job; before any device is used
+        mesh = sharded_inference.choose_mesh(args, read_config(args.workdir))
+        vae = DVAE.load(args.workdir, raw_weights=args.raw_weights, mesh=mesh)
+        write = sharded_inference.is_writer()
+        result = reconstruct_folder(vae, args.input_dir, args.out_dir, args.batch_size, write=write)
     except (FileNotFoundError, ValueError) as e:
         fail(str(e))
     print(

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,10 +32,14 @@ from dalle_jax.transformer import (
     MAX_UNROLLED_LAYERS,
     DalleConfig,
     DalleTransformer,
+    init_params,
     input_stream,
     unconditional_text,
     unscan_params,
 )
+
+# The KV cache of one layer, [rows, heads, positions, head_dim], as core_jax.layers.Attention lays it out.
+CACHE_AXES = ("act_batch", "act_heads", "act_length", "act_kv")
 
 
 # ----------------------------------------------------------------------------- logits processing
@@ -139,6 +144,36 @@ def _sample_jit(
     carry = (variables["cache"], logits[:, -1], tokens)
     _, logits, tokens = jax.lax.fori_loop(0, n - 1, step, carry)  # the last token is never fed
     return tokens.at[:, n - 1].set(pick(n - 1, logits))
+
+
+def decode_step(cfg: DalleConfig, rows: int):
+    """(step, boxed abstract args): one KV-cache step of sampling, `step(params, cache, tokens,
+    position) -> (cache, logits)`, for `rows` rows (guidance runs two per sample), with the params
+    and the full-length cache as abstract trees whose leaves carry logical axis names. What
+    core_jax.aot compiles to tell whether sampling fits a slice: the cache, not the params, grows
+    with the batch. Deep models decode through the layer scan, as `sample` runs them."""
+    if cfg.scan_layers and cfg.num_layers <= MAX_UNROLLED_LAYERS:
+        cfg = cfg.replace(scan_layers=False)
+    model = DalleTransformer(cfg, decode=True)
+    boxed_params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    prefix = jax.ShapeDtypeStruct((rows, cfg.text_len + 1), jnp.int32)  # BOS + text
+
+    def prefill(params, ids):
+        return model.apply({"params": params}, ids, 0, heads="image", mutable=["cache"])[1]["cache"]
+
+    cache = jax.eval_shape(prefill, nn.meta.unbox(boxed_params), prefix)
+    # A scanned stack adds a leading layer axis to every cache leaf.
+    boxed_cache = jax.tree.map(lambda c: nn.Partitioned(c, (None,) * (c.ndim - 4) + CACHE_AXES), cache)
+    tokens = nn.Partitioned(jax.ShapeDtypeStruct((rows,), jnp.int32), ("act_batch",))
+    position = jax.ShapeDtypeStruct((), jnp.int32)
+
+    def step(params, cache, tokens, position):
+        logits, variables = model.apply(
+            {"params": params, "cache": cache}, tokens[:, None], position, heads="image", mutable=["cache"]
+        )
+        return variables["cache"], logits[:, 0]
+
+    return step, (boxed_params, boxed_cache, tokens, position)
 
 
 # ----------------------------------------------------------------------------- public API

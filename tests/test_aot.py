@@ -87,3 +87,42 @@ def test_cli_exit_3_when_it_does_not_fit(tmp_path):
     )
     assert r.returncode == 3, r.stderr[-2000:]
     assert "DOES NOT FIT" in r.stdout and "error: the train step" in r.stderr
+
+
+def _small_dalle_config():
+    from configs.dalle_shapes import get_config
+
+    config = get_config()
+    with config.unlocked():
+        config.model.text_vocab_size = 64  # a fixed vocabulary: the compile needs no tokenizer
+        config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, 2, 2
+    return config
+
+
+def test_sampling_mode_compiles_the_decode_step_with_sharded_params():
+    devices = _tpu_devices("v5e:2x2")
+    config = _small_dalle_config()
+    hbm = aot.CHIPS["v5e"].hbm_bytes
+    r = aot.analyse_sampling(config, devices, hbm, rows=8)
+    assert r["fits"] and r["rows"] == 8 and r["mesh"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    # float32 params split 4 ways, plus the cache (donated: its output aliases it).
+    assert 4 * r["params"] / 4 <= r["argument_bytes"] < 4 * r["params"], r
+    assert r["alias_bytes"] > 0
+    # The cache grows with the rows (8x here); the params do not.
+    wide = aot.analyse_sampling(config, devices, hbm, rows=64)
+    assert wide["argument_bytes"] > 3 * r["argument_bytes"], (wide, r)
+
+
+def test_sampling_mode_cli_exit_3_when_the_cache_does_not_fit(tmp_path):
+    pytest.importorskip("libtpu", reason="libtpu (the 'tpu' extra) is not installed")
+    cfg = tmp_path / "cfg.py"
+    cfg.write_text(
+        "from tests.test_aot import _small_dalle_config\n"
+        "def get_config(arg=None):\n    return _small_dalle_config()\n"
+    )
+    cmd = [sys.executable, "-m", "core_jax.aot", f"--config={cfg}", "--topology=v5e:2x2", "--mode=sample"]
+    # A 4-layer float32 cache (80 positions, 4 heads of 64) holds 160 KiB per row and device with
+    # heads split on tensor=2; 2**18 rows split on fsdp=2 are 20 GiB per chip of 16.
+    r = subprocess.run(cmd + ["--sample_batch=262144"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "decode step of 262144 rows" in r.stdout and "error: the 262144-row decode step" in r.stderr

@@ -139,7 +139,7 @@ def test_luma_chroma_workdir_loads_to_the_same_embeddings(tmp_path):
     np.testing.assert_allclose(clip.embed_images(images), expected, atol=1e-6)
 
     mesh = eval_common.data_parallel_mesh()
-    restored = eval_common.load_replicated_params(workdir, clip.config, None, mesh)
+    restored = eval_common.load_clip_params(workdir, clip.config, None, mesh)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), params)
     encoder = eval_common.ParamsEncoder(clip.config, restored, workdir)
     np.testing.assert_allclose(

@@ -329,6 +329,28 @@ def _read_tar(path: str, start: int = 0, read_data: bool = True):
             yield idx, None, None, repr(e)
 
 
+def webdataset_captions(urls: str, caption_key: str = "caption", skipped=None):
+    """An iterator over the caption of every sample of the shards `urls` names (as data.urls takes
+    them), shard after shard, streamed: the `.txt` member, else field `caption_key` of the `.json`.
+    Images are not decoded. A missing shard fails here, before the first caption; a sample without
+    a usable caption, or the unreadable rest of a shard, is counted in the dict `skipped` (by
+    reason) when one is given."""
+    return _captions_of(resolve_shards(urls), caption_key, skipped)
+
+
+def _captions_of(shards: list[str], caption_key: str, skipped):
+    for path in shards:
+        for _, _key, files, err in _read_tar(path):
+            try:
+                if err:
+                    raise SkipExample("corrupt_shard", f"{path}: {err}")
+                meta = decode.parse_json_object(files["json"]) if "json" in files else {}
+                yield decode.decode_text(files["txt"] if "txt" in files else meta.get(caption_key))
+            except SkipExample as e:
+                if skipped is not None:
+                    skipped[e.reason] = skipped.get(e.reason, 0) + 1
+
+
 def _raise_skip(reason, detail, rng):
     raise SkipExample(reason, detail)
 
