@@ -6,8 +6,8 @@ PYTHON ?= $(shell (PYENV_VERSION=3.12.1 pyenv which python3.12 2>/dev/null) || c
 VENV := .venv
 VPY := $(VENV)/bin/python
 # The package and its dependencies (all the demo and the benchmarks need); the test extra adds
-# pytest and libtpu (~0.7 GB, for the deviceless TPU compiles of tests/test_aot.py), which the demo
-# does not install: ~15 s less on a fresh machine here, more on a slow link.
+# pytest, libtpu (~0.7 GB, for the deviceless TPU compiles of tests/test_aot.py) and the local GCS / S3
+# servers with their clients (tests/test_buckets.py), which the demo does not install: ~15 s less on a fresh machine here, more on a slow link.
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 FAKE_DEVICES := XLA_FLAGS=--xla_force_host_platform_device_count=8

@@ -63,19 +63,24 @@ setup(
     ],
     extras_require={
         # libtpu lets the aot test compile for a TPU slice on CPU (deviceless); setuptools lets
-        # tests/test_package.py build the wheel offline.
+        # tests/test_package.py build the wheel offline; the bucket tests run a GCS emulator and
+        # moto's S3 server on loopback and talk to them through gcsfs / s3fs.
         "test": [
             "pytest>=8.0",
             "setuptools>=61",
             "pytest-xdist>=3.5",
             "ruff>=0.6",
             "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            "gcsfs>=2024.1",
+            "s3fs>=2024.1",
+            "gcp-storage-emulator>=2024.8",
+            "moto[server]>=5.0",
         ],
         # Weight converters and parity tests only; never needed to train.
         "torch": ["torch>=2.1"],
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
-        # Datasets on gs:// and s3://: fsspec opens those URLs through these.
+        # Workdirs, datasets and outputs on gs:// and s3://: fsspec opens those URLs through these.
         "gcs": ["gcsfs>=2024.1"],
         "s3": ["s3fs>=2024.1"],
         # Optional W&B logging (config.wandb.project); metrics.jsonl is written either way.

@@ -14,7 +14,6 @@ Exit code 2: bad arguments, an empty class-name file, no (readable) images.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Iterable, Iterator
 
@@ -24,19 +23,16 @@ from clip_jax import eval_common as ev
 from clip_jax import zeroshot
 from clip_jax.api import CLIPModel, read_clip_config
 from core_jax import sharded_inference
+from core_jax import storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import IMAGE_EXTS, SkipExample, decode_image
 
 
 def list_image_files(input_dir: str) -> list[str]:
     """Sorted names of the image files (by extension) directly inside `input_dir`."""
-    if not os.path.isdir(input_dir):
+    if not storage.isdir(input_dir):
         raise ValueError(f"input directory not found: {input_dir}")
-    names = sorted(
-        n
-        for n in os.listdir(input_dir)
-        if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS and os.path.isfile(os.path.join(input_dir, n))
-    )
+    names = [n for n in storage.files_in(input_dir) if n.rsplit(".", 1)[-1].lower() in IMAGE_EXTS]
     if not names:
         patterns = ", ".join("*." + e for e in IMAGE_EXTS)
         raise ValueError(f"no image files ({patterns}) in {input_dir}")
@@ -47,7 +43,7 @@ def read_image_files(input_dir: str, names: list[str], skipped: dict, log=print)
     """Yields (name, uint8 [H, W, 3]); unreadable files are logged and counted in `skipped`."""
     for name in names:
         try:
-            with open(os.path.join(input_dir, name), "rb") as f:
+            with storage.open(storage.join(input_dir, name), "rb") as f:
                 data = f.read()
             # Any size is worth a prediction when a person asks for one: no minimum side.
             yield name, decode_image(data, min_side=1)
@@ -111,6 +107,7 @@ def main(argv=None):
 
     # Everything checkable without the model is checked first: a typo should not cost a load.
     try:
+        storage.check_reachable(args.workdir, args.input_dir, args.classnames_file, args.out)
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
         classnames = ev.read_lines(args.classnames_file, "classnames")
@@ -136,7 +133,7 @@ def main(argv=None):
         fail(f"none of the {len(names)} image files in {args.input_dir} could be read")
     if not sharded_inference.is_writer():  # every process holds all predictions; one writes them
         return predictions
-    with open(args.out, "w") as f:
+    with storage.open(args.out, "w") as f:
         json.dump(predictions, f, indent=1)
     log(
         f"classified {len(predictions)} images into {len(classnames)} classes "

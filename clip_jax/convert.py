@@ -29,7 +29,7 @@ import numpy as np
 from clip_jax import defaults
 from clip_jax.model import abstract_params, clip_from_config
 from clip_jax.task import make_tokenizer
-from core_jax.checkpoint import save_params
+from core_jax.checkpoint import check_workdir, save_params
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError, ConversionError
 from core_jax.pickle_check import refuse_code
@@ -396,6 +396,7 @@ def main(argv=None):
     )
     args = parser.parse_args(argv)
     try:
+        check_workdir(args.workdir)
         convert(
             args.checkpoint,
             source=args.source,

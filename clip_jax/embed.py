@@ -18,7 +18,7 @@ import numpy as np
 from clip_jax import eval_common as ev
 from clip_jax.api import CLIPModel, read_clip_config
 from clip_jax.classify import chunks, list_image_files, read_image_files
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 
 
@@ -46,6 +46,7 @@ def main(argv=None):
     if not args.input_dir and not args.texts_file:
         fail("give --input_dir (images), --texts_file (one text per line), or both")
     try:
+        storage.check_reachable(args.workdir, args.input_dir, args.texts_file, args.out)
         if args.batch_size <= 0:
             raise ValueError(f"--batch_size must be positive, got {args.batch_size}")
         names = list_image_files(args.input_dir) if args.input_dir else []
@@ -72,7 +73,7 @@ def main(argv=None):
         summary.append(f"{len(texts)} texts")
     if not sharded_inference.is_writer():  # every process holds all embeddings; one writes them
         return arrays
-    with open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
+    with storage.open(args.out, "wb") as f:  # a file object keeps np.savez from appending '.npz'
         np.savez(f, **arrays)
     log(f"embedded {' and '.join(summary)} (dim {model.embed_dim}) -> {args.out}")
     return arrays

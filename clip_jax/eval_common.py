@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Callable, Iterable, Iterator
 
 import jax
@@ -25,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from clip_jax import clip_models
 from clip_jax import model as clip_model
-from core_jax import sharded_inference, sharding
+from core_jax import sharded_inference, sharding, storage
 from core_jax.data.decode import SkipExample
 from core_jax.data.image_ops import CLIP_MEAN, CLIP_STD, resize_and_crop
 from core_jax.text import tokenizer_from_config
@@ -175,9 +174,9 @@ def round_batch_size(batch_size: int, multiple: int) -> int:
 
 def read_lines(path: str, what: str) -> list[str]:
     """Non-blank, stripped lines of a text file; a missing or empty file is a ValueError."""
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise ValueError(f"{what} file not found: {path}")
-    with open(path, encoding="utf-8") as f:
+    with storage.open(path, encoding="utf-8") as f:
         lines = [line.strip() for line in f]
     lines = [line for line in lines if line]
     if not lines:

@@ -15,7 +15,6 @@ clip_jax.eval_common and stay importable from here.
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 
@@ -41,7 +40,7 @@ from clip_jax.eval_common import (  # noqa: F401
     sized_image,
     with_eval_defaults,
 )
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, end_dry_run, fail, is_dry_run
 from core_jax.errors import ConfigError
 
@@ -86,6 +85,7 @@ def main(argv=None):
         end_dry_run(parser.prog)
 
     try:
+        storage.check_reachable(args.workdir, args.out)
         sharded_inference.start(args)  # before any device is used
         config = with_eval_defaults(read_clip_config(args.workdir))
         apply_overrides(config, overrides)
@@ -100,8 +100,8 @@ def main(argv=None):
     except (ValueError, ConfigError, FileNotFoundError) as e:
         fail(str(e))
     if sharded_inference.is_writer():
-        out = args.out or os.path.join(args.workdir, "eval_results.json")
-        with open(out, "w") as f:
+        out = args.out or storage.join(args.workdir, "eval_results.json")
+        with storage.open(out, "w") as f:
             json.dump(results, f, indent=2, sort_keys=True)
         print(json.dumps(results, sort_keys=True))
     return results

@@ -21,6 +21,7 @@ import numpy as np
 
 from clip_jax import eval_common as ev
 from clip_jax.imagenet_classes import IMAGENET_CLASSNAMES, OPENAI_TEMPLATES, SUBSET7_TEMPLATES
+from core_jax import storage
 from core_jax.data.config import with_defaults
 from core_jax.data.shapes import CLASS_NAMES, POSITIONS, SPLITS, ShapesSource
 from core_jax.trainer import host_eval_batches
@@ -49,7 +50,7 @@ def resolve_templates(spec: str) -> list[str]:
     """A template set name or a file with one template per line; each holds exactly one '{}'."""
     if spec in TEMPLATE_SETS:
         templates = list(TEMPLATE_SETS[spec]())
-    elif os.path.sep in spec or os.path.isfile(spec):
+    elif os.path.sep in spec or storage.is_remote(spec) or storage.isfile(spec):
         templates = ev.read_lines(spec, "templates")
     else:
         raise ValueError(f"templates={spec!r} is neither one of {sorted(TEMPLATE_SETS)} nor a file")

@@ -28,7 +28,7 @@ from absl import flags
 import flax.linen as nn
 from jax.experimental import topologies
 
-from core_jax import app, finetune, sharding, trainer
+from core_jax import app, finetune, sharding, storage, trainer
 from core_jax.config import ConfigError, validate
 from core_jax.optim import make_optimizer
 
@@ -281,7 +281,7 @@ def main(argv):
     result["topology"] = FLAGS.topology
     print(format_report(FLAGS.topology, result), flush=True)
     if FLAGS.json_out:
-        with open(FLAGS.json_out, "w") as f:
+        with storage.open(FLAGS.json_out, "w") as f:
             json.dump(result, f, indent=2)
     if not result["fits"]:
         need = (

@@ -14,7 +14,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from core_jax import distributed, flag_help, trainer
+from core_jax import checkpoint, distributed, flag_help, trainer
 
 # Re-exported: core_jax.app.ArgumentParser / fail are how tools and docs have reached them.
 from core_jax.cli import ArgumentParser, fail  # noqa: F401
@@ -147,6 +147,7 @@ def run_trainer(make_task: Callable, default_config: str, usage: str | None = No
         config = loaded_config()
         workdir = FLAGS.workdir
         try:
+            checkpoint.check_workdir(workdir)  # before anything is written, here or there
             validate(config, jax.device_count(), jax.process_count())
             task = make_task(config, workdir)
         except (ConfigError, FileNotFoundError) as e:

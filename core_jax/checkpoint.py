@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any
 
@@ -22,8 +21,9 @@ from absl import logging as absl_logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from core_jax import storage
 from core_jax.config import from_json_file, to_json
-from core_jax.errors import RunError, write_error
+from core_jax.errors import ConfigError, RunError, write_error
 
 CHECKPOINT_DIR = "checkpoints"
 # Where the trainer moves checkpoints it found damaged: out of orbax's sight (its max_to_keep
@@ -52,7 +52,24 @@ _register_array_handler()
 
 
 def checkpoint_dir(workdir: str) -> str:
-    return os.path.join(os.path.abspath(workdir) if "://" not in workdir else workdir, CHECKPOINT_DIR)
+    return storage.join(storage.absolute(workdir), CHECKPOINT_DIR)
+
+
+# Orbax writes arrays through tensorstore's gcs driver for gs:// and its file driver for every
+# other path: an s3:// (or other URL) checkpoint folder would fail at the first save.
+CHECKPOINT_PROTOCOLS = ("file", "gs")
+
+
+def check_workdir(workdir: str) -> None:
+    """Raises a one-line ConfigError for a workdir that cannot hold checkpoints: an unreachable
+    bucket, a missing filesystem extra, or a URL scheme orbax does not write arrays to."""
+    storage.check_reachable(workdir)
+    scheme = storage.protocol(workdir)
+    if scheme not in CHECKPOINT_PROTOCOLS:
+        raise ConfigError(
+            f"--workdir {workdir}: orbax-checkpoint {ocp.__version__} saves checkpoints to local paths "
+            f"and gs:// only, not {scheme}://; data, eval and output paths may be {scheme}:// URLs"
+        )
 
 
 def make_manager(workdir: str, *, keep: int | None, save_interval_steps: int = 1) -> ocp.CheckpointManager:
@@ -263,14 +280,13 @@ def set_aside(manager: ocp.CheckpointManager, workdir: str, steps) -> list[str]:
 
 
 def write_config(workdir: str, config) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(to_json(config))
+    storage.makedirs(workdir)
+    storage.write_text(storage.join(workdir, "config.json"), to_json(config))
 
 
 def read_config(workdir: str):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
         raise FileNotFoundError(
             f"{workdir} holds no config.json: not a workdir written by a trainer or converter"
         )
@@ -300,7 +316,7 @@ def save_params(workdir: str, config, params: Any, step: int = 0) -> None:
 
 def latest_step(workdir: str) -> int | None:
     d = checkpoint_dir(workdir)
-    if not os.path.isdir(d):
+    if not storage.isdir(d):
         return None
     with ocp.CheckpointManager(d) as manager:
         return manager.latest_step()
@@ -414,5 +430,5 @@ def load_params(workdir: str, step: int | None = None, shardings: Any = None, *,
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
+    with storage.open(path) as f:
         return json.load(f)

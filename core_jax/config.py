@@ -7,6 +7,7 @@ import os
 
 import ml_collections
 
+from core_jax import storage
 from core_jax.data import default_data_config
 
 # ConfigError lives in the leaf core_jax.errors (importable from anywhere without a circle);
@@ -193,7 +194,8 @@ def check_paths(config) -> None:
         value = _get(config, key)
         if not value or not isinstance(value, str) or value == "open_clip":
             continue
-        if "://" in value:  # bucket paths are checked by the filesystem library when opened
+        if storage.is_remote(value):  # its bucket at least: listing a prefix costs a request each
+            storage.check_reachable(value)
             continue
         if not os.path.exists(value):
             raise ConfigError(f"config.{key}: path does not exist: {value}")
@@ -204,5 +206,5 @@ def to_json(config) -> str:
 
 
 def from_json_file(path: str) -> ml_collections.ConfigDict:
-    with open(path) as f:
+    with storage.open(path) as f:
         return ml_collections.ConfigDict(json.load(f))

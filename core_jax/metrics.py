@@ -14,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from core_jax import storage
 from core_jax.errors import write_error
+from core_jax.mirror import Mirror
 
 # Dense bf16 peak per chip, for MFU on accelerators. CPUs are measured instead (see peak_flops).
 PEAK_FLOPS_PER_CHIP = {
@@ -73,19 +75,21 @@ class MetricsWriter:
         self._tb = None
         self._wandb = wandb_run if enabled else None
         self._jsonl = None
+        self._mirror = None
         if not enabled:
             return
-        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.path = storage.join(workdir, "metrics.jsonl")
         try:
-            os.makedirs(workdir, exist_ok=True)
-            self._jsonl = open(self.path, "a")
+            # On a bucket these append-only files are written in a local cache and uploaded whole.
+            self._mirror = Mirror(workdir, download=("metrics.jsonl",))
+            self._jsonl = open(os.path.join(self._mirror.local, "metrics.jsonl"), "a")
         except OSError as e:
             raise write_error(e.filename or self.path, e.errno, str(e)) from None
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter  # lazy: optional, see the except below
 
-                self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+                self._tb = SummaryWriter(logdir=os.path.join(self._mirror.local, "tensorboard"))
             except ImportError:  # TensorBoard is optional; metrics.jsonl is the record
                 self._tb = None
 
@@ -105,23 +109,32 @@ class MetricsWriter:
                     self._tb.add_scalar(k, v, step)
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in row.items() if k != "step"}, step=int(step))
+        self._sync()
+
+    def _sync(self) -> None:
+        if self._mirror.remote:
+            if self._tb is not None:
+                self._tb.flush()
+            self._mirror.sync()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """uint8 [H, W, 3] images -> WORKDIR/images/<name>_<step>.png and TensorBoard."""
         if not self.enabled:
             return
 
-        d = os.path.join(self.workdir, "images")
+        d = storage.join(self.workdir, "images")
         for name, img in images.items():
             img = np.asarray(img)
-            path = os.path.join(d, f"{name.replace('/', '_')}_{step:07d}.png")
+            path = storage.join(d, f"{name.replace('/', '_')}_{step:07d}.png")
             try:
-                os.makedirs(d, exist_ok=True)
-                Image.fromarray(img).save(path)
+                storage.makedirs(d)
+                with storage.open(path, "wb") as f:
+                    Image.fromarray(img).save(f, format="PNG")
             except OSError as e:
                 raise write_error(path, e.errno, str(e)) from None
             if self._tb is not None:
                 self._tb.add_image(name, img, step, dataformats="HWC")
+        self._sync()
 
     def close(self) -> None:
         if self._jsonl is not None:
@@ -135,6 +148,11 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._mirror is not None:
+            try:
+                self._mirror.sync()
+            finally:
+                self._mirror.close()
 
 
 def image_grid(images: np.ndarray, rows: int | None = None, pad: int = 2) -> np.ndarray:

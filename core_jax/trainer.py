@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
-import shutil
 import time
 from functools import partial
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -24,7 +22,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from core_jax import checkpoint, finetune, sharding, wandb_log
+from core_jax import checkpoint, finetune, sharding, storage, wandb_log
 from core_jax import data as data_lib
 from core_jax import metrics as metrics_lib
 from core_jax.errors import ConfigError, RunError, write_error
@@ -780,7 +778,7 @@ def _run_evals(task, state, batch, step, writer, log_fn, mesh):
 
 
 def _copy_into(workdir, name, src):
-    dst = os.path.join(workdir, name)
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    if os.path.abspath(src) != os.path.abspath(dst):
-        shutil.copyfile(src, dst)
+    dst = storage.join(workdir, name)
+    storage.makedirs(storage.dirname(dst))
+    if storage.absolute(src) != storage.absolute(dst):
+        storage.copy_file(src, dst)

@@ -14,11 +14,11 @@ config.json keeps saying which dVAE the DALL-E was trained with.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 
+from core_jax import storage
 from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from dalle_jax.dvae_api import DVAE
@@ -47,15 +47,16 @@ def encoder_mismatch(trained, candidate) -> str | None:
 def attach(workdir: str, dvae_workdir: str) -> dict:
     """Checks and writes WORKDIR/decoder.json; returns the record."""
 
+    storage.check_reachable(workdir, dvae_workdir)
     for name, path in (("--workdir", workdir), ("--dvae_workdir", dvae_workdir)):
-        if not os.path.isdir(path):
+        if not storage.isdir(path):
             raise FileNotFoundError(f"{name} not found: {path}")
     trained_with = str(read_config(workdir).get("dvae_workdir", "") or "")
     if not trained_with:
         raise ValueError(
             f"{workdir}/config.json names no dvae_workdir: nothing to check the new encoder against"
         )
-    if not os.path.isdir(trained_with):
+    if not storage.isdir(trained_with):
         raise FileNotFoundError(
             f"the dVAE the DALL-E was trained with ({trained_with}, from "
             f"{workdir}/config.json) is not there to check the new encoder against"
@@ -72,8 +73,7 @@ def attach(workdir: str, dvae_workdir: str) -> dict:
         "tokens_from": trained_with,
         "checked": "same image size, grid, codebook and encoder params, bit for bit",
     }
-    with open(os.path.join(workdir, DECODER_FILE), "w") as f:
-        json.dump(record, f, indent=1)
+    storage.write_text(storage.join(workdir, DECODER_FILE), json.dumps(record, indent=1))
     return record
 
 
@@ -92,7 +92,7 @@ def main(argv=None):
         fail(str(e))
     print(
         f"{args.workdir} now decodes with {record['dvae_workdir']} (encoder identical to "
-        f"{record['tokens_from']}'s; {os.path.join(args.workdir, DECODER_FILE)})",
+        f"{record['tokens_from']}'s; {storage.join(args.workdir, DECODER_FILE)})",
         flush=True,
     )
     return record

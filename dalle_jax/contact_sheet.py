@@ -10,16 +10,18 @@ pairs never in training); other captions are shown without a verdict.
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from core_jax import storage
 from core_jax.cli import ArgumentParser
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import fidelity
+from core_jax.errors import ConfigError
 
 TEXT_WIDTH, PAD = 330, 6
 
@@ -37,22 +39,29 @@ def caption_verdict(caption: str, images: list[np.ndarray]) -> str:
 
 
 def read_run(samples_dir: str) -> list[tuple[str, list[np.ndarray]]]:
-    index = os.path.join(samples_dir, "prompts.json")
-    if not os.path.isfile(index):
+    index = storage.join(samples_dir, "prompts.json")
+    if not storage.isfile(index):
         raise FileNotFoundError(
             f"{index} not found: pass the --out_dir of a "
             f"`python -m dalle_jax.generate --prompts_file ...` run"
         )
-    with open(index) as f:
-        prompts = json.load(f)
+    prompts = json.loads(storage.read_text(index))
     rows = []
     for key in sorted(prompts):
-        folder = os.path.join(samples_dir, key)
-        files = sorted(n for n in os.listdir(folder) if n[:-4].isdigit() and n.endswith(".png"))
+        folder = storage.join(samples_dir, key)
+        files = [n for n in storage.files_in(folder) if n[:-4].isdigit() and n.endswith(".png")]
         if not files:
             raise FileNotFoundError(f"{folder} holds no NNN.png images")
         rows.append(
-            (prompts[key], [np.asarray(Image.open(os.path.join(folder, n)).convert("RGB")) for n in files])
+            (
+                prompts[key],
+                [
+                    np.asarray(
+                        Image.open(io.BytesIO(storage.read_bytes(storage.join(folder, n)))).convert("RGB")
+                    )
+                    for n in files
+                ],
+            )
         )
     return rows
 
@@ -81,11 +90,13 @@ def main(argv=None) -> int:
     p.add_argument("--scale", type=int, default=2, help="upscaling of each image (nearest)")
     args = p.parse_args(argv)
     try:
+        storage.check_reachable(args.samples_dir, args.out)
         rows = read_run(args.samples_dir)
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    contact_sheet(rows, args.scale).save(args.out)
+    with storage.open(args.out, "wb") as f:
+        contact_sheet(rows, args.scale).save(f, format="PNG")
     print(f"wrote {args.out} ({len(rows)} captions)")
     return 0
 

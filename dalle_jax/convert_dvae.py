@@ -229,6 +229,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     try:
+        checkpoint.check_workdir(args.workdir)
         config = convert(
             args.encoder,
             args.decoder,

@@ -17,7 +17,6 @@ a folder every process sees (a bucket or a shared filesystem).
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -25,7 +24,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 
 from core_jax import app as app_lib
-from core_jax import distributed
+from core_jax import distributed, storage
 from core_jax.data import make_iterator
 from core_jax.data.image_ops import resize_and_crop, to_float01
 from core_jax.errors import RunError
@@ -102,7 +101,7 @@ def merge_part_indexes(out_dir: str, process_count: int) -> dict:
     its shards listed process after process."""
     parts = []
     for i in range(process_count):
-        with open(os.path.join(out_dir, part_index_name(i))) as f:
+        with storage.open(storage.join(out_dir, part_index_name(i))) as f:
             parts.append(json.load(f))
     merged = {k: v for k, v in parts[0].items() if k != "splits"}
     merged["splits"] = {}
@@ -147,12 +146,13 @@ def encode_split(
         while len(pending["tokens"]) >= shard_size or (final and pending["tokens"]):
             n = min(shard_size, len(pending["tokens"]))
             name = f"{prefix}-{len(shards):05d}.npz"
-            np.savez(
-                os.path.join(out_dir, name),
-                tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
-                captions=np.asarray(pending["captions"][:n], dtype=str),
-                keys=np.asarray(pending["keys"][:n], dtype=str),
-            )
+            with storage.open(storage.join(out_dir, name), "wb") as f:
+                np.savez(
+                    f,
+                    tokens=np.stack(pending["tokens"][:n]).astype(np.int32),
+                    captions=np.asarray(pending["captions"][:n], dtype=str),
+                    keys=np.asarray(pending["keys"][:n], dtype=str),
+                )
             shards.append(name)
             for k in pending:
                 del pending[k][:n]
@@ -188,6 +188,10 @@ def main(argv):
     distributed.maybe_initialize()
     process_index, process_count = jax.process_index(), jax.process_count()
     config = app_lib.loaded_config()
+    try:
+        storage.check_reachable(FLAGS.dvae_workdir, FLAGS.out_dir)
+    except ValueError as e:
+        app_lib.fail(str(e))
     splits = FLAGS.splits or list(dict.fromkeys([config.data.split, config.data.eval_split]))
 
     try:
@@ -215,15 +219,12 @@ def main(argv):
             )
         except (FileNotFoundError, ValueError) as e:
             app_lib.fail(f"split {split!r}: {e}")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    storage.makedirs(FLAGS.out_dir)
     index = {
         "grid_size": vae.grid_size,
         "vocab_size": vae.vocab_size,
         "image_size": vae.image_size,
-        # abspath would turn a bucket URL into a local path.
-        "dvae_workdir": FLAGS.dvae_workdir
-        if "://" in FLAGS.dvae_workdir
-        else os.path.abspath(FLAGS.dvae_workdir),
+        "dvae_workdir": storage.absolute(FLAGS.dvae_workdir),
         "splits": {},
     }
     for split in splits:
@@ -243,14 +244,14 @@ def main(argv):
         except (FileNotFoundError, ValueError, RunError) as e:
             app_lib.fail(f"split {split!r}: {e}")
     if process_count > 1:
-        with open(os.path.join(FLAGS.out_dir, part_index_name(process_index)), "w") as f:
+        with storage.open(storage.join(FLAGS.out_dir, part_index_name(process_index)), "w") as f:
             json.dump(index, f, indent=2)
         # Process 0 joins the parts only once every process has written its own.
         multihost_utils.sync_global_devices("encode_dataset: part indexes written")
         if process_index != 0:
             return
         index = merge_part_indexes(FLAGS.out_dir, process_count)
-    with open(os.path.join(FLAGS.out_dir, "index.json"), "w") as f:
+    with storage.open(storage.join(FLAGS.out_dir, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
     print(f"wrote {FLAGS.out_dir}/index.json", flush=True)
 

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from clip_jax.api import CLIPModel
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity
@@ -115,14 +115,14 @@ def save_grids(
     images_dir: str, name: str, images: np.ndarray, scores: np.ndarray | None, max_prompts: int = 64
 ) -> None:
     """<name>_first.png (and <name>_clip_best.png): one image per caption, captions in report order."""
-    os.makedirs(images_dir, exist_ok=True)
+    storage.makedirs(images_dir)
     images = images[:max_prompts]
-    Image.fromarray(image_grid(images[:, 0])).save(os.path.join(images_dir, f"{name}_first.png"))
+    with storage.open(storage.join(images_dir, f"{name}_first.png"), "wb") as f:
+        Image.fromarray(image_grid(images[:, 0])).save(f, format="PNG")
     if scores is not None:
         best = best_index(scores[:max_prompts])
-        Image.fromarray(image_grid(images[np.arange(len(images)), best])).save(
-            os.path.join(images_dir, f"{name}_clip_best.png")
-        )
+        with storage.open(storage.join(images_dir, f"{name}_clip_best.png"), "wb") as f:
+            Image.fromarray(image_grid(images[np.arange(len(images)), best])).save(f, format="PNG")
 
 
 class DalleSampler:
@@ -418,6 +418,7 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
 
     try:
+        storage.check_reachable(args.out, args.images_dir, args.workdir, args.clip_workdir)
         sharded_inference.start(args)  # several hosts sample as one job; before any device is used
         check_model_flags(args)
         if args.num_samples < 1 or args.batch_size < 1:
@@ -425,7 +426,7 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
         captions = choose_captions(args.split, args.num_prompts, args.seed)
         for name in ("workdir", "clip_workdir"):
             path = getattr(args, name)
-            if path and not os.path.isdir(path):
+            if path and not storage.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
         draw, clip, settings = load_sampler(args, pipeline, clip, models, log)
     except (ValueError, FileNotFoundError, KeyError, ConfigError) as e:
@@ -450,8 +451,8 @@ def main(argv=None, *, pipeline=None, clip=None, models=None):
     report["headline"] = headline(report, args.split)
     if not sharded_inference.is_writer():  # every process holds the whole report; one writes it
         return report
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    storage.makedirs(storage.dirname(storage.absolute(args.out)))
+    with storage.open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     print(format_table(report), flush=True)
     return report

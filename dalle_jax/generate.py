@@ -26,14 +26,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 
 import numpy as np
 from PIL import Image
 
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import SkipExample, decode_image
 from core_jax.errors import ConfigError
@@ -123,7 +122,7 @@ def build_parser() -> ArgumentParser:
 
 def read_prompts_file(path: str) -> list[str]:
     try:
-        with open(path, encoding="utf-8") as f:
+        with storage.open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f.read().splitlines()]
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read --prompts_file {path}: {e}") from None
@@ -140,7 +139,7 @@ def read_prompts_file(path: str) -> list[str]:
 
 def read_image(path: str) -> np.ndarray:
     try:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             return decode_image(f.read(), min_side=1)
     except (OSError, SkipExample) as e:
         raise ValueError(f"cannot read --image {path}: {e}") from None
@@ -233,23 +232,26 @@ def write_prompt_dir(
     """Writes NNN.png best first, grid.png, each of `arrays` ({file name: [S, ...] per sample, in
     sample order}) in the images' order, and scores.json; returns the scores dict."""
 
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     order = rerank.rank(clip_scores)[:keep] if clip_scores is not None else np.arange(keep)
     entries = []
     for r, i in enumerate(order):
         name = f"{r:03d}.png"
-        Image.fromarray(images[i]).save(os.path.join(out_dir, name))
+        with storage.open(storage.join(out_dir, name), "wb") as f:
+            Image.fromarray(images[i]).save(f, format="PNG")
         entry = {"file": name, "rank": r, "sample": int(i)}
         if clip_scores is not None:
             entry["clip_score"] = float(clip_scores[i])
         entries.append(entry)
-    Image.fromarray(image_grid(images[order])).save(os.path.join(out_dir, "grid.png"))
+    with storage.open(storage.join(out_dir, "grid.png"), "wb") as f:
+        Image.fromarray(image_grid(images[order])).save(f, format="PNG")
     for name, array in arrays.items():
-        np.save(os.path.join(out_dir, name), np.asarray(array)[order])
+        with storage.open(storage.join(out_dir, name), "wb") as f:
+            np.save(f, np.asarray(array)[order])
     scores = dict(meta, prompt=prompt, reranked=clip_scores is not None, images=entries)
     if clip_scores is not None:
         scores["all_clip_scores"] = [float(s) for s in clip_scores]  # in sample order
-    with open(os.path.join(out_dir, "scores.json"), "w") as f:
+    with storage.open(storage.join(out_dir, "scores.json"), "w") as f:
         json.dump(scores, f, indent=1)
     return scores
 
@@ -260,13 +262,16 @@ def main(argv=None, *, pipeline=None, clip=None):
     args = build_parser().parse_args(argv)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     try:
+        storage.check_reachable(
+            args.out_dir, args.workdir, args.clip_workdir, args.dvae_workdir, args.image, args.prompts_file
+        )
         sharded_inference.start(args)  # several hosts sample as one job; before any device is used
         prompts, mode = check_args(args)
         box = parse_box(args.inpaint_box) if args.inpaint_box is not None else None
         source = read_image(args.image) if args.image is not None else None
         for name in ("workdir", "clip_workdir", "dvae_workdir"):
             path = getattr(args, name)
-            if path and not os.path.isdir(path):
+            if path and not storage.isdir(path):
                 raise FileNotFoundError(f"--{name} not found: {path}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -318,7 +323,7 @@ def main(argv=None, *, pipeline=None, clip=None):
     )
     results = []
     for p, prompt in enumerate(prompts):
-        out_dir = args.out_dir if args.prompts_file is None else os.path.join(args.out_dir, f"{p:03d}")
+        out_dir = args.out_dir if args.prompts_file is None else storage.join(args.out_dir, f"{p:03d}")
         results.append(
             write_prompt_dir(
                 out_dir,
@@ -331,7 +336,7 @@ def main(argv=None, *, pipeline=None, clip=None):
             )
         )
     if args.prompts_file is not None:
-        with open(os.path.join(args.out_dir, "prompts.json"), "w") as f:
+        with storage.open(storage.join(args.out_dir, "prompts.json"), "w") as f:
             json.dump({f"{p:03d}": prompt for p, prompt in enumerate(prompts)}, f, indent=1)
     log(
         f"{len(prompts) * args.num_samples} samples ({len(prompts)} prompts, {mode}) sampled and "

@@ -13,13 +13,12 @@ serves the whole call. Chunk c uses `fold_in(key(seed), c)`, so results are a fu
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.checkpoint import read_config
 from core_jax.data.image_ops import resize_and_crop
 from core_jax.errors import ConfigError
@@ -40,10 +39,10 @@ def load_tokenizer(config, workdir: str):
     """The tokenizer a DALL-E workdir was trained with: WORKDIR/tokenizer/merges.txt (the trainer
     copies it there whatever text.merges_file said), else text.merges_file. Never trains one."""
 
-    path = os.path.join(workdir, "tokenizer", "merges.txt")
-    if not os.path.isfile(path):
+    path = storage.join(workdir, "tokenizer", "merges.txt")
+    if not storage.isfile(path):
         path = str(config.text.get("merges_file", "") or "")
-        if not path or not os.path.isfile(path):
+        if not path or not storage.isfile(path):
             raise FileNotFoundError(
                 f"{workdir} holds no tokenizer/merges.txt (written by the DALL-E trainer) and "
                 f"config.text.merges_file={path!r} is not a file"
@@ -119,7 +118,7 @@ class Pipeline:
         The transformer and the dVAE load their EMA weights when their runs kept one; `raw_weights`
         loads the raw params of both."""
 
-        if not os.path.isdir(workdir):
+        if not storage.isdir(workdir):
             raise FileNotFoundError(f"DALL-E workdir not found: {workdir}")
         config = read_config(workdir)
         check_dalle_config(workdir, config)
@@ -133,7 +132,7 @@ class Pipeline:
                 f"{workdir}/config.json has no dvae_workdir; pass the dVAE's workdir "
                 f"explicitly (--dvae_workdir)"
             )
-        if not os.path.isdir(dvae_dir) and "://" not in dvae_dir:
+        if not storage.isdir(dvae_dir):
             source = (
                 "--dvae_workdir"
                 if dvae_workdir

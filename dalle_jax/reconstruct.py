@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from core_jax import sharded_inference
+from core_jax import sharded_inference, storage
 from core_jax.checkpoint import read_config
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import image_ops
@@ -50,13 +50,9 @@ def parse_args(argv=None):
 
 
 def list_images(input_dir: str) -> list[str]:
-    if not os.path.isdir(input_dir):
+    if not storage.isdir(input_dir):
         raise FileNotFoundError(f"--input_dir {input_dir} is not a directory")
-    return sorted(
-        f
-        for f in os.listdir(input_dir)
-        if f.lower().endswith(EXTENSIONS) and os.path.isfile(os.path.join(input_dir, f))
-    )
+    return [f for f in storage.files_in(input_dir) if f.lower().endswith(EXTENSIONS)]
 
 
 def output_names(files: list[str]) -> dict[str, str]:
@@ -70,7 +66,7 @@ def output_names(files: list[str]) -> dict[str, str]:
 
 def read_image(path: str, size: int) -> np.ndarray:
 
-    with Image.open(path) as img:
+    with storage.open(path, "rb") as f, Image.open(f) as img:
         img = image_ops.exif_transpose(img)
         img.load()
         rgb = image_ops.pil_to_rgb(img)
@@ -101,14 +97,15 @@ def reconstruct_folder(
         rec = np.asarray(vae.decode(vae.encode(batch)))
         scores.extend(psnr(img, out) for (_, img), out in zip(loaded, rec))
         if write:
-            os.makedirs(out_dir, exist_ok=True)  # here: a folder with no readable image writes nothing
+            storage.makedirs(out_dir)  # here: a folder with no readable image writes nothing
             for (name, _), out in zip(loaded, rec):
-                Image.fromarray(out).save(os.path.join(out_dir, names[name]))
+                with storage.open(storage.join(out_dir, names[name]), "wb") as f:
+                    Image.fromarray(out).save(f, format="PNG")
         loaded.clear()
 
     for name in files:
         try:
-            img = read_image(os.path.join(input_dir, name), vae.image_size)
+            img = read_image(storage.join(input_dir, name), vae.image_size)
         except Exception as e:  # PIL raises many types for broken files
             skipped += 1
             log(f"skipping {name}: cannot read it as an image ({type(e).__name__}: {e})")
@@ -127,6 +124,7 @@ def reconstruct_folder(
 def main(argv=None):
     args = parse_args(argv)
     try:
+        storage.check_reachable(args.workdir, args.input_dir, args.out_dir)
         files = list_images(args.input_dir)
         if not files:
             fail(f"--input_dir {args.input_dir} holds no PNG or JPEG images")

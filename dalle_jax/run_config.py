@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 import ml_collections
 
-from core_jax import checkpoint
+from core_jax import checkpoint, storage
 from core_jax.config import base_config
 from core_jax.data.token_shards import TokenShardSource, listed_shards, read_index
 from core_jax.errors import ConfigError
@@ -162,7 +161,7 @@ def check_trained_masks(config, workdir: str | None) -> None:
         source, path = f"{init_from} (config.init_from)", init_from
     else:
         return
-    if os.path.isfile(os.path.join(path, "config.json")):  # else the trainer reports what is missing
+    if storage.isfile(storage.join(path, "config.json")):  # else the trainer reports what is missing
         masks.check_trained_masks(config, checkpoint.read_config(path), source)
 
 
@@ -218,12 +217,11 @@ def text_vocab_size(config, tokenizer) -> int:
 def attached_dvae(workdir: str, trained_with: str) -> str | None:
     """The dVAE workdir attached to a DALL-E workdir (None if none is). `trained_with` is config.json's
     dvae_workdir: an attachment made for another one is stale and an error, not silently used."""
-    path = os.path.join(workdir, DECODER_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(workdir, DECODER_FILE)
+    if not storage.isfile(path):
         return None
-    with open(path) as f:
-        record = json.load(f)
-    if os.path.abspath(record["tokens_from"]) != os.path.abspath(trained_with):
+    record = json.loads(storage.read_text(path))
+    if storage.absolute(record["tokens_from"]) != storage.absolute(trained_with):
         raise ValueError(
             f"{path} attaches {record['dvae_workdir']} to tokens of "
             f"{record['tokens_from']}, but {workdir}/config.json now says the DALL-E "

@@ -12,10 +12,10 @@ arrays). Examples carry those arrays instead of an image. Rows are read from the
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
+from core_jax import storage
 from core_jax.data.token_shards import ShardRows
 
 COLUMNS = ("image_embedding", "text_embedding", "text", "captions", "keys")
@@ -24,13 +24,13 @@ INDEX_FILE = "index.json"
 
 
 def read_index(data_dir: str) -> dict:
-    path = os.path.join(data_dir, INDEX_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(data_dir, INDEX_FILE)
+    if not storage.isfile(path):
         raise FileNotFoundError(
             f"data.embeddings_dir={data_dir!r} has no {INDEX_FILE} (write one with "
             "python -m dalle_jax.unclip.encode_embeddings --out_dir DIR)"
         )
-    with open(path) as f:
+    with storage.open(path) as f:
         try:
             index = json.load(f)
         except json.JSONDecodeError as e:

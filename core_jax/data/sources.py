@@ -13,7 +13,6 @@ import csv
 import dataclasses
 import errno
 import functools
-import glob as globlib
 import io
 import itertools
 import os
@@ -21,10 +20,10 @@ import posixpath
 import tarfile
 import zlib
 
-import fsspec
 import numpy as np
 from braceexpand import braceexpand
 
+from core_jax import storage
 from core_jax.data import decode
 from core_jax.data.decode import SkipExample
 from core_jax.data.embedding_shards import EmbeddingShardSource
@@ -43,14 +42,11 @@ class DecodeOptions:
     max_pixels: int | None = decode.DEFAULT_MAX_PIXELS
 
 
-def _is_remote(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+_is_remote = storage.is_remote
 
 
 def _open_binary(path: str):
-    if _is_remote(path):
-        return fsspec.open(path, "rb").open()
-    return open(path.removeprefix("file://"), "rb")
+    return storage.open(path, "rb")
 
 
 def _not_found(message: str, path: str) -> FileNotFoundError:
@@ -181,7 +177,7 @@ class FolderSource:
     """
 
     def __init__(self, index_file: str, split: str, *, opts: DecodeOptions):
-        if not _is_remote(index_file) and not os.path.isfile(index_file):
+        if not storage.isfile(index_file):
             raise _not_found("data.index_file not found", index_file)
         self.name = f"folder {index_file}"
         rows = _read_index(index_file)
@@ -275,11 +271,7 @@ def resolve_shards(urls: str) -> list[str]:
     for pattern in _split_top_level(urls):
         for path in braceexpand(pattern):
             if any(c in path for c in "*?["):
-                if _is_remote(path):
-                    fs, _ = fsspec.core.url_to_fs(path)
-                    matches = sorted(fs.unstrip_protocol(p) for p in fs.glob(path))
-                else:
-                    matches = sorted(globlib.glob(path))
+                matches = storage.glob(path)
                 if not matches:
                     raise _not_found("no webdataset shard matches this pattern", path)
                 shards.extend(matches)
@@ -291,9 +283,9 @@ def resolve_shards(urls: str) -> list[str]:
             raise _not_found("webdataset shard not found", p)
     remote = [p for p in shards if _is_remote(p)]
     if remote:
-        fs, _ = fsspec.core.url_to_fs(remote[0])
+        storage.check_reachable(remote[0])
         for p in remote[:1] + remote[-1:]:  # one request per shard would stall big bucket lists
-            if not fs.exists(p):
+            if not storage.exists(p):
                 raise _not_found("webdataset shard not found", p)
     return shards
 
@@ -449,8 +441,8 @@ def _pick(cfg, split, key):
 def _folder(cfg, split, **_):
     index_file = _pick(cfg, split, "index_file")
     if not index_file and cfg.data_dir:
-        candidates = [os.path.join(cfg.data_dir, f"index.{e}") for e in ("csv", "jsonl", "parquet")]
-        index_file = next((c for c in candidates if os.path.isfile(c)), candidates[0])
+        candidates = [storage.join(cfg.data_dir, f"index.{e}") for e in ("csv", "jsonl", "parquet")]
+        index_file = next((c for c in candidates if storage.isfile(c)), candidates[0])
     if not index_file:
         raise ConfigError("data.source='folder' needs data.index_file (CSV/JSONL/Parquet of path,caption)")
     return FolderSource(index_file, split, opts=_opts(cfg))

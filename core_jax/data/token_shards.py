@@ -23,6 +23,7 @@ import zipfile
 
 import numpy as np
 
+from core_jax import storage
 from core_jax.data.decode import SkipExample
 from core_jax.data.index_paths import IndexRoot, UnsafePath
 from core_jax.errors import ConfigError
@@ -32,13 +33,13 @@ _OPEN_FILES = 64  # shards kept open at once (a global shuffle touches every sha
 
 
 def read_index(data_dir: str) -> dict:
-    path = os.path.join(data_dir, "index.json")
-    if not os.path.isfile(path):
+    path = storage.join(data_dir, "index.json")
+    if not storage.isfile(path):
         raise FileNotFoundError(
             f"data.source='tokens': no index.json in data.data_dir={data_dir!r} "
             f"(write one with python -m dalle_jax.encode_dataset --out_dir DIR)"
         )
-    with open(path) as f:
+    with storage.open(path) as f:
         try:
             index = json.load(f)
         except json.JSONDecodeError as e:
@@ -57,10 +58,10 @@ class _Column:
         self.row_items = int(np.prod(self.shape[1:], dtype=np.int64))
         self.row_bytes = self.row_items * self.dtype.itemsize
 
-    def row(self, fd, i: int) -> np.ndarray:
+    def row(self, reader: storage.RangeReader, i: int) -> np.ndarray:
         if self.array is not None:
             return self.array[i]
-        data = os.pread(fd, self.row_bytes, self.offset + i * self.row_bytes)
+        data = reader.read(self.offset + i * self.row_bytes, self.row_bytes)
         if len(data) != self.row_bytes:
             raise OSError(f"short read ({len(data)} of {self.row_bytes} bytes)")
         return np.frombuffer(data, self.dtype).reshape(self.shape[1:])
@@ -78,7 +79,7 @@ def _open_columns(path: str, names=_COLUMNS) -> dict[str, _Column]:
     """The shard's arrays `names` (those present): stored (uncompressed) members by file offset,
     others loaded."""
     columns = {}
-    with zipfile.ZipFile(path) as zf, open(path, "rb") as f:
+    with storage.open(path, "rb") as f, zipfile.ZipFile(f) as zf:
         members = {os.path.splitext(i.filename)[0]: i for i in zf.infolist()}
         for name in names:
             info = members.get(name)
@@ -115,16 +116,16 @@ def listed_shards(data_dir: str, index: dict, split: str, *, source: str, writer
             f"{source}: split {split!r} is not in {data_dir}/index.json "
             f"(it has {sorted(index['splits'])}); encode it with {writer}"
         )
-    root, shards = IndexRoot(data_dir), []
+    root, shards = IndexRoot(data_dir, remote=storage.is_remote(data_dir)), []
     for shard in index["splits"][split]["shards"]:
         try:
             path = root.resolve(str(shard))
         except UnsafePath as e:
             raise ConfigError(
-                f"{os.path.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
+                f"{storage.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
                 f"{data_dir}: {e}; shard names must name files in that folder"
             ) from None
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
         shards.append((str(shard), path))
     return shards
@@ -169,7 +170,7 @@ class ShardRows:
         if not self._paths:
             raise ValueError(f"{self.source}: split {split!r} of {data_dir} has no shards")
         self._starts = np.concatenate([[0], np.cumsum(counts)])
-        self._files = collections.OrderedDict()  # shard -> open file (LRU)
+        self._files = collections.OrderedDict()  # shard -> its RangeReader (LRU)
         self._lock = threading.Lock()
 
     def check_shard(self, path: str, shard: str, columns: dict) -> None:
@@ -186,7 +187,7 @@ class ShardRows:
         with self._lock:
             f = self._files.pop(shard, None)
             if f is None:
-                f = open(self._paths[shard], "rb")
+                f = storage.RangeReader(self._paths[shard])
                 while len(self._files) >= _OPEN_FILES:
                     self._files.popitem(last=False)
             self._files[shard] = f
@@ -202,7 +203,7 @@ class ShardRows:
         row, columns = i - int(self._starts[shard]), self._columns[shard]
         try:
             f = self._file(shard)  # held while reading: an evicted file closes when dropped
-            return {key: column.row(f.fileno(), row) for key, column in columns.items()}
+            return {key: column.row(f, row) for key, column in columns.items()}
         except OSError as e:
             raise SkipExample("unreadable_shard", f"{self._paths[shard]}: {e}") from None
 

@@ -17,13 +17,14 @@ import importlib.util
 import json
 import logging
 import os
-import tempfile
+import sys
 import unicodedata
 from typing import Iterable, Sequence
 
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, models, pre_tokenizers, trainers
 
+from core_jax import storage
 from core_jax.data import shapes
 from core_jax.errors import ConfigError
 
@@ -91,8 +92,7 @@ def find_open_clip_merges() -> str | None:
 
 
 def _read_text(path: str) -> str:
-    with open(path, "rb") as f:
-        data = f.read()
+    data = storage.read_bytes(path)
     if data[:2] == b"\x1f\x8b":  # by content, not by name: people gunzip and keep the name
         data = gzip.decompress(data)
     return data.decode("utf-8")
@@ -100,7 +100,12 @@ def _read_text(path: str) -> str:
 
 def read_merges(path: str, max_merges: int | None = None):
     """Returns (merges, end-of-word characters or None meaning all 256) from a merges file."""
-    lines = _read_text(path).split("\n")
+    return parse_merges(_read_text(path), path, max_merges)
+
+
+def parse_merges(text: str, path: str, max_merges: int | None = None):
+    """read_merges of a merges file's text; `path` names it in errors."""
+    lines = text.split("\n")
     header = lines[0] if "#version" in lines[0] else None
     body = lines[1:] if header is not None else lines
     eow_chars = None
@@ -210,9 +215,22 @@ class BPETokenizer:
         cls, path: str, context_length: int = 77, pad_mode: str = "zeros", max_merges: int | None = None
     ) -> "BPETokenizer":
         path = os.fspath(path)
-        if not os.path.isfile(path):
+        if not storage.isfile(path):
             raise FileNotFoundError(f"BPE merges file not found: {path}")
         merges, eow_chars = read_merges(path, max_merges)
+        return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
+
+    @classmethod
+    def from_merges_text(
+        cls,
+        text: str,
+        path: str,
+        context_length: int = 77,
+        pad_mode: str = "zeros",
+        max_merges: int | None = None,
+    ) -> "BPETokenizer":
+        """from_merges of a merges file's text, as it is (or will be) at `path`."""
+        merges, eow_chars = parse_merges(text, path, max_merges)
         return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
 
     def with_dropout(self, dropout: float) -> "BPETokenizer":
@@ -310,6 +328,14 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *, min_fr
     `vocab_size` counts every id, start/end included; the file may come out smaller when the
     captions run out of pairs seen `min_frequency` times. Returns `out_path`.
     """
+    out_path = os.fspath(out_path)
+    # Several processes may train into one shared workdir: readers must never see half a file.
+    storage.write_text(out_path, bpe_merges_text(captions, vocab_size, min_frequency=min_frequency))
+    return out_path
+
+
+def bpe_merges_text(captions: Iterable[str], vocab_size: int, *, min_frequency: int = 2) -> str:
+    """The merges file train_bpe writes, as text."""
     byte_chars = list(bytes_to_unicode().values())
     tok = Tokenizer(models.BPE(end_of_word_suffix=EOW))
     tok.pre_tokenizer = _pre_tokenizer()
@@ -335,28 +361,15 @@ def train_bpe(captions: Iterable[str], vocab_size: int, out_path: str, *, min_fr
     merges = [m.split(" ") if isinstance(m, str) else m for m in merges][:num_merges]
     lines = [f"#version: 0.2 core_jax.text.train_bpe {_EOW_KEY}{eow}"]
     lines += [f"{a} {b}" for a, b in merges]
-    out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    # Several processes may train into one shared workdir: readers must never see half a file.
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".merges-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return out_path
+    return "\n".join(lines) + "\n"
 
 
 def load_captions(source: str) -> list[str]:
     """Captions to train on: 'shapes' (its train split) or a file with one caption per line."""
     if source == "shapes":
         return list(shapes.all_captions("train"))
-    path = os.path.expanduser(source)
-    if not os.path.isfile(path):
+    path = storage.expanduser(source)
+    if not storage.isfile(path):
         raise FileNotFoundError(f"captions file not found: {path}")
     return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
 
@@ -372,14 +385,19 @@ def training_tokenizer(tokenizer: BPETokenizer, text_config) -> BPETokenizer:
 
 
 def _trained_source(source: str) -> str:
-    return source if source == "shapes" else os.path.abspath(os.path.expanduser(source))
+    return source if source == "shapes" else storage.absolute(source)
+
+
+def _main_process() -> bool:
+    """Process 0 of a multi-process JAX run, or a run without JAX (the train-bpe command, which
+    never imports it): looked up, not imported, so this module loads without JAX."""
+    jax = sys.modules.get("jax")
+    return jax is None or jax.process_index() == 0
 
 
 def _write_json(path: str, record: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".merges-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
-    os.replace(tmp, path)  # atomic: processes training into one shared workdir write the same
+    # Whole or not at all: processes training into one shared workdir write the same.
+    storage.write_text(path, json.dumps(record, indent=1))
 
 
 def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
@@ -387,22 +405,20 @@ def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
     the config asks for: its record (merges.json, written when it was trained) or, for files without
     one, the workdir's config.json. A mismatch is one ConfigError line; nothing to compare, no check."""
     record_path = os.path.splitext(path)[0] + ".json"
-    if os.path.isfile(record_path):
-        with open(record_path, encoding="utf-8") as f:
-            had = json.load(f)
+    if storage.isfile(record_path):
+        had = json.loads(storage.read_text(record_path))
         had = {k: had.get(k) for k in wanted}
     else:
-        config_path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(config_path):
+        config_path = storage.join(workdir, "config.json")
+        if not storage.isfile(config_path):
             return
-        with open(config_path, encoding="utf-8") as f:
-            old = json.load(f)
+        old = json.loads(storage.read_text(config_path))
         text = old.get("text", {})
         if text.get("merges_file"):
             raise ConfigError(
                 f"{path} is a copy of text.merges_file={text['merges_file']!r} (the "
                 f"workdir's config.json) but text.merges_file is '' now; set it back, or "
-                f"delete {os.path.dirname(path)} to train a new tokenizer"
+                f"delete {storage.dirname(path)} to train a new tokenizer"
             )
         source = text.get("train_source") or (
             "shapes" if old.get("data", {}).get("source", "shapes") == "shapes" else None
@@ -414,7 +430,7 @@ def _check_workdir_merges(path: str, workdir: str, wanted: dict) -> None:
         raise ConfigError(
             f"{path} was trained with vocab_size={had['vocab_size']} on {had['train_source']!r} but "
             f"config.text asks for vocab_size={wanted['vocab_size']} on {wanted['train_source']!r}; "
-            f"set text.vocab_size / text.train_source back, or delete {os.path.dirname(path)} to "
+            f"set text.vocab_size / text.train_source back, or delete {storage.dirname(path)} to "
             f"train a new tokenizer"
         )
 
@@ -436,6 +452,7 @@ def tokenizer_from_config(
         return getattr(text_config, key, default)
 
     merges_file = get("merges_file", "") or ""
+    trained = None  # the merges trained here, when they were
     if merges_file == "open_clip":
         path = find_open_clip_merges()
         if path is None:
@@ -444,8 +461,8 @@ def tokenizer_from_config(
                 "pip install open_clip_torch (it is not imported) or set merges_file to the file"
             )
     elif merges_file:
-        path = os.path.expanduser(merges_file)
-        if not os.path.isfile(path):
+        path = storage.expanduser(merges_file)
+        if not storage.isfile(path):
             raise FileNotFoundError(f"text.merges_file not found: {path}")
     else:
         if workdir is None:
@@ -461,25 +478,30 @@ def tokenizer_from_config(
         vocab_size = get("vocab_size")
         if not vocab_size:
             raise ValueError("text.vocab_size is needed to train a BPE (text.merges_file is empty)")
-        path = os.path.join(workdir, "tokenizer", "merges.txt")
+        path = storage.join(workdir, "tokenizer", "merges.txt")
         wanted = dict(vocab_size=int(vocab_size), train_source=_trained_source(source))
         # An existing file wins over retraining (a resumed run must keep the ids it trained with),
         # but only when it was trained from what the config asks for.
-        if os.path.isfile(path):
+        if storage.isfile(path):
             _check_workdir_merges(path, workdir, wanted)
         else:
             log.info("training a %d-token BPE on %s into %s", vocab_size, source, path)
-            captions = load_captions(source)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            # The record first: a crash between the two leaves no merges file without its record.
-            _write_json(os.path.splitext(path)[0] + ".json", wanted)
-            train_bpe(captions, int(vocab_size), path)
-    tokenizer = BPETokenizer.from_merges(
-        path,
+            trained = bpe_merges_text(load_captions(source), int(vocab_size))
+            # Every process trains the same merges; the first writes them.
+            if _main_process():
+                storage.makedirs(storage.dirname(path))
+                # The record first: a crash between the two leaves no merges file without its record.
+                _write_json(os.path.splitext(path)[0] + ".json", wanted)
+                storage.write_text(path, trained)
+    options = dict(
         context_length=int(get("context_length", 77)),
         pad_mode=get("pad_mode", "zeros"),
         max_merges=get("max_merges", None),
     )
+    if trained is not None:
+        tokenizer = BPETokenizer.from_merges_text(trained, path, **options)
+    else:
+        tokenizer = BPETokenizer.from_merges(path, **options)
     configured = get("vocab_size")
     if configured and tokenizer.vocab_size > int(configured):
         log.warning(

@@ -18,6 +18,7 @@ import time
 import types
 from typing import Iterable, Sequence
 
+from core_jax import storage
 from core_jax.cli import ArgumentParser
 from core_jax.data.sources import webdataset_captions
 from core_jax.errors import ConfigError
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.time()
     skipped: dict[str, int] = {}
     try:
+        storage.check_reachable(args.out, args.captions_file)
         if args.webdataset_urls:
             captions: Iterable[str] = webdataset_captions(args.webdataset_urls, args.caption_key, skipped)
         else:

@@ -21,9 +21,11 @@ the network, get their own statistics the same way.
 
 from __future__ import annotations
 
-import os
+import io
 
 import numpy as np
+
+from core_jax import storage
 
 STATS_FILE = "embedding_stats.npz"
 KEYS = ("image_mean", "image_std", "text_mean", "text_std")
@@ -72,17 +74,16 @@ def compute_stats(image_embeddings, text_embeddings) -> dict[str, np.ndarray]:
 
 
 def stats_path(directory: str) -> str:
-    return os.path.join(directory, STATS_FILE)
+    return storage.join(directory, STATS_FILE)
 
 
 def save_stats(directory: str, stats: dict) -> str:
     """Writes STATS_FILE into `directory` (through a temporary file, so a reader never sees half
     of one); returns its path."""
-    os.makedirs(directory, exist_ok=True)
+    buffer = io.BytesIO()
+    np.savez(buffer, **{key: np.asarray(value) for key, value in stats.items()})
     path = stats_path(directory)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **{key: np.asarray(value) for key, value in stats.items()})
-    os.replace(tmp, path)
+    storage.write_bytes(path, buffer.getvalue())
     return path
 
 
@@ -91,10 +92,10 @@ def load_stats(directory: str, clip_dim: int | None = None) -> dict[str, np.ndar
     FileNotFoundError when there are none, ValueError when the file is unreadable or (with
     `clip_dim`) of another embedding width."""
     path = stats_path(directory)
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with np.load(io.BytesIO(storage.read_bytes(path)), allow_pickle=False) as f:
             stats = {key: np.asarray(f[key]) for key in f.files}
         for key in (*KEYS, "count"):
             stats[key]  # noqa: B018  (a KeyError names the missing array)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import numpy as np
@@ -24,7 +23,7 @@ from absl import flags
 
 from clip_jax.api import CLIPModel
 from core_jax import app as app_lib
-from core_jax import checkpoint
+from core_jax import checkpoint, storage
 from core_jax.data import make_iterator
 from core_jax.data.embedding_shards import INDEX_FILE
 from core_jax.data.image_ops import clip_normalize, resize_and_crop
@@ -103,14 +102,15 @@ def encode_split(
             n = min(shard_size, len(pending["keys"]))
             name = f"{split}-{len(shards):05d}.npz"
             arrays = {key: np.stack(pending[key][:n]) for key in columns[:3]}
-            np.savez(
-                os.path.join(out_dir, name),
-                image_embedding=arrays["image_embedding"].astype(np.float32),
-                text_embedding=arrays["text_embedding"].astype(np.float32),
-                text=arrays["text"].astype(np.int32),
-                captions=np.asarray(pending["captions"][:n], dtype=str),
-                keys=np.asarray(pending["keys"][:n], dtype=str),
-            )
+            with storage.open(storage.join(out_dir, name), "wb") as f:
+                np.savez(
+                    f,
+                    image_embedding=arrays["image_embedding"].astype(np.float32),
+                    text_embedding=arrays["text_embedding"].astype(np.float32),
+                    text=arrays["text"].astype(np.int32),
+                    captions=np.asarray(pending["captions"][:n], dtype=str),
+                    keys=np.asarray(pending["keys"][:n], dtype=str),
+                )
             shards.append(name)
             for key in pending:
                 del pending[key][:n]
@@ -155,6 +155,7 @@ def main(argv):
     if FLAGS.shard_size <= 0 or FLAGS.batch_size <= 0:
         app_lib.fail("--shard_size and --batch_size must be positive")
     try:
+        storage.check_reachable(FLAGS.clip_workdir, FLAGS.out_dir)
         clip_config = read_workdir_config(FLAGS.clip_workdir, CLIP_TASK)
         clip_step = checkpoint.latest_step(FLAGS.clip_workdir)
         if clip_step is None:
@@ -170,11 +171,11 @@ def main(argv):
             iterators[split] = split_iterator(clip, data_config, split, batch_size=FLAGS.batch_size)
         except (FileNotFoundError, ValueError) as e:
             app_lib.fail(f"split {split!r}: {e}")
-    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    storage.makedirs(FLAGS.out_dir)
     index = {
         "clip_dim": clip.embed_dim,
         "text_length": int(clip.config.text.context_length),
-        "clip_workdir": os.path.abspath(FLAGS.clip_workdir),
+        "clip_workdir": storage.absolute(FLAGS.clip_workdir),
         "clip_step": int(clip_step),
         "splits": {},
     }
@@ -195,7 +196,7 @@ def main(argv):
         if split == str(data_config.split) and stats.count >= 2:
             path = embedding_stats.save_stats(FLAGS.out_dir, dict(stats.result(), stats_split=split))
             print(f"wrote {path} ({stats.count} {split} examples)", flush=True)
-    with open(os.path.join(FLAGS.out_dir, INDEX_FILE), "w") as f:
+    with storage.open(storage.join(FLAGS.out_dir, INDEX_FILE), "w") as f:
         json.dump(index, f, indent=2)
     print(f"wrote {FLAGS.out_dir}/{INDEX_FILE}", flush=True)
 

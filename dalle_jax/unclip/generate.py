@@ -21,11 +21,11 @@ the CLIP that scores the samples. Bad input: one `error:` line, exit 2, nothing 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 
 from clip_jax.api import CLIPModel
+from core_jax import storage
 from core_jax.cli import ArgumentParser, fail
 from core_jax.errors import ConfigError
 from dalle_jax import rerank
@@ -105,9 +105,10 @@ def check_sampling_args(args, decoder_scale_flag: str) -> None:
 
 def check_args(args) -> list[str]:
     """The prompts, from the arguments alone, before any model is loaded."""
+    storage.check_reachable(args.out_dir, args.clip_workdir, args.prompts_file)
     prompts = read_prompts(args)
     check_sampling_args(args, "decoder_scale")
-    if args.clip_workdir and not os.path.isdir(args.clip_workdir):
+    if args.clip_workdir and not storage.isdir(args.clip_workdir):
         raise ValueError(f"--clip_workdir not found: {args.clip_workdir}")
     return prompts
 
@@ -194,13 +195,13 @@ def main(argv=None, *, models: TextToImage | None = None, clip=None):
     meta = dict(settings(args, models, sampling), mode="generate", top_k_rerank=args.top_k_rerank)
     results = []
     for p, prompt in enumerate(prompts):
-        out_dir = args.out_dir if args.prompts_file is None else os.path.join(args.out_dir, f"{p:03d}")
+        out_dir = args.out_dir if args.prompts_file is None else storage.join(args.out_dir, f"{p:03d}")
         scores = None if clip_scores is None else clip_scores[p]
         arrays = {"embeddings.npy": out.embeddings[p]}
         prompt_meta = dict(meta, truncated=cuts.get(p))
         results.append(write_prompt_dir(out_dir, prompt, out.images[p], arrays, scores, keep, prompt_meta))
     if args.prompts_file is not None:
-        with open(os.path.join(args.out_dir, "prompts.json"), "w") as f:
+        with storage.open(storage.join(args.out_dir, "prompts.json"), "w") as f:
             json.dump({f"{p:03d}": prompt for p, prompt in enumerate(prompts)}, f, indent=1)
     stages = ", ".join(f"{k.split('_')[0]} {v:.1f} s" for k, v in out.seconds.items() if v)
     log(

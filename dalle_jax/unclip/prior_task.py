@@ -20,7 +20,6 @@ causal transformer (dalle_jax/unclip/prior.py) that draws a CLIP image embedding
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,7 @@ import numpy as np
 
 from clip_jax import model as clip_model
 from clip_jax.api import CLIPModel
+from core_jax import storage
 from core_jax.config import base_config
 from core_jax.data import image_ops
 from core_jax.data.embedding_shards import read_index
@@ -137,7 +137,7 @@ def check_shards_clip(config) -> None:
         index = read_index(str(config.data.embeddings_dir))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    here = (os.path.abspath(str(config.clip_workdir)), int(config.clip_step))
+    here = (storage.absolute(str(config.clip_workdir)), int(config.clip_step))
     there = (str(index.get("clip_workdir", "")), int(index.get("clip_step", -1)))
     if here != there:
         raise ConfigError(

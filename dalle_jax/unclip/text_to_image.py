@@ -17,11 +17,11 @@ one batch; classifier-free guidance runs its conditional and null rows in the sa
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
 
+from core_jax import storage
 from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import samplers, uses
 from dalle_jax.unclip.api import DECODER_TASK, PRIOR_TASK, UPSAMPLER_TASK, Decoder, Prior, Upsampler
@@ -44,7 +44,8 @@ def read_configs(prior_workdir: str, decoder_workdir: str, upsampler_workdir: st
         ("decoder_workdir", decoder_workdir),
         ("upsampler_workdir", upsampler_workdir),
     ):
-        if path and not os.path.isdir(path):
+        storage.check_reachable(path)
+        if path and not storage.isdir(path):
             raise ValueError(f"--{flag} not found: {path}")
     configs = (
         read_workdir_config(prior_workdir, PRIOR_TASK),
@@ -56,7 +57,7 @@ def read_configs(prior_workdir: str, decoder_workdir: str, upsampler_workdir: st
 
 
 def _clip_of(config) -> tuple[str, int]:
-    return os.path.abspath(str(config.clip_workdir)), int(config.clip_step)
+    return storage.absolute(str(config.clip_workdir)), int(config.clip_step)
 
 
 def check_stack(prior_config, decoder_config, upsampler_config=None) -> list[str]:

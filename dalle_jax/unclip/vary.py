@@ -34,6 +34,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from core_jax import storage
 from core_jax.checkpoint import latest_step
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data.decode import SkipExample, decode_image
@@ -183,7 +184,7 @@ def default_eta(mode: str, sampler: str) -> float:
 
 def read_image(path: str) -> np.ndarray:
     try:
-        with open(path, "rb") as f:
+        with storage.open(path, "rb") as f:
             return decode_image(f.read(), min_side=1)
     except (OSError, SkipExample) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
@@ -192,13 +193,9 @@ def read_image(path: str) -> np.ndarray:
 def read_input_dir(input_dir: str) -> list[tuple[str, str, np.ndarray]]:
     """(name, path, uint8 image) for every image file of the folder, sorted by file name; the
     name (the file name without extension) is the image's output folder."""
-    if not os.path.isdir(input_dir):
+    if not storage.isdir(input_dir):
         raise ValueError(f"--input_dir not found: {input_dir}")
-    files = sorted(
-        f
-        for f in os.listdir(input_dir)
-        if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(input_dir, f))
-    )
+    files = [f for f in storage.files_in(input_dir) if f.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise ValueError(f"--input_dir {input_dir} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     names = [os.path.splitext(f)[0] for f in files]
@@ -208,7 +205,7 @@ def read_input_dir(input_dir: str) -> list[tuple[str, str, np.ndarray]]:
             f"--input_dir {input_dir}: two images share the name {twice[0]!r} (one output folder each)"
         )
     return [
-        (n, os.path.join(input_dir, f), read_image(os.path.join(input_dir, f))) for n, f in zip(names, files)
+        (n, storage.join(input_dir, f), read_image(storage.join(input_dir, f))) for n, f in zip(names, files)
     ]
 
 
@@ -217,12 +214,12 @@ def find_named_images(names, input_dir: str | None, flag: str) -> list[tuple[str
     found = []
     for name in names:
         path = name
-        if not os.path.isfile(path) and input_dir and os.path.isfile(os.path.join(input_dir, name)):
-            path = os.path.join(input_dir, name)
-        if not os.path.isfile(path):
+        if not storage.isfile(path) and input_dir and storage.isfile(storage.join(input_dir, name)):
+            path = storage.join(input_dir, name)
+        if not storage.isfile(path):
             where = f" (nor in --input_dir {input_dir})" if input_dir else ""
             raise ValueError(f"{flag}: {name} not found{where}")
-        found.append((os.path.splitext(os.path.basename(path))[0], path, read_image(path)))
+        found.append((os.path.splitext(storage.basename(path))[0], path, read_image(path)))
     return found
 
 
@@ -243,7 +240,7 @@ def load_models(args, decoder=None, upsampler=None):
     """The decoder (with its CLIP) and the upsampler of the arguments, unless given already."""
     for flag in ("decoder_workdir", "upsampler_workdir", "clip_workdir"):
         path = getattr(args, flag)
-        if path and not os.path.isdir(path):
+        if path and not storage.isdir(path):
             raise ValueError(f"--{flag} not found: {path}")
     if decoder is None:
         decoder = Decoder.load(
@@ -266,16 +263,16 @@ def workdir_steps(args, decoder, upsampler) -> dict:
 
     clip_workdir = args.clip_workdir or str(decoder.config.clip_workdir)
     out = {
-        "decoder_workdir": os.path.abspath(args.decoder_workdir),
+        "decoder_workdir": storage.absolute(args.decoder_workdir),
         "decoder_step": step_of(args.decoder_workdir, args.step),
-        "clip_workdir": os.path.abspath(clip_workdir),
+        "clip_workdir": storage.absolute(clip_workdir),
         "clip_step": step_of(clip_workdir, None if args.clip_workdir else int(decoder.config.clip_step)),
         "upsampler_workdir": None,
         "upsampler_step": None,
     }
     if upsampler is not None and args.upsampler_workdir:
         out.update(
-            upsampler_workdir=os.path.abspath(args.upsampler_workdir),
+            upsampler_workdir=storage.absolute(args.upsampler_workdir),
             upsampler_step=step_of(args.upsampler_workdir),
         )
     return out
@@ -344,18 +341,18 @@ def text_diff_settings(args) -> dict:
 def write_samples(folder: str, samples: np.ndarray, before: list, after: list, grid_name: str) -> list:
     """NNN.png per sample and one sheet: the `before` images, the samples, the `after` images
     (in one row for a strip)."""
-    os.makedirs(folder, exist_ok=True)
+    storage.makedirs(folder)
     files = []
     for i, image in enumerate(samples):
         files.append(f"{i:03d}.png")
-        Image.fromarray(image).save(os.path.join(folder, files[-1]))
+        with storage.open(storage.join(folder, files[-1]), "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
     size = samples.shape[1]
     shown = [uses.display_view(s, size)[None] for s in before] + [samples]
     shown += [uses.display_view(s, size)[None] for s in after]
     one_row = grid_name == "strip.png"
-    Image.fromarray(image_grid(np.concatenate(shown), rows=1 if one_row else None)).save(
-        os.path.join(folder, grid_name)
-    )
+    with storage.open(storage.join(folder, grid_name), "wb") as f:
+        Image.fromarray(image_grid(np.concatenate(shown), rows=1 if one_row else None)).save(f, format="PNG")
     return files
 
 
@@ -364,6 +361,9 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
     notebooks and tests that call it many times. Returns the settings it wrote."""
     args = build_parser().parse_args(argv)
     try:
+        storage.check_reachable(
+            args.out_dir, args.input_dir, args.decoder_workdir, args.upsampler_workdir, args.clip_workdir
+        )
         mode = check_args(args)
         if mode == "interpolate":
             inputs = find_named_images(args.interpolate, args.input_dir, "--interpolate")
@@ -398,7 +398,7 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
 
     written = {}
     for name, samples in results.items():
-        folder = os.path.join(args.out_dir, name)
+        folder = storage.join(args.out_dir, name)
         if mode == "interpolate":
             written[name] = write_samples(folder, samples, [inputs[0][2]], [inputs[1][2]], "strip.png")
         elif mode == "text_diff":
@@ -417,9 +417,9 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
         inpaint_pixels_redrawn={n: int(m.sum()) for n, m in masks.items()} if box else None,
         decoder_size=decoder.image_size,
         output_size=int(next(iter(results.values())).shape[-2]),
-        input_dir=os.path.abspath(args.input_dir) if args.input_dir else None,
+        input_dir=storage.absolute(args.input_dir) if args.input_dir else None,
         inputs=[
-            dict(name=n, path=os.path.abspath(p), width=im.shape[1], height=im.shape[0])
+            dict(name=n, path=storage.absolute(p), width=im.shape[1], height=im.shape[0])
             for n, p, im in inputs
         ],
         **workdir_steps(args, decoder, upsampler),
@@ -428,7 +428,7 @@ def main(argv=None, *, decoder=None, upsampler=None) -> dict:
         files={name: files for name, files in written.items()},
         seconds=round(seconds, 3),
     )
-    with open(os.path.join(args.out_dir, "settings.json"), "w") as f:
+    with storage.open(storage.join(args.out_dir, "settings.json"), "w") as f:
         json.dump(settings, f, indent=1)
     count = sum(len(v) for v in written.values())
     print(f"{mode}: {count} images in {seconds:.1f} s; wrote {args.out_dir}", file=sys.stderr, flush=True)
