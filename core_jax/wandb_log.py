@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from core_jax import storage
 from core_jax.errors import ConfigError
 
 # '' leaves the choice to wandb (its WANDB_MODE variable, else online).
@@ -51,5 +52,5 @@ def start(config, workdir: str):
         mode=settings.mode or None,
         config=config.to_dict(),
         # wandb keeps its files on a local disk; a bucket workdir leaves them in its default place.
-        dir=None if "://" in workdir else workdir,
+        dir=None if storage.is_remote(workdir) else workdir,
     )
