@@ -73,11 +73,13 @@ class DVAE:
         )
         return cls(config, params, compute_dtype, mesh)
 
-    def _run(self, fn, rows):
-        # Without a mesh the API runs on this process's device whatever mesh the caller has set (a
-        # trainer's evaluator tokenizes under the training mesh, which spans other processes' devices).
-        if self.mesh is None:
-            with jax.set_mesh(None):
+    def _run(self, fn, make_rows):
+        # The rows are made, and without a mesh the API runs, on this process's device whatever mesh
+        # the caller has set (a trainer's evaluator tokenizes under the training mesh, which spans
+        # other processes' devices); with a mesh they are then split over it.
+        with jax.set_mesh(None):
+            rows = make_rows()
+            if self.mesh is None:
                 return fn(self.params, rows)
         with jax.set_mesh(self.mesh):
             return sharded_inference.gather(fn(self.params, sharded_inference.shard_rows(self.mesh, rows)))
@@ -114,7 +116,7 @@ class DVAE:
 
     def encode(self, images) -> jax.Array:
         """uint8 [B,H,W,3] (or float in [0, 1]) -> int32 tokens [B, grid, grid]."""
-        return self._run(self._encode, self._images01(images))
+        return self._run(self._encode, lambda: self._images01(images))
 
     def decode(self, tokens) -> jax.Array:
         """int tokens [B, grid, grid] -> uint8 images [B, H, W, 3]."""
@@ -133,7 +135,9 @@ class DVAE:
             raise ValueError(
                 f"tokens must lie in [0, {self.vocab_size}), got range [{tokens.min()}, {tokens.max()}]"
             )
-        return _to_uint8(self._run(self._decode, jnp.asarray(tokens)))
+        pixels01 = self._run(self._decode, lambda: jnp.asarray(tokens))
+        with jax.set_mesh(None):
+            return _to_uint8(pixels01)
 
     def reconstruct(self, images) -> jax.Array:
         return self.decode(self.encode(images))

@@ -16,19 +16,19 @@ import signal
 import threading
 import time
 
-from core_jax import app
+from core_jax import app, storage
 from tests.toy_task import make_toy_task
 
 KILL_ENV = "FAULT_KILL_AT"
 
 
 def _reached(workdir: str, kind: str, k: int) -> bool:
+    # Through core_jax.storage: the worker's workdir may be a bucket (tests/test_buckets.py).
     if kind == "save":
-        ckpt = os.path.join(workdir, "checkpoints")
-        return any(os.path.exists(os.path.join(ckpt, n)) for n in (f"{k}.orbax-checkpoint-tmp", str(k)))
+        ckpt = storage.join(workdir, "checkpoints")
+        return any(storage.exists(storage.join(ckpt, n)) for n in (f"{k}.orbax-checkpoint-tmp", str(k)))
     try:
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            return f'{{"step": {k},' in f.read()
+        return f'{{"step": {k},' in storage.read_text(storage.join(workdir, "metrics.jsonl"))
     except FileNotFoundError:
         return False
 
@@ -41,7 +41,8 @@ def kill_when(workdir: str, spec: str) -> None:
 
     def watch():
         while not _reached(workdir, kind, int(k)):
-            time.sleep(0.001)  # a toy checkpoint's save takes tens of milliseconds
+            # A toy checkpoint's save takes tens of milliseconds; a bucket is asked less often.
+            time.sleep(0.05 if storage.is_remote(workdir) else 0.001)
         time.sleep(int(delay[0]) / 1000 if delay else 0)
         os.kill(os.getpid(), signal.SIGKILL)
 
