@@ -75,6 +75,8 @@ setup(
             "s3fs>=2024.1",
             "gcp-storage-emulator>=2024.8",
             "moto[server]>=5.0",
+            # tests/test_wandb_logging.py logs a run offline and reads it back.
+            "wandb>=0.31",
         ],
         # Weight converters and parity tests only; never needed to train.
         "torch": ["torch>=2.1"],
