@@ -16,7 +16,7 @@ from core_jax import storage, trainer
 from core_jax.app import load_config
 from core_jax.errors import ConfigError
 from tests.buckets import free_port, gcs_emulator, local_files, s3_server
-from tests.workdirs import tiny_dvae_workdir
+from tests.workdirs import TINY_CLIP_TOWERS, tiny_dvae_workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.devices()[:1]
@@ -52,15 +52,7 @@ def tiny(c, steps, checkpoint_every=1):
 def clip_config(steps=2, checkpoint_every=1):
     c = tiny(load_config("clip_shapes"), steps, checkpoint_every)
     c.model.image_size = c.data.image_size = 16
-    c.model.update(
-        vision_width=16,
-        vision_layers=1,
-        vision_heads=2,
-        text_width=16,
-        text_layers=1,
-        text_heads=2,
-        embed_dim=8,
-    )
+    c.model.update(**TINY_CLIP_TOWERS)
     c.eval.evaluators = ""
     return c
 

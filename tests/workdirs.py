@@ -6,6 +6,12 @@ import jax
 import numpy as np
 
 
+# One layer of width 16 in each tower: the smallest CLIP the tests train or load.
+TINY_CLIP_TOWERS = dict(
+    vision_width=16, vision_layers=1, vision_heads=2, text_width=16, text_layers=1, text_heads=2, embed_dim=8
+)
+
+
 def random_params(abstract, seed, scale):
     """Random values in the params' shapes, filled on the host (a jitted init compiles slowly);
     LayerNorm scales near 1."""
@@ -45,16 +51,7 @@ def tiny_clip_workdir(wd, image_size: int = 16):
 
     c = get_config()
     c.model.image_size = c.data.image_size = image_size
-    c.model.update(
-        patch_size=8,
-        vision_width=16,
-        vision_layers=1,
-        vision_heads=2,
-        text_width=16,
-        text_layers=1,
-        text_heads=2,
-        embed_dim=8,
-    )
+    c.model.update(patch_size=8, **TINY_CLIP_TOWERS)
     c.scan_unroll = 1
     tokenizer_from_config(c.text, wd, data_source="shapes")
     abstract = clip_model.abstract_params(clip_model.clip_from_config(c))
