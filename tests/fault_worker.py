@@ -7,7 +7,9 @@ in every trainer. FAULT_KILL_AT makes the process kill itself with SIGKILL (no c
 kernel's OOM killer or a lost machine would):
 - `save:K[:D]`: D milliseconds (default 0) after checkpoint K's save has begun (orbax's temporary
   folder, or already the step's folder, exists): inside orbax's background write while it lasts;
-- `step:K`: as soon as metrics.jsonl holds step K's row (written while step K+1 runs).
+- `step:K`: as soon as metrics.jsonl holds step K's row (written while step K+1 runs);
+- `saved:K`: as soon as checkpoint K is complete (its folder renamed into place on a local disk;
+  on a bucket, where orbax writes the step's folder in place, its commit_success.txt written).
 """
 
 import dataclasses
@@ -24,9 +26,12 @@ KILL_ENV = "FAULT_KILL_AT"
 
 def _reached(workdir: str, kind: str, k: int) -> bool:
     # Through core_jax.storage: the worker's workdir may be a bucket (tests/test_buckets.py).
+    ckpt = storage.join(workdir, "checkpoints")
     if kind == "save":
-        ckpt = storage.join(workdir, "checkpoints")
         return any(storage.exists(storage.join(ckpt, n)) for n in (f"{k}.orbax-checkpoint-tmp", str(k)))
+    if kind == "saved":
+        final = [str(k), "commit_success.txt"] if storage.is_remote(workdir) else [str(k)]
+        return storage.exists(storage.join(ckpt, *final))
     try:
         return f'{{"step": {k},' in storage.read_text(storage.join(workdir, "metrics.jsonl"))
     except FileNotFoundError:
@@ -36,8 +41,8 @@ def _reached(workdir: str, kind: str, k: int) -> bool:
 def kill_when(workdir: str, spec: str) -> None:
     """Starts a thread that SIGKILLs this process once `spec` (`save:K[:D]` or `step:K`) happens."""
     kind, k, *delay = spec.split(":")
-    if kind not in ("save", "step") or len(delay) > (kind == "save"):
-        raise ValueError(f"{KILL_ENV}={spec!r}: expected save:K, save:K:MILLISECONDS or step:K")
+    if kind not in ("save", "saved", "step") or len(delay) > (kind == "save"):
+        raise ValueError(f"{KILL_ENV}={spec!r}: expected save:K, save:K:MILLISECONDS, saved:K or step:K")
 
     def watch():
         while not _reached(workdir, kind, int(k)):
