@@ -23,8 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from jax.experimental import multihost_utils
 
 from core_jax import checkpoint, distributed, sharding
 from core_jax.errors import ConfigError
@@ -134,12 +133,10 @@ def pad_rows(mesh, rows: int) -> int:
 
 
 def gather(x) -> np.ndarray:
-    """A (possibly multi-process) array -> all of it as numpy, on every process."""
-    if x.is_fully_addressable:
+    """A (possibly multi-process) array, or numpy -> all of it as numpy, on every process."""
+    if getattr(x, "is_fully_addressable", True):
         return np.asarray(jax.device_get(x))
-    mesh = x.sharding.mesh
-    whole = jax.jit(lambda a: a, out_shardings=NamedSharding(mesh, P()))(x)
-    return np.asarray(whole.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def is_writer() -> bool:

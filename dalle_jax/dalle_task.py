@@ -20,11 +20,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
 
 from core_jax.data import image_ops
 from core_jax.data.decode import example_caption
 from core_jax.metrics import image_grid
+from core_jax.sharded_inference import gather
 from core_jax.trainer import Evaluator, Task, eval_batches, mean_over_micro_batches
 from dalle_jax import sampling
 from dalle_jax import transformer as model_lib
@@ -163,24 +163,17 @@ def make_accum_grads_fn(loss_fn):
     return accum_grads_fn
 
 
-def _host_rows(x, n):
-    """The first n rows of a (possibly multi-host) global array, as numpy on every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))[:n]
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]
-
-
 def make_image_fn(cfg, dvae, num_images: int = 8):
     """Samples one image per caption of the first rows of the batch, decoded with the dVAE."""
 
     def image_fn(params, batch):
-        text = _host_rows(batch["text"], 4 * num_images)
+        text = gather(batch["text"])[: 4 * num_images]
         if "caption_kept" in batch:  # sample from real captions, not caption-dropped rows
-            kept = _host_rows(batch["caption_kept"], 4 * num_images) > 0
+            kept = gather(batch["caption_kept"])[: 4 * num_images] > 0
             text = np.concatenate([text[kept], text[~kept]])
         text = text[:num_images]
         tokens = sampling.sample(params, cfg, text, rng=jax.random.key(0))
-        tokens = _host_rows(tokens, num_images).reshape(-1, cfg.image_grid, cfg.image_grid)
+        tokens = gather(tokens)[:num_images].reshape(-1, cfg.image_grid, cfg.image_grid)
         return {"samples": image_grid(np.asarray(dvae.decode(tokens)))}
 
     return image_fn

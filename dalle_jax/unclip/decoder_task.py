@@ -33,6 +33,7 @@ from core_jax.data import image_ops
 from core_jax.data.decode import example_caption
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
+from core_jax.sharded_inference import gather
 from core_jax.trainer import Task
 from core_jax.workdir_kinds import read_workdir_config
 from dalle_jax.unclip import denoise, pixels, unet
@@ -41,7 +42,6 @@ from dalle_jax.unclip.diffusion_task import (
     diffusion_section,
     dit_section,
     draw_noise_seed,
-    host_rows,
     make_loss_evaluator,
     make_loss_fn,
     noise_schedule,
@@ -257,10 +257,10 @@ def make_image_fn(config, model, schedule):
 
     def image_fn(params, batch):
         rows = min(int(s.preview_images), batch["target"].shape[0])
-        cond = {key: host_rows(batch[key], rows) for key in CONDITION_KEYS}
+        cond = {key: gather(batch[key])[:rows] for key in CONDITION_KEYS}
         x_T = denoise.start_noise(jax.random.key(0), (rows, size, size, 3))
-        decoded = host_rows(draw(params, cond, x_T, jax.random.key(1)), rows)
-        originals = host_rows(batch["target"], rows)
+        decoded = gather(draw(params, cond, x_T, jax.random.key(1)))[:rows]
+        originals = gather(batch["target"])[:rows]
         images = np.concatenate([pixels.to_uint8(originals), pixels.to_uint8(decoded)])
         return {"decodes": image_grid(images, rows=2)}
 

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 
 from core_jax.errors import ConfigError
 from core_jax.trainer import Evaluator, eval_batches
@@ -281,10 +280,3 @@ def make_loss_evaluator(config, model, schedule, example_fn, batch_fn, condition
         return {"loss": total / count}
 
     return Evaluator(name=str(config.data.eval_split), fn=fn)
-
-
-def host_rows(x, n: int) -> np.ndarray:
-    """The first n rows of a (possibly multi-host) global array, as numpy on every process."""
-    if getattr(x, "is_fully_addressable", True):
-        return np.asarray(jax.device_get(x))[:n]
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))[:n]

@@ -27,13 +27,13 @@ from core_jax.config import base_config
 from core_jax.data import image_ops
 from core_jax.errors import ConfigError
 from core_jax.metrics import image_grid
+from core_jax.sharded_inference import gather
 from core_jax.trainer import Task
 from dalle_jax.unclip import denoise, pixels, unet
 from dalle_jax.unclip.diffusion_task import (
     check_sample,
     diffusion_section,
     draw_noise_seed,
-    host_rows,
     make_loss_evaluator,
     make_loss_fn,
     noise_schedule,
@@ -151,9 +151,9 @@ def make_image_fn(config, model, schedule):
 
     def image_fn(params, batch):
         rows = min(int(s.preview_images), batch["target"].shape[0])
-        low_res, target = host_rows(batch["low_res"], rows), host_rows(batch["target"], rows)
+        low_res, target = gather(batch["low_res"])[:rows], gather(batch["target"])[:rows]
         x_T = denoise.start_noise(jax.random.key(0), target.shape)
-        upsampled = host_rows(draw(params, low_res, x_T, jax.random.key(1)), rows)
+        upsampled = gather(draw(params, low_res, x_T, jax.random.key(1)))[:rows]
         factor = target.shape[1] // low_res.shape[1]
         nearest = np.repeat(np.repeat(low_res, factor, axis=1), factor, axis=2)
         images = np.concatenate([pixels.to_uint8(x) for x in (nearest, upsampled, target)])
