@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 
 from core_jax import app as app_lib
 from core_jax import distributed, storage
+from core_jax.checkpoint import read_json
 from core_jax.data import make_iterator
 from core_jax.data.image_ops import resize_and_crop, to_float01
 from core_jax.errors import RunError
@@ -99,10 +100,7 @@ def part_index_name(process_index: int) -> str:
 def merge_part_indexes(out_dir: str, process_count: int) -> dict:
     """index.json's content from the part index of every process: each split's examples summed,
     its shards listed process after process."""
-    parts = []
-    for i in range(process_count):
-        with storage.open(storage.join(out_dir, part_index_name(i))) as f:
-            parts.append(json.load(f))
+    parts = [read_json(storage.join(out_dir, part_index_name(i))) for i in range(process_count)]
     merged = {k: v for k, v in parts[0].items() if k != "splits"}
     merged["splits"] = {}
     for split in parts[0]["splits"]:
