@@ -98,13 +98,9 @@ def _read_text(path: str) -> str:
     return data.decode("utf-8")
 
 
-def read_merges(path: str, max_merges: int | None = None):
-    """Returns (merges, end-of-word characters or None meaning all 256) from a merges file."""
-    return parse_merges(_read_text(path), path, max_merges)
-
-
 def parse_merges(text: str, path: str, max_merges: int | None = None):
-    """read_merges of a merges file's text; `path` names it in errors."""
+    """(merges, end-of-word characters or None meaning all 256) of a merges file's text; `path`
+    names the file in errors."""
     lines = text.split("\n")
     header = lines[0] if "#version" in lines[0] else None
     body = lines[1:] if header is not None else lines
@@ -217,8 +213,7 @@ class BPETokenizer:
         path = os.fspath(path)
         if not storage.isfile(path):
             raise FileNotFoundError(f"BPE merges file not found: {path}")
-        merges, eow_chars = read_merges(path, max_merges)
-        return cls(merges, eow_chars, context_length=context_length, pad_mode=pad_mode, path=path)
+        return cls.from_merges_text(_read_text(path), path, context_length, pad_mode, max_merges)
 
     @classmethod
     def from_merges_text(
