@@ -12,7 +12,6 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
 from core_jax import storage
 from core_jax.errors import write_error
@@ -128,8 +127,7 @@ class MetricsWriter:
             path = storage.join(d, f"{name.replace('/', '_')}_{step:07d}.png")
             try:
                 storage.makedirs(d)
-                with storage.open(path, "wb") as f:
-                    Image.fromarray(img).save(f, format="PNG")
+                storage.write_png(path, img)
             except OSError as e:
                 raise write_error(path, e.errno, str(e)) from None
             if self._tb is not None:

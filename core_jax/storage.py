@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import builtins
 import glob as globlib
+import io
 import logging
 import os
 import posixpath
@@ -16,6 +17,8 @@ import tempfile
 from typing import IO
 
 import fsspec
+import numpy as np
+from PIL import Image
 
 from core_jax.errors import ConfigError
 
@@ -127,6 +130,15 @@ def write_bytes(path, data: bytes) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def write_png(path, image) -> None:
+    """A uint8 [H, W, C] array (or a PIL image) as a PNG file, written whole (see write_bytes)."""
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.asarray(image))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes(path, buffer.getvalue())
 
 
 def makedirs(path) -> None:

@@ -95,8 +95,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, json.JSONDecodeError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    with storage.open(args.out, "wb") as f:
-        contact_sheet(rows, args.scale).save(f, format="PNG")
+    storage.write_png(args.out, contact_sheet(rows, args.scale))
     print(f"wrote {args.out} ({len(rows)} captions)")
     return 0
 

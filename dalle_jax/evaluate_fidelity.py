@@ -35,7 +35,6 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from clip_jax.api import CLIPModel
 from core_jax import sharded_inference, storage
@@ -117,12 +116,11 @@ def save_grids(
     """<name>_first.png (and <name>_clip_best.png): one image per caption, captions in report order."""
     storage.makedirs(images_dir)
     images = images[:max_prompts]
-    with storage.open(storage.join(images_dir, f"{name}_first.png"), "wb") as f:
-        Image.fromarray(image_grid(images[:, 0])).save(f, format="PNG")
+    storage.write_png(storage.join(images_dir, f"{name}_first.png"), image_grid(images[:, 0]))
     if scores is not None:
         best = best_index(scores[:max_prompts])
-        with storage.open(storage.join(images_dir, f"{name}_clip_best.png"), "wb") as f:
-            Image.fromarray(image_grid(images[np.arange(len(images)), best])).save(f, format="PNG")
+        best_grid = image_grid(images[np.arange(len(images)), best])
+        storage.write_png(storage.join(images_dir, f"{name}_clip_best.png"), best_grid)
 
 
 class DalleSampler:

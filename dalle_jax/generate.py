@@ -30,7 +30,6 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from core_jax import sharded_inference, storage
 from core_jax.cli import ArgumentParser, fail
@@ -237,14 +236,12 @@ def write_prompt_dir(
     entries = []
     for r, i in enumerate(order):
         name = f"{r:03d}.png"
-        with storage.open(storage.join(out_dir, name), "wb") as f:
-            Image.fromarray(images[i]).save(f, format="PNG")
+        storage.write_png(storage.join(out_dir, name), images[i])
         entry = {"file": name, "rank": r, "sample": int(i)}
         if clip_scores is not None:
             entry["clip_score"] = float(clip_scores[i])
         entries.append(entry)
-    with storage.open(storage.join(out_dir, "grid.png"), "wb") as f:
-        Image.fromarray(image_grid(images[order])).save(f, format="PNG")
+    storage.write_png(storage.join(out_dir, "grid.png"), image_grid(images[order]))
     for name, array in arrays.items():
         with storage.open(storage.join(out_dir, name), "wb") as f:
             np.save(f, np.asarray(array)[order])

@@ -99,8 +99,7 @@ def reconstruct_folder(
         if write:
             storage.makedirs(out_dir)  # here: a folder with no readable image writes nothing
             for (name, _), out in zip(loaded, rec):
-                with storage.open(storage.join(out_dir, names[name]), "wb") as f:
-                    Image.fromarray(out).save(f, format="PNG")
+                storage.write_png(storage.join(out_dir, names[name]), out)
         loaded.clear()
 
     for name in files:

@@ -32,7 +32,6 @@ import sys
 import time
 
 import numpy as np
-from PIL import Image
 
 from core_jax import storage
 from core_jax.checkpoint import latest_step
@@ -345,14 +344,14 @@ def write_samples(folder: str, samples: np.ndarray, before: list, after: list, g
     files = []
     for i, image in enumerate(samples):
         files.append(f"{i:03d}.png")
-        with storage.open(storage.join(folder, files[-1]), "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
+        storage.write_png(storage.join(folder, files[-1]), image)
     size = samples.shape[1]
     shown = [uses.display_view(s, size)[None] for s in before] + [samples]
     shown += [uses.display_view(s, size)[None] for s in after]
     one_row = grid_name == "strip.png"
-    with storage.open(storage.join(folder, grid_name), "wb") as f:
-        Image.fromarray(image_grid(np.concatenate(shown), rows=1 if one_row else None)).save(f, format="PNG")
+    storage.write_png(
+        storage.join(folder, grid_name), image_grid(np.concatenate(shown), rows=1 if one_row else None)
+    )
     return files
 
 
