@@ -76,10 +76,7 @@ class CLIPModel:
         return cls(config, params, make_tokenizer(config, workdir), mesh)
 
     def _run(self, fn, rows: np.ndarray) -> np.ndarray:
-        if self.mesh is None:
-            return np.asarray(fn(self.params, rows))
-        with jax.set_mesh(self.mesh):
-            return sharded_inference.gather(fn(self.params, sharded_inference.shard_rows(self.mesh, rows)))
+        return np.asarray(sharded_inference.run(self.mesh, fn, self.params, rows))
 
     def _chunk(self, batch_size: int, n: int) -> int:
         return sharded_inference.pad_rows(self.mesh, min(batch_size, n))

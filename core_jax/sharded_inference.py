@@ -12,8 +12,7 @@ result back, and only process 0 (`is_writer`) writes.
     start(args)                        # joins a multi-process run, before any device is touched
     mesh = choose_mesh(args, config)   # None: one device, params unsharded
     params = load_params(workdir, init_fn, mesh, step=None, ema=True)[1]
-    with jax.set_mesh(mesh):
-        out = gather(fn(params, shard_rows(mesh, rows)))
+    out = run(mesh, fn, params, rows)
 """
 
 from __future__ import annotations
@@ -122,6 +121,17 @@ def shard_rows(mesh, rows: np.ndarray) -> jax.Array:
     rows = np.asarray(rows)
     rows_sharding = sharding.batch_sharding(mesh, rows.ndim, rows.shape[0])
     return jax.make_array_from_callback(rows.shape, rows_sharding, lambda index: rows[index])
+
+
+def run(mesh, fn, params, rows):
+    """`fn(params, rows)`. mesh None: on this process's device whatever mesh the caller has set (a
+    trainer's evaluator runs under a mesh spanning other processes' devices), a device array back;
+    a mesh: the rows split over it and the result gathered, numpy on every process."""
+    if mesh is None:
+        with jax.set_mesh(None):
+            return fn(params, rows)
+    with jax.set_mesh(mesh):
+        return gather(fn(params, shard_rows(mesh, rows)))
 
 
 def pad_rows(mesh, rows: int) -> int:

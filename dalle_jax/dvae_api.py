@@ -74,15 +74,11 @@ class DVAE:
         return cls(config, params, compute_dtype, mesh)
 
     def _run(self, fn, make_rows):
-        # The rows are made, and without a mesh the API runs, on this process's device whatever mesh
-        # the caller has set (a trainer's evaluator tokenizes under the training mesh, which spans
-        # other processes' devices); with a mesh they are then split over it.
+        # The rows are made on this process's device whatever mesh the caller has set (a trainer's
+        # evaluator tokenizes under the training mesh, which spans other processes' devices).
         with jax.set_mesh(None):
             rows = make_rows()
-            if self.mesh is None:
-                return fn(self.params, rows)
-        with jax.set_mesh(self.mesh):
-            return sharded_inference.gather(fn(self.params, sharded_inference.shard_rows(self.mesh, rows)))
+        return sharded_inference.run(self.mesh, fn, self.params, rows)
 
     # -- pure functions -----------------------------------------------------------------------
     def encode_fn(self, params, images01):

@@ -251,12 +251,8 @@ class Pipeline:
     def _sample_chunk(self, text, rng, *, prefix, known, **kwargs) -> np.ndarray:
         if prefix is not None:
             kwargs.update(prefix_image_tokens=prefix, known_mask=known)
-        if self.mesh is None:
-            return np.asarray(sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs))
-        text = sharded_inference.shard_rows(self.mesh, text)
-        with jax.set_mesh(self.mesh):
-            tokens = sampling.sample(self.params, self.cfg, text, rng=rng, **kwargs)
-        return sharded_inference.gather(tokens)
+        sample = lambda params, rows: sampling.sample(params, self.cfg, rows, rng=rng, **kwargs)  # noqa: E731
+        return np.asarray(sharded_inference.run(self.mesh, sample, self.params, text))
 
     def generate(
         self, prompts: Sequence[str | None], num_samples: int, *, image_tokens=None, known_mask=None, **kwargs
