@@ -226,6 +226,12 @@ def test_s3_metrics_config_tokenizer_and_token_shards_round_trip(s3, tmp_path, m
     storage.write_text(f"{shards}/index.json", json.dumps(index))
     with pytest.raises(ConfigError, match="climbs out of the folder"):
         TokenShardSource(shards, "train")
+    # A shard the index lists but the bucket lacks (in its folder, or in a folder it lacks).
+    for missing in ("train-00001.npz", "more/train-00000.npz"):
+        index["splits"]["train"]["shards"] = ["train-00000.npz", missing]
+        storage.write_text(f"{shards}/index.json", json.dumps(index))
+        with pytest.raises(FileNotFoundError, match=f"lists {missing}, which does not exist"):
+            TokenShardSource(shards, "train")
 
 
 def command(tmp_path, module, *args, setup=""):

@@ -42,9 +42,6 @@ class DecodeOptions:
     max_pixels: int | None = decode.DEFAULT_MAX_PIXELS
 
 
-_is_remote = storage.is_remote
-
-
 def _open_binary(path: str):
     return storage.open(path, "rb")
 
@@ -198,7 +195,7 @@ class FolderSource:
             rows = [r for r in rows if "_bad" in r or str(r.get("split")) == split]
         self._rows = rows
         self._path_col, self._cap_col, self._opts = path_col, cap_col, opts
-        remote = _is_remote(index_file)
+        remote = storage.is_remote(index_file)
         base = posixpath.dirname(index_file) if remote else os.path.dirname(os.path.abspath(index_file))
         self._root = IndexRoot(base, remote=remote)
 
@@ -277,11 +274,11 @@ def resolve_shards(urls: str) -> list[str]:
                 shards.extend(matches)
             else:
                 shards.append(path)
-    local = [p for p in shards if not _is_remote(p)]
+    local = [p for p in shards if not storage.is_remote(p)]
     for p in local:
         if not os.path.isfile(p.removeprefix("file://")):
             raise _not_found("webdataset shard not found", p)
-    remote = [p for p in shards if _is_remote(p)]
+    remote = [p for p in shards if storage.is_remote(p)]
     if remote:
         storage.check_reachable(remote[0])
         for p in remote[:1] + remote[-1:]:  # one request per shard would stall big bucket lists
@@ -306,7 +303,7 @@ def _read_tar(path: str, start: int = 0, read_data: bool = True):
     try:
         with (
             _open_binary(path) as f,
-            tarfile.open(fileobj=f, mode="r|*" if _is_remote(path) else "r:*") as tar,
+            tarfile.open(fileobj=f, mode="r|*" if storage.is_remote(path) else "r:*") as tar,
         ):
             for member in tar:
                 if not member.isfile():
@@ -370,7 +367,7 @@ class WebDatasetSource:
         """Records `read(shard)` yields (an unreadable tail counts as one). Cached, since every
         eval pass needs all counts and a bucket shard can only be counted by streaming it."""
         path = self.shards[shard]
-        stamp = None if _is_remote(path) else os.stat(path.removeprefix("file://"))
+        stamp = None if storage.is_remote(path) else os.stat(path.removeprefix("file://"))
         key = (path, stamp and (stamp.st_size, stamp.st_mtime_ns))
         if key not in _COUNTS:
             _COUNTS[key] = sum(1 for _ in _read_tar(path, read_data=False))

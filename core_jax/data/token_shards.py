@@ -117,6 +117,19 @@ def listed_shards(data_dir: str, index: dict, split: str, *, source: str, writer
             f"(it has {sorted(index['splits'])}); encode it with {writer}"
         )
     root, shards = IndexRoot(data_dir, remote=storage.is_remote(data_dir)), []
+    listings: dict[str, set[str]] = {}  # a bucket: one listing per folder, not a request per shard
+
+    def exists(path: str) -> bool:
+        if not storage.is_remote(path):
+            return storage.isfile(path)
+        folder = storage.dirname(path)
+        if folder not in listings:
+            try:
+                listings[folder] = set(storage.files_in(folder))
+            except FileNotFoundError:
+                listings[folder] = set()
+        return storage.basename(path) in listings[folder]
+
     for shard in index["splits"][split]["shards"]:
         try:
             path = root.resolve(str(shard))
@@ -125,7 +138,7 @@ def listed_shards(data_dir: str, index: dict, split: str, *, source: str, writer
                 f"{storage.join(data_dir, 'index.json')}: split {split!r} lists a shard outside "
                 f"{data_dir}: {e}; shard names must name files in that folder"
             ) from None
-        if not storage.isfile(path):
+        if not exists(path):
             raise FileNotFoundError(f"{data_dir}/index.json lists {shard}, which does not exist")
         shards.append((str(shard), path))
     return shards
