@@ -405,7 +405,7 @@ def test_bpe_dropout_only_where_asked(shapes_merges):
     from core_jax.text import training_tokenizer
 
     caption = "a purple triangle to the left of a yellow circle"
-    plain = BPETokenizer.from_merges(shapes_merges, context_length=32, pad_mode="per_position")
+    plain = BPETokenizer.from_merges(shapes_merges, context_length=64, pad_mode="per_position")
     assert len({tuple(plain.encode([caption])[0]) for _ in range(50)}) == 1
     assert training_tokenizer(plain, dict(bpe_dropout=0.0)) is plain
     dropped = training_tokenizer(plain, ml_collections.ConfigDict(dict(bpe_dropout=0.3)))
