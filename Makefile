@@ -31,9 +31,10 @@ test: lint
 	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not faults" tests
 
 # The slow fault-injection runs (tests marked `faults`: all 10 kill -9 points, the trainer command's
-# exit codes, SIGTERM to one of two processes); `make test` runs a quick part of tests/test_faults.py.
+# exit codes, SIGTERM to one of two processes, kill -9 on a gs:// workdir); `make test` runs a quick
+# part of tests/test_faults.py.
 faults: $(TEST_STAMP)
-	$(FAKE_DEVICES) $(VPY) -m pytest -q --durations=15 -m faults tests/test_faults.py
+	$(FAKE_DEVICES) $(VPY) -m pytest -q --durations=15 -m faults tests
 
 # ruff (pyflakes, pycodestyle, bugbear; rules in ruff.toml) and its formatter come with the test
 # extra; `$(VENV)/bin/ruff format .` applies the format this checks.

@@ -23,6 +23,31 @@ assert jax.device_count() == 8, "tests need 8 fake CPU devices; was jax imported
 compile_memo.install()
 
 
+# The files that take longest (a minute or more of compiling and training each on 2 cores), run
+# first: `make test` gives each of its two workers a whole file at a time, so a long file left for
+# the end keeps one worker busy while the other sits idle.
+SLOW_FILES = (
+    "test_unclip_train.py",
+    "test_dvae_cli.py",
+    "test_bench_smoke.py",
+    "test_buckets.py",
+    "test_sources_train.py",
+    "test_multiprocess.py",
+    "test_unclip_prior.py",
+    "test_clip_accumulation.py",
+    "test_dalle_model.py",
+    "test_unclip_vary.py",
+    "test_clip_train_sharded.py",
+    "test_unclip_dit.py",
+    "test_package.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "faults: the slow fault-injection runs (`make faults`; `make test` leaves them out)"

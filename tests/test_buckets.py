@@ -162,6 +162,7 @@ def toy_worker(workdir, kill_at=None):
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.faults  # `make faults`: 12 steps run three times against the emulator
 def test_kill_9_on_a_gs_workdir_then_resume_ends_as_an_uninterrupted_run(gcs):
     """A trainer process killed with SIGKILL mid-run (no cleanup, as a lost host) once its step-2
     checkpoint is complete in the bucket, started again: it resumes from a checkpoint in the bucket
