@@ -28,7 +28,7 @@ $(TEST_STAMP): $(STAMP)
 
 # Two pytest workers; --dist loadfile keeps each file (and its module-scoped trained fixtures) in one.
 test: lint
-	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --durations=15 -m "not faults" tests
+	$(FAKE_DEVICES) $(VPY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15 -m "not faults" tests
 
 # The slow fault-injection runs (tests marked `faults`: all 10 kill -9 points, the trainer command's
 # exit codes, SIGTERM to one of two processes, kill -9 on a gs:// workdir); `make test` runs a quick

@@ -68,7 +68,7 @@ setup(
         "test": [
             "pytest>=8.0",
             "setuptools>=61",
-            "pytest-xdist>=3.5",
+            "pytest-xdist>=3.6",
             "ruff>=0.6",
             "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
             "gcsfs>=2024.1",
