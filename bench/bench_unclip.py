@@ -17,6 +17,12 @@ Parts (full counts; --quick shrinks them for a smoke run):
               defaults, one sample each): pass rate seen / unseen, one- / two-object, and the
               colour-swap rate of two-object scenes (both shapes found with each other's colour).
               With --upsampler_workdir also after upsampling. Cost: 192 decodes.
+  placement   where the decoder puts the object when the noise hides it: 48 one-object test_seen
+              scenes noised to steps 0.8 T .. T - 1, the object's centre in the network's x0
+              prediction against the source's (brightness-weighted, pixels of the decoder's size),
+              with the scene's CLIP embedding and with the null condition. A decoder that reads
+              the layout from the embedding is far closer with it at the noisiest steps, where
+              sampling decides where objects go. Cost: 8 network passes per scene.
   variations  section 3.1's variations of 48 test_seen scenes, 4 each, at several DDIM etas from
               the inverted noise (dalle_jax.unclip.uses.variations): the source caption's pass
               rate and the mean PSNR to the source (at the decoder's size). Targets at the default
@@ -58,13 +64,15 @@ from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity, detect_objects
 from dalle_jax.unclip import denoise, pixels, uses
+from dalle_jax.unclip import schedule as schedule_lib
 from dalle_jax.unclip.api import Decoder, Upsampler
 
-PARTS = ("ceiling", "variations", "guidance", "samplers", "text_diffs")
+PARTS = ("ceiling", "placement", "variations", "guidance", "samplers", "text_diffs")
 SPLITS = ("test_seen", "test_unseen")
 PRESETS = {
     "full": dict(
         ceiling=96,
+        placement=48,
         variations=48,
         variation_samples=4,
         guidance=48,
@@ -73,10 +81,19 @@ PRESETS = {
         text_diffs=48,
     ),
     "quick": dict(
-        ceiling=4, variations=2, variation_samples=2, guidance=2, guidance_samples=2, samplers=2, text_diffs=2
+        ceiling=4,
+        placement=2,
+        variations=2,
+        variation_samples=2,
+        guidance=2,
+        guidance_samples=2,
+        samplers=2,
+        text_diffs=2,
     ),
 }
 PRESETS["toy"] = PRESETS["quick"]
+# The noisiest steps, as fractions of T - 1, where the placement part compares x0 predictions.
+PLACEMENT_FRACTIONS = (1.0, 0.95, 0.9, 0.8)
 VARIATION_ETAS = (0.0, 0.5, uses.VARIATION_ETA, 1.0)
 GUIDANCE_SCALES = (1.0, 2.0, 3.0, 5.0)
 SAMPLER_ROWS = (("dpmpp", 10), ("dpmpp", 20), ("ddim", 25), ("ddim", 50), ("ddpm", 1000))
@@ -256,6 +273,44 @@ def run_ceiling(timed, scenes_by_split, sampling, seed) -> dict:
     return out
 
 
+def brightness_centres(x) -> np.ndarray:
+    """float [N, 2] (x, y) in pixels: the centre of each image's (brightest channel + 1)^2, for
+    images in [-1, 1] of an object on a black background; blurred predictions still count."""
+    weight = np.square(np.clip(np.asarray(x, np.float64).max(-1) + 1.0, 0.0, None)) + 1e-12
+    ys, xs = np.mgrid[: weight.shape[1], : weight.shape[2]]
+    total = weight.sum(axis=(1, 2))
+    return np.stack([(weight * xs).sum(axis=(1, 2)) / total, (weight * ys).sum(axis=(1, 2)) / total], -1)
+
+
+def run_placement(decoder, scenes, seed) -> dict:
+    images = images_of(scenes)
+    x0 = decoder.targets(images)
+    cond = decoder.condition(decoder.embed_images(images))
+    null = dict(cond, clip_embedding=np.zeros_like(cond["clip_embedding"]))
+    noise = np.asarray(denoise.start_noise(jax.random.key(int(seed)), x0.shape))
+    source = brightness_centres(x0)
+    pairs = np.linalg.norm(source[:, None] - source[None], axis=-1)
+    apply = jax.jit(lambda params, x, t, c: decoder.model.apply({"params": params}, x, t, **c))
+    last = decoder.schedule.num_train_steps - 1
+    rows = []
+    for fraction in PLACEMENT_FRACTIONS:
+        t = np.full((len(x0),), int(round(fraction * last)), np.int32)
+        alpha, sigma = schedule_lib.alpha_sigma(decoder.schedule, t, x0.ndim)
+        x_t = alpha * x0 + sigma * noise
+        row = {"t": int(t[0]), "snr": float((alpha.ravel()[0] / sigma.ravel()[0]) ** 2)}
+        for name, c in (("with_embedding", cond), ("null", null)):
+            out = apply(decoder.params, x_t, t.astype(np.float32), c)
+            pred, _ = schedule_lib.predict_x0_eps(decoder.prediction, out, x_t, alpha, sigma)
+            row[f"{name}_px"] = float(np.linalg.norm(brightness_centres(pred) - source, axis=-1).mean())
+        rows.append(row)
+    return {
+        "count": len(scenes),
+        "image_size": decoder.image_size,
+        "random_pairing_px": float(pairs[~np.eye(len(x0), dtype=bool)].mean()) if len(x0) > 1 else None,
+        "rows": rows,
+    }
+
+
 def run_variations(decoder, scenes, num_samples, seed) -> dict:
     images = images_of(scenes)
     z = decoder.embed_images(images)
@@ -425,6 +480,8 @@ def run(
         if part == "ceiling":
             by_split = {split: held_out_scenes(split, counts["ceiling"], data_seed) for split in SPLITS}
             out = run_ceiling(timed, by_split, sampling, seed)
+        elif part == "placement":
+            out = run_placement(decoder, one_object_scenes("test_seen", counts["placement"], data_seed), seed)
         elif part == "variations":
             seen = held_out_scenes("test_seen", counts["variations"], data_seed)
             out = run_variations(decoder, seen, counts["variation_samples"], seed)
@@ -553,6 +610,22 @@ def markdown(result: dict) -> str:
                         fmt(r["psnr_db"]),
                     ]
                     for r in v["rows"]
+                ],
+            ),
+            "",
+        ]
+    if "placement" in result:
+        pl = result["placement"]
+        lines += [
+            f"**Placement**: {pl['count']} one-object test_seen scenes, the object's centre in the x0 "
+            f"prediction from the noised scene vs the source's ({pl['image_size']}x{pl['image_size']} "
+            f"pixels; random pairing {fmt(pl['random_pairing_px'])} px), {fmt(pl['seconds'])} s.",
+            "",
+            common.md_table(
+                ["t", "SNR", "with the embedding (px)", "null condition (px)"],
+                [
+                    [str(r["t"]), f"{r['snr']:.3g}", fmt(r["with_embedding_px"]), fmt(r["null_px"])]
+                    for r in pl["rows"]
                 ],
             ),
             "",

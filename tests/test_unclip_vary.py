@@ -407,6 +407,9 @@ def test_bench_quick_run_has_every_key(tmp_path, workdirs, monkeypatch):
     for row in ceiling["splits"].values():
         assert row["count"] == 4 and set(row["pass_rate"]) == {"all", "one_object", "two_object"}
         assert 0 <= row["colour_swap_rate"] <= 1
+    pl = result["placement"]
+    assert pl["count"] == 2 and [r["t"] for r in pl["rows"]] == [999, 949, 899, 799]
+    assert all(r["with_embedding_px"] >= 0 and r["null_px"] >= 0 and r["snr"] < 0.2 for r in pl["rows"])
     v = result["variations"]
     assert [r["eta"] for r in v["rows"]] == [uses.VARIATION_ETA]
     assert all(set(r) == {"eta", "pass_rate", "psnr_db", "default"} for r in v["rows"])
@@ -438,3 +441,10 @@ def test_the_suite_skips_the_bench_without_workdirs():
     res = run_all.run_one("unclip", "toy", None)
     assert res["targets"] == [] and "--unclip_decoder_workdir" in res["skipped"]
     assert run_all.section("unclip", res).startswith("### unCLIP")
+
+
+def test_placement_centres_are_where_the_object_is():
+    images = -np.ones((2, 8, 8, 3))
+    images[0, 1:3, 5:7, 0] = 1.0  # a red 2x2 square: x 5..6, y 1..2
+    images[1, 6, 2, :] = 0.5  # one grey pixel
+    np.testing.assert_allclose(bench_unclip.brightness_centres(images), [[5.5, 1.5], [2.0, 6.0]], atol=1e-6)
