@@ -286,7 +286,8 @@ def run_placement(decoder, scenes, seed) -> dict:
     images = images_of(scenes)
     x0 = decoder.targets(images)
     cond = decoder.condition(decoder.embed_images(images))
-    null = dict(cond, clip_embedding=np.zeros_like(cond["clip_embedding"]))
+    # Guidance's null condition (one row) for every scene.
+    null = {key: np.repeat(row, len(x0), axis=0) for key, row in denoise.null_condition(cond).items()}
     noise = np.asarray(denoise.start_noise(jax.random.key(int(seed)), x0.shape))
     source = brightness_centres(x0)
     pairs = np.linalg.norm(source[:, None] - source[None], axis=-1)
@@ -296,7 +297,7 @@ def run_placement(decoder, scenes, seed) -> dict:
     for fraction in PLACEMENT_FRACTIONS:
         t = np.full((len(x0),), int(round(fraction * last)), np.int32)
         alpha, sigma = schedule_lib.alpha_sigma(decoder.schedule, t, x0.ndim)
-        x_t = alpha * x0 + sigma * noise
+        x_t = schedule_lib.q_sample(decoder.schedule, x0, t, noise)
         row = {"t": int(t[0]), "snr": float((alpha.ravel()[0] / sigma.ravel()[0]) ** 2)}
         for name, c in (("with_embedding", cond), ("null", null)):
             out = apply(decoder.params, x_t, t.astype(np.float32), c)
