@@ -105,7 +105,10 @@ def _leaf_fingerprint(x):
     return jnp.sum(bits * (2 * flat_index + 1), dtype=jnp.uint32)
 
 
-_fingerprints = jax.jit(lambda tree: jax.tree.map(_leaf_fingerprint, tree))
+# One small program per leaf shape, dtype and sharding, not one over the whole tree: a state's
+# leaves share few shapes (params, Adam's two moments and the EMA copy are alike), and a program
+# over hundreds of leaves took seconds to compile for every new model.
+_leaf_fingerprint_jit = jax.jit(_leaf_fingerprint)
 
 
 def _path(keys) -> str:
@@ -115,7 +118,7 @@ def _path(keys) -> str:
 def fingerprint(tree: Any) -> dict[str, int]:
     """{leaf path: a 32-bit checksum of the leaf's bytes}, computed where the arrays live (a
     collective in a multi-process run: call it on every process)."""
-    sums = jax.tree_util.tree_flatten_with_path(_fingerprints(tree))[0]
+    sums = [(keys, _leaf_fingerprint_jit(x)) for keys, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
     # Replicated scalars: every process holds the value, even where the array spans processes.
     return {_path(keys): int(np.asarray(x.addressable_data(0))) for keys, x in sums}
 

@@ -46,12 +46,19 @@ def measure_matmul_flops(dtype="float32", n: int = 2048, repeats: int = 3) -> fl
     return 2 * n**3 / best
 
 
+_cpu_peaks: dict[str, float] = {}
+
+
 def peak_flops(devices, compute_dtype: str = "float32") -> float:
-    """Peak FLOP/s of all `devices` together: a table for accelerators, a measurement on CPU."""
+    """Peak FLOP/s of all `devices` together: a table for accelerators, a measurement on CPU
+    (once per process and dtype: the cores do not change between runs, and a second measurement
+    would cost each run a second of matmuls and move its MFU with whatever else the machine runs)."""
     kind = devices[0].device_kind
     if devices[0].platform == "cpu":
         # Fake CPU devices share the same cores, so the whole machine's peak is one measurement.
-        return measure_matmul_flops(compute_dtype)
+        if compute_dtype not in _cpu_peaks:
+            _cpu_peaks[compute_dtype] = measure_matmul_flops(compute_dtype)
+        return _cpu_peaks[compute_dtype]
     for name, flops in PEAK_FLOPS_PER_CHIP.items():
         if name.lower() in kind.lower():
             return flops * len(devices)

@@ -374,9 +374,9 @@ def grid_size(model_config, image_size: int) -> int:
     """Token grid side for `image_size` inputs; a clear error when the pools do not divide it."""
     factor = downsample_factor(model_config)
     if image_size < factor:
-        raise ValueError(f"image_size must be >= the dVAE's downsampling factor {factor}, got {image_size}")
+        raise ConfigError(f"image_size must be >= the dVAE's downsampling factor {factor}, got {image_size}")
     if image_size % factor:
-        raise ValueError(
+        raise ConfigError(
             f"image_size {image_size} is not divisible by the dVAE's downsampling factor "
             f"{factor} (2^(groups-1) with {len(model_config.width_multipliers)} groups)"
         )
@@ -388,10 +388,10 @@ def dvae_fields(model_config, compute_dtype: str = "float32", remat: str = "none
     checked; experiments build from the same fields (dalle_jax/dvae_models.py)."""
     mults = tuple(int(m) for m in model_config.width_multipliers)
     if not mults:
-        raise ValueError("model.width_multipliers must name at least one group")
+        raise ConfigError("model.width_multipliers must name at least one group")
     for m in mults:
         if (int(model_config.hidden) * m) % 4:
-            raise ValueError(
+            raise ConfigError(
                 f"model.hidden * width multiplier must be divisible by 4, got {model_config.hidden} * {m}"
             )
     # config.json of a workdir trained with a product codebook of free digits, which no version

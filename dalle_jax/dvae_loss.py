@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from core_jax.data.image_ops import DVAE_EPS, unmap_pixels
+from core_jax.errors import ConfigError
 
 SCHEDULES = ("cosine", "exponential", "linear", "constant")
 RECON_LOSSES = ("logit_laplace", "mse")
@@ -28,9 +29,9 @@ def schedule_value(kind: str, start: float, end: float, steps: int, step) -> jax
     """`start` at step 0 to `end` at `steps` (held after). cosine: half-cosine; exponential:
     geometric interpolation (start and end must be > 0); linear; constant (= end)."""
     if kind not in SCHEDULES:
-        raise ValueError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
+        raise ConfigError(f"unknown schedule {kind!r}; choose one of {SCHEDULES}")
     if kind == "exponential" and (start <= 0 or end <= 0):
-        raise ValueError(
+        raise ConfigError(
             f"an exponential schedule needs start and end > 0, got {start} -> {end}; "
             f"use cosine or linear to ramp from 0"
         )
@@ -159,7 +160,7 @@ def usage_penalty(logits) -> jax.Array:
 def dvae_objective(x, logits, stats, *, kl_w, recon_loss: str = "logit_laplace", usage_w=0.0):
     """(loss, metrics) for mapped images x [B,H,W,C], encoder logits and decoder stats."""
     if recon_loss not in RECON_LOSSES:
-        raise ValueError(f"model.recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
+        raise ConfigError(f"model.recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
     dims = x.shape[1] * x.shape[2] * x.shape[3]
     per_elem = logit_laplace_nll(x, stats) if recon_loss == "logit_laplace" else squared_error(x, stats)
     recon = jnp.sum(per_elem, axis=(1, 2, 3))  # per image

@@ -71,7 +71,7 @@ TRAIN_CODES = ("relaxed", "argmax")
 def train_codes(model_config) -> str:
     kind = str(model_config.get("train_codes", "relaxed"))
     if kind not in TRAIN_CODES:
-        raise ValueError(f"model.train_codes must be one of {TRAIN_CODES}, got {kind!r}")
+        raise ConfigError(f"model.train_codes must be one of {TRAIN_CODES}, got {kind!r}")
     return kind
 
 
@@ -105,7 +105,7 @@ def usage_penalty_on(model_config) -> bool:
 def make_loss_fn(model, model_config):
     m = model_config
     if m.recon_loss not in dvae_loss.RECON_LOSSES:
-        raise ValueError(f"model.recon_loss must be one of {dvae_loss.RECON_LOSSES}, got {m.recon_loss!r}")
+        raise ConfigError(f"model.recon_loss must be one of {dvae_loss.RECON_LOSSES}, got {m.recon_loss!r}")
     # Validate the schedules once, on the host, so a bad config fails before compiling.
     dvae_loss.temperature(m, 0)
     dvae_loss.kl_weight(m, 0)

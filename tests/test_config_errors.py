@@ -72,3 +72,21 @@ def test_dalle_cli_config_error_exits_2(tmp_path):
     err_lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
     assert err_lines == ["error: config.model.caption_dropout must be in [0, 1), got 1.5"], r.stderr[-3000:]
     assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "wd")
+
+
+def test_dvae_cli_model_config_error_exits_2(tmp_path):
+    """A dVAE model key that cannot build a network is a config error found when the task is
+    made: one line, before anything is written to the workdir."""
+    r = _run(
+        "--workdir",
+        str(tmp_path / "wd"),
+        "--config.batch_size=8",
+        "--config.model.hidden=6",
+        module="dalle_jax.train_dvae",
+    )
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    err_lines = [l for l in r.stderr.strip().splitlines() if l.startswith("error:")]
+    assert err_lines == ["error: model.hidden * width multiplier must be divisible by 4, got 6 * 1"], (
+        r.stderr[-3000:]
+    )
+    assert "Traceback" not in r.stderr and not os.path.exists(tmp_path / "wd" / "checkpoints")
