@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_jax import checkpoint, trainer
+from core_jax import checkpoint, sharding, trainer
 from core_jax import data as data_lib
 from dalle_jax.unclip import embedding_stats, prior, prior_sample, prior_task, samplers
 from dalle_jax.unclip.api import Prior
@@ -194,6 +194,14 @@ def test_caption_dropout_rate_matches_the_config(clip_workdir):
     assert abs(dropped - rate) < 4.5 * np.sqrt(rate * (1 - rate) / n), dropped
     metrics = prior_task.dropout_metrics(jax.tree.map(jnp.asarray, batch))
     assert float(metrics["captions_dropped"]) == pytest.approx(dropped)
+    # The host CLIP also runs under the training mesh (an evaluator's), which its params are not on.
+    embed = prior_task.make_embed_fn(clip)
+    rows = {key: value[:8] for key, value in batch.items()}
+    out = embed(rows)
+    with jax.set_mesh(sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))):
+        under_mesh = embed(rows)
+    for key, value in out.items():
+        np.testing.assert_array_equal(under_mesh[key], value)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from core_jax import checkpoint, trainer
+from core_jax import checkpoint, sharding, trainer
 from core_jax import data as data_lib
 from dalle_jax.unclip import decoder_task, pixels, samplers, unet, upsampler_task
 from dalle_jax.unclip.api import Decoder
@@ -137,7 +137,8 @@ def test_guidance_dropout_rates_and_the_host_batch(clip_workdir):
     np.testing.assert_array_equal(small["clip_kept"], batch["clip_kept"][:8])
     np.testing.assert_array_equal(small["caption_kept"], batch["caption_kept"][:8])
 
-    out = decoder_task.make_batch_fn(clip, 8)(small)
+    batch_fn = decoder_task.make_batch_fn(clip, 8)
+    out = batch_fn(small)
     assert sorted(out) == [
         "caption_kept",
         "clip_embedding",
@@ -156,6 +157,11 @@ def test_guidance_dropout_rates_and_the_host_batch(clip_workdir):
     dropped = ~(small["clip_kept"] > 0)
     assert not np.asarray(cond["clip_embedding"])[dropped].any()
     assert not np.asarray(cond["text_mask"])[~(small["caption_kept"] > 0)].any()
+    # An evaluator runs batch_fn under the training mesh, which the CLIP's params are not on.
+    with jax.set_mesh(sharding.make_mesh(dict(data=2, fsdp=2, tensor=2))):
+        under_mesh = batch_fn(small)
+    for key, value in out.items():
+        np.testing.assert_array_equal(under_mesh[key], value)
 
 
 def test_train_decoder_needs_a_clip_workdir(tmp_path):

@@ -207,7 +207,10 @@ def make_batch_fn(clip: CLIPModel, image_size: int):
     def batch_fn(batch: dict) -> dict:
         batch = dict(batch)
         images, tokens = batch.pop("image"), batch.pop("text")
-        embedding, states, mask = encode(clip.params, image_ops.clip_normalize(images), tokens)
+        # On this process's device whatever mesh the caller has set: an evaluator runs this under
+        # the training mesh, which the CLIP's params are not on.
+        with jax.set_mesh(None):
+            embedding, states, mask = encode(clip.params, image_ops.clip_normalize(images), tokens)
         batch.update(
             clip_embedding=np.asarray(embedding),
             text_states=np.asarray(states),

@@ -189,7 +189,10 @@ def make_embed_fn(clip: CLIPModel):
         images = batch.pop("image", None)
         if images is not None:
             images = image_ops.clip_normalize(images)
-        states, mask, text, image = encode(clip.params, batch.pop("text"), images)
+        # On this process's device whatever mesh the caller has set (an evaluator runs this under
+        # the training mesh, which the CLIP's params are not on).
+        with jax.set_mesh(None):
+            states, mask, text, image = encode(clip.params, batch.pop("text"), images)
         batch.update(
             text_states=np.asarray(states), text_mask=np.asarray(mask), text_embedding=np.asarray(text)
         )
