@@ -1,8 +1,8 @@
 """The unCLIP decoder on the shapes suite: what its images keep of their CLIP embedding.
 
     python -m bench.bench_unclip --clip_workdir CW --decoder_workdir DW [--upsampler_workdir UW] \\
-        [--quick] [--parts ceiling,variations,guidance,samplers,text_diffs] [--out unclip.json] \\
-        [--md unclip.md]
+        [--quick] [--parts ceiling,placement,position_probe,variations,guidance,samplers,text_diffs] \\
+        [--out unclip.json] [--md unclip.md]
 
 Reuses a trained CLIP and decoder (it trains nothing). Held-out scenes come from
 `core_jax.data.shapes.make_example` (test_seen / test_unseen, --data_seed), half one-object and
@@ -15,14 +15,22 @@ Scored that way, the 32x32 area-downsampled ground truth of 96 + 96 held-out sce
 Parts (full counts; --quick shrinks them for a smoke run):
   ceiling     decode the TRUE CLIP image embeddings of 96 scenes per split (the decoder's sampling
               defaults, one sample each): pass rate seen / unseen, one- / two-object, and the
-              colour-swap rate of two-object scenes (both shapes found with each other's colour).
-              With --upsampler_workdir also after upsampling. Cost: 192 decodes.
+              colour-swap rate of two-object scenes (both shapes found with each other's colour),
+              and the share of one-object scenes drawn with the right colour and shape wherever
+              the object is (so a decoder that cannot place shows apart from one that cannot
+              draw). With --upsampler_workdir also after upsampling. Cost: 192 decodes.
   placement   where the decoder puts the object when the noise hides it: 48 one-object test_seen
               scenes noised to steps 0.8 T .. T - 1, the object's centre in the network's x0
               prediction against the source's (brightness-weighted, pixels of the decoder's size),
               with the scene's CLIP embedding and with the null condition. A decoder that reads
               the layout from the embedding is far closer with it at the noisiest steps, where
               sampling decides where objects go. Cost: 8 network passes per scene.
+  position_probe
+              how much of an object's place the CLIP image embedding itself holds: a ridge
+              regression from the embeddings of 2000 one-object train scenes to the object's centre,
+              its mean error on 300 test_seen scenes (64x64 pixels) against always answering the
+              mean centre. When the two are close the CLIP lost the place, and no decoder can put
+              the object where the caption says. Cost: 2300 CLIP image embeddings.
   variations  section 3.1's variations of 48 test_seen scenes, 4 each, at several DDIM etas from
               the inverted noise (dalle_jax.unclip.uses.variations): the source caption's pass
               rate and the mean PSNR to the source (at the decoder's size). Targets at the default
@@ -67,12 +75,14 @@ from dalle_jax.unclip import denoise, pixels, uses
 from dalle_jax.unclip import schedule as schedule_lib
 from dalle_jax.unclip.api import Decoder, Upsampler
 
-PARTS = ("ceiling", "placement", "variations", "guidance", "samplers", "text_diffs")
+PARTS = ("ceiling", "placement", "position_probe", "variations", "guidance", "samplers", "text_diffs")
 SPLITS = ("test_seen", "test_unseen")
 PRESETS = {
     "full": dict(
         ceiling=96,
         placement=48,
+        probe_train=2000,
+        probe_test=300,
         variations=48,
         variation_samples=4,
         guidance=48,
@@ -83,6 +93,8 @@ PRESETS = {
     "quick": dict(
         ceiling=4,
         placement=2,
+        probe_train=16,
+        probe_test=4,
         variations=2,
         variation_samples=2,
         guidance=2,
@@ -92,6 +104,9 @@ PRESETS = {
     ),
 }
 PRESETS["toy"] = PRESETS["quick"]
+# The position probe's ridge penalty (embeddings are unit vectors; a weak penalty only guards
+# the solve).
+PROBE_RIDGE = 1e-2
 # The noisiest steps, as fractions of T - 1, where the placement part compares x0 predictions.
 PLACEMENT_FRACTIONS = (1.0, 0.95, 0.9, 0.8)
 VARIATION_ETAS = (0.0, 0.5, uses.VARIATION_ETA, 1.0)
@@ -167,6 +182,14 @@ def colour_swapped(image, scene) -> bool:
     shapes_right = all(f["shape"] == t["shape"] for f, t in zip(matched, true))
     exchanged = matched[0]["colour"] == true[1]["colour"] and matched[1]["colour"] == true[0]["colour"]
     return shapes_right and exchanged
+
+
+def drawn_anywhere(image, scene) -> bool:
+    """Whether a one-object scene's object is drawn with its colour and shape, wherever it is:
+    with the pass rate it tells a decoder that cannot draw from one that cannot place."""
+    found = detect_objects(image)
+    (true,) = scene["objects"]
+    return len(found) == 1 and (found[0]["colour"], found[0]["shape"]) == (true["colour"], true["shape"])
 
 
 def psnr(a, b) -> np.ndarray:
@@ -266,6 +289,10 @@ def run_ceiling(timed, scenes_by_split, sampling, seed) -> dict:
         row = {"count": len(scenes), "pass_rate": split_rates(pass_rates(images, scenes), scenes)}
         two = [(im, s) for im, s in zip(images, scenes) if s["relation"] is not None]
         row["colour_swap_rate"] = float(np.mean([colour_swapped(im, s) for im, s in two])) if two else None
+        one = [(im, s) for im, s in zip(images, scenes) if s["relation"] is None]
+        row["one_object_drawn_rate"] = (
+            float(np.mean([drawn_anywhere(im, s) for im, s in one])) if one else None
+        )
         if timed.upsampler is not None:
             larger, _ = timed.upsample(images, seed=seed)
             row["upsampled_pass_rate"] = split_rates(pass_rates(larger, scenes), scenes)
@@ -309,6 +336,31 @@ def run_placement(decoder, scenes, seed) -> dict:
         "image_size": decoder.image_size,
         "random_pairing_px": float(pairs[~np.eye(len(x0), dtype=bool)].mean()) if len(x0) > 1 else None,
         "rows": rows,
+    }
+
+
+def run_position_probe(decoder, n_train: int, n_test: int, data_seed: int) -> dict:
+    """How much of an object's place the CLIP image embedding holds, whatever the decoder learnt:
+    a ridge regression from the embeddings of `n_train` one-object train scenes to the object's
+    centre (brightness-weighted, 64x64 pixels), scored on `n_test` test_seen scenes against
+    always answering the mean train centre. A decoder cannot place what the embedding lacks."""
+
+    def embeddings_and_centres(split, n, seed):
+        scenes = one_object_scenes(split, n, seed)
+        images = images_of(scenes)
+        z = np.concatenate([np.asarray(decoder.embed_images(images[i : i + 100])) for i in range(0, n, 100)])
+        return z.astype(np.float64), brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
+
+    z_train, c_train = embeddings_and_centres("train", n_train, 0)
+    z_test, c_test = embeddings_and_centres("test_seen", n_test, data_seed)
+    x = np.concatenate([z_train, np.ones((n_train, 1))], axis=1)
+    w = np.linalg.solve(x.T @ x + PROBE_RIDGE * np.eye(x.shape[1]), x.T @ c_train)
+    predicted = np.concatenate([z_test, np.ones((n_test, 1))], axis=1) @ w
+    return {
+        "train_scenes": n_train,
+        "test_scenes": n_test,
+        "probe_px": float(np.linalg.norm(predicted - c_test, axis=-1).mean()),
+        "mean_centre_px": float(np.linalg.norm(c_train.mean(0) - c_test, axis=-1).mean()),
     }
 
 
@@ -483,6 +535,8 @@ def run(
             out = run_ceiling(timed, by_split, sampling, seed)
         elif part == "placement":
             out = run_placement(decoder, one_object_scenes("test_seen", counts["placement"], data_seed), seed)
+        elif part == "position_probe":
+            out = run_position_probe(decoder, counts["probe_train"], counts["probe_test"], data_seed)
         elif part == "variations":
             seen = held_out_scenes("test_seen", counts["variations"], data_seed)
             out = run_variations(decoder, seen, counts["variation_samples"], seed)
@@ -580,7 +634,15 @@ def markdown(result: dict) -> str:
             f"{fmt(c['seconds'])} s.",
             "",
         ]
-        header = ["split", "scenes", "pass", "one-object", "two-object", "colour swaps"]
+        header = [
+            "split",
+            "scenes",
+            "pass",
+            "one-object",
+            "two-object",
+            "colour swaps",
+            "one-object drawn anywhere",
+        ]
         upsampled = any("upsampled_pass_rate" in r for r in c["splits"].values())
         header += ["pass upsampled"] if upsampled else []
         rows = []
@@ -593,6 +655,7 @@ def markdown(result: dict) -> str:
                 fmt(p["one_object"]),
                 fmt(p["two_object"]),
                 fmt(r["colour_swap_rate"]),
+                fmt(r.get("one_object_drawn_rate")),
             ]
             rows.append(row + ([fmt(r["upsampled_pass_rate"]["all"])] if upsampled else []))
         lines += [common.md_table(header, rows), ""]
@@ -629,6 +692,16 @@ def markdown(result: dict) -> str:
                     for r in pl["rows"]
                 ],
             ),
+            "",
+        ]
+    if "position_probe" in result:
+        pr = result["position_probe"]
+        lines += [
+            f"**Position probe**: the object's centre read from the CLIP image embedding by a ridge "
+            f"regression fitted on {pr['train_scenes']} one-object train scenes, on "
+            f"{pr['test_scenes']} test_seen scenes: {fmt(pr['probe_px'])} px from the true centre, "
+            f"against {fmt(pr['mean_centre_px'])} px always answering the mean centre (64x64 "
+            f"pixels), {fmt(pr['seconds'])} s.",
             "",
         ]
     if "guidance" in result:

@@ -406,7 +406,10 @@ def test_bench_quick_run_has_every_key(tmp_path, workdirs, monkeypatch):
     assert set(ceiling["splits"]) == {"test_seen", "test_unseen"}
     for row in ceiling["splits"].values():
         assert row["count"] == 4 and set(row["pass_rate"]) == {"all", "one_object", "two_object"}
-        assert 0 <= row["colour_swap_rate"] <= 1
+        assert 0 <= row["colour_swap_rate"] <= 1 and 0 <= row["one_object_drawn_rate"] <= 1
+    probe = result["position_probe"]
+    assert (probe["train_scenes"], probe["test_scenes"]) == (16, 4)
+    assert probe["probe_px"] >= 0 and probe["mean_centre_px"] > 0
     pl = result["placement"]
     assert pl["count"] == 2 and [r["t"] for r in pl["rows"]] == [999, 949, 899, 799]
     assert all(r["with_embedding_px"] >= 0 and r["null_px"] >= 0 and r["snr"] < 0.2 for r in pl["rows"])
@@ -448,3 +451,22 @@ def test_placement_centres_are_where_the_object_is():
     images[0, 1:3, 5:7, 0] = 1.0  # a red 2x2 square: x 5..6, y 1..2
     images[1, 6, 2, :] = 0.5  # one grey pixel
     np.testing.assert_allclose(bench_unclip.brightness_centres(images), [[5.5, 1.5], [2.0, 6.0]], atol=1e-6)
+
+
+def test_drawn_anywhere_ignores_the_place_but_not_colour_or_shape():
+    """A scene's own image passes its caption and is drawn right; moved to the opposite quadrant
+    it fails the caption yet is still drawn right; with its colour channels swapped it is not."""
+    from core_jax.data import shapes
+    from core_jax.data.shapes_checker import caption_fidelity
+
+    scene = next(
+        s
+        for i in range(50)
+        if (s := shapes.make_example("test_seen", i, 1, one_object_fraction=1.0))["position"] == "top left"
+    )
+    image = scene["image"]
+    assert caption_fidelity(image, scene["caption"]) == 1.0 and bench_unclip.drawn_anywhere(image, scene)
+    moved = np.roll(image, (image.shape[0] // 2, image.shape[1] // 2), axis=(0, 1))
+    assert caption_fidelity(moved, scene["caption"]) == 0.0 and bench_unclip.drawn_anywhere(moved, scene)
+    recoloured = image[..., ::-1] if len(set(image.reshape(-1, 3).max(0))) > 1 else 255 - image
+    assert not bench_unclip.drawn_anywhere(recoloured, scene)
