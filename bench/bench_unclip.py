@@ -348,8 +348,8 @@ def run_position_probe(decoder, n_train: int, n_test: int, data_seed: int) -> di
     def embeddings_and_centres(split, n, seed):
         scenes = one_object_scenes(split, n, seed)
         images = images_of(scenes)
-        z = np.concatenate([np.asarray(decoder.embed_images(images[i : i + 100])) for i in range(0, n, 100)])
-        return z.astype(np.float64), brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
+        z = np.asarray(decoder.embed_images(images), np.float64)
+        return z, brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
 
     z_train, c_train = embeddings_and_centres("train", n_train, 0)
     z_test, c_test = embeddings_and_centres("test_seen", n_test, data_seed)

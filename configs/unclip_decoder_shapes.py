@@ -30,9 +30,7 @@ def get_config(arg=None):
     # where an object's place is decided; with them the decoder never learnt to place objects.
     c.diffusion.min_snr_gamma = 0.0
     c.batch_size = 32
-    # About 10 minutes on 2 cores without bf16 units: it places objects but draws blobs; crisp
-    # shapes take --config.total_steps=2400, about 45 minutes (docs/unclip.md).
-    c.total_steps = 600
+    c.total_steps = 600  # 6-10 minutes on 2 cores without bf16 units; longer recipes: docs/unclip.md
     c.log_every = 25
     c.eval_every = c.checkpoint_every = 300
     c.optim.learning_rate = 1e-3

@@ -455,7 +455,7 @@ def test_placement_centres_are_where_the_object_is():
 
 def test_drawn_anywhere_ignores_the_place_but_not_colour_or_shape():
     """A scene's own image passes its caption and is drawn right; moved to the opposite quadrant
-    it fails the caption yet is still drawn right; with its colour channels swapped it is not."""
+    it fails the caption yet is still drawn right; painted another palette colour it is not."""
     from core_jax.data import shapes
     from core_jax.data.shapes_checker import caption_fidelity
 
@@ -468,5 +468,8 @@ def test_drawn_anywhere_ignores_the_place_but_not_colour_or_shape():
     assert caption_fidelity(image, scene["caption"]) == 1.0 and bench_unclip.drawn_anywhere(image, scene)
     moved = np.roll(image, (image.shape[0] // 2, image.shape[1] // 2), axis=(0, 1))
     assert caption_fidelity(moved, scene["caption"]) == 0.0 and bench_unclip.drawn_anywhere(moved, scene)
-    recoloured = image[..., ::-1] if len(set(image.reshape(-1, 3).max(0))) > 1 else 255 - image
+    (obj,) = scene["objects"]
+    other = next(colour for colour in shapes.COLOURS if colour != obj["colour"])
+    recoloured = np.where(image.any(-1, keepdims=True), np.uint8(shapes.COLOURS[other]), image)
+    assert bench_unclip.detect_objects(recoloured)[0]["colour"] == other
     assert not bench_unclip.drawn_anywhere(recoloured, scene)
