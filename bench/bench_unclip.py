@@ -68,6 +68,7 @@ import jax
 import numpy as np
 
 from bench import common
+from bench.clip_position import brightness_centres, one_object_scenes, position_probe
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity, detect_objects
@@ -104,9 +105,6 @@ PRESETS = {
     ),
 }
 PRESETS["toy"] = PRESETS["quick"]
-# The position probe's ridge penalty (embeddings are unit vectors; a weak penalty only guards
-# the solve).
-PROBE_RIDGE = 1e-2
 # The noisiest steps, as fractions of T - 1, where the placement part compares x0 predictions.
 PLACEMENT_FRACTIONS = (1.0, 0.95, 0.9, 0.8)
 VARIATION_ETAS = (0.0, 0.5, uses.VARIATION_ETA, 1.0)
@@ -126,11 +124,6 @@ MAX_PSNR = 100.0  # identical images count as 100 dB, so a mean stays finite
 
 
 # ----------------------------------------------------------------------------- held-out scenes
-
-
-def one_object_scenes(split: str, count: int, seed: int) -> list[dict]:
-    """Scenes 0 .. count - 1 of `split` with the kind forced to one object."""
-    return [shapes.make_example(split, i, seed, one_object_fraction=1.0) for i in range(count)]
 
 
 def held_out_scenes(split: str, count: int, seed: int) -> list[dict]:
@@ -300,15 +293,6 @@ def run_ceiling(timed, scenes_by_split, sampling, seed) -> dict:
     return out
 
 
-def brightness_centres(x) -> np.ndarray:
-    """float [N, 2] (x, y) in pixels: the centre of each image's (brightest channel + 1)^2, for
-    images in [-1, 1] of an object on a black background; blurred predictions still count."""
-    weight = np.square(np.clip(np.asarray(x, np.float64).max(-1) + 1.0, 0.0, None)) + 1e-12
-    ys, xs = np.mgrid[: weight.shape[1], : weight.shape[2]]
-    total = weight.sum(axis=(1, 2))
-    return np.stack([(weight * xs).sum(axis=(1, 2)) / total, (weight * ys).sum(axis=(1, 2)) / total], -1)
-
-
 def run_placement(decoder, scenes, seed) -> dict:
     images = images_of(scenes)
     x0 = decoder.targets(images)
@@ -336,31 +320,6 @@ def run_placement(decoder, scenes, seed) -> dict:
         "image_size": decoder.image_size,
         "random_pairing_px": float(pairs[~np.eye(len(x0), dtype=bool)].mean()) if len(x0) > 1 else None,
         "rows": rows,
-    }
-
-
-def run_position_probe(decoder, n_train: int, n_test: int, data_seed: int) -> dict:
-    """How much of an object's place the CLIP image embedding holds, whatever the decoder learnt:
-    a ridge regression from the embeddings of `n_train` one-object train scenes to the object's
-    centre (brightness-weighted, 64x64 pixels), scored on `n_test` test_seen scenes against
-    always answering the mean train centre. A decoder cannot place what the embedding lacks."""
-
-    def embeddings_and_centres(split, n, seed):
-        scenes = one_object_scenes(split, n, seed)
-        images = images_of(scenes)
-        z = np.asarray(decoder.embed_images(images), np.float64)
-        return z, brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
-
-    z_train, c_train = embeddings_and_centres("train", n_train, 0)
-    z_test, c_test = embeddings_and_centres("test_seen", n_test, data_seed)
-    x = np.concatenate([z_train, np.ones((n_train, 1))], axis=1)
-    w = np.linalg.solve(x.T @ x + PROBE_RIDGE * np.eye(x.shape[1]), x.T @ c_train)
-    predicted = np.concatenate([z_test, np.ones((n_test, 1))], axis=1) @ w
-    return {
-        "train_scenes": n_train,
-        "test_scenes": n_test,
-        "probe_px": float(np.linalg.norm(predicted - c_test, axis=-1).mean()),
-        "mean_centre_px": float(np.linalg.norm(c_train.mean(0) - c_test, axis=-1).mean()),
     }
 
 
@@ -536,7 +495,7 @@ def run(
         elif part == "placement":
             out = run_placement(decoder, one_object_scenes("test_seen", counts["placement"], data_seed), seed)
         elif part == "position_probe":
-            out = run_position_probe(decoder, counts["probe_train"], counts["probe_test"], data_seed)
+            out = position_probe(decoder.embed_images, counts["probe_train"], counts["probe_test"], data_seed)
         elif part == "variations":
             seen = held_out_scenes("test_seen", counts["variations"], data_seed)
             out = run_variations(decoder, seen, counts["variation_samples"], seed)

@@ -63,6 +63,7 @@ def model_config(**sizes) -> ml_collections.ConfigDict:
         # rgb (OpenAI's patch conv) | luma_chroma (an experiment: clip_jax/experiments; no converter)
         patch_embed="rgb",
         chroma_layer=0,  # luma_chroma: the vision block before which patch colours are added
+        posemb="learn",  # learn (OpenAI's table) | sincos2d (fixed 2-D sine-cosine; no converter)
         loss="softmax",  # softmax | sigmoid | sigmoid_chunked
         logit_scale_init=math.log(1 / 0.07),
         sigmoid_scale_init=math.log(10.0),  # SigLIP's t' = log 10 and b = -10

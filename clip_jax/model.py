@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from core_jax.errors import ConfigError
 
 # quick_gelu / exact_gelu: CLIP's two activations (config.model.activation 'quick_gelu' / 'gelu').
-from core_jax.layers import MLP, Attention, exact_gelu, flax_layer_norm, param, quick_gelu  # noqa: F401
+from core_jax.layers import MLP, Attention, exact_gelu, flax_layer_norm, param, quick_gelu, sincos_2d  # noqa: F401
 from core_jax.modeling import constrain, dense, dtype_of, layer_stack
 
 # Temperatures above 100 make the softmax loss unstable; OpenAI clamps the learned scale there.
@@ -134,13 +134,19 @@ class VisionTower(nn.Module):
         )
         cls = jnp.broadcast_to(class_embedding.astype(dtype), (b, 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        positions = param(
-            self,
-            "positional_embedding",
-            nn.initializers.normal(width**-0.5),
-            (n + 1, width),
-            ("length", "embed"),
-        )
+        if self.cfg.posemb == "sincos2d":
+            # Fixed, O(1) positions where the learned table starts at width**-0.5 beside patch
+            # embeddings of O(1); the class token gets none.
+            grid = int(round(n**0.5))
+            positions = jnp.pad(sincos_2d(grid, grid, width), ((1, 0), (0, 0)))
+        else:
+            positions = param(
+                self,
+                "positional_embedding",
+                nn.initializers.normal(width**-0.5),
+                (n + 1, width),
+                ("length", "embed"),
+            )
         x = x + positions.astype(dtype)[None]
         return flax_layer_norm(self.cfg.ln_eps, dtype, "ln_pre")(x)
 
@@ -280,6 +286,9 @@ class CLIP(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Building from a config and pure functions over params.
 
+# The vision tower's patch positions: learn (OpenAI's learned table) | sincos2d (fixed,
+# core_jax.layers.sincos_2d).
+POSEMBS = ("learn", "sincos2d")
 _SPEC_KEYS = (
     "image_size",
     "patch_size",
@@ -327,6 +336,7 @@ class CLIPSpec:
     scan_layers: bool = True
     remat: str = "none"
     scan_unroll: int = 1
+    posemb: str = "learn"
 
 
 def spec_from_config(config) -> CLIPSpec:
@@ -349,6 +359,13 @@ def spec_from_config(config) -> CLIPSpec:
     ):
         if width % heads:
             raise ValueError(f"config.model.{tower}_width={width} is not divisible by {tower}_heads={heads}")
+    posemb = str(m.get("posemb", "learn"))
+    if posemb not in POSEMBS:
+        raise ValueError(f"config.model.posemb must be one of {POSEMBS}, got {posemb!r}")
+    if posemb == "sincos2d" and m.vision_width % 4:
+        raise ValueError(
+            f"config.model.posemb='sincos2d' needs vision_width divisible by 4, got {m.vision_width}"
+        )
     values = {k: m[k] for k in _SPEC_KEYS}
     values["mlp_ratio"] = float(values["mlp_ratio"])
     values["ln_eps"] = float(values["ln_eps"])
@@ -360,7 +377,8 @@ def spec_from_config(config) -> CLIPSpec:
         scan_layers=bool(config.scan_layers),
         remat=str(config.remat),
         scan_unroll=int(config.get("scan_unroll", 1)),
-    )  # absent in older workdirs' configs
+        posemb=posemb,
+    )  # scan_unroll and posemb: absent in older workdirs' configs
 
 
 def clip_from_config(config) -> CLIP:

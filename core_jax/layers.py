@@ -1,4 +1,5 @@
-"""Transformer layers every model composes: the param helper, activations, LayerNorms, attention, MLP.
+"""Transformer layers every model composes: the param helper, 2-D positions, activations, LayerNorms,
+attention, MLP.
 
 Each model keeps its own parameter names, initial scales, norm flavour and rounding (released
 weights and checkpoints depend on them), so these take those as fields instead of choosing them:
@@ -31,6 +32,21 @@ def param(module: nn.Module, name: str, init, shape, axes) -> jax.Array:
 
 def normal(std: float):
     return nn.initializers.normal(stddev=std)
+
+
+def sincos_2d(grid_h: int, grid_w: int, width: int, temperature: float = 10_000.0) -> jax.Array:
+    """float32 [grid_h * grid_w, width]: fixed 2-D sine-cosine positions of a row-major patch grid,
+    a quarter of the channels each for sin / cos of the column, then of the row, at frequencies
+    1 .. 1/temperature (MoCo v3, Chen et al. 2021; MAE; "Better plain ViT baselines", Beyer et al.
+    2022). Entries lie in [-1, 1], as large as a patch embedding. width must be a multiple of 4."""
+    if width % 4:
+        raise ValueError(f"sincos_2d: width must be a multiple of 4, got {width}")
+    omega = 1.0 / temperature ** (jnp.arange(width // 4) / (width // 4))
+    rows, cols = jnp.meshgrid(jnp.arange(grid_h), jnp.arange(grid_w), indexing="ij")
+    angles_x = cols.reshape(-1, 1) * omega[None]
+    angles_y = rows.reshape(-1, 1) * omega[None]
+    table = [jnp.sin(angles_x), jnp.cos(angles_x), jnp.sin(angles_y), jnp.cos(angles_y)]
+    return jnp.concatenate(table, axis=1).astype(jnp.float32)
 
 
 def quick_gelu(x):

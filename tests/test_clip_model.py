@@ -107,6 +107,24 @@ def test_tower_shapes_and_normalisation():
         encode_text(model, params, np.zeros((1, CONTEXT + 1), np.int32))
 
 
+def test_sincos2d_positions_replace_the_learned_table():
+    config = tiny_config(posemb="sincos2d")
+    model, params = clip_from_config(config), make_params(config)
+    names = ["/".join(map(str, path)) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    assert sum("positional_embedding" in n for n in names) == 1  # the text tower's only
+    assert len(names) == len(jax.tree_util.tree_leaves(make_params(tiny_config()))) - 1
+    # Two patches' contents exchanged: the same bag of patches in other places, another embedding.
+    images = np.random.default_rng(0).normal(size=(1, IMAGE, IMAGE, 3)).astype(np.float32)
+    swapped = images.copy()
+    swapped[:, :8, :8], swapped[:, 8:, 8:] = images[:, 8:, 8:], images[:, :8, :8]
+    a, b = encode_image(model, params, images), encode_image(model, params, swapped)
+    assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-3
+    with pytest.raises(ValueError, match="posemb must be one of"):
+        clip_from_config(tiny_config(posemb="rope"))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        clip_from_config(tiny_config(posemb="sincos2d", vision_width=30, vision_heads=3))
+
+
 def test_text_features_come_from_the_end_token():
     config = tiny_config()
     model, params = clip_from_config(config), make_params(config)

@@ -208,3 +208,17 @@ def test_mlp_names_and_activations():
     assert np.abs(np.asarray(erf) - np.asarray(nn.gelu(x, approximate=True))).max() > 1e-5
     with pytest.raises(ValueError, match="activation"):
         mlp.clone(activation="relu").init(jax.random.key(0), x)
+
+
+def test_sincos_2d_positions_by_hand():
+    # grid 2 x 3, width 8: frequencies 1 and 1/100; channels sin x, cos x, sin y, cos y (x = column).
+    table = np.asarray(layers.sincos_2d(2, 3, 8))
+    assert table.shape == (6, 8) and table.dtype == np.float32
+    x, y = 2.0, 1.0  # patch 5 of the row-major grid: row 1, column 2
+    want = [np.sin(x), np.sin(x / 100), np.cos(x), np.cos(x / 100)]
+    want += [np.sin(y), np.sin(y / 100), np.cos(y), np.cos(y / 100)]
+    np.testing.assert_allclose(table[5], want, atol=1e-6)
+    np.testing.assert_allclose(table[0], [0, 0, 1, 1, 0, 0, 1, 1], atol=1e-7)
+    assert len({row.tobytes() for row in np.asarray(layers.sincos_2d(4, 4, 16))}) == 16
+    with pytest.raises(ValueError, match="multiple of 4"):
+        layers.sincos_2d(2, 2, 6)

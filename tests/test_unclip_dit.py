@@ -59,12 +59,6 @@ def test_starts_as_the_identity_and_reads_every_input():
     np.testing.assert_array_equal(np.asarray(hidden)[1], base[1])
 
 
-def test_positions_are_distinct_and_bounded():
-    table = dit.position_embedding(4, 4, 16)
-    assert table.shape == (16, 16) and np.abs(table).max() <= 1.0
-    assert len({row.tobytes() for row in table}) == 16
-
-
 def test_flops_count_every_matmul():
     model = dit.DiT(SPEC)
     params = nn.meta.unbox(unet.abstract_params(model))

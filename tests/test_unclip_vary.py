@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import bench_unclip, run_all
+from bench import bench_unclip, clip_position, run_all
+from core_jax.data import shapes
 from dalle_jax.unclip import uses, vary
 from dalle_jax.unclip.api import Decoder
 from tests.workdirs import (
@@ -450,7 +451,7 @@ def test_placement_centres_are_where_the_object_is():
     images = -np.ones((2, 8, 8, 3))
     images[0, 1:3, 5:7, 0] = 1.0  # a red 2x2 square: x 5..6, y 1..2
     images[1, 6, 2, :] = 0.5  # one grey pixel
-    np.testing.assert_allclose(bench_unclip.brightness_centres(images), [[5.5, 1.5], [2.0, 6.0]], atol=1e-6)
+    np.testing.assert_allclose(clip_position.brightness_centres(images), [[5.5, 1.5], [2.0, 6.0]], atol=1e-6)
 
 
 def test_drawn_anywhere_ignores_the_place_but_not_colour_or_shape():
@@ -473,3 +474,45 @@ def test_drawn_anywhere_ignores_the_place_but_not_colour_or_shape():
     recoloured = np.where(image.any(-1, keepdims=True), np.uint8(shapes.COLOURS[other]), image)
     assert bench_unclip.detect_objects(recoloured)[0]["colour"] == other
     assert not bench_unclip.drawn_anywhere(recoloured, scene)
+
+
+class PositionOracle:
+    """A fake CLIP whose image and text embeddings are one-hot in the scene's / caption's place
+    (or, with `blind`, the same vector for every place)."""
+
+    def __init__(self, blind: bool):
+        self.blind = blind
+
+    def embed_images(self, images):
+        centres = clip_position.brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
+        out = np.zeros((len(images), 5))
+        for row, (x, y) in zip(out, centres):
+            near_centre = abs(x - 32) < 8 and abs(y - 32) < 8
+            row[0 if self.blind else 4 if near_centre else (2 if y > 32 else 0) + (x > 32)] = 1.0
+        return out
+
+    def embed_texts(self, captions):
+        index = [shapes.POSITIONS.index(shapes.parse_caption(c)["position"]) for c in captions]
+        return np.eye(5)[[0 if self.blind else i for i in index]]
+
+
+def test_position_caption_accuracy_tells_a_placing_clip_from_a_blind_one():
+    assert clip_position.position_caption_accuracy(PositionOracle(blind=False), "test_seen", 20) == 1.0
+    # A blind CLIP ties every caption; argmax takes the first, right only for "top left" scenes.
+    blind = clip_position.position_caption_accuracy(PositionOracle(blind=True), "test_seen", 20)
+    assert blind < 0.5
+    probe = clip_position.position_probe(PositionOracle(blind=False).embed_images, 200, 40)
+    assert probe["probe_px"] < 0.6 * probe["mean_centre_px"]
+
+
+def test_clip_position_quick_run(tmp_path, workdirs, capsys):
+    out = tmp_path / "position.json"
+    rows = clip_position.main(["--clip_workdir", workdirs["clip"], "--quick", "--out", str(out)])
+    saved = json.loads(out.read_text())["rows"]
+    assert saved == json.loads(json.dumps(rows)) and len(rows) == 1
+    assert all(0 <= rows[0][f"position_caption/{s}"] <= 1 for s in clip_position.CAPTION_SPLITS)
+    assert rows[0]["probe"]["test_scenes"] == 4
+    assert capsys.readouterr().out.startswith("| CLIP |")
+    with pytest.raises(SystemExit) as e:
+        clip_position.main(["--clip_workdir", str(tmp_path / "missing")])
+    assert e.value.code == 2

@@ -22,10 +22,9 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
-import numpy as np
 
 from core_jax.errors import ConfigError
-from core_jax.layers import MLP, Attention
+from core_jax.layers import MLP, Attention, sincos_2d
 from core_jax.modeling import REMAT_POLICIES, constrain, dtype_of, remat_policy
 from dalle_jax.unclip.unet import TOKENS, conditioning, linear, timestep_embedding, with_low_res
 from dalle_jax.unclip.unet_spec import DTYPES
@@ -91,20 +90,6 @@ def check_dit_spec(spec: DiTSpec) -> DiTSpec:
     if spec.remat not in REMAT_POLICIES:
         raise ConfigError(f"dit: remat must be one of {REMAT_POLICIES}, got {spec.remat!r}")
     return spec
-
-
-def position_embedding(grid_h: int, grid_w: int, width: int) -> np.ndarray:
-    """float32 [grid_h * grid_w, width]: half the channels encode the row, half the column, each as
-    sines then cosines of the index at frequencies 1 .. 1/10000 (MAE / DiT's fixed embedding)."""
-    quarter = width // 4
-    freqs = 1.0 / 10_000 ** (np.arange(quarter, dtype=np.float64) / quarter)
-
-    def axis(positions):
-        args = positions[:, None] * freqs[None]
-        return np.concatenate([np.sin(args), np.cos(args)], axis=-1)
-
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing="ij")
-    return np.concatenate([axis(rows.ravel()), axis(cols.ravel())], axis=-1).astype(np.float32)
 
 
 def modulate(x, shift, scale):
@@ -190,7 +175,7 @@ class DiT(nn.Module):
         gh, gw = height // p, width_px // p
         patches = x.reshape(b, gh, p, gw, p, -1).transpose(0, 1, 3, 2, 4, 5).reshape(b, gh * gw, -1)
         h = linear(self, "patch_embed", patches, d, ("mlp", "embed"), dtype)
-        h = constrain(h + position_embedding(gh, gw, d).astype(dtype), TOKENS)
+        h = constrain(h + sincos_2d(gh, gw, d).astype(dtype), TOKENS)
 
         block = DiTBlock
         if spec.remat != "none":
