@@ -24,6 +24,8 @@ def get_config(arg=None):
         text_heads=4,
         embed_dim=128,
         activation="gelu",
+        # Fixed positions keep the place captions name; the learned table lost it (results.md, "CLIP positions").
+        posemb="sincos2d",
     )
     # merges_file '' trains a small BPE on the shapes captions into the workdir. The longest
     # caption is 12 tokens with it, so a context of 16 loses nothing and saves text-tower time.
