@@ -68,7 +68,7 @@ import jax
 import numpy as np
 
 from bench import common
-from bench.clip_position import brightness_centres, one_object_scenes, position_probe
+from bench.clip_position import brightness_centres, images_of, one_object_scenes, position_probe
 from core_jax.cli import ArgumentParser, fail
 from core_jax.data import shapes
 from core_jax.data.shapes_checker import caption_fidelity, detect_objects
@@ -148,10 +148,6 @@ def swap_attribute(scene: dict, index: int, seed: int) -> tuple[str, str]:
     pairs = [p for p in pairs if p not in shapes.HELD_OUT_PAIRS]
     pair = pairs[np.random.default_rng([int(seed), int(index)]).integers(len(pairs))]
     return kind, shapes.caption_for([pair], position=scene["position"])
-
-
-def images_of(scenes) -> np.ndarray:
-    return np.stack([s["image"] for s in scenes])
 
 
 def pass_rates(images, scenes) -> np.ndarray:

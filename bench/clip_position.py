@@ -40,6 +40,10 @@ def one_object_scenes(split: str, count: int, seed: int) -> list[dict]:
     return [shapes.make_example(split, i, seed, one_object_fraction=1.0) for i in range(count)]
 
 
+def images_of(scenes) -> np.ndarray:
+    return np.stack([s["image"] for s in scenes])
+
+
 def brightness_centres(x) -> np.ndarray:
     """float [N, 2] (x, y) in pixels: the centre of each image's (brightest channel + 1)^2, for
     images in [-1, 1] of an object on a black background; blurred predictions still count."""
@@ -54,7 +58,7 @@ def position_probe(embed_images, n_train: int, n_test: int, data_seed: int = DAT
     `n_test` test_seen scenes against always answering the mean train centre."""
 
     def embeddings_and_centres(split, n, seed):
-        images = np.stack([s["image"] for s in one_object_scenes(split, n, seed)])
+        images = images_of(one_object_scenes(split, n, seed))
         z = np.asarray(embed_images(images), np.float64)
         return z, brightness_centres(images.astype(np.float32) / 127.5 - 1.0)
 
@@ -75,12 +79,8 @@ def position_caption_accuracy(clip, split: str, count: int, data_seed: int = DAT
     """The share of `count` one-object scenes whose image scores its own caption highest among the
     5 captions of its colour and shape (one per position)."""
     scenes = one_object_scenes(split, count, data_seed)
-    images = clip.embed_images(np.stack([s["image"] for s in scenes]))
-    captions = [
-        shapes.caption_for([(s["objects"][0]["colour"], s["objects"][0]["shape"])], position=p)
-        for s in scenes
-        for p in shapes.POSITIONS
-    ]
+    images = clip.embed_images(images_of(scenes))
+    captions = [shapes.caption_for(s["objects"], position=p) for s in scenes for p in shapes.POSITIONS]
     texts = clip.embed_texts(captions).reshape(count, len(shapes.POSITIONS), -1)
     chosen = np.einsum("nd,npd->np", images, texts).argmax(-1)
     truth = np.array([shapes.POSITIONS.index(s["position"]) for s in scenes])

@@ -137,7 +137,7 @@ class VisionTower(nn.Module):
         if self.cfg.posemb == "sincos2d":
             # Fixed, O(1) positions where the learned table starts at width**-0.5 beside patch
             # embeddings of O(1); the class token gets none.
-            grid = int(round(n**0.5))
+            grid = self.cfg.image_size // self.cfg.patch_size
             positions = jnp.pad(sincos_2d(grid, grid, width), ((1, 0), (0, 0)))
         else:
             positions = param(
